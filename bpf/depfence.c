@@ -1,0 +1,14 @@
+/* The fence's kernel side, compiled once per process by bcc.
+ *
+ *   procs.c     tracepoints: parent and argv of every fenced process
+ *   sockaddr.c  connect4/6, sendmsg4/6, recvmsg4/6: DNS redirect, socket owners
+ *   egress.c    cgroup_skb egress: DNS message -> sending process
+ *
+ * The sock_addr and skb programs are attached only to fence cgroups (one
+ * bpf_link each, so they go away with the process that made them); the
+ * tracepoints filter on the fence cgroups in `fences`.
+ */
+#include "fence.h"
+#include "procs.c"
+#include "sockaddr.c"
+#include "egress.c"

@@ -1,0 +1,83 @@
+/* cgroup_skb egress: join each DNS message to the process that sent it.
+ *
+ * The proxy sees a query arrive from (loopback, client port) with a DNS id.
+ * This program sees the same packet leave the fenced socket, reads those
+ * fields from the headers (IPv4 options and all) and files the socket's owner
+ * -- recorded by the sock_addr programs in syscall context -- under them,
+ * before the packet can reach the proxy. So attribution needs no helper that
+ * reads the current task here (bpf_get_current_pid_tgid() in cgroup_skb only
+ * exists from 6.10), survives the sender exiting at once, and a DNS id reused
+ * on another socket cannot be mistaken for this one.
+ *
+ * Every packet is let through: address enforcement is done at connect time.
+ *
+ * Helpers (program type BPF_PROG_TYPE_CGROUP_SKB), first kernel for this type:
+ *   bpf_get_socket_cookie (skb)  4.12
+ *   bpf_skb_load_bytes           4.5
+ *   bpf_map_lookup/update_elem   4.10
+ */
+
+#define IP_PROTO_OFF 9
+#define IP_DADDR_OFF 16
+#define IP6_NEXTHDR_OFF 6
+#define IP6_DADDR_OFF 24
+#define IP6_HDR_LEN 40
+
+int egress(struct __sk_buff *skb)
+{
+    __u64 cookie = bpf_get_socket_cookie(skb);
+    struct owner *o = sockets.lookup(&cookie);
+    if (!o)
+        return 1;
+    struct fence_cfg *fence = fences.lookup(&o->cgid);
+    if (!fence)
+        return 1;
+
+    __u8 proto = 0;
+    __u32 l4 = 0;
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        __u8 vihl;
+        __u32 daddr;
+        if (bpf_skb_load_bytes(skb, 0, &vihl, 1) ||
+            bpf_skb_load_bytes(skb, IP_PROTO_OFF, &proto, 1) ||
+            bpf_skb_load_bytes(skb, IP_DADDR_OFF, &daddr, 4))
+            return 1;
+        if (daddr != bpf_htonl(LOOPBACK4))
+            return 1;
+        l4 = (vihl & 0xf) * 4;
+        if (l4 < 20)
+            return 1;
+    } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+        __u32 daddr[4];
+        if (bpf_skb_load_bytes(skb, IP6_NEXTHDR_OFF, &proto, 1) ||
+            bpf_skb_load_bytes(skb, IP6_DADDR_OFF, daddr, 16))
+            return 1;
+        if (daddr[0] || daddr[1] || daddr[2] || daddr[3] != bpf_htonl(1))
+            return 1;
+        l4 = IP6_HDR_LEN;
+    } else {
+        return 1;
+    }
+    if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
+        return 1;
+
+    __be16 ports[2];
+    if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
+        return 1;
+    if (ports[1] != bpf_htons(fence->proxy_port))
+        return 1;
+
+    struct flow_key key = {};
+    key.proxy_port = fence->proxy_port;
+    key.client_port = bpf_ntohs(ports[0]);
+    key.proto = proto;
+    if (proto == IPPROTO_UDP) {
+        __be16 txid;
+        /* 8 bytes of UDP header, then the DNS id. */
+        if (bpf_skb_load_bytes(skb, l4 + 8, &txid, sizeof(txid)))
+            return 1;
+        key.txid = bpf_ntohs(txid);
+    }
+    dnsflows.update(&key, o);
+    return 1;
+}

@@ -1,0 +1,82 @@
+/* Maps and records shared by every program of the fence.
+ *
+ * One loaded program set serves every live fence: each fence cgroup is a key
+ * of `fences`, and every record carries the cgroup id it was made in, so the
+ * userspace side can tell fences apart and clean up after each one.
+ *
+ * Only UAPI types are used, so any distro's kernel header tree compiles this.
+ */
+#ifndef DEPFENCE_FENCE_H
+#define DEPFENCE_FENCE_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/if_ether.h>
+
+#ifndef DEPFENCE_ARGC
+#define DEPFENCE_ARGC 16
+#endif
+#ifndef DEPFENCE_ARGLEN
+#define DEPFENCE_ARGLEN 256
+#endif
+#ifndef DEPFENCE_MAX_PROCS
+#define DEPFENCE_MAX_PROCS 4096
+#endif
+
+#define DNS_PORT 53
+#define LOOPBACK4 0x7f000001
+
+/* Per fence cgroup: where its DNS proxy listens. */
+struct fence_cfg {
+    __u32 fence_id;
+    __u16 proxy_port;   /* host byte order */
+    __u16 flags;
+};
+
+/* Who owns a socket: recorded in syscall context, where pid is reliable. */
+struct owner {
+    __u32 pid;          /* tgid: the process, also when a thread asked */
+    __u32 tid;
+    __u64 cgid;
+};
+
+/* Where a redirected socket meant to send its DNS, to rewrite replies back. */
+struct orig_dst {
+    __u32 ip6[4];       /* network order; ip6[3] holds the IPv4 address for family 4 */
+    __u16 port;         /* network order */
+    __u16 family;
+};
+
+/* A DNS message on its way to a proxy, keyed as the proxy sees it arrive. */
+struct flow_key {
+    __u16 proxy_port;   /* host order */
+    __u16 client_port;  /* host order */
+    __u16 txid;         /* DNS id for UDP; 0 for TCP (a connection is one socket) */
+    __u8 proto;
+    __u8 pad;
+};
+
+#define PROC_TRUNCATED 1  /* more arguments, or a longer one, than fit */
+#define PROC_EXITED 2     /* the process has exited; the pid may be reused */
+#define PROC_EXECED 4     /* argv comes from an exec inside the fence */
+
+/* A process seen in a fence: parent and argv, kept after it exits. */
+struct proc {
+    __u32 ppid;
+    __u32 flags;
+    __u64 cgid;
+    __u32 argc;
+    __u32 pad;
+    /* argv[i] at args[i * DEPFENCE_ARGLEN]; flat because bcc's Python side
+     * does not understand two-dimensional arrays. */
+    char args[DEPFENCE_ARGC * DEPFENCE_ARGLEN];
+};
+
+BPF_HASH(fences, __u64, struct fence_cfg, 1024);
+BPF_TABLE("lru_hash", __u64, struct owner, sockets, 65536);
+BPF_TABLE("lru_hash", __u64, struct orig_dst, redirected, 65536);
+BPF_TABLE("lru_hash", struct flow_key, struct owner, dnsflows, 65536);
+BPF_TABLE("lru_hash", __u32, struct proc, procs, DEPFENCE_MAX_PROCS);
+
+#endif

@@ -1,0 +1,147 @@
+/* Tracepoints: the parent and argv of every process in a fence, kept after it exits.
+ *
+ * A query's sender may exit before userspace reads /proc, and its pid may be
+ * reused; so argv is copied at exec and the parent at fork, synchronously,
+ * and the records stay until the fence is torn down.  Only tasks whose cgroup
+ * is a registered fence are recorded; everything else returns at once.
+ *
+ * Helpers (program type BPF_PROG_TYPE_TRACEPOINT), first kernel for this type:
+ *   bpf_get_current_cgroup_id   4.18
+ *   bpf_get_current_pid_tgid    4.2
+ *   bpf_probe_read_user         5.5
+ *   bpf_probe_read_user_str     5.5
+ *   bpf_map_lookup/update/delete_elem  4.7
+ */
+
+BPF_PERCPU_ARRAY(scratch, struct proc, 1);
+/* argv of an exec in flight, per process, committed only if the exec succeeds. */
+BPF_TABLE("lru_hash", __u32, struct proc, pending, 256);
+
+static __always_inline int in_fence(__u64 *cgid)
+{
+    *cgid = bpf_get_current_cgroup_id();
+    return fences.lookup(cgid) != 0;
+}
+
+static __always_inline int record_exec(const char *const *argv)
+{
+    __u64 cgid;
+    if (!in_fence(&cgid))
+        return 0;
+    int zero = 0;
+    struct proc *p = scratch.lookup(&zero);
+    if (!p)
+        return 0;
+    p->ppid = 0;
+    p->flags = PROC_EXECED;
+    p->cgid = cgid;
+    p->argc = 0;
+
+#pragma unroll
+    for (int i = 0; i < DEPFENCE_ARGC; i++) {
+        const char *arg = 0;
+        bpf_probe_read_user(&arg, sizeof(arg), &argv[i]);
+        if (!arg)
+            break;
+        int len = bpf_probe_read_user_str(&p->args[i * DEPFENCE_ARGLEN], DEPFENCE_ARGLEN, arg);
+        if (len < 0)
+            break;
+        if (len == DEPFENCE_ARGLEN)
+            p->flags |= PROC_TRUNCATED;
+        p->argc = i + 1;
+        if (i == DEPFENCE_ARGC - 1) {
+            const char *more = 0;
+            bpf_probe_read_user(&more, sizeof(more), &argv[i + 1]);
+            if (more)
+                p->flags |= PROC_TRUNCATED;
+        }
+    }
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    pending.update(&tgid, p);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+    return record_exec((const char *const *)args->argv);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+    return record_exec((const char *const *)args->argv);
+}
+
+static __always_inline int commit_exec(long ret)
+{
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct proc *p = pending.lookup(&tgid);
+    if (!p)
+        return 0;
+    if (ret == 0) {
+        /* Keep the parent learned at fork; argv is the new program's. */
+        struct proc *old = procs.lookup(&tgid);
+        if (old && !(old->flags & PROC_EXITED))
+            p->ppid = old->ppid;
+        procs.update(&tgid, p);
+    }
+    pending.delete(&tgid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execve)
+{
+    return commit_exec(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat)
+{
+    return commit_exec(args->ret);
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    __u64 cgid;
+    if (!in_fence(&cgid))
+        return 0;
+    __u32 ppid = bpf_get_current_pid_tgid() >> 32;
+    __u32 child = args->child_pid;
+    struct proc *c = procs.lookup(&child);
+    if (c && !(c->flags & PROC_EXITED)) {
+        /* The child ran first and already exec'd: keep its argv. */
+        c->ppid = ppid;
+        return 0;
+    }
+    struct proc *parent = procs.lookup(&ppid);
+    if (parent) {
+        /* Until it execs, a forked child runs its parent's program. */
+        procs.update(&child, parent);
+        c = procs.lookup(&child);
+        if (!c)
+            return 0;
+        c->flags &= ~(PROC_EXITED | PROC_EXECED);
+        c->ppid = ppid;
+        return 0;
+    }
+    int zero = 0;
+    struct proc *p = scratch.lookup(&zero);
+    if (!p)
+        return 0;
+    p->ppid = ppid;
+    p->flags = 0;
+    p->cgid = cgid;
+    p->argc = 0;
+    procs.update(&child, p);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u32 tgid = pid_tgid >> 32;
+    if ((__u32)pid_tgid != tgid)
+        return 0;  /* a thread, not the process */
+    struct proc *p = procs.lookup(&tgid);
+    if (p)
+        p->flags |= PROC_EXITED;
+    return 0;
+}

@@ -1,0 +1,56 @@
+"""The exception hierarchy: every error the library raises derives from DepfenceError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DepfenceError(Exception):
+    """Base class of every error pytest-depfence raises on purpose."""
+
+
+class PolicyError(DepfenceError, ValueError):
+    """A pattern that is not part of the policy language.
+
+    The message names the value and where it came from (marker at file:line,
+    ini key, CLI flag, library call).
+    """
+
+    def __init__(self, value: str, reason: str, source: str | None = None) -> None:
+        self.value = value
+        self.reason = reason
+        self.source = source
+        where = f" from {source}" if source else ""
+        super().__init__(f"invalid egress pattern {value!r}{where}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.value, self.reason, self.source))
+
+
+class ConfigError(DepfenceError, ValueError):
+    """A setting (upstream, mode, timeout, ...) with a value it cannot take."""
+
+    def __init__(self, value: str, reason: str, source: str | None = None) -> None:
+        self.value = value
+        self.reason = reason
+        self.source = source
+        where = f" from {source}" if source else ""
+        super().__init__(f"invalid value {value!r}{where}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.value, self.reason, self.source))
+
+
+class FenceUnavailable(DepfenceError):
+    """The fence cannot be built on this machine; the message says why and what to do."""
+
+
+class EgressViolation(DepfenceError, AssertionError):
+    """A fenced run made forbidden egress attempts; the message lists every one."""
+
+    def __init__(self, message: str, violations: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.violations = list(violations or [])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.args[0], self.violations))

@@ -1,0 +1,394 @@
+"""The eBPF side: finding bcc, checking the machine, compiling once, attaching, reading maps.
+
+The C sources in `bpf/` are compiled by bcc the first time a fence is built
+in a process; every later fence reuses the loaded programs and tells them
+apart by cgroup id. Programs are attached with bpf_link, so they are detached
+when this process exits, however it exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import importlib.util
+import os
+import platform
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .errors import FenceUnavailable
+
+#: Set to a path list to say where the distro's `bcc` package lives (and only there).
+BCC_PATH_ENV = "DEPFENCE_BCC_PATH"
+_DISTRO_DIRS = (
+    "/usr/lib/python3/dist-packages",
+    f"/usr/lib/python3.{sys.version_info.minor}/site-packages",
+    f"/usr/lib64/python3.{sys.version_info.minor}/site-packages",
+    "/usr/local/lib/python3/dist-packages",
+)
+
+# Must match bpf/fence.h.
+ARGC = 16
+ARGLEN = 256
+PROC_TRUNCATED = 1
+PROC_EXITED = 2
+
+# enum bpf_attach_type (uapi/linux/bpf.h)
+ATTACH_TYPES = {
+    "connect4": 10,  # BPF_CGROUP_INET4_CONNECT
+    "connect6": 11,  # BPF_CGROUP_INET6_CONNECT
+    "sendmsg4": 14,  # BPF_CGROUP_UDP4_SENDMSG
+    "sendmsg6": 15,  # BPF_CGROUP_UDP6_SENDMSG
+    "recvmsg4": 19,  # BPF_CGROUP_UDP4_RECVMSG
+    "recvmsg6": 20,  # BPF_CGROUP_UDP6_RECVMSG
+    "egress": 1,  # BPF_CGROUP_INET_EGRESS
+}
+_BPF_PROG_TYPE_CGROUP_SKB = 8
+_BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+_BPF_LINK_CREATE = 28
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+
+# Capabilities a fence needs (include/uapi/linux/capability.h).
+_CAP_NET_ADMIN = 12
+_CAP_SYS_ADMIN = 21
+_CAP_BPF = 39
+
+BCC_INSTALL_HINT = (
+    "install the distro package: apt-get install python3-bpfcc "
+    "(bcc is not on PyPI; the PyPI package named 'bcc' is unrelated)"
+)
+
+
+def bpf_source_dir() -> Path:
+    """The C sources: inside the wheel, or `bpf/` beside the package in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "bpf", here.parent / "bpf"):
+        if (candidate / "depfence.c").is_file():
+            return candidate
+    raise FenceUnavailable(f"the eBPF sources (depfence.c) are missing from {here / 'bpf'}")
+
+
+def program_text(src: Path | None = None) -> str:
+    """The C that bcc compiles: depfence.c with its local includes inlined.
+
+    bcc rewrites TRACEPOINT_PROBE argument structs only in the main text, so the
+    per-concern files are inlined rather than #included. Print this to debug.
+    """
+    src = src or bpf_source_dir()
+
+    def expand(name: str, seen: set[str]) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        out = []
+        for line in (src / name).read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith('#include "') and stripped.endswith('"'):
+                out.append(expand(stripped[len('#include "') : -1], seen))
+            else:
+                out.append(line)
+        return "\n".join(out)
+
+    return expand("depfence.c", set())
+
+
+def import_bcc() -> ModuleType:
+    """Import the distro's bcc into this interpreter without adding the distro's site-packages."""
+    if "bcc" in sys.modules:
+        return sys.modules["bcc"]
+    configured = os.environ.get(BCC_PATH_ENV)
+    if configured is None:
+        try:
+            import bcc  # noqa: PLC0415
+
+            return bcc
+        except ImportError:
+            dirs: list[str] = list(_DISTRO_DIRS)
+    else:
+        dirs = [d for d in configured.split(os.pathsep) if d]
+    for d in dirs:
+        init = Path(d) / "bcc" / "__init__.py"
+        if not init.is_file():
+            continue
+        spec = importlib.util.spec_from_file_location(
+            "bcc", init, submodule_search_locations=[str(init.parent)]
+        )
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bcc"] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules["bcc"]
+            raise FenceUnavailable(f"bcc at {init.parent} does not load: {exc}") from exc
+        return module
+    where = f"{BCC_PATH_ENV}={configured!r}" if configured is not None else ", ".join(dirs)
+    raise FenceUnavailable(f"bcc is not installed (looked in {where}); {BCC_INSTALL_HINT}")
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> None:
+    caps = _effective_caps()
+    needed = {"CAP_SYS_ADMIN": _CAP_SYS_ADMIN, "CAP_NET_ADMIN": _CAP_NET_ADMIN}
+    # Before 5.8 there is no CAP_BPF and CAP_SYS_ADMIN covers it.
+    if not caps & (1 << _CAP_SYS_ADMIN):
+        needed["CAP_BPF"] = _CAP_BPF
+    missing = [name for name, bit in needed.items() if not caps & (1 << bit)]
+    if missing:
+        raise FenceUnavailable(
+            "a fence needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); "
+            f"this process (uid {os.geteuid()}) lacks {', '.join(missing)}"
+        )
+
+
+def check_kernel_headers() -> Path:
+    build = Path("/lib/modules") / platform.release() / "build"
+    if not (build / "include").is_dir():
+        raise FenceUnavailable(
+            f"no kernel header tree at {build} (bcc compiles the eBPF programs against it); "
+            f"run scripts/bootstrap.sh, or apt-get install linux-headers-{platform.release()}; "
+            "when the running kernel has no packaged headers, any distro tree works "
+            "(e.g. linux-headers-amd64 linked as that path) because the programs use only "
+            "UAPI types"
+        )
+    return build
+
+
+def tracefs_dir() -> Path:
+    """Where tracepoint formats live; mounts tracefs when nothing is mounted there."""
+    for candidate in (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing")):
+        if (candidate / "events").is_dir():
+            return candidate
+    target = Path("/sys/kernel/tracing")
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if target.is_dir() and libc.mount(b"nodev", str(target).encode(), b"tracefs", 0, None) == 0:
+        return target
+    err = ctypes.get_errno()
+    raise FenceUnavailable(
+        f"tracefs is not mounted and mounting it at {target} failed ({os.strerror(err)}); "
+        "run: mount -t tracefs nodev /sys/kernel/tracing"
+    )
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process that owned a socket when it sent a message."""
+
+    pid: int
+    tid: int
+    cgroup_id: int
+
+
+@dataclass(frozen=True)
+class ProcRecord:
+    """What the kernel recorded of a fenced process."""
+
+    pid: int
+    ppid: int
+    argv: tuple[str, ...]
+    truncated: bool
+    exited: bool
+    cgroup_id: int
+
+
+def _bpf_link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 16)()  # union bpf_attr, zero-padded
+    attr[0], attr[1], attr[2], attr[3] = prog_fd, target_fd, attach_type, 0
+    fd = libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_LINK_CREATE: {os.strerror(err)}")
+    return int(fd)
+
+
+class _StderrCapture:
+    """Capture what C code writes to fd 2 (bcc prints compiler and verifier logs there)."""
+
+    def __enter__(self) -> _StderrCapture:
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        self.text = ""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode(errors="replace")
+        self._file.close()
+
+
+class Programs:
+    """The loaded program set, shared by every fence of this process."""
+
+    def __init__(self, bcc: ModuleType, bpf: Any, fns: dict[str, Any]) -> None:
+        self.bcc = bcc
+        self._bpf = bpf
+        self._fns = fns
+        self._fences = bpf.get_table("fences")
+        self._flows = bpf.get_table("dnsflows")
+        self._procs = bpf.get_table("procs")
+
+    @property
+    def bcc_version(self) -> str:
+        return str(getattr(self.bcc, "__version__", "unknown"))
+
+    # -- fences ---------------------------------------------------------------
+    def register(self, cgroup_id: int, fence_id: int, proxy_port: int) -> None:
+        key = self._fences.Key(cgroup_id)
+        leaf = self._fences.Leaf()
+        leaf.fence_id = fence_id
+        leaf.proxy_port = proxy_port
+        self._fences[key] = leaf
+
+    def unregister(self, cgroup_id: int) -> None:
+        """Forget a fence cgroup and every process record made in it."""
+        try:
+            del self._fences[self._fences.Key(cgroup_id)]
+        except KeyError:
+            pass
+        stale = []
+        for key, leaf in self._procs.items():
+            if leaf.cgid == cgroup_id:
+                stale.append(key)
+        for key in stale:
+            try:
+                del self._procs[key]
+            except KeyError:
+                pass
+
+    def attach(self, cgroup_fd: int) -> list[int]:
+        """Attach every cgroup program to one cgroup; returns the link fds (close to detach)."""
+        links: list[int] = []
+        try:
+            for name, attach_type in ATTACH_TYPES.items():
+                links.append(_bpf_link_create(self._fns[name].fd, cgroup_fd, attach_type))
+        except OSError:
+            for fd in links:
+                os.close(fd)
+            raise
+        return links
+
+    # -- attribution ----------------------------------------------------------
+    def flow_owner(self, proto: str, proxy_port: int, client_port: int, txid: int) -> Owner | None:
+        key = self._flows.Key()
+        key.proxy_port = proxy_port
+        key.client_port = client_port
+        key.txid = txid if proto == "udp" else 0
+        key.proto = 17 if proto == "udp" else 6
+        try:
+            leaf = self._flows[key]
+        except KeyError:
+            return None
+        return Owner(pid=leaf.pid, tid=leaf.tid, cgroup_id=leaf.cgid)
+
+    def process(self, pid: int) -> ProcRecord | None:
+        try:
+            leaf = self._procs[self._procs.Key(pid)]
+        except KeyError:
+            return None
+        # A char-array field reads back cut at the first NUL; take the raw bytes.
+        raw = ctypes.string_at(ctypes.addressof(leaf) + type(leaf).args.offset, ARGC * ARGLEN)
+        argv = tuple(
+            raw[i * ARGLEN : (i + 1) * ARGLEN].split(b"\0", 1)[0].decode(errors="replace")
+            for i in range(min(leaf.argc, ARGC))
+        )
+        return ProcRecord(
+            pid=pid,
+            ppid=leaf.ppid,
+            argv=argv,
+            truncated=bool(leaf.flags & PROC_TRUNCATED),
+            exited=bool(leaf.flags & PROC_EXITED),
+            cgroup_id=leaf.cgid,
+        )
+
+
+_lock = threading.Lock()
+_programs: Programs | None = None
+_failure: FenceUnavailable | None = None
+
+
+def load() -> Programs:
+    """Compile and load the programs once per process; raise FenceUnavailable with the reason."""
+    global _programs, _failure
+    with _lock:
+        if _programs is not None:
+            return _programs
+        if _failure is not None:
+            raise _failure
+        try:
+            _programs = _compile()
+        except FenceUnavailable as exc:
+            _failure = exc
+            raise
+        return _programs
+
+
+def _compile() -> Programs:
+    check_privileges()
+    bcc = import_bcc()
+    check_kernel_headers()
+    tracefs_dir()
+    src = bpf_source_dir()
+    cflags = [f"-DDEPFENCE_ARGC={ARGC}", f"-DDEPFENCE_ARGLEN={ARGLEN}"]
+    with _StderrCapture() as log:
+        try:
+            bpf = bcc.BPF(text=program_text(src), cflags=cflags)
+        except Exception as exc:
+            failure = exc
+        else:
+            failure = None
+    if failure is not None:
+        raise FenceUnavailable(
+            f"compiling or loading the eBPF programs failed: {failure}\n{log.text.strip()}"
+        ) from failure
+    fns: dict[str, Any] = {}
+    for name, attach_type in ATTACH_TYPES.items():
+        prog_type = (
+            _BPF_PROG_TYPE_CGROUP_SKB if name == "egress" else _BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+        )
+        with _StderrCapture() as log:
+            try:
+                fns[name] = bpf.load_func(name, prog_type, attach_type=attach_type)
+            except Exception as exc:
+                failure = exc
+            else:
+                failure = None
+        if failure is not None:
+            raise FenceUnavailable(
+                f"the kernel's verifier rejected the {name} program: {failure}\n"
+                f"verifier log:\n{log.text.strip()}"
+            ) from failure
+    probe_link_support(fns["connect4"].fd)
+    return Programs(bcc, bpf, fns)
+
+
+def probe_link_support(prog_fd: int) -> None:
+    """bpf_link for cgroups arrived in 5.7; say so plainly instead of failing per fence."""
+    try:
+        _bpf_link_create(prog_fd, -1, ATTACH_TYPES["connect4"])
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ENOTDIR):
+            return
+        if exc.errno == errno.EINVAL:
+            raise FenceUnavailable(
+                "this kernel cannot attach cgroup programs with bpf_link (needs Linux 5.7+)"
+            ) from exc
+        raise FenceUnavailable(f"bpf_link probe failed: {exc}") from exc

@@ -1,0 +1,77 @@
+"""Who asked: a pid's command line and its ancestry up to the fenced script.
+
+The kernel's records (argv copied at exec, parent at fork) are the source of
+truth, because the asker may have exited and its pid been reused by the time
+we look. /proc is read only to complete an argv the kernel had to truncate,
+and only when what /proc shows still starts with what the kernel saw.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Protocol
+
+from .loader import ProcRecord
+
+#: The furthest we walk up a process tree (guards against a parent loop in stale records).
+MAX_DEPTH = 64
+
+
+class ProcSource(Protocol):
+    def process(self, pid: int) -> ProcRecord | None: ...
+
+
+@dataclass(frozen=True)
+class Attribution:
+    pid: int | None
+    cmdline: str | None
+    ancestry: tuple[tuple[int, str], ...]
+    unattributed: str | None = None
+
+
+def read_proc_cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
+
+
+def cmdline_of(record: ProcRecord) -> str:
+    argv = list(record.argv)
+    if record.truncated and not record.exited:
+        live = read_proc_cmdline(record.pid)
+        if live and _extends(live, argv):
+            argv = live
+        else:
+            return shlex.join(argv) + " …"
+    return shlex.join(argv)
+
+
+def _extends(full: list[str], prefix: list[str]) -> bool:
+    if len(full) < len(prefix) or not prefix:
+        return False
+    head = all(f == p for f, p in zip(full[: len(prefix) - 1], prefix[:-1]))
+    return head and full[len(prefix) - 1].startswith(prefix[-1])
+
+
+def attribute(source: ProcSource, pid: int, cgroup_id: int, root_pid: int | None) -> Attribution:
+    """Command line and ancestry of `pid`, as recorded inside fence cgroup `cgroup_id`."""
+    record = source.process(pid)
+    if record is None or record.cgroup_id != cgroup_id:
+        return Attribution(None, None, (), f"pid {pid} was not recorded in this fence")
+    ancestry: list[tuple[int, str]] = []
+    seen = {pid}
+    current = record
+    while current.pid != root_pid and current.ppid and len(ancestry) < MAX_DEPTH:
+        parent = source.process(current.ppid)
+        if parent is None or parent.cgroup_id != cgroup_id or parent.pid in seen:
+            break
+        ancestry.append((parent.pid, cmdline_of(parent)))
+        seen.add(parent.pid)
+        current = parent
+    return Attribution(pid, cmdline_of(record), tuple(ancestry))
