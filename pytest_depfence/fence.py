@@ -212,6 +212,7 @@ class Fence:
         stdin is `input` when given, else empty (never the test's terminal). With
         `check=True` a run with forbidden egress raises EgressViolation.
         """
+        __tracebackhide__ = True  # pytest shows the test's line, not ours
         self.open()
         assert self._programs is not None and self._proxy is not None
         if isinstance(cmd, str):

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .cgroup import cgroup2_mount
 from .errors import FenceUnavailable
 
 #: Set to a path list to say where the distro's `bcc` package lives (and only there).
@@ -242,13 +243,9 @@ class Programs:
         self.bcc = bcc
         self._bpf = bpf
         self._fns = fns
-        self._fences = bpf.get_table("fences")
-        self._flows = bpf.get_table("dnsflows")
-        self._procs = bpf.get_table("procs")
-
-    @property
-    def bcc_version(self) -> str:
-        return str(getattr(self.bcc, "__version__", "unknown"))
+        self._fences = bpf.get_table(b"fences")
+        self._flows = bpf.get_table(b"dnsflows")
+        self._procs = bpf.get_table(b"procs")
 
     # -- fences ---------------------------------------------------------------
     def register(self, cgroup_id: int, fence_id: int, proxy_port: int) -> None:
@@ -341,16 +338,36 @@ def load() -> Programs:
         return _programs
 
 
-def _compile() -> Programs:
+@dataclass(frozen=True)
+class MachineState:
+    """What a fence is built from on this machine (shown in pytest's header)."""
+
+    kernel: str
+    cgroup2: Path
+    bcc_version: str
+
+    def describe(self) -> str:
+        return f"kernel {self.kernel}, cgroup2 at {self.cgroup2}, bcc {self.bcc_version}"
+
+
+def preflight() -> MachineState:
+    """Check every part a fence needs, without compiling; raise FenceUnavailable naming the first gap."""
     check_privileges()
     bcc = import_bcc()
     check_kernel_headers()
+    mount = cgroup2_mount()
     tracefs_dir()
+    return MachineState(platform.release(), mount, str(getattr(bcc, "__version__", "unknown")))
+
+
+def _compile() -> Programs:
+    preflight()
+    bcc = import_bcc()
     src = bpf_source_dir()
     cflags = [f"-DDEPFENCE_ARGC={ARGC}", f"-DDEPFENCE_ARGLEN={ARGLEN}"]
     with _StderrCapture() as log:
         try:
-            bpf = bcc.BPF(text=program_text(src), cflags=cflags)
+            bpf = bcc.BPF(text=program_text(src).encode(), cflags=cflags)
         except Exception as exc:
             failure = exc
         else:
@@ -366,7 +383,7 @@ def _compile() -> Programs:
         )
         with _StderrCapture() as log:
             try:
-                fns[name] = bpf.load_func(name, prog_type, attach_type=attach_type)
+                fns[name] = bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
             except Exception as exc:
                 failure = exc
             else:
