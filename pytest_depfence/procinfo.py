@@ -42,14 +42,13 @@ def read_proc_cmdline(pid: int) -> list[str] | None:
 
 
 def cmdline_of(record: ProcRecord) -> str:
-    argv = list(record.argv)
-    if record.truncated and not record.exited:
-        live = read_proc_cmdline(record.pid)
-        if live and _extends(live, argv):
-            argv = live
-        else:
-            return shlex.join(argv) + " …"
-    return shlex.join(argv)
+    if not record.truncated:
+        return shlex.join(record.argv)
+    # Only a live process is still the one the kernel recorded (a reused pid is re-recorded).
+    live = None if record.exited else read_proc_cmdline(record.pid)
+    if live and _extends(live, list(record.argv)):
+        return shlex.join(live)
+    return shlex.join(record.argv) + " …"
 
 
 def _extends(full: list[str], prefix: list[str]) -> bool:
