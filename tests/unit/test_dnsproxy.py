@@ -1,0 +1,818 @@
+"""The DNS proxy against a real authoritative upstream (dnslib) and real clients.
+
+No root needed: everything listens on loopback high ports.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
+from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
+
+from pytest_depfence.dnsproxy import DnsProxy, Query
+from pytest_depfence.policy import Policy
+
+# What a client waits before concluding that no answer is coming.
+SILENCE = 0.3
+ZONE = "example.test"
+
+
+# -- the upstream -------------------------------------------------------------
+
+
+class Zone(BaseResolver):  # type: ignore[misc]
+    """An authoritative server for example.test (and a github.com that must never be asked)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.release_slow = threading.Event()
+
+    def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
+        name = str(request.q.qname).rstrip(".").lower()
+        with self.lock:
+            self.asked.append((name, handler.protocol))
+        reply = request.reply()
+        qname = request.q.qname
+        qtype = QTYPE[request.q.qtype]
+        if name == f"www.{ZONE}" and qtype == "A":
+            reply.add_answer(RR(qname, QTYPE.A, rdata=A("192.0.2.10"), ttl=4321))
+        elif name == f"www.{ZONE}" and qtype == "AAAA":
+            reply.add_answer(RR(qname, QTYPE.AAAA, rdata=AAAA("2001:db8::10"), ttl=8765))
+        elif name == f"alias.{ZONE}":
+            reply.add_answer(RR(qname, QTYPE.CNAME, rdata=CNAME(f"target.{ZONE}"), ttl=111))
+            reply.add_answer(RR(f"target.{ZONE}", QTYPE.A, rdata=A("192.0.2.20"), ttl=222))
+        elif name == f"big.{ZONE}":
+            for i in range(20):
+                reply.add_answer(RR(qname, QTYPE.TXT, rdata=TXT(f"{i:02d}" + "x" * 60), ttl=99))
+        elif name == f"slow.{ZONE}":
+            self.release_slow.wait(5)
+            reply.add_answer(RR(qname, QTYPE.A, rdata=A("192.0.2.30"), ttl=30))
+        elif name.endswith("github.com"):
+            reply.add_answer(RR(qname, QTYPE.A, rdata=A("140.82.112.3"), ttl=60))
+        else:
+            reply.header.rcode = RCODE.NXDOMAIN
+            soa = SOA(f"ns.{ZONE}", f"hostmaster.{ZONE}", (2024010101, 3600, 600, 86400, 333))
+            reply.add_auth(RR(ZONE, QTYPE.SOA, rdata=soa, ttl=333))
+        return reply
+
+    def names_asked(self) -> list[str]:
+        with self.lock:
+            return [name for name, _ in self.asked]
+
+
+class SmallUdpHandler(DNSHandler):  # type: ignore[misc]
+    # Classic 512-byte UDP limit, so big.example.test comes back with TC set.
+    udplen = 512
+
+
+@dataclass
+class Upstream:
+    zone: Zone
+    port: int
+    servers: list[DNSServer]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+
+def _start_upstream(zone: Zone) -> Upstream:
+    quiet = DNSLogger(logf=lambda _msg: None)
+    for _ in range(20):
+        udp = DNSServer(zone, address="127.0.0.1", port=0, logger=quiet, handler=SmallUdpHandler)
+        port = udp.server.server_address[1]
+        try:
+            tcp = DNSServer(zone, address="127.0.0.1", port=port, tcp=True, logger=quiet)
+        except OSError:
+            udp.server.server_close()
+            continue
+        udp.start_thread()
+        tcp.start_thread()
+        return Upstream(zone, port, [udp, tcp])
+    raise RuntimeError("no free port for the upstream")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    up = _start_upstream(Zone())
+    yield up
+    up.zone.release_slow.set()
+    for server in up.servers:
+        server.stop()
+        server.server.server_close()
+
+
+# -- the proxy under test -------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """What the observer was told, in order."""
+
+    queries: list[tuple[Query, Any]] = field(default_factory=list)
+
+    def __call__(self, query: Query, decision: Any) -> None:
+        self.queries.append((query, decision))
+
+    @property
+    def names(self) -> list[str]:
+        return [q.name for q, _ in self.queries]
+
+
+ProxyFactory = Callable[..., "tuple[DnsProxy, Seen]"]
+
+
+@pytest.fixture
+def make_proxy(upstream: Upstream) -> Iterator[ProxyFactory]:
+    proxies: list[DnsProxy] = []
+
+    def make(**kwargs: Any) -> tuple[DnsProxy, Seen]:
+        seen = Seen()
+        kwargs.setdefault("upstream", upstream.address)
+        kwargs.setdefault("decide", Policy.no_egress("github.com").check_name)
+        kwargs.setdefault("observer", seen)
+        proxy = DnsProxy(**kwargs)
+        proxies.append(proxy)
+        return proxy.start(), seen
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(make_proxy: ProxyFactory) -> tuple[DnsProxy, Seen]:
+    return make_proxy()
+
+
+# -- clients --------------------------------------------------------------------
+
+
+def question(name: str, qtype: str = "A", *, txid: int = 0x1234, rd: bool = True) -> bytes:
+    record = DNSRecord.question(name, qtype)
+    record.header.id = txid
+    record.header.rd = int(rd)
+    return bytes(record.pack())
+
+
+def ask_udp(port: int, packet: bytes, host: str = "127.0.0.1", timeout: float = 2.0) -> bytes:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(packet, (host, port))
+        return sock.recv(65535)
+
+
+def ask_tcp(port: int, packet: bytes, host: str = "127.0.0.1", timeout: float = 2.0) -> bytes:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        sock.sendall(struct.pack("!H", len(packet)) + packet)
+        return read_framed(sock)
+
+
+def read_framed(sock: socket.socket) -> bytes:
+    (length,) = struct.unpack("!H", recv_exactly(sock, 2))
+    return recv_exactly(sock, length)
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed before the whole answer arrived"
+        data += chunk
+    return data
+
+
+def ask(transport: str, port: int, packet: bytes, host: str = "127.0.0.1") -> bytes:
+    return (ask_tcp if transport == "tcp" else ask_udp)(port, packet, host)
+
+
+def assert_no_udp_answer(port: int, packet: bytes) -> None:
+    with pytest.raises(socket.timeout):
+        ask_udp(port, packet, timeout=SILENCE)
+
+
+def rcode(reply: bytes) -> int:
+    return int(struct.unpack("!H", reply[2:4])[0]) & 0xF
+
+
+def flags(reply: bytes) -> int:
+    return int(struct.unpack("!H", reply[2:4])[0])
+
+
+def txid(reply: bytes) -> int:
+    return int(struct.unpack("!H", reply[:2])[0])
+
+
+# -- forwarding ---------------------------------------------------------------------
+
+
+def _check_www_a(reply: DNSRecord) -> None:
+    assert [(str(rr.rdata), rr.ttl) for rr in reply.rr] == [("192.0.2.10", 4321)]
+
+
+def _check_www_aaaa(reply: DNSRecord) -> None:
+    assert [(str(rr.rdata), rr.ttl) for rr in reply.rr] == [("2001:db8::10", 8765)]
+
+
+def _check_cname_chain(reply: DNSRecord) -> None:
+    assert [(QTYPE[rr.rtype], str(rr.rdata), rr.ttl) for rr in reply.rr] == [
+        ("CNAME", f"target.{ZONE}.", 111),
+        ("A", "192.0.2.20", 222),
+    ]
+
+
+def _check_nxdomain(reply: DNSRecord) -> None:
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert [(QTYPE[rr.rtype], rr.ttl) for rr in reply.auth] == [("SOA", 333)]
+
+
+def _check_truncated(reply: DNSRecord) -> None:
+    assert reply.header.tc == 1
+    assert reply.rr == []
+
+
+def _check_big(reply: DNSRecord) -> None:
+    assert reply.header.tc == 0
+    assert len(reply.rr) == 20
+
+
+FORWARDED = [
+    pytest.param("udp", f"www.{ZONE}", "A", _check_www_a, id="udp-A"),
+    pytest.param("tcp", f"www.{ZONE}", "A", _check_www_a, id="tcp-A"),
+    pytest.param("udp", f"www.{ZONE}", "AAAA", _check_www_aaaa, id="udp-AAAA"),
+    pytest.param("tcp", f"www.{ZONE}", "AAAA", _check_www_aaaa, id="tcp-AAAA"),
+    pytest.param("udp", f"alias.{ZONE}", "A", _check_cname_chain, id="udp-cname-chain"),
+    pytest.param("tcp", f"alias.{ZONE}", "A", _check_cname_chain, id="tcp-cname-chain"),
+    pytest.param("udp", f"nope.{ZONE}", "A", _check_nxdomain, id="udp-nxdomain-soa"),
+    pytest.param("tcp", f"nope.{ZONE}", "A", _check_nxdomain, id="tcp-nxdomain-soa"),
+    pytest.param("udp", f"big.{ZONE}", "TXT", _check_truncated, id="udp-tc"),
+    pytest.param("tcp", f"big.{ZONE}", "TXT", _check_big, id="tcp-big"),
+]
+
+
+@pytest.mark.parametrize(("transport", "name", "qtype", "check"), FORWARDED)
+def test_forwarded_answer_is_byte_identical_to_the_upstream(
+    upstream: Upstream,
+    proxy: tuple[DnsProxy, Seen],
+    transport: str,
+    name: str,
+    qtype: str,
+    check: Callable[[DNSRecord], None],
+) -> None:
+    dns, seen = proxy
+    packet = question(name, qtype, txid=0xBEEF)
+    asked_before = len(upstream.zone.asked)
+    direct = ask(transport, upstream.port, packet)
+    via_proxy = ask(transport, dns.port, packet)
+    assert via_proxy == direct
+    check(DNSRecord.parse(via_proxy))
+    # Forwarded over the client's own transport.
+    assert upstream.zone.asked[asked_before:] == [(name, transport)] * 2
+    assert [(q.name, q.qtype, q.transport) for q, _ in seen.queries] == [(name, qtype, transport)]
+
+
+def test_dnslib_client_gets_the_answer_over_udp_and_tcp(
+    upstream: Upstream, proxy: tuple[DnsProxy, Seen]
+) -> None:
+    dns, _ = proxy
+    record = DNSRecord.question(f"alias.{ZONE}")
+    for tcp in (False, True):
+        direct = record.send("127.0.0.1", upstream.port, tcp=tcp, timeout=2)
+        assert record.send("127.0.0.1", dns.port, tcp=tcp, timeout=2) == direct
+
+
+def test_truncated_udp_answer_then_tcp_retry_like_a_resolver(proxy: tuple[DnsProxy, Seen]) -> None:
+    dns, seen = proxy
+    packet = question(f"big.{ZONE}", "TXT", txid=77)
+    assert DNSRecord.parse(ask_udp(dns.port, packet)).header.tc == 1
+    full = DNSRecord.parse(ask_tcp(dns.port, packet))
+    assert full.header.tc == 0
+    assert sorted(str(rr.rdata)[1:3] for rr in full.rr) == [f"{i:02d}" for i in range(20)]
+    assert [q.transport for q, _ in seen.queries] == ["udp", "tcp"]
+
+
+def test_two_queries_on_one_tcp_connection(
+    upstream: Upstream, proxy: tuple[DnsProxy, Seen]
+) -> None:
+    dns, seen = proxy
+    first = question(f"www.{ZONE}", "A", txid=1)
+    second = question(f"www.{ZONE}", "AAAA", txid=2)
+    expected = [ask_tcp(upstream.port, first), ask_tcp(upstream.port, second)]
+    with socket.create_connection(("127.0.0.1", dns.port), timeout=2) as sock:
+        # Both sent before reading anything: a pipelining client.
+        sock.sendall(b"".join(struct.pack("!H", len(p)) + p for p in (first, second)))
+        answers = [read_framed(sock), read_framed(sock)]
+        # ...and a third after the answers, on the same connection.
+        third = question(f"alias.{ZONE}", txid=3)
+        sock.sendall(struct.pack("!H", len(third)) + third)
+        answers.append(read_framed(sock))
+    assert answers[:2] == expected
+    _check_cname_chain(DNSRecord.parse(answers[2]))
+    assert [q.txid for q, _ in seen.queries] == [1, 2, 3]
+    assert len({q.client for q, _ in seen.queries}) == 1
+
+
+def test_slow_upstream_answer_does_not_stall_other_udp_queries(
+    upstream: Upstream, proxy: tuple[DnsProxy, Seen]
+) -> None:
+    dns, _ = proxy
+    upstream.zone.release_slow.clear()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as slow:
+            slow.settimeout(3)
+            slow.sendto(question(f"slow.{ZONE}", txid=9), ("127.0.0.1", dns.port))
+            # Answered while slow.example.test is still held at the upstream.
+            _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}"), timeout=1)))
+            assert not upstream.zone.release_slow.is_set()
+            upstream.zone.release_slow.set()
+            assert txid(slow.recv(65535)) == 9
+    finally:
+        upstream.zone.release_slow.set()
+
+
+# -- blocked names ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outage", "expected"),
+    [("nxdomain", RCODE.NXDOMAIN), ("servfail", RCODE.SERVFAIL), ("refused", RCODE.REFUSED)],
+)
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_blocked_name_gets_the_outage_answer(
+    upstream: Upstream, make_proxy: ProxyFactory, outage: str, expected: int, transport: str
+) -> None:
+    dns, seen = make_proxy(outage=outage)
+    packet = question("API.GitHub.COM.", "AAAA", txid=0xD00D)
+    reply = ask(transport, dns.port, packet)
+    assert txid(reply) == 0xD00D
+    assert rcode(reply) == expected
+    assert flags(reply) & 0x8000  # QR
+    assert flags(reply) & 0x0080  # RA
+    assert flags(reply) & 0x0100  # RD copied from the question
+    # Question echoed byte for byte (case included), nothing else.
+    assert reply[4:12] == struct.pack("!HHHH", 1, 0, 0, 0)
+    assert reply[12:] == packet[12:]
+    assert "api.github.com" not in upstream.zone.names_asked()
+    [(query, decision)] = seen.queries
+    assert query.name == "api.github.com"
+    assert decision.blocked is True
+    assert decision.rule.pattern == "github.com"
+
+
+def test_blocked_answer_copies_a_cleared_rd_bit(proxy: tuple[DnsProxy, Seen]) -> None:
+    dns, _ = proxy
+    reply = ask_udp(dns.port, question("github.com", rd=False))
+    assert rcode(reply) == RCODE.NXDOMAIN
+    assert not flags(reply) & 0x0100
+    assert flags(reply) & 0x0080
+
+
+def test_labels_that_only_look_like_the_blocked_name_are_forwarded(
+    upstream: Upstream, proxy: tuple[DnsProxy, Seen]
+) -> None:
+    dns, seen = proxy
+    for name in ("notgithub.com", "github.com.evil.test"):
+        assert rcode(ask_udp(dns.port, question(name))) in (RCODE.NOERROR, RCODE.NXDOMAIN)
+        assert name in upstream.zone.names_asked()
+    assert [d.blocked for _, d in seen.queries] == [False, False]
+
+
+def test_timeout_outage_never_answers_but_is_observed(
+    upstream: Upstream, make_proxy: ProxyFactory
+) -> None:
+    dns, seen = make_proxy(outage="timeout")
+    assert_no_udp_answer(dns.port, question("github.com"))
+    with socket.create_connection(("127.0.0.1", dns.port), timeout=SILENCE) as sock:
+        packet = question("api.github.com", txid=5)
+        sock.sendall(struct.pack("!H", len(packet)) + packet)
+        with pytest.raises(socket.timeout):
+            sock.recv(2)
+        # The connection still serves the next, allowed query.
+        sock.settimeout(2)
+        allowed = question(f"www.{ZONE}", txid=6)
+        sock.sendall(struct.pack("!H", len(allowed)) + allowed)
+        assert txid(read_framed(sock)) == 6
+    dns.drain()
+    assert seen.names == ["github.com", "api.github.com", f"www.{ZONE}"]
+    assert "github.com" not in upstream.zone.names_asked()
+
+
+def test_unknown_outage_is_a_value_error_naming_it(upstream: Upstream) -> None:
+    with pytest.raises(ValueError, match="'blackhole'"):
+        DnsProxy(
+            upstream=upstream.address,
+            decide=Policy.no_egress("github.com").check_name,
+            observer=Seen(),
+            outage="blackhole",
+        )
+
+
+# -- upstream failures ------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_port() -> int:
+    # Bound then closed: nothing listens there (UDP answers ICMP, TCP answers RST).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_upstream_down_is_servfail_at_once(
+    make_proxy: ProxyFactory, closed_port: int, transport: str
+) -> None:
+    dns, seen = make_proxy(upstream=("127.0.0.1", closed_port), upstream_timeout=5.0)
+    started = time.monotonic()
+    reply = ask(transport, dns.port, question(f"www.{ZONE}", txid=404))
+    elapsed = time.monotonic() - started
+    assert (txid(reply), rcode(reply)) == (404, RCODE.SERVFAIL)
+    assert elapsed < 0.5, f"SERVFAIL took {elapsed:.3f}s; a refused upstream must not wait"
+    assert seen.names == [f"www.{ZONE}"]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_silent_upstream_is_servfail_after_upstream_timeout(
+    make_proxy: ProxyFactory, transport: str
+) -> None:
+    kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as silent:
+        silent.bind(("127.0.0.1", 0))
+        if transport == "tcp":
+            silent.listen(8)  # the handshake completes, nothing is ever read or sent
+        dns, _ = make_proxy(upstream=silent.getsockname(), upstream_timeout=0.3)
+        started = time.monotonic()
+        reply = ask(transport, dns.port, question(f"www.{ZONE}", txid=504))
+        elapsed = time.monotonic() - started
+    assert (txid(reply), rcode(reply)) == (504, RCODE.SERVFAIL)
+    assert 0.25 <= elapsed < 1.5
+
+
+def _bad_upstream(answer: Callable[[bytes], bytes]) -> tuple[socket.socket, threading.Thread]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(5)
+
+    def serve() -> None:
+        data, addr = sock.recvfrom(65535)
+        sock.sendto(answer(data), addr)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return sock, thread
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda q: bytes([q[0] ^ 0xFF]) + q[1:2] + b"\x81\x80" + q[4:], id="wrong-id"),
+        pytest.param(lambda q: b"\x00\x01\x02", id="short-garbage"),
+        pytest.param(lambda q: q, id="echoes-the-query"),
+    ],
+)
+def test_garbage_from_upstream_is_servfail(
+    make_proxy: ProxyFactory, answer: Callable[[bytes], bytes]
+) -> None:
+    sock, thread = _bad_upstream(answer)
+    try:
+        dns, _ = make_proxy(upstream=sock.getsockname(), upstream_timeout=5.0)
+        started = time.monotonic()
+        reply = ask_udp(dns.port, question(f"www.{ZONE}", txid=0x0102))
+        assert time.monotonic() - started < 1.0
+        thread.join(5)
+        assert not thread.is_alive()
+    finally:
+        sock.close()
+    assert (txid(reply), rcode(reply)) == (0x0102, RCODE.SERVFAIL)
+
+
+# -- malformed queries --------------------------------------------------------------
+
+
+def _two_questions() -> bytes:
+    record = DNSRecord.question(f"www.{ZONE}")
+    record.add_question(*DNSRecord.question("github.com").questions)
+    record.header.id = 0x2222
+    return bytes(record.pack())
+
+
+MALFORMED = [
+    # qdcount 1 but the name runs off the end of the packet.
+    pytest.param(
+        struct.pack("!6H", 0x1111, 0x0100, 1, 0, 0, 0) + b"\x05abc", 0x1111, id="truncated"
+    ),
+    pytest.param(_two_questions(), 0x2222, id="qdcount-2"),
+    pytest.param(struct.pack("!6H", 0x3333, 0x0100, 0, 0, 0, 0), 0x3333, id="qdcount-0"),
+]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest.mark.parametrize(("packet", "expected_id"), MALFORMED)
+def test_malformed_query_gets_formerr_and_is_not_observed(
+    upstream: Upstream,
+    proxy: tuple[DnsProxy, Seen],
+    transport: str,
+    packet: bytes,
+    expected_id: int,
+) -> None:
+    dns, seen = proxy
+    asked_before = len(upstream.zone.asked)
+    reply = ask(transport, dns.port, packet)
+    assert len(reply) == 12
+    assert (txid(reply), rcode(reply)) == (expected_id, RCODE.FORMERR)
+    assert flags(reply) & 0x8000
+    dns.drain()
+    assert seen.queries == []
+    assert len(upstream.zone.asked) == asked_before
+    # Still serving.
+    _check_www_a(DNSRecord.parse(ask(transport, dns.port, question(f"www.{ZONE}"))))
+
+
+def test_short_garbage_is_dropped_and_the_proxy_keeps_answering(
+    proxy: tuple[DnsProxy, Seen],
+) -> None:
+    dns, seen = proxy
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(SILENCE)
+        sock.sendto(b"\x01\x02\x03", ("127.0.0.1", dns.port))
+        sock.sendto(b"", ("127.0.0.1", dns.port))
+        with pytest.raises(socket.timeout):
+            sock.recv(65535)
+        sock.settimeout(2)
+        sock.sendto(question(f"www.{ZONE}", txid=8), ("127.0.0.1", dns.port))
+        assert txid(sock.recv(65535)) == 8
+    with socket.create_connection(("127.0.0.1", dns.port), timeout=2) as sock:
+        sock.sendall(struct.pack("!H", 3) + b"\x01\x02\x03")
+        good = question(f"www.{ZONE}", txid=9)
+        sock.sendall(struct.pack("!H", len(good)) + good)
+        # The first answer on the connection is the good query's: the garbage got none.
+        assert txid(read_framed(sock)) == 9
+    assert [q.txid for q, _ in seen.queries] == [8, 9]
+    assert dns.errors == []
+
+
+def test_response_packets_are_ignored_and_other_opcodes_get_notimp(
+    proxy: tuple[DnsProxy, Seen],
+) -> None:
+    dns, seen = proxy
+    answer = bytearray(question(f"www.{ZONE}", txid=10))
+    answer[2] |= 0x80  # QR: someone sent us an answer
+    assert_no_udp_answer(dns.port, bytes(answer))
+    notify = bytearray(question(f"www.{ZONE}", txid=11))
+    notify[2] = (notify[2] & 0x87) | (4 << 3)  # opcode NOTIFY
+    reply = ask_udp(dns.port, bytes(notify))
+    assert (txid(reply), rcode(reply)) == (11, RCODE.NOTIMP)
+    assert (flags(reply) >> 11) & 0xF == 4
+    dns.drain()
+    assert seen.queries == []
+
+
+# -- the observer ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_observer_gets_the_query_fields_before_the_reply(
+    proxy: tuple[DnsProxy, Seen], transport: str
+) -> None:
+    dns, seen = proxy
+    packet = question("WwW.Example.TEST.", "AAAA", txid=4242)
+    if transport == "udp":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(2)
+            sock.sendto(packet, ("127.0.0.1", dns.port))
+            reply = sock.recv(65535)
+            client = sock.getsockname()
+    else:
+        with socket.create_connection(("127.0.0.1", dns.port), timeout=2) as sock:
+            sock.sendall(struct.pack("!H", len(packet)) + packet)
+            reply = read_framed(sock)
+            client = sock.getsockname()
+    _check_www_aaaa(DNSRecord.parse(reply))
+    # No drain(): the observer must already have run when the reply arrived.
+    [(query, decision)] = seen.queries
+    assert query == Query(
+        name="www.example.test",
+        qtype="AAAA",
+        transport=transport,  # type: ignore[arg-type]
+        client=("127.0.0.1", client[1]),
+        listen_port=dns.port,
+        txid=4242,
+    )
+    assert decision.blocked is False
+
+
+def test_unknown_qtype_is_named_like_rfc3597(proxy: tuple[DnsProxy, Seen]) -> None:
+    dns, seen = proxy
+    packet = struct.pack("!6H", 7, 0x0100, 1, 0, 0, 0) + b"\x03www\x07example\x04test\x00"
+    packet += struct.pack("!HH", 65280, 1)
+    assert txid(ask_udp(dns.port, packet)) == 7
+    assert [(q.name, q.qtype) for q, _ in seen.queries] == [(f"www.{ZONE}", "TYPE65280")]
+
+
+def test_observer_exception_is_recorded_and_the_query_still_answered(
+    make_proxy: ProxyFactory,
+) -> None:
+    calls: list[str] = []
+
+    def exploding(query: Query, decision: Any) -> None:
+        calls.append(query.name)
+        raise RuntimeError(f"observer exploded on {query.name}")
+
+    dns, _ = make_proxy(observer=exploding)
+    dns.raise_errors()  # nothing yet
+    _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}"))))
+    assert rcode(ask_tcp(dns.port, question("github.com"))) == RCODE.NXDOMAIN
+    assert calls == [f"www.{ZONE}", "github.com"]
+    assert len(dns.errors) == 2
+    with pytest.raises(RuntimeError, match=f"observer exploded on www.{ZONE}"):
+        dns.raise_errors()
+
+
+def test_decide_exception_is_recorded_and_answered_servfail(make_proxy: ProxyFactory) -> None:
+    def broken(name: str) -> Any:
+        raise KeyError(name)
+
+    dns, seen = make_proxy(decide=broken)
+    reply = ask_udp(dns.port, question(f"www.{ZONE}", txid=31))
+    assert (txid(reply), rcode(reply)) == (31, RCODE.SERVFAIL)
+    assert seen.queries == []
+    with pytest.raises(KeyError, match="www.example.test"):
+        dns.raise_errors()
+
+
+# -- drain ---------------------------------------------------------------------------
+
+
+def test_drain_waits_for_queries_of_clients_that_already_exited(make_proxy: ProxyFactory) -> None:
+    seen = Seen()
+
+    def slow_observer(query: Query, decision: Any) -> None:
+        # Attribution reads /proc and may be slow; drain() has to wait for it.
+        time.sleep(0.01)
+        seen(query, decision)
+
+    dns, _ = make_proxy(observer=slow_observer)
+    sent = []
+    for i in range(40):
+        name = f"gone{i}.{ZONE}"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(question(name, txid=i), ("127.0.0.1", dns.port))
+        sent.append(name)
+    for i in range(3):
+        name = f"gone-tcp{i}.{ZONE}"
+        packet = question(name, txid=100 + i)
+        with socket.create_connection(("127.0.0.1", dns.port)) as sock:
+            sock.sendall(struct.pack("!H", len(packet)) + packet)
+        sent.append(name)
+    dns.drain()
+    assert sorted(seen.names) == sorted(sent)
+    assert dns.errors == []
+
+
+def test_drain_handles_a_query_on_an_open_idle_tcp_connection(proxy: tuple[DnsProxy, Seen]) -> None:
+    dns, seen = proxy
+    with socket.create_connection(("127.0.0.1", dns.port), timeout=2) as idle:
+        with socket.create_connection(("127.0.0.1", dns.port), timeout=2) as busy:
+            packet = question(f"www.{ZONE}", txid=55)
+            busy.sendall(struct.pack("!H", len(packet)) + packet)
+            # A partial frame must not make drain wait for the rest.
+            busy.sendall(b"\x00")
+            started = time.monotonic()
+            dns.drain(timeout=3)
+            assert time.monotonic() - started < 2
+            assert [q.txid for q, _ in seen.queries] == [55]
+            assert txid(read_framed(busy)) == 55
+        idle.sendall(struct.pack("!H", len(packet)) + packet)
+        assert txid(read_framed(idle)) == 55
+
+
+def test_drain_times_out_while_a_query_is_still_being_handled(make_proxy: ProxyFactory) -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck(query: Query, decision: Any) -> None:
+        entered.set()
+        release.wait(5)
+
+    dns, _ = make_proxy(observer=stuck)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(question(f"www.{ZONE}", txid=66), ("127.0.0.1", dns.port))
+        assert entered.wait(5)
+        with pytest.raises(TimeoutError, match="1 UDP queries"):
+            dns.drain(timeout=0.2)
+        release.set()
+        dns.drain()
+        assert txid(sock.recv(65535)) == 66
+
+
+# -- IPv6, binding, lifecycle -----------------------------------------------------------
+
+
+def test_ipv6_listeners_share_the_port(upstream: Upstream, proxy: tuple[DnsProxy, Seen]) -> None:
+    dns, seen = proxy
+    if not dns.has_ipv6:
+        pytest.skip("IPv6 loopback (::1) is not available here")
+    packet = question(f"www.{ZONE}", "AAAA", txid=0x6666)
+    for transport in ("udp", "tcp"):
+        assert ask(transport, dns.port, packet, host="::1") == ask(transport, upstream.port, packet)
+    assert rcode(ask_udp(dns.port, question("github.com"), host="::1")) == RCODE.NXDOMAIN
+    assert [(q.client[0], q.transport, q.listen_port) for q, _ in seen.queries] == [
+        ("::1", "udp", dns.port),
+        ("::1", "tcp", dns.port),
+        ("::1", "udp", dns.port),
+    ]
+
+
+def _listening(port: int) -> set[tuple[str, str]]:
+    """(protocol, local address) of every socket bound to ``port``, from /proc/net."""
+    found = set()
+    for proto in ("udp", "tcp", "udp6", "tcp6"):
+        try:
+            with open(f"/proc/net/{proto}") as table:
+                rows = table.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, state = fields[1], fields[3]
+            hex_addr, hex_port = local.split(":")
+            if int(hex_port, 16) != port or (proto.startswith("tcp") and state != "0A"):
+                continue
+            raw = bytes.fromhex(hex_addr)
+            # /proc/net prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            family = socket.AF_INET6 if len(raw) == 16 else socket.AF_INET
+            found.add((proto.rstrip("6"), socket.inet_ntop(family, raw)))
+    return found
+
+
+def test_binds_loopback_only_on_one_port(proxy: tuple[DnsProxy, Seen]) -> None:
+    dns, _ = proxy
+    expected = {("udp", "127.0.0.1"), ("tcp", "127.0.0.1")}
+    if dns.has_ipv6:
+        expected |= {("udp", "::1"), ("tcp", "::1")}
+    assert _listening(dns.port) == expected
+
+
+def test_host6_none_means_ipv4_only(make_proxy: ProxyFactory) -> None:
+    dns, _ = make_proxy(host6=None)
+    assert dns.has_ipv6 is False
+    assert _listening(dns.port) == {("udp", "127.0.0.1"), ("tcp", "127.0.0.1")}
+    _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}"))))
+
+
+def _proxy_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("depfence-dns")]
+
+
+def test_stop_closes_everything_and_is_idempotent(upstream: Upstream) -> None:
+    assert _proxy_threads() == []
+    dns = DnsProxy(
+        upstream=upstream.address,
+        decide=Policy.no_egress("github.com").check_name,
+        observer=Seen(),
+    )
+    dns.stop()  # before start: nothing to do
+    dns = DnsProxy(
+        upstream=upstream.address,
+        decide=Policy.no_egress("github.com").check_name,
+        observer=Seen(),
+    )
+    with dns:
+        port = dns.port
+        ask_udp(port, question(f"www.{ZONE}"))  # starts pool threads
+        client = socket.create_connection(("127.0.0.1", port), timeout=2)
+        packet = question(f"www.{ZONE}")
+        client.sendall(struct.pack("!H", len(packet)) + packet)
+        read_framed(client)
+        assert _proxy_threads() != []
+    try:
+        # The idle client connection was closed by stop().
+        assert client.recv(1) == b""
+    finally:
+        client.close()
+    dns.stop()
+    assert _proxy_threads() == []
+    assert _listening(port) == set()
+    dns.drain()  # after stop: returns at once
+
+
+def test_start_twice_is_an_error(proxy: tuple[DnsProxy, Seen]) -> None:
+    dns, _ = proxy
+    with pytest.raises(RuntimeError, match="twice"):
+        dns.start()
