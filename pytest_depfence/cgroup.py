@@ -161,20 +161,28 @@ class CgroupTree:
         self.session = self.parent / session_name()
 
     def ensure(self) -> Path:
-        try:
-            self.parent.mkdir(exist_ok=True)
-            sweep_stale(self.parent)
-            self.session.mkdir(exist_ok=True)
-        except PermissionError as exc:
-            raise FenceUnavailable(f"cannot create fence cgroups under {self.parent}: {exc}") from exc
-        return self.session
+        for _ in range(5):
+            try:
+                self.parent.mkdir(exist_ok=True)
+                sweep_stale(self.parent)
+                self.session.mkdir(exist_ok=True)
+                return self.session
+            except FileNotFoundError:
+                continue  # another session removed the empty parent in between; make it again
+            except PermissionError as exc:
+                raise FenceUnavailable(
+                    f"cannot create fence cgroups under {self.parent}: {exc}"
+                ) from exc
+        raise FenceUnavailable(f"cannot create {self.session}: its parent keeps disappearing")
 
     def remove(self) -> None:
-        try:
-            self.session.rmdir()
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
-                raise
+        """Remove this session's directory, and the shared parent when no other session uses it."""
+        for path in (self.session, self.parent):
+            try:
+                path.rmdir()
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                    raise
 
 
 def sweep_stale(parent: Path) -> list[Path]:
@@ -185,7 +193,10 @@ def sweep_stale(parent: Path) -> list[Path]:
     for session in parent.iterdir():
         if not session.is_dir() or _owner_alive(session.name):
             continue
-        kill_all(session)
-        remove_tree(session)
+        try:
+            kill_all(session)
+            remove_tree(session)
+        except FileNotFoundError:
+            continue  # another process swept it first
         removed.append(session)
     return removed
