@@ -37,18 +37,24 @@ def main() -> None:
         first_open = timed(fence.open)
         with fence:
             first_run = timed(lambda: fence.run(["true"]))
-            print(f"first fence in a process: open (compile + load) {first_open * 1000:.0f} ms, "
-                  f"first run {first_run * 1000:.1f} ms")
+            print(
+                f"first fence in a process: open (compile + load) {first_open * 1000:.0f} ms, "
+                f"first run {first_run * 1000:.1f} ms"
+            )
             for name, cmd in COMMANDS.items():
                 # Unfenced, dig asks the lab resolver directly (fenced, the proxy is in between).
                 plain_cmd = [*cmd[:2], f"@{lab.RESOLVER4}", *cmd[2:]] if cmd[0] == "dig" else cmd
-                plain = [timed(lambda: subprocess.run(plain_cmd, capture_output=True))
-                         for _ in range(args.runs)]
+                plain = [
+                    timed(lambda: subprocess.run(plain_cmd, capture_output=True))
+                    for _ in range(args.runs)
+                ]
                 fenced = [timed(lambda: fence.run(cmd, check=False)) for _ in range(args.runs)]
                 p, f = statistics.median(plain), statistics.median(fenced)
-                print(f"{name:26} unfenced {p * 1000:7.2f} ms   fenced {f * 1000:7.2f} ms   "
-                      f"ratio {f / p:5.2f}x   (+{(f - p) * 1000:.2f} ms per run, "
-                      f"median of {args.runs})")
+                print(
+                    f"{name:26} unfenced {p * 1000:7.2f} ms   fenced {f * 1000:7.2f} ms   "
+                    f"ratio {f / p:5.2f}x   (+{(f - p) * 1000:.2f} ms per run, "
+                    f"median of {args.runs})"
+                )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def main() -> int:
             print(f"  exit code {result.returncode}\n")
             caught[script] = {v.domain for v in result.violations}
     expected = {
-        "direct.sh": {"github.com", "objects.githubusercontent.com"},         "hidden.sh": {"api.github.com"},
+        "direct.sh": {"github.com", "objects.githubusercontent.com"},
+        "hidden.sh": {"api.github.com"},
         "clean.sh": set(),
     }
     if caught != expected:

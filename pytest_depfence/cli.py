@@ -49,22 +49,50 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     policy = run.add_mutually_exclusive_group()
-    policy.add_argument("--no-egress", action="append", default=[], metavar="PATTERN",
-                        help="a name/address the command must not reach (repeatable)")
-    policy.add_argument("--egress-only", action="append", default=[], metavar="PATTERN",
-                        help="the only names/addresses the command may reach (repeatable)")
-    run.add_argument("--mode", choices=("block", "audit"), default="block",
-                     help="block forbidden egress (default) or only record it")
-    run.add_argument("--outage", choices=("nxdomain", "servfail", "refused", "timeout"),
-                     default="nxdomain", help="the DNS answer a blocked name gets")
-    run.add_argument("--upstream", metavar="HOST[:PORT]",
-                     help="DNS server for allowed names (default: first nameserver of "
-                          "/etc/resolv.conf, or the lab's with --lab)")
-    run.add_argument("--timeout", type=float, metavar="SECONDS",
-                     help="kill everything the command started after this long")
+    policy.add_argument(
+        "--no-egress",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="a name/address the command must not reach (repeatable)",
+    )
+    policy.add_argument(
+        "--egress-only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="the only names/addresses the command may reach (repeatable)",
+    )
+    run.add_argument(
+        "--mode",
+        choices=("block", "audit"),
+        default="block",
+        help="block forbidden egress (default) or only record it",
+    )
+    run.add_argument(
+        "--outage",
+        choices=("nxdomain", "servfail", "refused", "timeout"),
+        default="nxdomain",
+        help="the DNS answer a blocked name gets",
+    )
+    run.add_argument(
+        "--upstream",
+        metavar="HOST[:PORT]",
+        help="DNS server for allowed names (default: first nameserver of "
+        "/etc/resolv.conf, or the lab's with --lab)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="kill everything the command started after this long",
+    )
     run.add_argument("--json", metavar="FILE", help="write the result and events as JSON")
-    run.add_argument("--lab", action="store_true",
-                     help="run inside the built-in test lab (private network namespace)")
+    run.add_argument(
+        "--lab",
+        action="store_true",
+        help="run inside the built-in test lab (private network namespace)",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
     return parser
 
@@ -119,23 +147,31 @@ def _run(args: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        print("depfence run: no command given (depfence run [options] -- CMD ARGS...)",
-              file=sys.stderr)
+        print(
+            "depfence run: no command given (depfence run [options] -- CMD ARGS...)",
+            file=sys.stderr,
+        )
         return FENCE_ERROR_EXIT
     if args.egress_only:
         policy = Policy.egress_only(*args.egress_only, source="CLI flag --egress-only")
         method = "allowlist"
     else:
-        policy = (Policy.no_egress(*args.no_egress, source="CLI flag --no-egress")
-                  if args.no_egress else Policy("no_egress", ()))
+        policy = (
+            Policy.no_egress(*args.no_egress, source="CLI flag --no-egress")
+            if args.no_egress
+            else Policy("no_egress", ())
+        )
         method = "blocklist"
     with contextlib.ExitStack() as stack:
         upstream = args.upstream
         if args.lab:
             lab = stack.enter_context(Lab())
             upstream = upstream or lab.upstream
-        fence = stack.enter_context(Fence(policy, upstream=upstream, mode=args.mode,
-                                          outage=args.outage, timeout=args.timeout))
+        fence = stack.enter_context(
+            Fence(
+                policy, upstream=upstream, mode=args.mode, outage=args.outage, timeout=args.timeout
+            )
+        )
         result = fence.run(cmd, check=False)
     sys.stdout.write(result.stdout)
     sys.stdout.flush()
@@ -143,8 +179,10 @@ def _run(args: argparse.Namespace) -> int:
     for event in result.events:
         print(log_line(event, method), file=sys.stderr)
     if result.timed_out:
-        print(f"depfence: timed out after {args.timeout}s; everything it started was killed",
-              file=sys.stderr)
+        print(
+            f"depfence: timed out after {args.timeout}s; everything it started was killed",
+            file=sys.stderr,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(_result_json(result, policy.describe(), args.mode), f, indent=2)

@@ -55,7 +55,9 @@ def parse_upstream(value: str, source: str = "upstream") -> tuple[str, int]:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(value, "the upstream must be an IP address (HOST[:PORT])", source) from None
+        raise ConfigError(
+            value, "the upstream must be an IP address (HOST[:PORT])", source
+        ) from None
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(value, f"port {port!r} is not in 1..65535", source)
     return host, int(port)
@@ -71,7 +73,9 @@ def default_upstream(resolv_conf: str = RESOLV_CONF) -> str:
     except OSError:
         pass
     raise ConfigError(
-        resolv_conf, "no nameserver found; pass upstream= or --depfence-upstream", "default upstream"
+        resolv_conf,
+        "no nameserver found; pass upstream= or --depfence-upstream",
+        "default upstream",
     )
 
 
@@ -110,7 +114,9 @@ class Fence:
         if mode not in MODES:
             raise ConfigError(mode, f"mode must be one of {', '.join(MODES)}", "Fence(mode=)")
         if outage not in OUTAGES:
-            raise ConfigError(outage, f"outage must be one of {', '.join(OUTAGES)}", "Fence(outage=)")
+            raise ConfigError(
+                outage, f"outage must be one of {', '.join(OUTAGES)}", "Fence(outage=)"
+            )
         if timeout is not None and timeout <= 0:
             raise ConfigError(str(timeout), "timeout must be positive", "Fence(timeout=)")
         self.policy = policy
@@ -176,7 +182,9 @@ class Fence:
         rule = None
         if forbidden:
             rule = (
-                self.policy.rule_text(full.rule) if full.rule is not None else self.policy.describe()
+                self.policy.rule_text(full.rule)
+                if full.rule is not None
+                else self.policy.describe()
             )
         event = EgressEvent(
             domain=query.name,
@@ -313,4 +321,3 @@ def _pump(
     for t in threads:
         t.start()
     return threads
-

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable, cast
 
 from .cgroup import cgroup2_mount
 from .errors import FenceUnavailable
@@ -108,7 +108,7 @@ def import_bcc() -> ModuleType:
         try:
             import bcc  # noqa: PLC0415
 
-            return bcc
+            return cast(ModuleType, bcc)
         except ImportError:
             dirs: list[str] = list(_DISTRO_DIRS)
     else:
@@ -351,7 +351,7 @@ class MachineState:
 
 
 def preflight() -> MachineState:
-    """Check every part a fence needs, without compiling; raise FenceUnavailable naming the first gap."""
+    """Check every part a fence needs, without compiling; FenceUnavailable names the first gap."""
     check_privileges()
     bcc = import_bcc()
     check_kernel_headers()
@@ -360,39 +360,34 @@ def preflight() -> MachineState:
     return MachineState(platform.release(), mount, str(getattr(bcc, "__version__", "unknown")))
 
 
+def _logged(what: str, call: Callable[[], Any]) -> Any:
+    """Run a bcc call; on failure raise FenceUnavailable with what bcc printed."""
+    with _StderrCapture() as log:
+        try:
+            return call()
+        except Exception as exc:
+            failure = exc
+    raise FenceUnavailable(f"{what}: {failure}\n{log.text.strip()}") from failure
+
+
 def _compile() -> Programs:
     preflight()
     bcc = import_bcc()
     src = bpf_source_dir()
     cflags = [f"-DDEPFENCE_ARGC={ARGC}", f"-DDEPFENCE_ARGLEN={ARGLEN}"]
-    with _StderrCapture() as log:
-        try:
-            bpf = bcc.BPF(text=program_text(src).encode(), cflags=cflags)
-        except Exception as exc:
-            failure = exc
-        else:
-            failure = None
-    if failure is not None:
-        raise FenceUnavailable(
-            f"compiling or loading the eBPF programs failed: {failure}\n{log.text.strip()}"
-        ) from failure
+    bpf = _logged(
+        "compiling or loading the eBPF programs failed",
+        lambda: bcc.BPF(text=program_text(src).encode(), cflags=cflags),
+    )
     fns: dict[str, Any] = {}
     for name, attach_type in ATTACH_TYPES.items():
         prog_type = (
             _BPF_PROG_TYPE_CGROUP_SKB if name == "egress" else _BPF_PROG_TYPE_CGROUP_SOCK_ADDR
         )
-        with _StderrCapture() as log:
-            try:
-                fns[name] = bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
-            except Exception as exc:
-                failure = exc
-            else:
-                failure = None
-        if failure is not None:
-            raise FenceUnavailable(
-                f"the kernel's verifier rejected the {name} program: {failure}\n"
-                f"verifier log:\n{log.text.strip()}"
-            ) from failure
+        fns[name] = _logged(
+            f"the kernel's verifier rejected the {name} program (verifier log below)",
+            lambda: bpf.load_func(name.encode(), prog_type, attach_type=attach_type),
+        )
     probe_link_support(fns["connect4"].fd)
     return Programs(bcc, bpf, fns)
 

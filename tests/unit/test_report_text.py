@@ -38,8 +38,16 @@ def test_report_names_domain_rule_process_and_ancestry():
         count=1, s="", command="./deploy/mysql.sh --config new.cnf"
     )
     assert lines[1].split() == [
-        "blocked", "github.com", "(A)", "at", "dns",
-        "rule", 'no_egress("github.com")', "[marker", "at", "test_deploy.py:12]",
+        "blocked",
+        "github.com",
+        "(A)",
+        "at",
+        "dns",
+        "rule",
+        'no_egress("github.com")',
+        "[marker",
+        "at",
+        "test_deploy.py:12]",
     ]
     assert lines[2].strip() == (
         "pid 4312  curl -fsSL https://github.com/org/tool/releases/latest/download/tool.tgz"
@@ -64,8 +72,9 @@ def test_unattributed_event_says_so_instead_of_naming_a_process():
 
 
 def test_result_derives_violations_and_sorted_unique_domains():
-    allowed = event(domain="mirror.internal", verdict="allowed", blocked_at=None, rule=None,
-                    forbidden=False)
+    allowed = event(
+        domain="mirror.internal", verdict="allowed", blocked_at=None, rule=None, forbidden=False
+    )
     audited = event(domain="api.github.com", verdict="allowed", forbidden=True)
     result = FenceResult("x", 0, "", "", events=(event(), allowed, event(qtype="AAAA"), audited))
     assert result.domains == ["api.github.com", "github.com", "mirror.internal"]

@@ -55,8 +55,9 @@ HYBRID = (
 PURE = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
 
 
-@pytest.mark.parametrize(("text", "mount"), [(HYBRID, "/sys/fs/cgroup/unified"),
-                                             (PURE, "/sys/fs/cgroup")])
+@pytest.mark.parametrize(
+    ("text", "mount"), [(HYBRID, "/sys/fs/cgroup/unified"), (PURE, "/sys/fs/cgroup")]
+)
 def test_cgroup2_mount_is_found_not_assumed(tmp_path, text, mount):
     info = tmp_path / "mountinfo"
     info.write_text(text)

@@ -1,0 +1,37 @@
+# Everyday entry points. `bootstrap`, `demo` and `test` need root (packages, kernel
+# headers, cgroups, eBPF); `unit` and `lint` do not, once .venv exists.
+.PHONY: bootstrap demo test unit lint clean distclean
+
+VENV_PY := .venv/bin/python
+# Extra pytest arguments, e.g. `make test ARGS="-x -k mysql"`.
+ARGS ?=
+
+bootstrap:
+	bash scripts/bootstrap.sh
+
+demo: bootstrap
+	$(VENV_PY) examples/demo.py
+
+# The privileged suite in the lab; --depfence-require fails instead of skipping when a
+# fence cannot be built, so a broken machine cannot pass silently.
+test: bootstrap
+	$(VENV_PY) -m pytest --depfence-lab --depfence-require $(ARGS)
+
+unit: $(VENV_PY)
+	$(VENV_PY) -m pytest tests/unit tests/plugin $(ARGS)
+
+lint: $(VENV_PY)
+	.venv/bin/ruff check .
+	.venv/bin/mypy pytest_depfence
+
+$(VENV_PY):
+	@echo "no .venv yet: run 'sudo make bootstrap' first" >&2
+	@exit 1
+
+clean:
+	rm -rf build dist .tox .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	find . -path ./.venv -prune -o -type d -name __pycache__ -exec rm -rf {} +
+
+# Also drop the virtualenv (the next bootstrap recreates it).
+distclean: clean
+	rm -rf .venv .vagrant
