@@ -79,4 +79,31 @@ BPF_TABLE("lru_hash", __u64, struct orig_dst, redirected, 65536);
 BPF_TABLE("lru_hash", struct flow_key, struct owner, dnsflows, 65536);
 BPF_TABLE("lru_hash", __u32, struct proc, procs, DEPFENCE_MAX_PROCS);
 
+#define DEPFENCE_MAX_LEVEL 16
+
+/* The fence the current task is in: its own cgroup, or the nearest registered
+ * ancestor, so a sub-cgroup made inside a fence (a service, a container) is
+ * still fenced. *fence_id gets the fence cgroup's id, which every record uses. */
+static __always_inline struct fence_cfg *fence_of_current(__u64 *fence_id)
+{
+    __u64 id = bpf_get_current_cgroup_id();
+    struct fence_cfg *fence = fences.lookup(&id);
+    if (fence) {
+        *fence_id = id;
+        return fence;
+    }
+#pragma unroll
+    for (int level = 1; level < DEPFENCE_MAX_LEVEL; level++) {
+        id = bpf_get_current_ancestor_cgroup_id(level);
+        if (!id)
+            break;  /* deeper than the task's own cgroup */
+        fence = fences.lookup(&id);
+        if (fence) {
+            *fence_id = id;
+            return fence;
+        }
+    }
+    return 0;
+}
+
 #endif

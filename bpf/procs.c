@@ -7,6 +7,7 @@
  *
  * Helpers (program type BPF_PROG_TYPE_TRACEPOINT), first kernel for this type:
  *   bpf_get_current_cgroup_id   4.18
+ *   bpf_get_current_ancestor_cgroup_id  5.7
  *   bpf_get_current_pid_tgid    4.2
  *   bpf_probe_read_user         5.5
  *   bpf_probe_read_user_str     5.5
@@ -19,8 +20,7 @@ BPF_TABLE("lru_hash", __u32, struct proc, pending, 256);
 
 static __always_inline int in_fence(__u64 *cgid)
 {
-    *cgid = bpf_get_current_cgroup_id();
-    return fences.lookup(cgid) != 0;
+    return fence_of_current(cgid) != 0;
 }
 
 static __always_inline int record_exec(const char *const *argv)

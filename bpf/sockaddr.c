@@ -9,17 +9,12 @@
  * Helpers (program type BPF_PROG_TYPE_CGROUP_SOCK_ADDR), with the first kernel
  * that offers each to this program type:
  *   bpf_get_current_cgroup_id   5.7
+ *   bpf_get_current_ancestor_cgroup_id  5.7
  *   bpf_get_current_pid_tgid    5.7
  *   bpf_get_socket_cookie       5.0 (sock_addr variant)
  *   bpf_map_lookup/update_elem  4.17 (base helpers)
  * recvmsg4/6 attach types need 5.2.
  */
-
-static __always_inline struct fence_cfg *fence_of_current(__u64 *cgid)
-{
-    *cgid = bpf_get_current_cgroup_id();
-    return fences.lookup(cgid);
-}
 
 static __always_inline void remember_owner(struct bpf_sock_addr *ctx, __u64 cgid)
 {
@@ -133,10 +128,20 @@ int recvmsg6(struct bpf_sock_addr *ctx)
     if (!from_loopback6 && !from_mapped_loopback)
         return 1;
     struct orig_dst *dst = reply_origin(ctx);
-    if (dst && dst->family == 6) {
+    if (!dst)
+        return 1;
+    if (dst->family == 6) {
         ctx->user_ip6[0] = dst->ip6[0];
         ctx->user_ip6[1] = dst->ip6[1];
         ctx->user_ip6[2] = dst->ip6[2];
+        ctx->user_ip6[3] = dst->ip6[3];
+        ctx->user_port = dst->port;
+    } else if (from_mapped_loopback) {
+        /* A dual-stack socket sent to ::ffff:a.b.c.d, which the kernel handed to
+         * sendmsg4; its reply must come from that same mapped address. */
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = bpf_htonl(0xffff);
         ctx->user_ip6[3] = dst->ip6[3];
         ctx->user_port = dst->port;
     }
