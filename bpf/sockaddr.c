@@ -16,9 +16,8 @@
  * recvmsg4/6 attach types need 5.2.
  */
 
-static __always_inline void remember_owner(struct bpf_sock_addr *ctx, __u64 cgid)
+static __always_inline void remember_owner(__u64 cookie, __u64 cgid)
 {
-    __u64 cookie = bpf_get_socket_cookie(ctx);
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     struct owner o = {};
     o.pid = pid_tgid >> 32;
@@ -33,21 +32,29 @@ static __always_inline int is_dns(struct bpf_sock_addr *ctx)
            (ctx->protocol == IPPROTO_UDP || ctx->protocol == IPPROTO_TCP);
 }
 
-static __always_inline int redirect4(struct bpf_sock_addr *ctx)
+/* For a fenced socket: record its owner; return its fence when the message is DNS. */
+static __always_inline struct fence_cfg *fenced_dns(struct bpf_sock_addr *ctx, __u64 *cookie)
 {
     __u64 cgid;
     struct fence_cfg *fence = fence_of_current(&cgid);
     if (!fence)
-        return 1;
-    remember_owner(ctx, cgid);
-    if (!is_dns(ctx))
+        return 0;
+    *cookie = bpf_get_socket_cookie(ctx);
+    remember_owner(*cookie, cgid);
+    return is_dns(ctx) ? fence : 0;
+}
+
+static __always_inline int redirect4(struct bpf_sock_addr *ctx)
+{
+    __u64 cookie;
+    struct fence_cfg *fence = fenced_dns(ctx, &cookie);
+    if (!fence)
         return 1;
 
     struct orig_dst dst = {};
     dst.ip6[3] = ctx->user_ip4;
     dst.port = ctx->user_port;
     dst.family = 4;
-    __u64 cookie = bpf_get_socket_cookie(ctx);
     redirected.update(&cookie, &dst);
 
     ctx->user_ip4 = bpf_htonl(LOOPBACK4);
@@ -62,12 +69,9 @@ static __always_inline int is_v4_mapped(__u32 *ip6)
 
 static __always_inline int redirect6(struct bpf_sock_addr *ctx)
 {
-    __u64 cgid;
-    struct fence_cfg *fence = fence_of_current(&cgid);
+    __u64 cookie;
+    struct fence_cfg *fence = fenced_dns(ctx, &cookie);
     if (!fence)
-        return 1;
-    remember_owner(ctx, cgid);
-    if (!is_dns(ctx))
         return 1;
 
     struct orig_dst dst = {};
@@ -77,7 +81,6 @@ static __always_inline int redirect6(struct bpf_sock_addr *ctx)
     dst.ip6[3] = ctx->user_ip6[3];
     dst.port = ctx->user_port;
     dst.family = 6;
-    __u64 cookie = bpf_get_socket_cookie(ctx);
     redirected.update(&cookie, &dst);
 
     /* A v4-mapped destination travels as IPv4: send it to the IPv4 proxy. */
