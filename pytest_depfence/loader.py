@@ -169,12 +169,15 @@ def check_kernel_headers() -> Path:
     return build
 
 
-def tracefs_dir() -> Path:
-    """Where tracepoint formats live; mounts tracefs when nothing is mounted there."""
+def tracefs_dir(mount: bool = True) -> Path | None:
+    """Where tracepoint formats live. With `mount`, mounts tracefs when nothing is mounted;
+    without, only checks that it could be (None: mountable, not mounted yet)."""
     for candidate in (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing")):
         if (candidate / "events").is_dir():
             return candidate
     target = Path("/sys/kernel/tracing")
+    if not mount and target.is_dir():
+        return None
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if target.is_dir() and libc.mount(b"nodev", str(target).encode(), b"tracefs", 0, None) == 0:
         return target
@@ -356,7 +359,7 @@ def preflight() -> MachineState:
     bcc = import_bcc()
     check_kernel_headers()
     mount = cgroup2_mount()
-    tracefs_dir()
+    tracefs_dir(mount=False)  # a header or doctor check must not mount anything
     return MachineState(platform.release(), mount, str(getattr(bcc, "__version__", "unknown")))
 
 
@@ -372,6 +375,7 @@ def _logged(what: str, call: Callable[[], Any]) -> Any:
 
 def _compile() -> Programs:
     preflight()
+    tracefs_dir()
     bcc = import_bcc()
     src = bpf_source_dir()
     cflags = [f"-DDEPFENCE_ARGC={ARGC}", f"-DDEPFENCE_ARGLEN={ARGLEN}"]

@@ -8,10 +8,11 @@ before any test starts and names where it was written.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -33,9 +34,9 @@ MARKERS = {
 }
 FENCE_MARKER_ARGS = ("mode", "outage", "timeout")
 POLICY_KEY = pytest.StashKey["Policy"]()
-FENCE_KWARGS_KEY = pytest.StashKey[dict]()
+FENCE_KWARGS_KEY = pytest.StashKey[dict[str, Any]]()
 SETTINGS_KEY = pytest.StashKey["Settings"]()
-LAB_KEY = pytest.StashKey["Lab"]()
+LAB_KEY: pytest.StashKey[Lab] = pytest.StashKey()
 
 
 @dataclass
@@ -109,7 +110,11 @@ def _setting(config: pytest.Config, name: str) -> tuple[Any, str]:
     value = config.getoption(name)
     if value not in (None, []):
         return value, f"CLI flag --{name.replace('_', '-')}"
-    value = config.getini(name)
+    try:
+        value = config.getini(name)
+    except ValueError as exc:
+        # pytest's own conversion (a bool key set to "maybe") would be an INTERNALERROR.
+        raise pytest.UsageError(f"depfence: ini key {name}: {exc}") from None
     if value not in (None, [], ""):
         return value, f"ini key {name}"
     return None, ""
@@ -144,8 +149,16 @@ def _configured_policy(config: pytest.Config) -> Policy | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    for name, text in MARKERS.items():
-        config.addinivalue_line("markers", f"{name}{text[len(name):]}")
+    for text in MARKERS.values():
+        config.addinivalue_line("markers", text)
+
+
+def _load_settings(config: pytest.Config) -> Settings:
+    """Merge and check CLI flags and ini keys; a bad value is a usage error naming its source.
+
+    Runs at session start rather than in pytest_configure, so that `pytest --help`
+    and `pytest --markers` still work when an ini key holds a bad value.
+    """
     from .fence import MODES, parse_upstream
 
     try:
@@ -155,7 +168,7 @@ def pytest_configure(config: pytest.Config) -> None:
         mode, mode_source = _setting(config, "depfence_mode")
         if mode is not None and mode not in MODES:
             raise ConfigError(mode, f"mode must be one of {', '.join(MODES)}", mode_source)
-        settings = Settings(
+        return Settings(
             upstream=upstream,
             upstream_source=upstream_source,
             policy=_configured_policy(config),
@@ -165,7 +178,6 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     except (PolicyError, ConfigError) as exc:
         raise pytest.UsageError(f"depfence: {exc}") from None
-    config.stash[SETTINGS_KEY] = settings
 
 
 def _is_xdist_controller(config: pytest.Config) -> bool:
@@ -175,7 +187,8 @@ def _is_xdist_controller(config: pytest.Config) -> bool:
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
-    settings = config.stash[SETTINGS_KEY]
+    settings = _load_settings(config)
+    config.stash[SETTINGS_KEY] = settings
     if not settings.lab or _is_xdist_controller(config):
         return
     from .lab import Lab
@@ -207,52 +220,114 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     from .loader import preflight
 
     upstream = _upstream(config) or "first nameserver of /etc/resolv.conf"
-    if config.stash.get(LAB_KEY, None) is not None:
-        upstream += " (lab)"
+    lab = config.stash.get(LAB_KEY, None)
+    if lab is not None and config.stash[SETTINGS_KEY].upstream is None:
+        upstream += " (lab)"  # only when the lab's resolver is really the one in use
     try:
         state = preflight()
     except FenceUnavailable as exc:
-        return [f"depfence: fence unavailable: {exc}", f"depfence: upstream {upstream}"]
+        return [UNAVAILABLE.format(reason=exc), f"depfence: upstream {upstream}"]
+    except Exception as exc:  # noqa: BLE001 - a header must never stop the session
+        reason = f"the machine check failed: {type(exc).__name__}: {exc}"
+        return [UNAVAILABLE.format(reason=reason), f"depfence: upstream {upstream}"]
     return [f"depfence: {state.describe()}, upstream {upstream}"]
 
 
-def _marker_source(item: pytest.Item, name: str) -> str:
-    """`marker at file:line` for the decorator line, or the test id when it can't be found."""
-    obj = getattr(item, "obj", None)
+_DEF_LINE = re.compile(r"\s*(async\s+def|def|class)\s")
+
+
+def _find_marker_line(
+    lines: list[str], start: int, name: str, decorators: bool, nth: int
+) -> int | None:
+    """The line of the nth `name(...)` marker in a def/class (decorators) or a body (pytestmark)."""
+    call = re.compile(rf"(?<![\w.])(?:\w+\.)*{re.escape(name)}\s*\(")
+    found: list[int] = []
+    for offset, line in enumerate(lines):
+        if decorators and _DEF_LINE.match(line):
+            break
+        # Outside the decorators, only a `pytestmark = ...` can carry the marker.
+        if call.search(line) and (decorators or not line.lstrip().startswith("@")):
+            found.append(start + offset)
+    if not found:
+        return None
+    if decorators:
+        # Stacked decorators apply bottom-up, and pytest lists a node's marks in that order.
+        found.reverse()
+    return found[nth] if nth < len(found) else found[0]
+
+
+def _marker_source(item: pytest.Item, name: str, nth: int = 0, node: Any = None) -> str:
+    """`marker at file:line` where the marker was written, or `marker on <node id>`.
+
+    `node` is the node carrying the marker (the test itself, its class or its
+    module); `nth` tells stacked markers of one name on that node apart.
+    """
+    node = node if node is not None else item
+    obj = getattr(node, "obj", None)
+    module = isinstance(node, pytest.Module)
     try:
         lines, start = inspect.getsourcelines(obj)  # type: ignore[arg-type]
+        start = max(start, 1)  # a module's source starts at 0
         path = Path(inspect.getsourcefile(obj) or "")  # type: ignore[arg-type]
     except (TypeError, OSError):
-        return f"marker on {item.nodeid}"
+        return f"marker on {node.nodeid}"
     try:
         shown = path.relative_to(item.config.rootpath)
     except ValueError:
         shown = path
-    for offset, line in enumerate(lines):
-        if f"{name}(" in line:
-            return f"marker at {shown}:{start + offset}"
-    return f"marker on {item.nodeid}"
+    lineno = _find_marker_line(lines, start, name, decorators=not module, nth=nth)
+    if lineno is None and isinstance(node, pytest.Class):
+        lineno = _find_marker_line(lines, start, name, decorators=False, nth=nth)
+    if lineno is None:
+        return f"marker on {node.nodeid}"
+    return f"marker at {shown}:{lineno}"
+
+
+def _markers(item: pytest.Item, name: str) -> list[tuple[pytest.Mark, str]]:
+    """Every `name` marker on the item, its class and module, each with where it was written."""
+    result: list[tuple[pytest.Mark, str]] = []
+    counts: dict[int, int] = {}
+    for node, mark in item.iter_markers_with_node(name):
+        nth = counts.get(id(node), 0)
+        counts[id(node)] = nth + 1
+        result.append((mark, _marker_source(item, name, nth, node)))
+    return result
 
 
 def _item_policy(item: pytest.Item) -> Policy | None:
+    """The test's policy from its markers; stacked markers of one kind add up.
+
+    Dropping all but the closest marker would silently unblock a name the
+    author listed, so every no_egress (or egress_only) marker counts.
+    """
     from .policy import Policy
 
-    ne = item.get_closest_marker("no_egress")
-    eo = item.get_closest_marker("egress_only")
-    if ne is not None and eo is not None:
-        raise pytest.UsageError(
-            f"depfence: {item.nodeid} has both no_egress and egress_only markers; choose one"
+    found = {kind: _markers(item, kind) for kind in ("no_egress", "egress_only")}
+    if found["no_egress"] and found["egress_only"]:
+        where = ", ".join(f"{kind} {source}" for kind in found for _, source in found[kind])
+        raise ConfigError(
+            "no_egress + egress_only",
+            "a test takes one policy kind (a blocklist or an allowlist); choose one",
+            where,
         )
-    if ne is not None:
-        if ne.kwargs:
-            raise PolicyError(repr(ne.kwargs), "no_egress takes patterns only",
-                              _marker_source(item, "no_egress"))
-        return Policy.no_egress(*ne.args, source=_marker_source(item, "no_egress"))
-    if eo is not None:
-        if eo.kwargs:
-            raise PolicyError(repr(eo.kwargs), "egress_only takes patterns only",
-                              _marker_source(item, "egress_only"))
-        return Policy.egress_only(*eo.args, source=_marker_source(item, "egress_only"))
+    for kind, marks in found.items():
+        if not marks:
+            continue
+        rules: list[Any] = []
+        seen: set[Any] = set()
+        for mark, source in marks:
+            if mark.kwargs:
+                raise PolicyError(repr(mark.kwargs), f"{kind} takes patterns only", source)
+            if kind == "no_egress":
+                policy = Policy.no_egress(*mark.args, source=source)
+            else:
+                policy = Policy.egress_only(*mark.args, source=source)
+            for rule in policy.rules:
+                key = (rule.kind, rule.name, rule.network)
+                if key not in seen:
+                    seen.add(key)
+                    rules.append(rule)
+        return Policy(kind, tuple(rules))  # type: ignore[arg-type]
     return None
 
 
@@ -262,13 +337,13 @@ def _item_fence_kwargs(item: pytest.Item) -> dict[str, Any]:
     marker = item.get_closest_marker("fence")
     if marker is None:
         return {}
-    source = _marker_source(item, "fence")
+    source = _markers(item, "fence")[0][1]
     if marker.args:
         raise ConfigError(repr(marker.args), "fence() takes keyword arguments only", source)
-    unknown = set(marker.kwargs) - set(FENCE_MARKER_ARGS)
+    unknown = sorted(set(marker.kwargs) - set(FENCE_MARKER_ARGS))
     if unknown:
         raise ConfigError(
-            ", ".join(sorted(unknown)),
+            ", ".join(f"{key}={marker.kwargs[key]!r}" for key in unknown),
             f"fence() knows {', '.join(FENCE_MARKER_ARGS)} (memory/cpus/pids are not "
             "implemented yet)",
             source,
@@ -281,8 +356,9 @@ def _item_fence_kwargs(item: pytest.Item) -> dict[str, Any]:
             str(kwargs["outage"]), f"outage must be one of {', '.join(OUTAGES)}", source
         )
     timeout = kwargs.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or timeout <= 0):
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+    ):
         raise ConfigError(repr(timeout), "timeout must be a positive number of seconds", source)
     return kwargs
 
@@ -318,13 +394,17 @@ def fenced(request: pytest.FixtureRequest) -> Iterator[Fence]:
 
     config = request.config
     settings = config.stash[SETTINGS_KEY]
-    try:
-        load()
-    except FenceUnavailable as exc:
+
+    def unavailable(exc: FenceUnavailable) -> NoReturn:
         message = UNAVAILABLE.format(reason=exc)
         if settings.require:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+
+    try:
+        load()
+    except FenceUnavailable as exc:
+        unavailable(exc)
     node = request.node
     policy = node.stash.get(POLICY_KEY, None) or settings.policy or Policy("no_egress", ())
     kwargs = {"mode": settings.mode, **node.stash.get(FENCE_KWARGS_KEY, {})}
@@ -333,6 +413,13 @@ def fenced(request: pytest.FixtureRequest) -> Iterator[Fence]:
         fence = Fence(policy, upstream=_upstream(config), label=label, **kwargs)
     except ConfigError as exc:
         pytest.fail(f"depfence: {exc}", pytrace=False)
-    with fence:
+    try:
+        # The programs loaded, but the cgroup tree can still be out of reach.
+        fence.open()
+    except FenceUnavailable as exc:
+        fence.close()
+        unavailable(exc)
+    try:
         yield fence
-
+    finally:
+        fence.close()
