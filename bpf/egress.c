@@ -9,12 +9,14 @@
  * exists from 6.10), survives the sender exiting at once, and a DNS id reused
  * on another socket cannot be mistaken for this one.
  *
- * Every packet is let through: address enforcement is done at connect time.
+ * It is also where outage "blackhole" happens: packets to a refused address
+ * vanish, so the script meets a host that is down the way hosts go down.
+ * Everything else is let through: enforcement is done at connect time.
  *
  * Helpers (program type BPF_PROG_TYPE_CGROUP_SKB), first kernel for this type:
  *   bpf_get_socket_cookie (skb)  4.12
  *   bpf_skb_load_bytes           4.5
- *   bpf_map_lookup/update_elem   4.10
+ *   bpf_map_lookup/update_elem   4.10 (LPM trie map 4.11)
  */
 
 #define IP_PROTO_OFF 9
@@ -35,30 +37,28 @@ int egress(struct __sk_buff *skb)
 
     __u8 proto = 0;
     __u32 l4 = 0;
+    __u32 daddr[4] = {0, 0, bpf_htonl(0xffff), 0};  /* IPv4 as v4-mapped */
     if (skb->protocol == bpf_htons(ETH_P_IP)) {
         __u8 vihl;
-        __u32 daddr;
         if (bpf_skb_load_bytes(skb, 0, &vihl, 1) ||
             bpf_skb_load_bytes(skb, IP_PROTO_OFF, &proto, 1) ||
-            bpf_skb_load_bytes(skb, IP_DADDR_OFF, &daddr, 4))
-            return 1;
-        if (daddr != bpf_htonl(LOOPBACK4))
+            bpf_skb_load_bytes(skb, IP_DADDR_OFF, &daddr[3], 4))
             return 1;
         l4 = (vihl & 0xf) * 4;
         if (l4 < 20)
             return 1;
     } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-        __u32 daddr[4];
         if (bpf_skb_load_bytes(skb, IP6_NEXTHDR_OFF, &proto, 1) ||
             bpf_skb_load_bytes(skb, IP6_DADDR_OFF, daddr, 16))
-            return 1;
-        if (daddr[0] || daddr[1] || daddr[2] || daddr[3] != bpf_htonl(1))
             return 1;
         l4 = IP6_HDR_LEN;
     } else {
         return 1;
     }
-    if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
+    if (fence->outage == OUTAGE_BLACKHOLE && !(fence->flags & FENCE_AUDIT) &&
+        refused(fence, daddr))
+        return 0;
+    if (!is_loopback(daddr) || (proto != IPPROTO_UDP && proto != IPPROTO_TCP))
         return 1;
 
     __be16 ports[2];

@@ -27,11 +27,59 @@
 #define DNS_PORT 53
 #define LOOPBACK4 0x7f000001
 
-/* Per fence cgroup: where its DNS proxy listens. */
+#define FENCE_EGRESS_ONLY 1  /* addresses not allowed explicitly are refused */
+#define FENCE_AUDIT 2        /* record what would be refused, refuse nothing */
+
+#define OUTAGE_REFUSE 0      /* connect()/sendmsg() fail at once with EPERM */
+#define OUTAGE_RESET 1       /* redirected to a closed loopback port: ECONNREFUSED at once */
+#define OUTAGE_BLACKHOLE 2   /* allowed to start; every packet is dropped, like a dead host */
+
+/* Per fence cgroup: where its DNS proxy listens and how addresses are judged. */
 struct fence_cfg {
-    __u32 fence_id;
+    __u32 fence_id;     /* shared by every run of one Fence: keys its address rules */
     __u16 proxy_port;   /* host byte order */
+    __u16 refuser_port; /* host byte order: bound, never listening */
     __u16 flags;
+    __u8 outage;
+    __u8 pad;
+};
+
+#define VERDICT_BLOCK 1
+#define VERDICT_ALLOW 2
+
+/* An address or network of a fence: learned from DNS, the hosts file, or a rule.
+ * IPv4 is stored v4-mapped (::ffff:a.b.c.d), so one trie serves both families. */
+struct addr_key {
+    __u32 prefixlen;    /* 32 (fence_id) + address prefix */
+    __u32 fence_id;
+    __u32 ip6[4];
+};
+
+struct addr_rule {
+    __u32 verdict;
+};
+
+#define ACTION_REFUSED 1
+#define ACTION_RESET 2
+#define ACTION_BLACKHOLE 3
+#define ACTION_AUDITED 4
+
+#define AT_CONNECT 1
+#define AT_SENDMSG 2
+#define AT_PACKET 3
+
+/* A refused (or, in audit mode, would-be refused) connection or datagram. */
+struct conn_event {
+    __u64 ts;           /* bpf_ktime_get_ns: CLOCK_MONOTONIC, as userspace reads it */
+    __u64 cgid;
+    __u32 pid;
+    __u32 tid;
+    __u32 ip6[4];
+    __u16 port;         /* host order */
+    __u8 proto;
+    __u8 action;
+    __u8 where;
+    __u8 pad[3];
 };
 
 /* Who owns a socket: recorded in syscall context, where pid is reliable. */
@@ -78,6 +126,10 @@ BPF_TABLE("lru_hash", __u64, struct owner, sockets, 65536);
 BPF_TABLE("lru_hash", __u64, struct orig_dst, redirected, 65536);
 BPF_TABLE("lru_hash", struct flow_key, struct owner, dnsflows, 65536);
 BPF_TABLE("lru_hash", __u32, struct proc, procs, DEPFENCE_MAX_PROCS);
+BPF_LPM_TRIE(addrs, struct addr_key, struct addr_rule, 65536);
+/* Sockets whose packets vanish (outage "blackhole"). */
+BPF_TABLE("lru_hash", __u64, __u8, blackholed, 65536);
+BPF_RINGBUF_OUTPUT(conn_events, 256);
 
 #define DEPFENCE_MAX_LEVEL 16
 

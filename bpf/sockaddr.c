@@ -1,4 +1,4 @@
-/* sock_addr programs: send the fence's DNS to its proxy and remember socket owners.
+/* sock_addr programs: DNS to the proxy, every other destination judged at connect time.
  *
  * connect4/6 and sendmsg4/6 run in the calling process's syscall, so the pid
  * they record is exact. They redirect every message to port 53 (UDP over
@@ -6,15 +6,27 @@
  * and remember where it was meant to go; recvmsg4/6 rewrite the reply's
  * source back to that address, because resolvers drop answers from elsewhere.
  *
+ * Any other destination is looked up in the fence's address trie (learned from
+ * DNS answers, the upstream and the hosts file, plus address rules). A refused
+ * one fails at once -- EPERM, or ECONNREFUSED for outage "reset" -- never by a
+ * silent drop that leaves connect() hanging; only outage "blackhole" drops, on
+ * purpose, in egress.c. Loopback is always reachable.
+ *
  * Helpers (program type BPF_PROG_TYPE_CGROUP_SOCK_ADDR), with the first kernel
  * that offers each to this program type:
  *   bpf_get_current_cgroup_id   5.7
  *   bpf_get_current_ancestor_cgroup_id  5.7
  *   bpf_get_current_pid_tgid    5.7
  *   bpf_get_socket_cookie       5.0 (sock_addr variant)
- *   bpf_map_lookup/update_elem  4.17 (base helpers)
+ *   bpf_ringbuf_output          5.8
+ *   bpf_ktime_get_ns            4.1
+ *   bpf_map_lookup/update_elem  4.17 (base helpers; LPM trie map 4.11)
  * recvmsg4/6 attach types need 5.2.
  */
+
+#define PASS 1
+#define REFUSE 0
+#define TO_REFUSER 2
 
 static __always_inline void remember_owner(__u64 cookie, __u64 cgid)
 {
@@ -32,71 +44,147 @@ static __always_inline int is_dns(struct bpf_sock_addr *ctx)
            (ctx->protocol == IPPROTO_UDP || ctx->protocol == IPPROTO_TCP);
 }
 
-/* For a fenced socket: record its owner; return its fence when the message is DNS. */
-static __always_inline struct fence_cfg *fenced_dns(struct bpf_sock_addr *ctx, __u64 *cookie)
-{
-    __u64 cgid;
-    struct fence_cfg *fence = fence_of_current(&cgid);
-    if (!fence)
-        return 0;
-    *cookie = bpf_get_socket_cookie(ctx);
-    remember_owner(*cookie, cgid);
-    return is_dns(ctx) ? fence : 0;
-}
-
-static __always_inline int redirect4(struct bpf_sock_addr *ctx)
-{
-    __u64 cookie;
-    struct fence_cfg *fence = fenced_dns(ctx, &cookie);
-    if (!fence)
-        return 1;
-
-    struct orig_dst dst = {};
-    dst.ip6[3] = ctx->user_ip4;
-    dst.port = ctx->user_port;
-    dst.family = 4;
-    redirected.update(&cookie, &dst);
-
-    ctx->user_ip4 = bpf_htonl(LOOPBACK4);
-    ctx->user_port = bpf_htons(fence->proxy_port);
-    return 1;
-}
-
 static __always_inline int is_v4_mapped(__u32 *ip6)
 {
     return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0xffff);
 }
 
-static __always_inline int redirect6(struct bpf_sock_addr *ctx)
+static __always_inline int is_loopback(__u32 *ip6)
 {
-    __u64 cookie;
-    struct fence_cfg *fence = fenced_dns(ctx, &cookie);
+    if (is_v4_mapped(ip6))
+        return (bpf_ntohl(ip6[3]) >> 24) == 127;
+    return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == bpf_htonl(1);
+}
+
+/* Whether the fence's rules refuse this (v4-mapped or v6) destination. */
+static __always_inline int refused(struct fence_cfg *fence, __u32 *ip6)
+{
+    if (is_loopback(ip6))
+        return 0;
+    struct addr_key key = {};
+    key.prefixlen = 32 + 128;
+    key.fence_id = fence->fence_id;
+    key.ip6[0] = ip6[0];
+    key.ip6[1] = ip6[1];
+    key.ip6[2] = ip6[2];
+    key.ip6[3] = ip6[3];
+    struct addr_rule *rule = addrs.lookup(&key);
+    if (fence->flags & FENCE_EGRESS_ONLY)
+        return !(rule && rule->verdict == VERDICT_ALLOW);
+    return rule && rule->verdict == VERDICT_BLOCK;
+}
+
+static __always_inline void report(struct bpf_sock_addr *ctx, __u64 cgid, __u32 *ip6,
+                                   __u8 action, __u8 where)
+{
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct conn_event e = {};
+    e.ts = bpf_ktime_get_ns();
+    e.cgid = cgid;
+    e.pid = pid_tgid >> 32;
+    e.tid = (__u32)pid_tgid;
+    e.ip6[0] = ip6[0];
+    e.ip6[1] = ip6[1];
+    e.ip6[2] = ip6[2];
+    e.ip6[3] = ip6[3];
+    e.port = bpf_ntohs(ctx->user_port);
+    e.proto = ctx->protocol;
+    e.action = action;
+    e.where = where;
+    conn_events.ringbuf_output(&e, sizeof(e), 0);
+}
+
+/* PASS, REFUSE, or TO_REFUSER (the caller rewrites the destination for its family). */
+static __always_inline int judge(struct bpf_sock_addr *ctx, struct fence_cfg *fence, __u64 cgid,
+                                 __u32 *ip6, __u8 where)
+{
+    if (!refused(fence, ip6))
+        return PASS;
+    if (fence->flags & FENCE_AUDIT) {
+        report(ctx, cgid, ip6, ACTION_AUDITED, where);
+        return PASS;
+    }
+    if (fence->outage == OUTAGE_RESET) {
+        report(ctx, cgid, ip6, ACTION_RESET, where);
+        return TO_REFUSER;
+    }
+    if (fence->outage == OUTAGE_BLACKHOLE) {
+        report(ctx, cgid, ip6, ACTION_BLACKHOLE, where);
+        return PASS;  /* egress.c drops its packets */
+    }
+    report(ctx, cgid, ip6, ACTION_REFUSED, where);
+    return REFUSE;
+}
+
+static __always_inline int guard4(struct bpf_sock_addr *ctx, __u8 where)
+{
+    __u64 cgid;
+    struct fence_cfg *fence = fence_of_current(&cgid);
     if (!fence)
-        return 1;
+        return PASS;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    remember_owner(cookie, cgid);
 
-    struct orig_dst dst = {};
-    dst.ip6[0] = ctx->user_ip6[0];
-    dst.ip6[1] = ctx->user_ip6[1];
-    dst.ip6[2] = ctx->user_ip6[2];
-    dst.ip6[3] = ctx->user_ip6[3];
-    dst.port = ctx->user_port;
-    dst.family = 6;
-    redirected.update(&cookie, &dst);
+    __u32 ip6[4] = {0, 0, bpf_htonl(0xffff), ctx->user_ip4};
+    if (is_dns(ctx)) {
+        struct orig_dst dst = {};
+        dst.ip6[3] = ctx->user_ip4;
+        dst.port = ctx->user_port;
+        dst.family = 4;
+        redirected.update(&cookie, &dst);
+        ctx->user_ip4 = bpf_htonl(LOOPBACK4);
+        ctx->user_port = bpf_htons(fence->proxy_port);
+        return PASS;
+    }
+    int verdict = judge(ctx, fence, cgid, ip6, where);
+    if (verdict == TO_REFUSER) {
+        ctx->user_ip4 = bpf_htonl(LOOPBACK4);
+        ctx->user_port = bpf_htons(fence->refuser_port);
+        return PASS;
+    }
+    return verdict;
+}
 
-    /* A v4-mapped destination travels as IPv4: send it to the IPv4 proxy. */
-    int mapped = is_v4_mapped(dst.ip6);
+static __always_inline int guard6(struct bpf_sock_addr *ctx, __u8 where)
+{
+    __u64 cgid;
+    struct fence_cfg *fence = fence_of_current(&cgid);
+    if (!fence)
+        return PASS;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    remember_owner(cookie, cgid);
+
+    __u32 ip6[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+    /* A v4-mapped destination travels as IPv4: its loopback is the IPv4 one. */
+    int mapped = is_v4_mapped(ip6);
+    int verdict = PASS;
+    if (is_dns(ctx)) {
+        struct orig_dst dst = {};
+        dst.ip6[0] = ip6[0];
+        dst.ip6[1] = ip6[1];
+        dst.ip6[2] = ip6[2];
+        dst.ip6[3] = ip6[3];
+        dst.port = ctx->user_port;
+        dst.family = 6;
+        redirected.update(&cookie, &dst);
+        ctx->user_port = bpf_htons(fence->proxy_port);
+    } else {
+        verdict = judge(ctx, fence, cgid, ip6, where);
+        if (verdict != TO_REFUSER)
+            return verdict;
+        ctx->user_port = bpf_htons(fence->refuser_port);
+    }
     ctx->user_ip6[0] = 0;
     ctx->user_ip6[1] = 0;
     ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;
     ctx->user_ip6[3] = mapped ? bpf_htonl(LOOPBACK4) : bpf_htonl(1);
-    ctx->user_port = bpf_htons(fence->proxy_port);
-    return 1;
+    return PASS;
 }
 
-int connect4(struct bpf_sock_addr *ctx) { return redirect4(ctx); }
-int sendmsg4(struct bpf_sock_addr *ctx) { return redirect4(ctx); }
-int connect6(struct bpf_sock_addr *ctx) { return redirect6(ctx); }
-int sendmsg6(struct bpf_sock_addr *ctx) { return redirect6(ctx); }
+int connect4(struct bpf_sock_addr *ctx) { return guard4(ctx, AT_CONNECT); }
+int sendmsg4(struct bpf_sock_addr *ctx) { return guard4(ctx, AT_SENDMSG); }
+int connect6(struct bpf_sock_addr *ctx) { return guard6(ctx, AT_CONNECT); }
+int sendmsg6(struct bpf_sock_addr *ctx) { return guard6(ctx, AT_SENDMSG); }
 
 /* Replies: only messages from this fence's proxy port on loopback are rewritten. */
 static __always_inline struct orig_dst *reply_origin(struct bpf_sock_addr *ctx)

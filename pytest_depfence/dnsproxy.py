@@ -106,7 +106,10 @@ class DnsProxy:
     """A loopback DNS proxy that answers blocked names itself and forwards the rest.
 
     ``decide(name)`` returns an object with a ``blocked`` attribute (a policy
-    Decision). ``observer(query, decision)`` is called exactly once for every
+    Decision). For a name that is not blocked, ``review(query, answer)`` sees the
+    upstream's answer before the client does and may return a new decision
+    (blocked: the client gets the outage answer instead) or None (keep it).
+    ``observer(query, decision)`` is called exactly once for every
     query that has a question, before it is answered, from a proxy thread;
     calls are serialized, so the observer need not be thread-safe. Anything
     unexpected in a proxy thread, including an exception from ``decide`` or
@@ -124,6 +127,7 @@ class DnsProxy:
         upstream: tuple[str, int],
         decide: Callable[[str], Any],
         observer: Callable[[Query, Any], None],
+        review: Callable[[Query, bytes], Any] | None = None,
         outage: str = "nxdomain",
         upstream_timeout: float = 2.0,
         host4: str = "127.0.0.1",
@@ -141,6 +145,7 @@ class DnsProxy:
         self.host6 = host6
         self._decide = decide
         self._observer = observer
+        self._review = review
         self.port = 0
         self.has_ipv6 = False
         self.errors = []
@@ -524,6 +529,18 @@ class DnsProxy:
         except Exception as exc:
             self._record(exc)
             return _answer(txid, flags, question, _SERVFAIL)
+        reply = None
+        if not blocked:
+            try:
+                reply = self._forward(data, txid, transport)
+            except (_UpstreamFailure, OSError):
+                reply = _answer(txid, flags, question, _SERVFAIL)
+            else:
+                try:
+                    decision, blocked = self._reviewed(query, reply, decision)
+                except Exception as exc:
+                    self._record(exc)  # an answer nobody could check is not passed on
+                    reply = _answer(txid, flags, question, _SERVFAIL)
         try:
             with self._observer_lock:
                 self._observer(query, decision)
@@ -532,12 +549,21 @@ class DnsProxy:
         if blocked:
             rcode = OUTAGES[self.outage]
             return None if rcode is None else _answer(txid, flags, question, rcode)
-        try:
-            if transport == "udp":
-                return self._forward_udp(data, txid)
-            return self._forward_tcp(data, txid)
-        except (_UpstreamFailure, OSError):
-            return _answer(txid, flags, question, _SERVFAIL)
+        return reply
+
+    def _forward(self, data: bytes, txid: int, transport: Transport) -> bytes:
+        if transport == "udp":
+            return self._forward_udp(data, txid)
+        return self._forward_tcp(data, txid)
+
+    def _reviewed(self, query: Query, reply: bytes, decision: Any) -> tuple[Any, bool]:
+        """The decision after `review` saw the upstream's answer."""
+        if self._review is None:
+            return decision, False
+        revised = self._review(query, reply)
+        if revised is None:
+            return decision, False
+        return revised, bool(revised.blocked)
 
     def _forward_udp(self, data: bytes, txid: int) -> bytes:
         with socket.socket(self._upstream_family, socket.SOCK_DGRAM) as sock:

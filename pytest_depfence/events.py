@@ -10,6 +10,8 @@ BlockedAt = Literal["dns", "connect", "packet"]
 
 #: First line of every violation report; tests import it so text and tests cannot drift.
 VIOLATION_HEADLINE = "{count} forbidden egress attempt{s} while running {command}"
+#: Appended to the headline when the run hit its timeout.
+TIMED_OUT = " (timed out after {seconds:g} s; everything it started was killed)"
 #: Shown instead of a process when the kernel could not tell who sent a query.
 UNATTRIBUTED = "not attributed: {reason}"
 
@@ -33,15 +35,22 @@ class EgressEvent:
     unattributed: str | None = None
     #: The policy forbids it (in audit mode it is forbidden but not blocked).
     forbidden: bool = False
+    #: What the script was shown: the DNS outage (nxdomain, ...) or, for a
+    #: connection, refused / reset / blackhole.
+    outage: str | None = None
+    #: For a connection: where the address was learned to belong to `domain`
+    #: (dns, upstream, hosts file, rule).
+    learned_from: str | None = None
 
     @property
     def is_violation(self) -> bool:
         return self.forbidden
 
     def target(self) -> str:
-        if self.domain is not None:
-            return f"{self.domain} ({self.qtype})" if self.qtype else self.domain
-        return f"{self.address}:{self.port}/{self.protocol}"
+        if self.address is None:
+            return f"{self.domain} ({self.qtype})" if self.qtype else str(self.domain)
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}/{self.protocol}"
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,11 @@ class FenceResult:
 def format_event(event: EgressEvent) -> list[str]:
     """The lines one event takes in a report."""
     head = f"  {event.verdict:<8} {event.target():<22} at {event.blocked_at or '-':<8}"
+    if event.address is not None:
+        learned = f", learned from {event.learned_from}" if event.learned_from else ""
+        head += f" ({event.domain or 'no name'}{learned})"
+    if event.outage and event.outage not in ("refused", "nxdomain"):
+        head += f" [{event.outage}]"
     if event.rule:
         head += f" rule {event.rule}"
     lines = [head.rstrip()]
@@ -79,9 +93,13 @@ def format_event(event: EgressEvent) -> list[str]:
     return lines
 
 
-def format_violations(violations: list[EgressEvent], command: str) -> str:
+def format_violations(
+    violations: list[EgressEvent], command: str, timed_out_after: float | None = None
+) -> str:
     count = len(violations)
     lines = [VIOLATION_HEADLINE.format(count=count, s="" if count == 1 else "s", command=command)]
+    if timed_out_after is not None:
+        lines[0] += TIMED_OUT.format(seconds=timed_out_after)
     for event in violations:
         lines.extend(format_event(event))
     return "\n".join(lines)

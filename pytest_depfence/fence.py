@@ -8,18 +8,31 @@ killed and the cgroup removed before `run()` returns.
 from __future__ import annotations
 
 import atexit
+import errno
 import ipaddress
 import itertools
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
 from . import loader
+from .addresses import (
+    FROM_DNS,
+    FROM_HOSTS,
+    FROM_RULE,
+    FROM_UPSTREAM,
+    AddressBook,
+    hosts_entries,
+    parse_answer,
+    resolve,
+)
 from .cgroup import CgroupTree, FenceCgroup
 from .dnsproxy import DnsProxy, Query
 from .errors import ConfigError, EgressViolation
@@ -28,7 +41,10 @@ from .policy import Decision, Policy
 from .procinfo import Attribution, attribute
 
 MODES = ("block", "audit")
-OUTAGES = ("nxdomain", "servfail", "refused", "timeout")
+#: What a blocked name's query gets from the proxy (the name never resolves).
+DNS_OUTAGES = ("nxdomain", "servfail", "refused", "timeout")
+#: Every outage: with reset and blackhole the name resolves and its connections fail.
+OUTAGES = (*DNS_OUTAGES, "reset", "blackhole")
 RESOLV_CONF = "/etc/resolv.conf"
 
 # The child moves itself into the fence cgroup, then becomes the command: nothing
@@ -94,8 +110,54 @@ def _session_tree() -> CgroupTree:
 class _Run:
     cgroup: FenceCgroup
     root_pid: int | None = None
-    events: list[EgressEvent] = field(default_factory=list)
+    events: list[tuple[int, EgressEvent]] = field(default_factory=list)  # (monotonic ns, event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, when_ns: int, event: EgressEvent) -> None:
+        with self.lock:
+            self.events.append((when_ns, event))
+
+    def in_order(self) -> tuple[EgressEvent, ...]:
+        with self.lock:
+            return tuple(e for _, e in sorted(self.events, key=lambda pair: pair[0]))
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """A DNS query's fate, as the proxy (`blocked`) and the report need it."""
+
+    blocked: bool  # answered with the outage instead of the real answer
+    forbidden: bool  # the policy forbids it (also in audit mode, also when it still resolves)
+    rule: str | None
+
+
+class _Refuser:
+    """A loopback port bound but never listening: connecting to it is refused at once."""
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+        for _ in range(32):
+            first = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            first.bind(("127.0.0.1", 0))
+            self.port = first.getsockname()[1]
+            self.sockets = [first]
+            try:
+                v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                self.sockets.append(v6)
+                v6.bind(("::1", self.port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    self.close()
+                    continue
+                self.sockets.pop().close()  # no IPv6 loopback here: nothing to refuse on
+            return
+        raise OSError(errno.EADDRINUSE, "no free loopback port for refusing connections")
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
 
 
 class Fence:
@@ -128,27 +190,44 @@ class Fence:
         self.id = next(_fence_ids)
         self._programs: loader.Programs | None = None
         self._proxy: DnsProxy | None = None
+        self._book: AddressBook | None = None
+        self._refuser: _Refuser | None = None
         self._run_lock = threading.Lock()
         self._current: _Run | None = None
 
     # -- lifecycle ----------------------------------------------------------------
     def open(self) -> Fence:
+        """Build the fence: load the programs, start the proxy, learn the blocked addresses."""
         if self._proxy is not None:
             return self
         self._programs = loader.load()
         _session_tree()
-        self._proxy = DnsProxy(
-            upstream=self.upstream,
-            decide=self._decide,
-            observer=self._observe,
-            outage=self.outage,
-        ).start()
+        try:
+            self._book = AddressBook(self.id, self._programs)
+            self._refuser = _Refuser()
+            self._proxy = DnsProxy(
+                upstream=self.upstream,
+                decide=self._decide,
+                observer=self._observe,
+                review=self._review,
+                outage=self.outage if self.outage in DNS_OUTAGES else "nxdomain",
+            ).start()
+            self._learn_rules()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
         if self._proxy is not None:
             self._proxy.stop()
             self._proxy = None
+        if self._refuser is not None:
+            self._refuser.close()
+            self._refuser = None
+        if self._book is not None:
+            self._book.forget()
+            self._book = None
 
     def __enter__(self) -> Fence:
         return self.open()
@@ -156,19 +235,76 @@ class Fence:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- DNS decisions and attribution (proxy threads) ------------------------------
-    def _decide(self, name: str) -> Decision:
-        decision = self.policy.check_name(name)
-        if self.mode == "audit" and decision.blocked:
-            return Decision(blocked=False, rule=decision.rule)
-        return decision
+    # -- what the fence knows of addresses ------------------------------------------
+    @property
+    def _verdict(self) -> str:
+        """What a learned address of a name in the policy gets: blocked or allowed."""
+        return "block" if self.policy.kind == "no_egress" else "allow"
 
-    def _observe(self, query: Query, decision: Decision) -> None:
+    def _learn_rules(self) -> None:
+        """Address rules, and (no_egress) the addresses the upstream gives the blocked names."""
+        assert self._book is not None
+        for rule in self.policy.rules:
+            if rule.network is not None:
+                self._book.judge(rule.network, self._verdict)
+            elif self.policy.kind == "no_egress" and rule.kind == "name" and rule.name:
+                for address in resolve(rule.name, self.upstream, timeout=1.0).addresses:
+                    self._book.learn(address, rule.name, FROM_UPSTREAM, "block")
+
+    def _learn_hosts(self) -> None:
+        """The hosts file's addresses of names the policy names (blocked or allowed)."""
+        assert self._book is not None
+        for address, names in hosts_entries():
+            if address.is_loopback:
+                continue
+            for name in names:
+                if self.policy.check_name(name).blocked == (self.policy.kind == "no_egress"):
+                    self._book.learn(address, name, FROM_HOSTS, self._verdict)
+
+    # -- DNS decisions and attribution (proxy threads) ------------------------------
+    def _rule_text(self, decision: Decision) -> str:
+        if decision.rule is not None:
+            return self.policy.rule_text(decision.rule)
+        return self.policy.describe()
+
+    def _denies(self, forbidden: bool) -> bool:
+        """Whether a forbidden name gets the outage answer instead of resolving."""
+        return forbidden and self.mode == "block" and self.outage in DNS_OUTAGES
+
+    def _decide(self, name: str) -> _Verdict:
+        decision = self.policy.check_name(name)
+        rule = self._rule_text(decision) if decision.blocked else None
+        return _Verdict(self._denies(decision.blocked), decision.blocked, rule)
+
+    def _review(self, query: Query, reply: bytes) -> _Verdict | None:
+        """Learn the answer's addresses before the client sees them; judge its CNAME chain."""
+        assert self._book is not None
+        try:
+            answer = parse_answer(reply)
+        except Exception:  # noqa: BLE001 - an answer dnslib cannot read passes unchanged
+            return None
+        if self.policy.kind == "egress_only":
+            if not self.policy.check_name(query.name).blocked:
+                for address in answer.addresses:
+                    self._book.learn(address, query.name, FROM_DNS, "allow")
+            return None
+        for name in answer.names:
+            decision = self.policy.check_name(name)
+            if not decision.blocked:
+                continue
+            for address in answer.addresses:
+                self._book.learn(address, name, FROM_DNS, "block")
+            if name == answer.names[0]:
+                return None  # the query's own name: `_decide` judged it already
+            rule = f"{self._rule_text(decision)} via CNAME {name}"
+            return _Verdict(self._denies(True), True, rule)
+        return None
+
+    def _observe(self, query: Query, verdict: _Verdict) -> None:
         run = self._current
         if run is None:
             return
         assert self._programs is not None
-        full = self.policy.check_name(query.name)
         owner = self._programs.flow_owner(
             query.transport, query.listen_port, query.client[1], query.txid
         )
@@ -178,31 +314,57 @@ class Fence:
             who = Attribution(None, None, (), f"sent from another cgroup (id {owner.cgroup_id})")
         else:
             who = attribute(self._programs, owner.pid, run.cgroup.id, run.root_pid)
-        forbidden = full.blocked
-        rule = None
-        if forbidden:
-            rule = (
-                self.policy.rule_text(full.rule)
-                if full.rule is not None
-                else self.policy.describe()
-            )
         event = EgressEvent(
             domain=query.name,
             address=None,
             port=53,
             protocol=query.transport,
-            verdict="blocked" if decision.blocked else "allowed",
-            blocked_at="dns" if forbidden else None,
-            rule=rule,
+            verdict="blocked" if verdict.blocked else "allowed",
+            blocked_at="dns" if verdict.blocked else None,
+            rule=verdict.rule,
             pid=who.pid,
             cmdline=who.cmdline,
             ancestry=who.ancestry,
             qtype=query.qtype,
             unattributed=who.unattributed,
-            forbidden=forbidden,
+            forbidden=verdict.forbidden,
+            outage=self.outage if verdict.forbidden and self.mode == "block" else None,
         )
-        with run.lock:
-            run.events.append(event)
+        run.add(time.monotonic_ns(), event)
+
+    def _on_connection(self, run: _Run, conn: loader.ConnEvent) -> None:
+        """A connection or datagram the kernel refused (or, in audit mode, would have)."""
+        assert self._book is not None and self._programs is not None
+        learned = self._book.names_of(conn.address)
+        name = learned[0].name if learned else None
+        origin = learned[0].origin if learned else None
+        by_address = self.policy.check_address(conn.address)
+        if self.policy.kind == "egress_only":
+            rule = self.policy.describe()
+        elif name is not None:
+            rule = self._rule_text(self.policy.check_name(name))
+        else:
+            rule = self._rule_text(by_address)
+            origin = origin or FROM_RULE
+        who = attribute(self._programs, conn.pid, run.cgroup.id, run.root_pid)
+        audited = conn.action == "audited"
+        event = EgressEvent(
+            domain=name,
+            address=str(conn.address),
+            port=conn.port,
+            protocol=conn.protocol,
+            verdict="allowed" if audited else "blocked",
+            blocked_at=None if audited else ("packet" if conn.action == "blackhole" else "connect"),
+            rule=rule,
+            pid=who.pid,
+            cmdline=who.cmdline,
+            ancestry=who.ancestry,
+            unattributed=who.unattributed,
+            forbidden=True,
+            outage=None if audited else conn.action,
+            learned_from=origin,
+        )
+        run.add(conn.time_ns, event)
 
     # -- running --------------------------------------------------------------------
     def run(
@@ -217,12 +379,14 @@ class Fence:
     ) -> FenceResult:
         """Run `cmd` fenced (a str runs through /bin/sh -c) and return what happened.
 
-        stdin is `input` when given, else empty (never the test's terminal). With
+        stdin is `input` when given, else empty (never the test's terminal). After
+        `timeout` seconds everything the command started is killed. With
         `check=True` a run with forbidden egress raises EgressViolation.
         """
         __tracebackhide__ = True  # pytest shows the test's line, not ours
         self.open()
         assert self._programs is not None and self._proxy is not None
+        assert self._refuser is not None
         if isinstance(cmd, str):
             argv, shown = ["/bin/sh", "-c", cmd], cmd
         else:
@@ -238,6 +402,7 @@ class Fence:
         data = input.encode() if isinstance(input, str) else input
 
         with self._run_lock:
+            self._learn_hosts()
             run = _Run(FenceCgroup(_session_tree().session, self.label))
             links: list[int] = []
             timed_out = False
@@ -246,7 +411,18 @@ class Fence:
             err: list[bytes] = []
             pumps: list[threading.Thread] = []
             try:
-                self._programs.register(run.cgroup.id, self.id, self._proxy.port)
+                self._programs.register(
+                    run.cgroup.id,
+                    loader.KernelFence(
+                        fence_id=self.id,
+                        proxy_port=self._proxy.port,
+                        refuser_port=self._refuser.port,
+                        egress_only=self.policy.kind == "egress_only",
+                        audit=self.mode == "audit",
+                        outage=self.outage if self.outage in ("reset", "blackhole") else "refuse",
+                    ),
+                )
+                self._programs.subscribe(run.cgroup.id, lambda conn: self._on_connection(run, conn))
                 links = self._programs.attach(run.cgroup.dir_fd)
                 self._current = run
                 proc = subprocess.Popen(
@@ -271,6 +447,8 @@ class Fence:
                 for t in pumps:
                     t.join()
                 self._proxy.drain()
+                self._programs.consume_events()
+                self._programs.unsubscribe(run.cgroup.id)
                 self._current = None
                 for fd in links:
                     os.close(fd)
@@ -285,10 +463,15 @@ class Fence:
             stdout=b"".join(out).decode(errors="replace"),
             stderr=b"".join(err).decode(errors="replace"),
             timed_out=timed_out,
-            events=tuple(run.events),
+            events=run.in_order(),
         )
         if check and result.violations:
-            raise EgressViolation(format_violations(result.violations, shown), result.violations)
+            raise EgressViolation(
+                format_violations(
+                    result.violations, shown, timed_out_after=limit if timed_out else None
+                ),
+                result.violations,
+            )
         return result
 
 

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import importlib.util
+import ipaddress
 import os
 import platform
 import sys
@@ -20,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, cast
+from typing import Any, Callable, Union, cast
 
 from .cgroup import cgroup2_mount
 from .errors import FenceUnavailable
@@ -188,6 +189,73 @@ def tracefs_dir(mount: bool = True) -> Path | None:
     )
 
 
+OUTAGE_CODES = {"refuse": 0, "reset": 1, "blackhole": 2}  # OUTAGE_* in fence.h
+_FENCE_EGRESS_ONLY = 1
+_FENCE_AUDIT = 2
+VERDICT_CODES = {"block": 1, "allow": 2}
+ACTIONS = {1: "refused", 2: "reset", 3: "blackhole", 4: "audited"}
+WHERE = {1: "connect", 2: "sendmsg", 3: "packet"}
+PROTOCOLS = {6: "tcp", 17: "udp"}
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True)
+class KernelFence:
+    """What the kernel programs know of one fence cgroup."""
+
+    fence_id: int
+    proxy_port: int
+    refuser_port: int
+    egress_only: bool
+    audit: bool
+    outage: str  # a key of OUTAGE_CODES: what a refused connection meets
+
+
+@dataclass(frozen=True)
+class ConnEvent:
+    """A refused (or, in audit mode, would-be refused) connection or datagram."""
+
+    time_ns: int  # CLOCK_MONOTONIC, comparable with time.monotonic_ns()
+    cgroup_id: int
+    pid: int
+    tid: int
+    address: IPAddress
+    port: int
+    protocol: str
+    action: str  # a value of ACTIONS
+    where: str  # a value of WHERE
+
+
+class _ConnEventStruct(ctypes.Structure):
+    """struct conn_event of fence.h (bcc cannot derive ring buffer types from __u64)."""
+
+    _fields_ = [
+        ("ts", ctypes.c_uint64),
+        ("cgid", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("ip6", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("action", ctypes.c_uint8),
+        ("where", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+def _mapped(address: IPAddress) -> bytes:
+    """16 bytes as the programs store addresses: IPv4 as ::ffff:a.b.c.d."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return b"\0" * 10 + b"\xff\xff" + address.packed
+    return address.packed
+
+
+def _unmapped(raw: bytes) -> IPAddress:
+    v6 = ipaddress.IPv6Address(raw)
+    return v6.ipv4_mapped or v6
+
+
 @dataclass(frozen=True)
 class Owner:
     """The process that owned a socket when it sent a message."""
@@ -249,14 +317,83 @@ class Programs:
         self._fences = bpf.get_table(b"fences")
         self._flows = bpf.get_table(b"dnsflows")
         self._procs = bpf.get_table(b"procs")
+        self._addrs = bpf.get_table(b"addrs")
+        self._events_lock = threading.Lock()
+        self._subscribers: dict[int, Callable[[ConnEvent], None]] = {}
+        self._conn_events = bpf.get_table(b"conn_events")
+        self._conn_events.open_ring_buffer(self._on_conn_event)
 
     # -- fences ---------------------------------------------------------------
-    def register(self, cgroup_id: int, fence_id: int, proxy_port: int) -> None:
+    def register(self, cgroup_id: int, fence: KernelFence) -> None:
         key = self._fences.Key(cgroup_id)
         leaf = self._fences.Leaf()
-        leaf.fence_id = fence_id
-        leaf.proxy_port = proxy_port
+        leaf.fence_id = fence.fence_id
+        leaf.proxy_port = fence.proxy_port
+        leaf.refuser_port = fence.refuser_port
+        leaf.flags = (_FENCE_EGRESS_ONLY if fence.egress_only else 0) | (
+            _FENCE_AUDIT if fence.audit else 0
+        )
+        leaf.outage = OUTAGE_CODES[fence.outage]
         self._fences[key] = leaf
+
+    # -- addresses ------------------------------------------------------------
+    def _addr_key(self, fence_id: int, network: IPNetwork) -> Any:
+        key = self._addrs.Key()
+        mapped_prefix = 96 if isinstance(network, ipaddress.IPv4Network) else 0
+        key.prefixlen = 32 + mapped_prefix + network.prefixlen
+        key.fence_id = fence_id
+        offset = type(key).ip6.offset
+        ctypes.memmove(ctypes.addressof(key) + offset, _mapped(network.network_address), 16)
+        return key
+
+    def add_network(self, fence_id: int, network: IPNetwork, verdict: str) -> None:
+        """Judge every address in `network` for this fence: "block" or "allow"."""
+        leaf = self._addrs.Leaf()
+        leaf.verdict = VERDICT_CODES[verdict]
+        self._addrs[self._addr_key(fence_id, network)] = leaf
+
+    def forget_networks(self, fence_id: int) -> None:
+        stale = []
+        for key in self._addrs.keys():
+            if key.fence_id == fence_id:
+                stale.append(key)
+        for key in stale:
+            try:
+                del self._addrs[key]
+            except KeyError:
+                pass
+
+    # -- connection events ----------------------------------------------------
+    def subscribe(self, cgroup_id: int, callback: Callable[[ConnEvent], None]) -> None:
+        with self._events_lock:
+            self._subscribers[cgroup_id] = callback
+
+    def unsubscribe(self, cgroup_id: int) -> None:
+        with self._events_lock:
+            self._subscribers.pop(cgroup_id, None)
+
+    def consume_events(self) -> None:
+        """Deliver every connection event the kernel has queued to its fence's subscriber."""
+        with self._events_lock:
+            self._bpf.ring_buffer_consume()
+
+    def _on_conn_event(self, _ctx: Any, data: Any, _size: int) -> None:
+        raw = ctypes.cast(data, ctypes.POINTER(_ConnEventStruct)).contents
+        ip6 = bytes(raw.ip6)
+        event = ConnEvent(
+            time_ns=raw.ts,
+            cgroup_id=raw.cgid,
+            pid=raw.pid,
+            tid=raw.tid,
+            address=_unmapped(ip6),
+            port=raw.port,
+            protocol=PROTOCOLS.get(raw.proto, str(raw.proto)),
+            action=ACTIONS.get(raw.action, str(raw.action)),
+            where=WHERE.get(raw.where, str(raw.where)),
+        )
+        callback = self._subscribers.get(event.cgroup_id)
+        if callback is not None:
+            callback(event)
 
     def unregister(self, cgroup_id: int) -> None:
         """Forget a fence cgroup and every process record made in it."""

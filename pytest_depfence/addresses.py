@@ -1,0 +1,151 @@
+"""Which addresses belong to which names, where that was learned, and what the kernel is told.
+
+The kernel refuses connections by address; names only reach it through this
+module. A fence learns addresses from every DNS answer its proxy forwards
+(before the answer reaches the client), from resolving the blocked names
+through the upstream when it opens, from /etc/hosts, and from address rules;
+each address keeps the names it belongs to and the origin, for the report.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, Union
+
+from dnslib import QTYPE, DNSRecord
+
+from .policy import normalize_name
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: Where an address was learned, as reports show it.
+FROM_DNS = "dns"
+FROM_UPSTREAM = "upstream"
+FROM_HOSTS = "hosts file"
+FROM_RULE = "rule"
+
+
+class AddressSink(Protocol):
+    """The kernel side (loader.Programs): what a fence's address trie holds."""
+
+    def add_network(self, fence_id: int, network: IPNetwork, verdict: str) -> None: ...
+
+    def forget_networks(self, fence_id: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Learned:
+    name: str | None
+    origin: str
+
+
+def as_address(text: str | IPAddress) -> IPAddress:
+    """An address, with IPv4-mapped IPv6 judged as its IPv4 address."""
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class AddressBook:
+    """One fence's addresses: kept here for reports and in the kernel for enforcement."""
+
+    def __init__(self, fence_id: int, sink: AddressSink) -> None:
+        self.fence_id = fence_id
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._learned: dict[IPAddress, list[Learned]] = {}
+        self._verdicts: dict[IPNetwork, str] = {}
+
+    def learn(self, address: str | IPAddress, name: str | None, origin: str, verdict: str) -> None:
+        """Record that `address` belongs to `name` and tell the kernel to block or allow it."""
+        addr = as_address(address)
+        entry = Learned(name, origin)
+        with self._lock:
+            known = self._learned.setdefault(addr, [])
+            if entry not in known:
+                known.append(entry)
+        self.judge(ipaddress.ip_network(addr), verdict)
+
+    def judge(self, network: IPNetwork, verdict: str) -> None:
+        """Tell the kernel how to judge a network; a block, once given, is never lifted."""
+        with self._lock:
+            if self._verdicts.get(network) == "block" or self._verdicts.get(network) == verdict:
+                return
+            self._verdicts[network] = verdict
+        self._sink.add_network(self.fence_id, network, verdict)
+
+    def names_of(self, address: str | IPAddress) -> list[Learned]:
+        with self._lock:
+            return list(self._learned.get(as_address(address), ()))
+
+    def forget(self) -> None:
+        with self._lock:
+            self._learned.clear()
+            self._verdicts.clear()
+        self._sink.forget_networks(self.fence_id)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a DNS answer says: the names in its CNAME chain and the addresses at its end."""
+
+    names: tuple[str, ...]
+    addresses: tuple[IPAddress, ...]
+
+
+def parse_answer(reply: bytes) -> Answer:
+    """The question's name, every CNAME target, and every A/AAAA address of an answer."""
+    record = DNSRecord.parse(reply)
+    names = [normalize_name(str(record.q.qname))]
+    addresses: list[IPAddress] = []
+    for rr in record.rr:
+        rtype = QTYPE[rr.rtype]
+        if rtype == "CNAME":
+            target = normalize_name(str(rr.rdata))
+            if target not in names:
+                names.append(target)
+        elif rtype in ("A", "AAAA"):
+            addresses.append(as_address(str(rr.rdata)))
+    return Answer(tuple(names), tuple(addresses))
+
+
+def resolve(name: str, upstream: tuple[str, int], timeout: float = 2.0) -> Answer:
+    """Ask the upstream for A and AAAA of `name`; an unreachable upstream gives no addresses."""
+    names: list[str] = [name]
+    addresses: list[IPAddress] = []
+    for qtype in ("A", "AAAA"):
+        try:
+            reply = DNSRecord.question(name, qtype).send(
+                upstream[0], upstream[1], timeout=timeout, ipv6=":" in upstream[0]
+            )
+            answer = parse_answer(reply)
+        except Exception:  # noqa: BLE001 - what cannot be resolved cannot be pre-learned
+            continue
+        names.extend(n for n in answer.names if n not in names)
+        addresses.extend(a for a in answer.addresses if a not in addresses)
+    return Answer(tuple(names), tuple(addresses))
+
+
+def hosts_entries(path: str = "/etc/hosts") -> list[tuple[IPAddress, tuple[str, ...]]]:
+    """(address, names) per line of a hosts file; unreadable files and bad lines are skipped."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines: Iterable[str] = f.read().splitlines()
+    except OSError:
+        return []
+    entries = []
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            address = as_address(fields[0].split("%", 1)[0])
+        except ValueError:
+            continue
+        entries.append((address, tuple(normalize_name(n) for n in fields[1:])))
+    return entries
