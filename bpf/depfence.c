@@ -1,6 +1,7 @@
 /* The fence's kernel side, compiled once per process by bcc.
  *
  *   procs.c     tracepoints: parent and argv of every fenced process
+ *   mounts.c    tracepoints: pause a fenced process that changes its mounts
  *   sockaddr.c  connect4/6, sendmsg4/6, recvmsg4/6: DNS redirect, socket owners
  *   egress.c    cgroup_skb egress: DNS message -> sending process
  *
@@ -10,5 +11,6 @@
  */
 #include "fence.h"
 #include "procs.c"
+#include "mounts.c"
 #include "sockaddr.c"
 #include "egress.c"

@@ -251,10 +251,10 @@ class Fence:
                 for address in resolve(rule.name, self.upstream, timeout=1.0).addresses:
                     self._book.learn(address, rule.name, FROM_UPSTREAM, "block")
 
-    def _learn_hosts(self) -> None:
+    def _learn_hosts(self, path: str = "/etc/hosts") -> None:
         """The hosts file's addresses of names the policy names (blocked or allowed)."""
         assert self._book is not None
-        for address, names in hosts_entries():
+        for address, names in hosts_entries(path):
             if address.is_loopback:
                 continue
             for name in names:
@@ -422,7 +422,13 @@ class Fence:
                         outage=self.outage if self.outage in ("reset", "blackhole") else "refuse",
                     ),
                 )
-                self._programs.subscribe(run.cgroup.id, lambda conn: self._on_connection(run, conn))
+                self._programs.subscribe(
+                    run.cgroup.id,
+                    loader.Listener(
+                        on_connection=lambda conn: self._on_connection(run, conn),
+                        on_view_change=lambda pid: self._learn_hosts(f"/proc/{pid}/root/etc/hosts"),
+                    ),
+                )
                 links = self._programs.attach(run.cgroup.dir_fd)
                 self._current = run
                 proc = subprocess.Popen(

@@ -15,6 +15,8 @@ import importlib.util
 import ipaddress
 import os
 import platform
+import select
+import signal
 import sys
 import tempfile
 import threading
@@ -244,6 +246,21 @@ class _ConnEventStruct(ctypes.Structure):
     ]
 
 
+class _ViewEventStruct(ctypes.Structure):
+    """struct view_event of mounts.c."""
+
+    _fields_ = [("cgid", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+@dataclass(frozen=True)
+class Listener:
+    """What a fence run wants to hear from the kernel, called from the events thread."""
+
+    on_connection: Callable[[ConnEvent], None]
+    #: A process of the fence changed its mounts and is stopped until this returns.
+    on_view_change: Callable[[int], None]
+
+
 def _mapped(address: IPAddress) -> bytes:
     """16 bytes as the programs store addresses: IPv4 as ::ffff:a.b.c.d."""
     if isinstance(address, ipaddress.IPv4Address):
@@ -319,9 +336,15 @@ class Programs:
         self._procs = bpf.get_table(b"procs")
         self._addrs = bpf.get_table(b"addrs")
         self._events_lock = threading.Lock()
-        self._subscribers: dict[int, Callable[[ConnEvent], None]] = {}
+        self._listeners: dict[int, Listener] = {}
         self._conn_events = bpf.get_table(b"conn_events")
         self._conn_events.open_ring_buffer(self._on_conn_event)
+        self._view_events = bpf.get_table(b"view_events")
+        self._view_events.open_ring_buffer(self._on_view_event)
+        # One thread delivers events as they come: a process paused by mounts.c
+        # waits for it. Consuming is serialized by _events_lock.
+        self._poller = threading.Thread(target=self._poll, name="depfence-events", daemon=True)
+        self._poller.start()
 
     # -- fences ---------------------------------------------------------------
     def register(self, cgroup_id: int, fence: KernelFence) -> None:
@@ -364,18 +387,38 @@ class Programs:
                 pass
 
     # -- connection events ----------------------------------------------------
-    def subscribe(self, cgroup_id: int, callback: Callable[[ConnEvent], None]) -> None:
+    def subscribe(self, cgroup_id: int, listener: Listener) -> None:
         with self._events_lock:
-            self._subscribers[cgroup_id] = callback
+            self._listeners[cgroup_id] = listener
 
     def unsubscribe(self, cgroup_id: int) -> None:
         with self._events_lock:
-            self._subscribers.pop(cgroup_id, None)
+            self._listeners.pop(cgroup_id, None)
 
     def consume_events(self) -> None:
-        """Deliver every connection event the kernel has queued to its fence's subscriber."""
+        """Deliver every event the kernel has queued, now, to its fence's listener."""
         with self._events_lock:
             self._bpf.ring_buffer_consume()
+
+    def _poll(self) -> None:
+        poller = select.epoll()
+        for table in (self._conn_events, self._view_events):
+            poller.register(table.map_fd, select.EPOLLIN)
+        while True:
+            poller.poll()
+            self.consume_events()
+
+    def _on_view_event(self, _ctx: Any, data: Any, _size: int) -> None:
+        raw = ctypes.cast(data, ctypes.POINTER(_ViewEventStruct)).contents
+        listener = self._listeners.get(raw.cgid)
+        try:
+            if listener is not None:
+                listener.on_view_change(raw.pid)
+        finally:
+            try:
+                os.kill(raw.pid, signal.SIGCONT)  # mounts.c stopped it until we had looked
+            except ProcessLookupError:
+                pass
 
     def _on_conn_event(self, _ctx: Any, data: Any, _size: int) -> None:
         raw = ctypes.cast(data, ctypes.POINTER(_ConnEventStruct)).contents
@@ -391,9 +434,9 @@ class Programs:
             action=ACTIONS.get(raw.action, str(raw.action)),
             where=WHERE.get(raw.where, str(raw.where)),
         )
-        callback = self._subscribers.get(event.cgroup_id)
-        if callback is not None:
-            callback(event)
+        listener = self._listeners.get(event.cgroup_id)
+        if listener is not None:
+            listener.on_connection(event)
 
     def unregister(self, cgroup_id: int) -> None:
         """Forget a fence cgroup and every process record made in it."""

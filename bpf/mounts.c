@@ -1,0 +1,47 @@
+/* Tracepoints: a fenced process that changes what it sees as /etc/hosts is paused.
+ *
+ * A script can give itself its own hosts file (unshare -m; mount --bind ...)
+ * and then connect to an address only that file names. So when a fenced
+ * process's mount, move_mount, chroot, pivot_root or setns succeeds, it is
+ * stopped (SIGSTOP) before it returns to userspace, and userspace is told;
+ * userspace reads /proc/<pid>/root/etc/hosts, learns the addresses of the
+ * names the policy names, and sends SIGCONT. The pause lasts as long as that
+ * read, about a millisecond.
+ *
+ * Helpers (program type BPF_PROG_TYPE_TRACEPOINT), first kernel for this type:
+ *   bpf_send_signal             5.3
+ *   bpf_ringbuf_output          5.8
+ *   bpf_get_current_pid_tgid    4.2
+ *   (fence_of_current: bpf_get_current_cgroup_id 4.18, ..._ancestor_cgroup_id 5.7)
+ * The move_mount syscall (and its tracepoint) exists from 5.2.
+ */
+
+#define SIGSTOP 19
+
+struct view_event {
+    __u64 cgid;
+    __u32 pid;
+    __u32 pad;
+};
+
+BPF_RINGBUF_OUTPUT(view_events, 16);
+
+static __always_inline int view_changed(long ret)
+{
+    __u64 cgid;
+    if (ret != 0 || !fence_of_current(&cgid))
+        return 0;
+    struct view_event e = {};
+    e.cgid = cgid;
+    e.pid = bpf_get_current_pid_tgid() >> 32;
+    /* Only pause when userspace will hear of it and let the process go on. */
+    if (view_events.ringbuf_output(&e, sizeof(e), 0) == 0)
+        bpf_send_signal(SIGSTOP);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_mount) { return view_changed(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_move_mount) { return view_changed(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_chroot) { return view_changed(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_pivot_root) { return view_changed(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_setns) { return view_changed(args->ret); }
