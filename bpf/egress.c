@@ -58,14 +58,14 @@ int egress(struct __sk_buff *skb)
     if (fence->outage == OUTAGE_BLACKHOLE && !(fence->flags & FENCE_AUDIT) &&
         refused(fence, daddr))
         return 0;
-    if (!is_loopback(daddr) || (proto != IPPROTO_UDP && proto != IPPROTO_TCP))
+    if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
         return 1;
 
     __be16 ports[2];
     if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
         return 1;
-    if (ports[1] != bpf_htons(fence->proxy_port))
-        return 1;
+    if (!is_loopback(daddr) || ports[1] != bpf_htons(fence->proxy_port))
+        return judge_bypass(skb, o, fence, daddr, proto, l4, ports[1]);
 
     struct flow_key key = {};
     key.proxy_port = fence->proxy_port;

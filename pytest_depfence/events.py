@@ -50,7 +50,10 @@ class EgressEvent:
         if self.address is None:
             return f"{self.domain} ({self.qtype})" if self.qtype else str(self.domain)
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}/{self.protocol}"
+        where = f"{host}:{self.port}/{self.protocol}"
+        if self.qtype:  # a DNS query sent straight to that resolver, past the fence's proxy
+            return f"{self.domain} ({self.qtype}) to {where}"
+        return where
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class FenceResult:
 def format_event(event: EgressEvent) -> list[str]:
     """The lines one event takes in a report."""
     head = f"  {event.verdict:<8} {event.target():<22} at {event.blocked_at or '-':<8}"
-    if event.address is not None:
+    if event.address is not None and not event.qtype:
         learned = f", learned from {event.learned_from}" if event.learned_from else ""
         head += f" ({event.domain or 'no name'}{learned})"
     if event.outage and event.outage not in ("refused", "nxdomain"):

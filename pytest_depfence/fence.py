@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
+from dnslib import QTYPE
+
 from . import loader
 from .addresses import (
     FROM_DNS,
@@ -112,6 +114,8 @@ class _Run:
     root_pid: int | None = None
     events: list[tuple[int, EgressEvent]] = field(default_factory=list)  # (monotonic ns, event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Bypassing queries already reported: TCP retransmits the same dropped segment.
+    bypasses: set[tuple[object, ...]] = field(default_factory=set)
 
     def add(self, when_ns: int, event: EgressEvent) -> None:
         with self.lock:
@@ -228,6 +232,8 @@ class Fence:
         if self._book is not None:
             self._book.forget()
             self._book = None
+        if self._programs is not None:
+            self._programs.forget_names(self.id)
 
     def __enter__(self) -> Fence:
         return self.open()
@@ -242,9 +248,12 @@ class Fence:
         return "block" if self.policy.kind == "no_egress" else "allow"
 
     def _learn_rules(self) -> None:
-        """Address rules, and (no_egress) the addresses the upstream gives the blocked names."""
-        assert self._book is not None
+        """Tell the kernel the rules: names (for DNS that skips the proxy), address rules,
+        and (no_egress) the addresses the upstream gives the blocked names."""
+        assert self._book is not None and self._programs is not None
         for rule in self.policy.rules:
+            if rule.name is not None:
+                self._programs.add_name(self.id, rule.name, rule.kind)
             if rule.network is not None:
                 self._book.judge(rule.network, self._verdict)
             elif self.policy.kind == "no_egress" and rule.kind == "name" and rule.name:
@@ -366,6 +375,35 @@ class Fence:
         )
         run.add(conn.time_ns, event)
 
+    def _on_bypass(self, run: _Run, query: loader.BypassEvent) -> None:
+        """A query for a forbidden name sent past the proxy, dropped in the kernel."""
+        assert self._programs is not None
+        seen = (query.pid, query.name, query.address, query.port, query.protocol, query.txid)
+        with run.lock:
+            if seen in run.bypasses:
+                return
+            run.bypasses.add(seen)
+        decision = self.policy.check_name(query.name)
+        who = attribute(self._programs, query.pid, run.cgroup.id, run.root_pid)
+        event = EgressEvent(
+            domain=query.name,
+            address=str(query.address),
+            port=query.port,
+            protocol=query.protocol,
+            verdict="allowed" if query.audited else "blocked",
+            blocked_at=None if query.audited else "packet",
+            rule=self._rule_text(decision) if decision.blocked else self.policy.describe(),
+            pid=who.pid,
+            cmdline=who.cmdline,
+            ancestry=who.ancestry,
+            qtype=str(QTYPE.get(query.qtype, f"TYPE{query.qtype}")),
+            unattributed=who.unattributed,
+            forbidden=True,
+            outage=None if query.audited else "dropped",
+            learned_from=None,
+        )
+        run.add(query.time_ns, event)
+
     # -- running --------------------------------------------------------------------
     def run(
         self,
@@ -426,6 +464,7 @@ class Fence:
                     run.cgroup.id,
                     loader.Listener(
                         on_connection=lambda conn: self._on_connection(run, conn),
+                        on_bypass=lambda query: self._on_bypass(run, query),
                         on_view_change=lambda pid: self._learn_hosts(f"/proc/{pid}/root/etc/hosts"),
                     ),
                 )

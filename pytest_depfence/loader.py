@@ -246,6 +246,65 @@ class _ConnEventStruct(ctypes.Structure):
     ]
 
 
+class _BypassEventStruct(ctypes.Structure):
+    """struct bypass_event of bypass.c."""
+
+    _fields_ = [
+        ("ts", ctypes.c_uint64),
+        ("cgid", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("ip6", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("audited", ctypes.c_uint8),
+        ("txid", ctypes.c_uint16),
+        ("qtype", ctypes.c_uint16),
+        ("name_len", ctypes.c_uint32),
+        ("name", ctypes.c_uint8 * 128),
+    ]
+
+
+_NAME_HASH_MUL = 1099511628211  # NAME_HASH_MUL in bypass.c
+NAME_KINDS = {"name": 1, "subdomains": 2}  # NAME_AND_BELOW, BELOW_ONLY
+
+
+def name_hash(name: str) -> int:
+    """The hash bypass.c computes for a name: DNS wire form, lowercase, hashed from its end."""
+    wire = b"".join(bytes([len(label)]) + label for label in name.lower().encode().split(b"."))
+    value = 0
+    for byte in reversed(wire + b"\0"):
+        value = (value * _NAME_HASH_MUL + byte) & 0xFFFFFFFFFFFFFFFF
+    return value
+
+
+def wire_name(raw: bytes) -> str:
+    """Dotted text of a DNS name in wire form (labels with length bytes, final zero)."""
+    labels, pos = [], 0
+    while pos < len(raw) and raw[pos]:
+        size = raw[pos]
+        labels.append(raw[pos + 1 : pos + 1 + size].decode("ascii", errors="replace"))
+        pos += size + 1
+    return ".".join(labels)
+
+
+@dataclass(frozen=True)
+class BypassEvent:
+    """A DNS query sent past the proxy (another resolver or port) for a forbidden name."""
+
+    time_ns: int
+    cgroup_id: int
+    pid: int
+    tid: int
+    address: IPAddress
+    port: int
+    protocol: str
+    name: str
+    qtype: int
+    txid: int
+    audited: bool
+
+
 class _ViewEventStruct(ctypes.Structure):
     """struct view_event of mounts.c."""
 
@@ -257,6 +316,7 @@ class Listener:
     """What a fence run wants to hear from the kernel, called from the events thread."""
 
     on_connection: Callable[[ConnEvent], None]
+    on_bypass: Callable[[BypassEvent], None]
     #: A process of the fence changed its mounts and is stopped until this returns.
     on_view_change: Callable[[int], None]
 
@@ -341,6 +401,9 @@ class Programs:
         self._conn_events.open_ring_buffer(self._on_conn_event)
         self._view_events = bpf.get_table(b"view_events")
         self._view_events.open_ring_buffer(self._on_view_event)
+        self._bypass_events = bpf.get_table(b"bypass_events")
+        self._bypass_events.open_ring_buffer(self._on_bypass_event)
+        self._names = bpf.get_table(b"names")
         # One thread delivers events as they come: a process paused by mounts.c
         # waits for it. Consuming is serialized by _events_lock.
         self._poller = threading.Thread(target=self._poll, name="depfence-events", daemon=True)
@@ -386,6 +449,27 @@ class Programs:
             except KeyError:
                 pass
 
+    # -- names, for DNS that skips the proxy ------------------------------------
+    def add_name(self, fence_id: int, name: str, kind: str) -> None:
+        """A name rule: "name" (it and below) or "subdomains" (below only)."""
+        key = self._names.Key()
+        key.fence_id = fence_id
+        key.hash = name_hash(name)
+        leaf = self._names.Leaf()
+        leaf.kind = NAME_KINDS[kind]
+        self._names[key] = leaf
+
+    def forget_names(self, fence_id: int) -> None:
+        stale = []
+        for key in self._names.keys():
+            if key.fence_id == fence_id:
+                stale.append(key)
+        for key in stale:
+            try:
+                del self._names[key]
+            except KeyError:
+                pass
+
     # -- connection events ----------------------------------------------------
     def subscribe(self, cgroup_id: int, listener: Listener) -> None:
         with self._events_lock:
@@ -402,11 +486,30 @@ class Programs:
 
     def _poll(self) -> None:
         poller = select.epoll()
-        for table in (self._conn_events, self._view_events):
+        for table in (self._conn_events, self._view_events, self._bypass_events):
             poller.register(table.map_fd, select.EPOLLIN)
         while True:
             poller.poll()
             self.consume_events()
+
+    def _on_bypass_event(self, _ctx: Any, data: Any, _size: int) -> None:
+        raw = ctypes.cast(data, ctypes.POINTER(_BypassEventStruct)).contents
+        event = BypassEvent(
+            time_ns=raw.ts,
+            cgroup_id=raw.cgid,
+            pid=raw.pid,
+            tid=raw.tid,
+            address=_unmapped(bytes(raw.ip6)),
+            port=raw.port,
+            protocol=PROTOCOLS.get(raw.proto, str(raw.proto)),
+            name=wire_name(bytes(raw.name)[: raw.name_len]),
+            qtype=raw.qtype,
+            txid=raw.txid,
+            audited=bool(raw.audited),
+        )
+        listener = self._listeners.get(event.cgroup_id)
+        if listener is not None:
+            listener.on_bypass(event)
 
     def _on_view_event(self, _ctx: Any, data: Any, _size: int) -> None:
         raw = ctypes.cast(data, ctypes.POINTER(_ViewEventStruct)).contents
