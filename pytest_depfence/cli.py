@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import ConfigError, FenceUnavailable, PolicyError
 from .events import EgressEvent, FenceResult
+from .fence import OUTAGES
 
 VIOLATION_EXIT = 3
 FENCE_ERROR_EXIT = 125
@@ -71,9 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--outage",
-        choices=("nxdomain", "servfail", "refused", "timeout"),
+        choices=OUTAGES,
         default="nxdomain",
-        help="the DNS answer a blocked name gets",
+        help="what a blocked host looks like: a DNS answer (nxdomain, servfail, refused, "
+        "timeout), or it resolves and connections are refused at once (reset) or vanish "
+        "(blackhole)",
     )
     run.add_argument(
         "--upstream",

@@ -38,7 +38,7 @@ from .addresses import (
 from .cgroup import CgroupTree, FenceCgroup
 from .dnsproxy import DnsProxy, Query
 from .errors import ConfigError, EgressViolation
-from .events import EgressEvent, FenceResult, format_violations
+from .events import BlockedAt, EgressEvent, FenceResult, format_violations
 from .policy import Decision, Policy
 from .procinfo import Attribution, attribute
 
@@ -53,6 +53,9 @@ RESOLV_CONF = "/etc/resolv.conf"
 # the command runs is ever outside. A shell rather than preexec_fn, because
 # running Python in a forked child of a threaded process is not safe.
 _ENTER = ("/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"')
+
+#: Why a packet the backstop dropped names no process.
+OWNERLESS = "a raw, ICMP or passed-in socket: the kernel records no process for its packets"
 
 _fence_ids = itertools.count(1)
 _tree_lock = threading.Lock()
@@ -116,6 +119,8 @@ class _Run:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Bypassing queries already reported: TCP retransmits the same dropped segment.
     bypasses: set[tuple[object, ...]] = field(default_factory=set)
+    #: Destinations of ownerless packets already reported.
+    ownerless: set[tuple[object, ...]] = field(default_factory=set)
 
     def add(self, when_ns: int, event: EgressEvent) -> None:
         with self.lock:
@@ -355,15 +360,26 @@ class Fence:
         else:
             rule = self._rule_text(by_address)
             origin = origin or FROM_RULE
-        who = attribute(self._programs, conn.pid, run.cgroup.id, run.root_pid)
+        if conn.pid:
+            who = attribute(self._programs, conn.pid, run.cgroup.id, run.root_pid)
+        else:
+            seen = (conn.address, conn.port, conn.protocol)
+            with run.lock:
+                if seen in run.ownerless:
+                    return  # one report per destination, not per packet
+                run.ownerless.add(seen)
+            who = Attribution(None, None, (), OWNERLESS)
         audited = conn.action == "audited"
+        at: BlockedAt = (
+            "packet" if conn.action == "blackhole" or conn.where == "packet" else "connect"
+        )
         event = EgressEvent(
             domain=name,
             address=str(conn.address),
             port=conn.port,
             protocol=conn.protocol,
             verdict="allowed" if audited else "blocked",
-            blocked_at=None if audited else ("packet" if conn.action == "blackhole" else "connect"),
+            blocked_at=None if audited else at,
             rule=rule,
             pid=who.pid,
             cmdline=who.cmdline,

@@ -197,7 +197,7 @@ _FENCE_AUDIT = 2
 VERDICT_CODES = {"block": 1, "allow": 2}
 ACTIONS = {1: "refused", 2: "reset", 3: "blackhole", 4: "audited"}
 WHERE = {1: "connect", 2: "sendmsg", 3: "packet"}
-PROTOCOLS = {6: "tcp", 17: "udp"}
+PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
