@@ -9,9 +9,8 @@
  * exists from 6.10), survives the sender exiting at once, and a DNS id reused
  * on another socket cannot be mistaken for this one.
  *
- * Packets of sockets the sock_addr programs never saw (raw and ICMP sockets,
- * sockets made outside and passed in) are judged here by destination, the
- * backstop; a refused one is dropped and reported with no process (the kernel
+ * Packets of fenced sockets the sock_addr programs never saw (raw and ICMP
+ * sockets) are judged here by destination, the backstop; a refused one is dropped and reported with no process (the kernel
  * cannot name the sender without a task helper this program type lacks
  * before 6.10). It is also where outage "blackhole" happens: packets to a refused address
  * vanish, so the script meets a host that is down the way hosts go down.
@@ -32,8 +31,8 @@
 #define IP6_DADDR_OFF 24
 #define IP6_HDR_LEN 40
 
-/* A packet from a socket the sock_addr programs never saw (raw, ICMP, one made
- * outside and passed in): judged here, by its destination, as the backstop. */
+/* A packet from a fenced socket the sock_addr programs never saw (raw, ICMP):
+ * judged here, by its destination, as the backstop. */
 static __always_inline int judge_ownerless(struct __sk_buff *skb, __u64 cgid,
                                            struct fence_cfg *fence, __u32 *daddr, __u8 proto)
 {

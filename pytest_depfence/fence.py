@@ -55,7 +55,7 @@ RESOLV_CONF = "/etc/resolv.conf"
 _ENTER = ("/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"')
 
 #: Why a packet the backstop dropped names no process.
-OWNERLESS = "a raw, ICMP or passed-in socket: the kernel records no process for its packets"
+OWNERLESS = "a raw or ICMP socket: the kernel records no process for its packets"
 
 _fence_ids = itertools.count(1)
 _tree_lock = threading.Lock()
