@@ -277,8 +277,12 @@ class Fence:
 
     # -- DNS decisions and attribution (proxy threads) ------------------------------
     def _rule_text(self, decision: Decision) -> str:
+        """The rule that decided, or (egress_only, nothing allowed it) the whole allowlist."""
         if decision.rule is not None:
             return self.policy.rule_text(decision.rule)
+        sources = {rule.source for rule in self.policy.rules}
+        if len(sources) == 1 and None not in sources:
+            return f"{self.policy.describe()} [{sources.pop()}]"
         return self.policy.describe()
 
     def _denies(self, forbidden: bool) -> bool:
@@ -297,21 +301,20 @@ class Fence:
             answer = parse_answer(reply)
         except Exception:  # noqa: BLE001 - an answer dnslib cannot read passes unchanged
             return None
-        if self.policy.kind == "egress_only":
-            if not self.policy.check_name(query.name).blocked:
-                for address in answer.addresses:
-                    self._book.learn(address, query.name, FROM_DNS, "allow")
-            return None
         for name in answer.names:
             decision = self.policy.check_name(name)
             if not decision.blocked:
                 continue
-            for address in answer.addresses:
-                self._book.learn(address, name, FROM_DNS, "block")
+            if self.policy.kind == "no_egress":
+                for address in answer.addresses:
+                    self._book.learn(address, name, FROM_DNS, "block")
             if name == answer.names[0]:
                 return None  # the query's own name: `_decide` judged it already
             rule = f"{self._rule_text(decision)} via CNAME {name}"
             return _Verdict(self._denies(True), True, rule)
+        if self.policy.kind == "egress_only":  # every name of the chain is allowed
+            for address in answer.addresses:
+                self._book.learn(address, query.name, FROM_DNS, "allow")
         return None
 
     def _observe(self, query: Query, verdict: _Verdict) -> None:
@@ -350,11 +353,12 @@ class Fence:
         """A connection or datagram the kernel refused (or, in audit mode, would have)."""
         assert self._book is not None and self._programs is not None
         learned = self._book.names_of(conn.address)
-        name = learned[0].name if learned else None
-        origin = learned[0].origin if learned else None
+        name = next((entry.name for entry in learned if entry.name), None)
+        # Every way the address was learned: which one the process used is not known.
+        origin = ", ".join(dict.fromkeys(entry.origin for entry in learned)) or None
         by_address = self.policy.check_address(conn.address)
         if self.policy.kind == "egress_only":
-            rule = self.policy.describe()
+            rule = self._rule_text(Decision(blocked=True, rule=None))
         elif name is not None:
             rule = self._rule_text(self.policy.check_name(name))
         else:
