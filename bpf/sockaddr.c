@@ -116,14 +116,24 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, struct fence_cfg *fe
     return REFUSE;
 }
 
+/* The fence of the calling process, after recording it as the socket's owner. */
+static __always_inline struct fence_cfg *fenced_socket(struct bpf_sock_addr *ctx, __u64 *cgid,
+                                                       __u64 *cookie)
+{
+    struct fence_cfg *fence = fence_of_current(cgid);
+    if (!fence)
+        return 0;
+    *cookie = bpf_get_socket_cookie(ctx);
+    remember_owner(*cookie, *cgid);
+    return fence;
+}
+
 static __always_inline int guard4(struct bpf_sock_addr *ctx, __u8 where)
 {
-    __u64 cgid;
-    struct fence_cfg *fence = fence_of_current(&cgid);
+    __u64 cgid, cookie;
+    struct fence_cfg *fence = fenced_socket(ctx, &cgid, &cookie);
     if (!fence)
         return PASS;
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    remember_owner(cookie, cgid);
 
     __u32 ip6[4] = {0, 0, bpf_htonl(0xffff), ctx->user_ip4};
     if (is_dns(ctx)) {
@@ -147,12 +157,10 @@ static __always_inline int guard4(struct bpf_sock_addr *ctx, __u8 where)
 
 static __always_inline int guard6(struct bpf_sock_addr *ctx, __u8 where)
 {
-    __u64 cgid;
-    struct fence_cfg *fence = fence_of_current(&cgid);
+    __u64 cgid, cookie;
+    struct fence_cfg *fence = fenced_socket(ctx, &cgid, &cookie);
     if (!fence)
         return PASS;
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    remember_owner(cookie, cgid);
 
     __u32 ip6[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
     /* A v4-mapped destination travels as IPv4: its loopback is the IPv4 one. */
