@@ -117,14 +117,20 @@ class _Run:
     root_pid: int | None = None
     events: list[tuple[int, EgressEvent]] = field(default_factory=list)  # (monotonic ns, event)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    #: Bypassing queries already reported: TCP retransmits the same dropped segment.
-    bypasses: set[tuple[object, ...]] = field(default_factory=set)
-    #: Destinations of ownerless packets already reported.
-    ownerless: set[tuple[object, ...]] = field(default_factory=set)
+    #: Packet-level reports already made: TCP retransmits a dropped segment, and an
+    #: ownerless socket's every packet would repeat the same event.
+    reported: set[tuple[object, ...]] = field(default_factory=set)
 
     def add(self, when_ns: int, event: EgressEvent) -> None:
         with self.lock:
             self.events.append((when_ns, event))
+
+    def first_report(self, key: tuple[object, ...]) -> bool:
+        with self.lock:
+            if key in self.reported:
+                return False
+            self.reported.add(key)
+            return True
 
     def in_order(self) -> tuple[EgressEvent, ...]:
         with self.lock:
@@ -367,11 +373,8 @@ class Fence:
         if conn.pid:
             who = attribute(self._programs, conn.pid, run.cgroup.id, run.root_pid)
         else:
-            seen = (conn.address, conn.port, conn.protocol)
-            with run.lock:
-                if seen in run.ownerless:
-                    return  # one report per destination, not per packet
-                run.ownerless.add(seen)
+            if not run.first_report(("ownerless", conn.address, conn.port, conn.protocol)):
+                return
             who = Attribution(None, None, (), OWNERLESS)
         audited = conn.action == "audited"
         at: BlockedAt = (
@@ -398,11 +401,9 @@ class Fence:
     def _on_bypass(self, run: _Run, query: loader.BypassEvent) -> None:
         """A query for a forbidden name sent past the proxy, dropped in the kernel."""
         assert self._programs is not None
-        seen = (query.pid, query.name, query.address, query.port, query.protocol, query.txid)
-        with run.lock:
-            if seen in run.bypasses:
-                return
-            run.bypasses.add(seen)
+        key = (query.pid, query.name, query.address, query.port, query.protocol, query.txid)
+        if not run.first_report(("bypass", *key)):
+            return
         decision = self.policy.check_name(query.name)
         who = attribute(self._programs, query.pid, run.cgroup.id, run.root_pid)
         event = EgressEvent(
@@ -412,7 +413,7 @@ class Fence:
             protocol=query.protocol,
             verdict="allowed" if query.audited else "blocked",
             blocked_at=None if query.audited else "packet",
-            rule=self._rule_text(decision) if decision.blocked else self.policy.describe(),
+            rule=self._rule_text(decision),
             pid=who.pid,
             cmdline=who.cmdline,
             ancestry=who.ancestry,
