@@ -63,12 +63,14 @@ struct addr_rule {
 #define ACTION_RESET 2
 #define ACTION_BLACKHOLE 3
 #define ACTION_AUDITED 4
+#define ACTION_ALLOWED 5     /* a permitted destination, reported once per socket */
 
 #define AT_CONNECT 1
 #define AT_SENDMSG 2
 #define AT_PACKET 3
 
-/* A refused (or, in audit mode, would-be refused) connection or datagram. */
+/* A connection or datagram: refused, would-be refused (audit), or the first one
+ * a socket sends to a permitted destination (so every contact is on record). */
 struct conn_event {
     __u64 ts;           /* bpf_ktime_get_ns: CLOCK_MONOTONIC, as userspace reads it */
     __u64 cgid;

@@ -74,6 +74,29 @@ static __always_inline int refused(struct fence_cfg *fence, __u32 *ip6)
     return rule && rule->verdict == VERDICT_BLOCK;
 }
 
+/* A socket's destination, to report a permitted one only the first time. */
+struct seen_key {
+    __u64 cookie;
+    __u32 ip6[4];
+    __u32 port;
+    __u32 pad;
+};
+
+BPF_TABLE("lru_hash", struct seen_key, __u8, seen_dsts, 16384);
+
+static __always_inline int first_contact(struct bpf_sock_addr *ctx, __u64 cookie, __u32 *ip6)
+{
+    struct seen_key key = {};
+    key.cookie = cookie;
+    key.ip6[0] = ip6[0];
+    key.ip6[1] = ip6[1];
+    key.ip6[2] = ip6[2];
+    key.ip6[3] = ip6[3];
+    key.port = ctx->user_port;
+    __u8 one = 1;
+    return seen_dsts.insert(&key, &one) == 0;  /* insert: BPF_NOEXIST */
+}
+
 static __always_inline void report(struct bpf_sock_addr *ctx, __u64 cgid, __u32 *ip6,
                                    __u8 action, __u8 where)
 {
@@ -96,10 +119,13 @@ static __always_inline void report(struct bpf_sock_addr *ctx, __u64 cgid, __u32 
 
 /* PASS, REFUSE, or TO_REFUSER (the caller rewrites the destination for its family). */
 static __always_inline int judge(struct bpf_sock_addr *ctx, struct fence_cfg *fence, __u64 cgid,
-                                 __u32 *ip6, __u8 where)
+                                 __u64 cookie, __u32 *ip6, __u8 where)
 {
-    if (!refused(fence, ip6))
+    if (!refused(fence, ip6)) {
+        if (!is_loopback(ip6) && first_contact(ctx, cookie, ip6))
+            report(ctx, cgid, ip6, ACTION_ALLOWED, where);
         return PASS;
+    }
     if (fence->flags & FENCE_AUDIT) {
         report(ctx, cgid, ip6, ACTION_AUDITED, where);
         return PASS;
@@ -146,7 +172,7 @@ static __always_inline int guard4(struct bpf_sock_addr *ctx, __u8 where)
         ctx->user_port = bpf_htons(fence->proxy_port);
         return PASS;
     }
-    int verdict = judge(ctx, fence, cgid, ip6, where);
+    int verdict = judge(ctx, fence, cgid, cookie, ip6, where);
     if (verdict == TO_REFUSER) {
         ctx->user_ip4 = bpf_htonl(LOOPBACK4);
         ctx->user_port = bpf_htons(fence->refuser_port);
@@ -177,7 +203,7 @@ static __always_inline int guard6(struct bpf_sock_addr *ctx, __u8 where)
         redirected.update(&cookie, &dst);
         ctx->user_port = bpf_htons(fence->proxy_port);
     } else {
-        verdict = judge(ctx, fence, cgid, ip6, where);
+        verdict = judge(ctx, fence, cgid, cookie, ip6, where);
         if (verdict != TO_REFUSER)
             return verdict;
         ctx->user_port = bpf_htons(fence->refuser_port);

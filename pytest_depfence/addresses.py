@@ -61,15 +61,19 @@ class AddressBook:
         self._learned: dict[IPAddress, list[Learned]] = {}
         self._verdicts: dict[IPNetwork, str] = {}
 
-    def learn(self, address: str | IPAddress, name: str | None, origin: str, verdict: str) -> None:
-        """Record that `address` belongs to `name` and tell the kernel to block or allow it."""
+    def note(self, address: str | IPAddress, name: str | None, origin: str) -> IPAddress:
+        """Record that `address` belongs to `name` (for reports; the kernel is not told)."""
         addr = as_address(address)
         entry = Learned(name, origin)
         with self._lock:
             known = self._learned.setdefault(addr, [])
             if entry not in known:
                 known.append(entry)
-        self.judge(ipaddress.ip_network(addr), verdict)
+        return addr
+
+    def learn(self, address: str | IPAddress, name: str | None, origin: str, verdict: str) -> None:
+        """Record that `address` belongs to `name` and tell the kernel to block or allow it."""
+        self.judge(ipaddress.ip_network(self.note(address, name, origin)), verdict)
 
     def judge(self, network: IPNetwork, verdict: str) -> None:
         """Tell the kernel how to judge a network; a block, once given, is never lifted."""

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -114,6 +114,7 @@ def _session_tree() -> CgroupTree:
 @dataclass
 class _Run:
     cgroup: FenceCgroup
+    on_event: Callable[[EgressEvent], None] | None = None
     root_pid: int | None = None
     events: list[tuple[int, EgressEvent]] = field(default_factory=list)  # (monotonic ns, event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -121,9 +122,17 @@ class _Run:
     #: ownerless socket's every packet would repeat the same event.
     reported: set[tuple[object, ...]] = field(default_factory=set)
 
+    #: An exception from on_event, raised in the caller's thread after the run.
+    callback_error: BaseException | None = None
+
     def add(self, when_ns: int, event: EgressEvent) -> None:
         with self.lock:
             self.events.append((when_ns, event))
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception as exc:  # noqa: BLE001 - re-raised by run(), in its own thread
+                self.callback_error = self.callback_error or exc
 
     def first_report(self, key: tuple[object, ...]) -> bool:
         with self.lock:
@@ -280,6 +289,8 @@ class Fence:
             for name in names:
                 if self.policy.check_name(name).blocked == (self.policy.kind == "no_egress"):
                     self._book.learn(address, name, FROM_HOSTS, self._verdict)
+                else:
+                    self._book.note(address, name, FROM_HOSTS)
 
     # -- DNS decisions and attribution (proxy threads) ------------------------------
     def _rule_text(self, decision: Decision) -> str:
@@ -311,16 +322,21 @@ class Fence:
             decision = self.policy.check_name(name)
             if not decision.blocked:
                 continue
-            if self.policy.kind == "no_egress":
-                for address in answer.addresses:
+            for address in answer.addresses:
+                if self.policy.kind == "no_egress":
                     self._book.learn(address, name, FROM_DNS, "block")
+                else:
+                    self._book.note(address, name, FROM_DNS)  # refused: never allowed
             if name == answer.names[0]:
                 return None  # the query's own name: `_decide` judged it already
             rule = f"{self._rule_text(decision)} via CNAME {name}"
             return _Verdict(self._denies(True), True, rule)
-        if self.policy.kind == "egress_only":  # every name of the chain is allowed
-            for address in answer.addresses:
+        # Every name of the chain is allowed.
+        for address in answer.addresses:
+            if self.policy.kind == "egress_only":
                 self._book.learn(address, query.name, FROM_DNS, "allow")
+            else:
+                self._book.note(address, query.name, FROM_DNS)
         return None
 
     def _observe(self, query: Query, verdict: _Verdict) -> None:
@@ -356,27 +372,34 @@ class Fence:
         run.add(time.monotonic_ns(), event)
 
     def _on_connection(self, run: _Run, conn: loader.ConnEvent) -> None:
-        """A connection or datagram the kernel refused (or, in audit mode, would have)."""
+        """A connection or datagram: refused, would-be refused (audit), or a first contact."""
         assert self._book is not None and self._programs is not None
         learned = self._book.names_of(conn.address)
         name = next((entry.name for entry in learned if entry.name), None)
         # Every way the address was learned: which one the process used is not known.
         origin = ", ".join(dict.fromkeys(entry.origin for entry in learned)) or None
-        by_address = self.policy.check_address(conn.address)
-        if self.policy.kind == "egress_only":
+        permitted = conn.action == "allowed"
+        if permitted:
+            rule = None
+        elif self.policy.kind == "egress_only":
             rule = self._rule_text(Decision(blocked=True, rule=None))
-        elif name is not None:
-            rule = self._rule_text(self.policy.check_name(name))
         else:
-            rule = self._rule_text(by_address)
-            origin = origin or FROM_RULE
+            blocking = [
+                e.name for e in learned if e.name and self.policy.check_name(e.name).blocked
+            ]
+            if blocking:
+                name = blocking[0]
+                rule = self._rule_text(self.policy.check_name(name))
+            else:  # no blocked name owns it: an address rule refused it
+                rule = self._rule_text(self.policy.check_address(conn.address))
+                origin = FROM_RULE
         if conn.pid:
             who = attribute(self._programs, conn.pid, run.cgroup.id, run.root_pid)
         else:
             if not run.first_report(("ownerless", conn.address, conn.port, conn.protocol)):
                 return
             who = Attribution(None, None, (), OWNERLESS)
-        audited = conn.action == "audited"
+        blocked = conn.action not in ("audited", "allowed")
         at: BlockedAt = (
             "packet" if conn.action == "blackhole" or conn.where == "packet" else "connect"
         )
@@ -385,15 +408,15 @@ class Fence:
             address=str(conn.address),
             port=conn.port,
             protocol=conn.protocol,
-            verdict="allowed" if audited else "blocked",
-            blocked_at=None if audited else at,
+            verdict="blocked" if blocked else "allowed",
+            blocked_at=at if blocked else None,
             rule=rule,
             pid=who.pid,
             cmdline=who.cmdline,
             ancestry=who.ancestry,
             unattributed=who.unattributed,
-            forbidden=True,
-            outage=None if audited else conn.action,
+            forbidden=not permitted,
+            outage=conn.action if blocked else None,
             learned_from=origin,
         )
         run.add(conn.time_ns, event)
@@ -435,12 +458,16 @@ class Fence:
         timeout: float | None = None,
         input: str | bytes | None = None,
         check: bool = True,
+        on_output: Callable[[str, bytes], None] | None = None,
+        on_event: Callable[[EgressEvent], None] | None = None,
     ) -> FenceResult:
         """Run `cmd` fenced (a str runs through /bin/sh -c) and return what happened.
 
         stdin is `input` when given, else empty (never the test's terminal). After
         `timeout` seconds everything the command started is killed. With
         `check=True` a run with forbidden egress raises EgressViolation.
+        `on_output("stdout"|"stderr", chunk)` and `on_event(event)` see output and
+        events as they happen (from other threads), e.g. to stream them.
         """
         __tracebackhide__ = True  # pytest shows the test's line, not ours
         self.open()
@@ -462,7 +489,7 @@ class Fence:
 
         with self._run_lock:
             self._learn_hosts()
-            run = _Run(FenceCgroup(_session_tree().session, self.label))
+            run = _Run(FenceCgroup(_session_tree().session, self.label), on_event)
             links: list[int] = []
             timed_out = False
             proc: subprocess.Popen[bytes] | None = None
@@ -500,7 +527,7 @@ class Fence:
                     stderr=subprocess.PIPE,
                 )
                 run.root_pid = proc.pid
-                pumps = _pump(proc, data, out, err)
+                pumps = _pump(proc, data, out, err, on_output)
                 try:
                     proc.wait(timeout=limit)
                 except subprocess.TimeoutExpired:
@@ -521,6 +548,8 @@ class Fence:
                 self._programs.unregister(run.cgroup.id)
                 run.cgroup.close()
         self._proxy.raise_errors()
+        if run.callback_error is not None:
+            raise run.callback_error
 
         assert proc is not None
         result = FenceResult(
@@ -542,16 +571,22 @@ class Fence:
 
 
 def _pump(
-    proc: subprocess.Popen[bytes], data: bytes | None, out: list[bytes], err: list[bytes]
+    proc: subprocess.Popen[bytes],
+    data: bytes | None,
+    out: list[bytes],
+    err: list[bytes],
+    on_output: Callable[[str, bytes], None] | None,
 ) -> list[threading.Thread]:
     """Feed stdin and drain stdout/stderr in threads, so a full pipe never blocks the script."""
 
-    def read(stream: IO[bytes] | None, sink: list[bytes]) -> None:
+    def read(stream: IO[bytes] | None, sink: list[bytes], name: str) -> None:
         if stream is None:
             return
         with stream:
             for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
                 sink.append(chunk)
+                if on_output is not None:
+                    on_output(name, chunk)
 
     def write(stream: IO[bytes] | None) -> None:
         if stream is None or data is None:
@@ -563,8 +598,8 @@ def _pump(
             pass
 
     threads = [
-        threading.Thread(target=read, args=(proc.stdout, out), daemon=True),
-        threading.Thread(target=read, args=(proc.stderr, err), daemon=True),
+        threading.Thread(target=read, args=(proc.stdout, out, "stdout"), daemon=True),
+        threading.Thread(target=read, args=(proc.stderr, err, "stderr"), daemon=True),
         threading.Thread(target=write, args=(proc.stdin,), daemon=True),
     ]
     for t in threads:

@@ -195,7 +195,7 @@ OUTAGE_CODES = {"refuse": 0, "reset": 1, "blackhole": 2}  # OUTAGE_* in fence.h
 _FENCE_EGRESS_ONLY = 1
 _FENCE_AUDIT = 2
 VERDICT_CODES = {"block": 1, "allow": 2}
-ACTIONS = {1: "refused", 2: "reset", 3: "blackhole", 4: "audited"}
+ACTIONS = {1: "refused", 2: "reset", 3: "blackhole", 4: "audited", 5: "allowed"}
 WHERE = {1: "connect", 2: "sendmsg", 3: "packet"}
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -216,7 +216,7 @@ class KernelFence:
 
 @dataclass(frozen=True)
 class ConnEvent:
-    """A refused (or, in audit mode, would-be refused) connection or datagram."""
+    """A connection or datagram: refused, would-be refused (audit), or permitted (first only)."""
 
     time_ns: int  # CLOCK_MONOTONIC, comparable with time.monotonic_ns()
     cgroup_id: int

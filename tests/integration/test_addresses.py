@@ -235,7 +235,10 @@ def test_no_egress_address_rule_refuses_only_its_addresses(
 
     outside = fenced.run(curl_argv(spared), timeout=30)
     assert outside.stdout == f"lab:{lab_name(lab, spared)}\n"
-    assert outside.events == ()
+    # The permitted contact is on record, and nothing else.
+    assert [(e.address, e.verdict, e.forbidden) for e in outside.events] == [
+        (spared, "allowed", False)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -264,7 +267,9 @@ def test_egress_only_address_rule_allows_that_address(
     reached = fenced.run(curl_argv(allowed), timeout=30)
     assert (reached.returncode, reached.stdout) == (0, "lab:api.github.com\n")
     assert served(lab, allowed) == ["/"]
-    assert reached.events == ()
+    assert [(e.address, e.verdict, e.forbidden) for e in reached.events] == [
+        (allowed, "allowed", False)
+    ]
 
     argv = curl_argv(refused)
     result = fenced.run(argv, check=False, timeout=30)
@@ -362,7 +367,10 @@ def test_hosts_file_address_of_an_allowed_name_is_reachable(
 
     assert result.stdout == "lab:api.github.com\n"  # the server at the hosts file's address
     assert served(lab, "10.77.1.2") == ["/"]
-    assert result.events == ()  # no DNS query, and the connect was allowed
+    # No DNS query; the permitted connect is on record, named from the hosts file.
+    assert [(e.domain, e.address, e.verdict, e.learned_from) for e in result.events] == [
+        ("mirror.internal", "10.77.1.2", "allowed", "hosts file")
+    ]
 
     other = ["curl", "-sS", "http://10.77.1.1/"]
     refused = private_hosts(hosts, lambda: fenced.run(other, check=False, timeout=30))
@@ -501,7 +509,9 @@ def test_query_to_another_resolver_port_is_caught(fenced: Fence, transport: str)
     allowed = fenced.run(dig_alt_port(transport, "mirror.internal"), timeout=30)
     assert "status: NOERROR," in allowed.stdout
     assert "10.77.3.1" in allowed.stdout
-    assert allowed.events == ()
+    assert [(e.address, e.port, e.verdict, e.forbidden) for e in allowed.events] == [
+        ("10.77.0.53", 5300, "allowed", False)
+    ]
 
 
 @ONLY_MIRROR
