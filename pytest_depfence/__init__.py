@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, DepfenceError, EgressViolation, FenceUnavailable, PolicyError
+from .errors import (
+    ConfigError,
+    ContractError,
+    DepfenceError,
+    EgressAuditWarning,
+    EgressViolation,
+    FenceUnavailable,
+    PolicyError,
+)
 from .events import EgressEvent, FenceResult
 
 if TYPE_CHECKING:
@@ -17,7 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConfigError",
+    "ContractError",
     "DepfenceError",
+    "EgressAuditWarning",
     "EgressEvent",
     "EgressViolation",
     "Fence",

@@ -54,3 +54,11 @@ class EgressViolation(DepfenceError, AssertionError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0], self.violations))
+
+
+class ContractError(DepfenceError, AssertionError):
+    """A fenced test's egress does not match its contract, or the contract is missing or bad."""
+
+
+class EgressAuditWarning(UserWarning):
+    """Audit mode: a forbidden egress attempt that was recorded, not blocked."""

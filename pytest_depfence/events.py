@@ -66,6 +66,8 @@ class FenceResult:
     stderr: str
     timed_out: bool = False
     events: tuple[EgressEvent, ...] = field(default_factory=tuple)
+    #: Wall time of the run, seconds.
+    duration: float = 0.0
 
     @property
     def violations(self) -> list[EgressEvent]:

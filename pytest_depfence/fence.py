@@ -218,6 +218,8 @@ class Fence:
         self._refuser: _Refuser | None = None
         self._run_lock = threading.Lock()
         self._current: _Run | None = None
+        #: Every result this fence returned, in order (the plugin reports them).
+        self.results: list[FenceResult] = []
 
     # -- lifecycle ----------------------------------------------------------------
     def open(self) -> Fence:
@@ -487,6 +489,7 @@ class Fence:
         limit = timeout if timeout is not None else self.timeout
         data = input.encode() if isinstance(input, str) else input
 
+        started = time.monotonic()
         with self._run_lock:
             self._learn_hosts()
             run = _Run(FenceCgroup(_session_tree().session, self.label), on_event)
@@ -559,7 +562,9 @@ class Fence:
             stderr=b"".join(err).decode(errors="replace"),
             timed_out=timed_out,
             events=run.in_order(),
+            duration=time.monotonic() - started,
         )
+        self.results.append(result)
         if check and result.violations:
             raise EgressViolation(
                 format_violations(
