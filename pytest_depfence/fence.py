@@ -467,7 +467,8 @@ class Fence:
 
         stdin is `input` when given, else empty (never the test's terminal). After
         `timeout` seconds everything the command started is killed. With
-        `check=True` a run with forbidden egress raises EgressViolation.
+        `check=True` a run with forbidden egress raises EgressViolation (in block
+        mode; audit mode only records).
         `on_output("stdout"|"stderr", chunk)` and `on_event(event)` see output and
         events as they happen (from other threads), e.g. to stream them.
         """
@@ -565,7 +566,8 @@ class Fence:
             duration=time.monotonic() - started,
         )
         self.results.append(result)
-        if check and result.violations:
+        # Audit mode leaves the outcome to the caller's own assertions.
+        if check and result.violations and self.mode == "block":
             raise EgressViolation(
                 format_violations(
                     result.violations, shown, timed_out_after=limit if timed_out else None

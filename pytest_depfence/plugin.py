@@ -8,15 +8,24 @@ before any test starts and names where it was written.
 from __future__ import annotations
 
 import inspect
+import os
 import re
-from collections.abc import Iterator
+import warnings
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from .errors import ConfigError, DepfenceError, FenceUnavailable, PolicyError
+from .errors import (
+    ConfigError,
+    ContractError,
+    DepfenceError,
+    EgressAuditWarning,
+    FenceUnavailable,
+    PolicyError,
+)
 
 if TYPE_CHECKING:
     from .fence import Fence
@@ -29,14 +38,19 @@ MARKERS = {
     "no_egress": "no_egress(*patterns): fenced runs must not reach these names/addresses "
     "(github.com = it and every name below; *.github.com = names below only; CIDRs)",
     "egress_only": "egress_only(*patterns): fenced runs may reach only these names/addresses",
-    "fence": "fence(mode='block'|'audit', outage='nxdomain'|'servfail'|'refused'|'timeout', "
-    "timeout=SECONDS): how the `fenced` fixture runs",
+    "fence": "fence(mode='block'|'audit', outage='nxdomain'|'servfail'|'refused'|'timeout'"
+    "|'reset'|'blackhole', timeout=SECONDS, contract=NAME): how the `fenced` fixture runs; "
+    "contract pins the test's egress to depfence-contracts/NAME.contract beside the test file",
 }
-FENCE_MARKER_ARGS = ("mode", "outage", "timeout")
+FENCE_MARKER_ARGS = ("mode", "outage", "timeout", "contract")
 POLICY_KEY = pytest.StashKey["Policy"]()
 FENCE_KWARGS_KEY = pytest.StashKey[dict[str, Any]]()
 SETTINGS_KEY = pytest.StashKey["Settings"]()
 LAB_KEY: pytest.StashKey[Lab] = pytest.StashKey()
+FENCE_KEY: pytest.StashKey[Fence] = pytest.StashKey()
+RUNS_KEY: pytest.StashKey[tuple[list[dict[str, Any]], list[str]]] = pytest.StashKey()
+#: The warning text for audited runs; tests import it.
+AUDITED = "depfence audit (recorded, not blocked): {report}"
 
 
 @dataclass
@@ -49,6 +63,8 @@ class Settings:
     mode: str
     require: bool
     lab: bool
+    report: str | None
+    update_contracts: bool
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -92,6 +108,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--depfence-require",
         "bool",
         "fail fenced tests when the fence cannot be built, instead of skipping them",
+        action="store_true",
+        default=None,
+    )
+    option(
+        "--depfence-report",
+        "string",
+        "write one JSON report of every fenced run of the session to PATH "
+        "(schema: pytest_depfence/report.schema.json)",
+        metavar="PATH",
+    )
+    option(
+        "--depfence-update-contracts",
+        "bool",
+        "write or rewrite the contracts of the tests that ran instead of checking them",
         action="store_true",
         default=None,
     )
@@ -151,6 +181,7 @@ def _configured_policy(config: pytest.Config) -> Policy | None:
 def pytest_configure(config: pytest.Config) -> None:
     for text in MARKERS.values():
         config.addinivalue_line("markers", text)
+    config.pluginmanager.register(Reporter(config), "depfence-reporter")
 
 
 def _load_settings(config: pytest.Config) -> Settings:
@@ -175,6 +206,8 @@ def _load_settings(config: pytest.Config) -> Settings:
             mode=mode or "block",
             require=_bool(_setting(config, "depfence_require")[0] or False),
             lab=_bool(_setting(config, "depfence_lab")[0] or False),
+            report=_setting(config, "depfence_report")[0],
+            update_contracts=_bool(_setting(config, "depfence_update_contracts")[0] or False),
         )
     except (PolicyError, ConfigError) as exc:
         raise pytest.UsageError(f"depfence: {exc}") from None
@@ -349,6 +382,10 @@ def _item_fence_kwargs(item: pytest.Item) -> dict[str, Any]:
             source,
         )
     kwargs = dict(marker.kwargs)
+    if "contract" in kwargs:
+        from .contract import check_name
+
+        check_name(kwargs["contract"], source)
     if "mode" in kwargs and kwargs["mode"] not in MODES:
         raise ConfigError(str(kwargs["mode"]), f"mode must be one of {', '.join(MODES)}", source)
     if "outage" in kwargs and kwargs["outage"] not in OUTAGES:
@@ -408,6 +445,7 @@ def fenced(request: pytest.FixtureRequest) -> Iterator[Fence]:
     node = request.node
     policy = node.stash.get(POLICY_KEY, None) or settings.policy or Policy("no_egress", ())
     kwargs = {"mode": settings.mode, **node.stash.get(FENCE_KWARGS_KEY, {})}
+    kwargs.pop("contract", None)  # checked after the test, by pytest_runtest_call
     label = "".join(c if c.isalnum() else "-" for c in node.name)[:40] or "test"
     try:
         fence = Fence(policy, upstream=_upstream(config), label=label, **kwargs)
@@ -419,7 +457,166 @@ def fenced(request: pytest.FixtureRequest) -> Iterator[Fence]:
     except FenceUnavailable as exc:
         fence.close()
         unavailable(exc)
+    node.stash[FENCE_KEY] = fence
     try:
         yield fence
     finally:
         fence.close()
+
+
+# -- after each fenced test: audit warnings, contract, what the reports need ----------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    try:
+        result = yield
+    except BaseException:
+        _record(item, [])
+        raise
+    fence = item.stash.get(FENCE_KEY, None)
+    notes: list[str] = []
+    if fence is not None:
+        _warn_audited(item, fence)
+        contract = item.stash.get(FENCE_KWARGS_KEY, {}).get("contract")
+        if contract is not None:
+            try:
+                notes = _contract(item, fence, contract)
+            except BaseException:
+                _record(item, [])
+                raise
+    _record(item, notes)
+    return result
+
+
+def _record(item: pytest.Item, notes: list[str]) -> None:
+    """Leave the runs for the report (and JUnit), once per test."""
+    from .report import run_record
+
+    fence = item.stash.get(FENCE_KEY, None)
+    if fence is None or RUNS_KEY in item.stash:
+        return
+    runs = [
+        run_record(r, policy=fence.policy.describe(), mode=fence.mode, outage=fence.outage)
+        for r in fence.results
+    ]
+    item.stash[RUNS_KEY] = (runs, notes)
+    violations = sum(len(r.violations) for r in fence.results)
+    domains = sorted({d for r in fence.results for d in r.domains})
+    item.user_properties.append(("depfence_violations", str(violations)))
+    item.user_properties.append(("depfence_domains", " ".join(domains)))
+
+
+def _warn_audited(item: pytest.Item, fence: Fence) -> None:
+    """Audit mode: each run's forbidden egress, as one warning of its own class, at the test."""
+    from .events import format_violations
+
+    if fence.mode != "audit":
+        return
+    path, line, _ = item.location
+    for result in fence.results:
+        audited = [e for e in result.violations if e.verdict == "allowed"]
+        if audited:
+            text = AUDITED.format(report=format_violations(audited, result.command))
+            warnings.warn_explicit(text, EgressAuditWarning, path, (line or 0) + 1)
+
+
+def _contract(item: pytest.Item, fence: Fence, name: str) -> list[str]:
+    """Check the test's egress against its contract (or write it); return notes for the report."""
+    from .contract import Contract, compare, missing_text, new_destinations_text, path_for
+
+    path = path_for(item.path, name)
+    shown = _shown(item.config, path)
+    events = [e for r in fence.results for e in r.events]
+    regenerate = f"pytest --depfence-update-contracts {item.nodeid}"
+    if item.config.stash[SETTINGS_KEY].update_contracts:
+        text = Contract.from_events(events).render(name, regenerate)
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            return []
+        verb = "updated" if path.exists() else "created"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return [f"contract {shown} {verb}"]
+    if not path.exists():
+        raise ContractError(missing_text(shown, regenerate))
+    comparison = compare(Contract.load(path), events)
+    if comparison.new:
+        raise ContractError(new_destinations_text(comparison, shown, regenerate))
+    return [
+        f"contract {shown}: {dest} is listed but was not contacted" for dest in comparison.unused
+    ]
+
+
+def _shown(config: pytest.Config, path: Path) -> Path:
+    try:
+        return path.relative_to(config.rootpath)
+    except ValueError:
+        return path
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    recorded = item.stash.get(RUNS_KEY, None)
+    if call.when == "call" and recorded is not None:
+        # Plain data: pytest-xdist carries it from a worker to the controller as it is.
+        runs, notes = recorded
+        setattr(report, "depfence_runs", runs)  # noqa: B010 - an attribute pytest lacks
+        setattr(report, "depfence_notes", notes)  # noqa: B010
+    return report
+
+
+class Reporter:
+    """Collects every fenced run (also from xdist workers) and writes the session's reports."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        from .report import SessionReport
+
+        self.config = config
+        self.report = SessionReport()
+        self.notes: list[str] = []
+        self.worker = hasattr(config, "workerinput")
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        from .report import TestRuns
+
+        runs = getattr(report, "depfence_runs", None)
+        if runs is None or self.worker:
+            return
+        path, line, _ = report.location
+        notes = list(getattr(report, "depfence_notes", []))
+        self.notes.extend(notes)
+        self.report.add(
+            TestRuns(
+                test_id=report.nodeid,
+                path=path,
+                line=line + 1 if line is not None else None,
+                outcome=report.outcome,
+                runs=runs,
+                notes=notes,
+            )
+        )
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.worker:
+            return
+        if self.notes:
+            terminalreporter.section("depfence contracts")
+            for note in self.notes:
+                terminalreporter.write_line(note)
+        if os.environ.get("GITHUB_ACTIONS") == "true":
+            for line in self.report.github_annotations():
+                terminalreporter.write_line(line)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        settings = self.config.stash.get(SETTINGS_KEY, None)
+        if self.worker or settings is None:
+            return
+        if settings.report:
+            self.report.write(settings.report)
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if os.environ.get("GITHUB_ACTIONS") == "true" and summary:
+            with open(summary, "a", encoding="utf-8") as f:
+                f.write(self.report.step_summary())

@@ -277,7 +277,6 @@ def test_audit_mode_refuses_nothing_and_records_every_violation(fenced: Fence, l
         assert (violation.domain, violation.verdict) == ("github.com", "allowed")
         assert violation.cmdline == shlex.join(by_name)
 
-    # Allowed, but still forbidden: a checked run fails and says so.
-    with pytest.raises(EgressViolation) as info:
-        fenced.run(argv, timeout=30)
-    assert "allowed  10.77.1.1:80/tcp" in str(info.value)
+    # Audit mode leaves the outcome to the test: even a checked run does not raise.
+    checked = fenced.run(argv, timeout=30)
+    assert [(v.address, v.verdict) for v in checked.violations] == [("10.77.1.1", "allowed")]
