@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -42,10 +41,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, NoReturn, TextIO
+from typing import TYPE_CHECKING, Callable, NoReturn, TextIO
 
 from .errors import ConfigError, DepfenceError, FenceUnavailable
 from .events import VIOLATION_HEADLINE, EgressEvent, FenceResult
+
+if TYPE_CHECKING:
+    from .policy import Policy
 
 #: The command succeeded but made forbidden egress attempts (`run`).
 VIOLATION_EXIT = 3
@@ -219,7 +221,11 @@ def _parser() -> argparse.ArgumentParser:
         "timeout), or it resolves and connections are refused at once (reset) or vanish "
         "(blackhole)",
     )
-    run.add_argument("--json", metavar="FILE", help="write the result and events as JSON")
+    run.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the result and events as JSON (one run of the session report's schema)",
+    )
 
     audit = sub.add_parser(
         "audit",
@@ -425,7 +431,7 @@ def _interruptible() -> Iterator[None]:
 class _Plan:
     """Validated arguments of run/audit: everything is checked before a fence is built."""
 
-    policy: Any  # Policy
+    policy: Policy
     method: str
     cmd: list[str]
     upstream: str | None
@@ -458,6 +464,14 @@ def _command_found(cmd: list[str]) -> bool:
     return shutil.which(cmd[0]) is not None or (os.sep in cmd[0] and os.path.isfile(cmd[0]))
 
 
+def _stdin() -> int | None:
+    """Our stdin, passed on to the command (`cmd < file`, `echo y | depfence run ...`)."""
+    try:
+        return sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None  # no usable stdin: the command gets an empty one
+
+
 def _fenced_run(plan: _Plan, args: argparse.Namespace, mode: str, outage: str) -> FenceResult:
     from .fence import Fence
     from .lab import Lab
@@ -471,26 +485,18 @@ def _fenced_run(plan: _Plan, args: argparse.Namespace, mode: str, outage: str) -
         fence = stack.enter_context(
             Fence(plan.policy, upstream=upstream, mode=mode, outage=outage, timeout=plan.timeout)
         )
-        result = fence.run(plan.cmd, check=False, on_output=console.output, on_event=console.event)
+        result = fence.run(
+            plan.cmd,
+            check=False,
+            stdin=_stdin(),
+            on_output=console.output,
+            on_event=console.event,
+        )
     if result.timed_out:
         console.log(
             f"depfence: timed out after {plan.timeout:g} s; everything it started was killed"
         )
     return result
-
-
-def _result_json(result: FenceResult, policy: str, mode: str) -> dict[str, Any]:
-    return {
-        "command": result.command,
-        "policy": policy,
-        "mode": mode,
-        "returncode": result.returncode,
-        "timed_out": result.timed_out,
-        "duration": round(result.duration, 6),
-        "domains": result.domains,
-        "events": [dataclasses.asdict(e) for e in result.events],
-        "violations": len(result.violations),
-    }
 
 
 def _writable(path: str, flag: str) -> None:
@@ -500,6 +506,8 @@ def _writable(path: str, flag: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .report import run_record
+
     plan = _plan(args, "run")
     if args.json:
         _writable(args.json, "--json")
@@ -516,8 +524,12 @@ def _run(args: argparse.Namespace) -> int:
         done = "recorded, not blocked: audit mode" if args.mode == "audit" else "blocked"
         print(f"depfence: {headline} ({done}); exit {code}", file=sys.stderr)
     if args.json:
+        # The same record as one run of the session report (report.schema.json, $defs/run).
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(_result_json(result, plan.policy.describe(), args.mode), f, indent=2)
+            record = run_record(
+                result, policy=plan.policy.describe(), mode=args.mode, outage=args.outage
+            )
+            json.dump(record, f, indent=2)
             f.write("\n")
     return code
 

@@ -39,7 +39,9 @@ def check_name(name: object, source: str) -> str:
     """A contract name is a file name: letters, digits, '.', '_', '-'."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(
-            repr(name), "a contract name is letters, digits, '.', '_' and '-' only", source
+            name if isinstance(name, str) else repr(name),
+            "a contract name is letters, digits, '.', '_' and '-' only",
+            source,
         )
     return name
 

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from dnslib import QTYPE
 
@@ -460,12 +460,14 @@ class Fence:
         timeout: float | None = None,
         input: str | bytes | None = None,
         check: bool = True,
+        stdin: int | IO[Any] | None = None,
         on_output: Callable[[str, bytes], None] | None = None,
         on_event: Callable[[EgressEvent], None] | None = None,
     ) -> FenceResult:
         """Run `cmd` fenced (a str runs through /bin/sh -c) and return what happened.
 
-        stdin is `input` when given, else empty (never the test's terminal). After
+        stdin is `input` when given, else the file or fd `stdin` when given (the CLI
+        passes its own), else empty (never the test's terminal). After
         `timeout` seconds everything the command started is killed. With
         `check=True` a run with forbidden egress raises EgressViolation (in block
         mode; audit mode only records).
@@ -489,6 +491,8 @@ class Fence:
             raise FileNotFoundError(2, "command not found", argv[0])
         limit = timeout if timeout is not None else self.timeout
         data = input.encode() if isinstance(input, str) else input
+        if data is not None and stdin is not None:
+            raise ConfigError("input and stdin", "give one of them", "Fence.run()")
 
         started = time.monotonic()
         with self._run_lock:
@@ -526,7 +530,9 @@ class Fence:
                     [*_ENTER, str(run.cgroup.path / "cgroup.procs"), *argv],
                     cwd=cwd,
                     env=dict(env) if env is not None else None,
-                    stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+                    stdin=subprocess.PIPE
+                    if data is not None
+                    else (stdin if stdin is not None else subprocess.DEVNULL),
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                 )
