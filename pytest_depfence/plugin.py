@@ -51,6 +51,11 @@ FENCE_KEY: pytest.StashKey[Fence] = pytest.StashKey()
 RUNS_KEY: pytest.StashKey[tuple[list[dict[str, Any]], list[str]]] = pytest.StashKey()
 #: The warning text for audited runs; tests import it.
 AUDITED = "depfence audit (recorded, not blocked): {report}"
+#: How to (re)write a test's contract, as failures and contract headers say it.
+REGENERATE = "pytest --depfence-update-contracts {nodeid}"
+#: Notes in the "depfence contracts" section and the JSON report.
+CONTRACT_WRITTEN = "contract {path} {verb}"
+CONTRACT_UNUSED = "contract {path}: {destination} is listed but was not contacted"
 
 
 @dataclass
@@ -469,32 +474,46 @@ def fenced(request: pytest.FixtureRequest) -> Iterator[Fence]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    __tracebackhide__ = True  # a contract failure points at the test, not here
     try:
         result = yield
     except BaseException:
-        _record(item, [])
+        _after_test(item, passed=False)
         raise
-    fence = item.stash.get(FENCE_KEY, None)
-    notes: list[str] = []
-    if fence is not None:
-        _warn_audited(item, fence)
-        contract = item.stash.get(FENCE_KWARGS_KEY, {}).get("contract")
-        if contract is not None:
-            try:
-                notes = _contract(item, fence, contract)
-            except BaseException:
-                _record(item, [])
-                raise
-    _record(item, notes)
+    _after_test(item, passed=True)
     return result
+
+
+def _after_test(item: pytest.Item, passed: bool) -> None:
+    """Check the contract (of a passing test), record the runs, then warn about audited ones.
+
+    Recording comes before anything that can raise (a contract failure, an audit
+    warning turned into an error), so the reports always have the test's runs.
+    """
+    __tracebackhide__ = True
+    fence = item.stash.get(FENCE_KEY, None)
+    if fence is None:
+        return
+    notes: list[str] = []
+    failure: ContractError | None = None
+    contract = item.stash.get(FENCE_KWARGS_KEY, {}).get("contract")
+    if passed and contract is not None:
+        try:
+            notes = _contract(item, fence, contract)
+        except ContractError as exc:
+            failure = exc
+    _record(item, notes)
+    _warn_audited(item, fence)
+    if failure is not None:
+        raise failure
 
 
 def _record(item: pytest.Item, notes: list[str]) -> None:
     """Leave the runs for the report (and JUnit), once per test."""
     from .report import run_record
 
-    fence = item.stash.get(FENCE_KEY, None)
-    if fence is None or RUNS_KEY in item.stash:
+    fence = item.stash[FENCE_KEY]
+    if RUNS_KEY in item.stash:
         return
     runs = [
         run_record(r, policy=fence.policy.describe(), mode=fence.mode, outage=fence.outage)
@@ -528,7 +547,7 @@ def _contract(item: pytest.Item, fence: Fence, name: str) -> list[str]:
     path = path_for(item.path, name)
     shown = _shown(item.config, path)
     events = [e for r in fence.results for e in r.events]
-    regenerate = f"pytest --depfence-update-contracts {item.nodeid}"
+    regenerate = REGENERATE.format(nodeid=item.nodeid)
     if item.config.stash[SETTINGS_KEY].update_contracts:
         text = Contract.from_events(events).render(name, regenerate)
         if path.exists() and path.read_text(encoding="utf-8") == text:
@@ -536,7 +555,7 @@ def _contract(item: pytest.Item, fence: Fence, name: str) -> list[str]:
         verb = "updated" if path.exists() else "created"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-        return [f"contract {shown} {verb}"]
+        return [CONTRACT_WRITTEN.format(path=shown, verb=verb)]
     if not path.exists():
         raise ContractError(missing_text(shown, regenerate))
     comparison = compare(Contract.load(path), events)

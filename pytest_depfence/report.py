@@ -92,7 +92,7 @@ class SessionReport:
                     yield tests, run, violation
 
     def github_annotations(self) -> list[str]:
-        """`::error` workflow commands, one per violation, pointing at the test."""
+        """`::error` (`::warning` when only audited) commands, one per violation, at the test."""
         lines = []
         for tests, run, v in self.violations():
             props = [f"file={_escape_property(tests.path)}"]
@@ -103,13 +103,15 @@ class SessionReport:
                 f"{target(v)} {v['verdict']} at {v['blocked_at'] or '-'}: "
                 f"{v['cmdline'] or 'unattributed'} (while running {run['command']})"
             )
-            lines.append(f"::error {','.join(props)}::{_escape(message)}")
+            # Audit mode recorded it without blocking: a warning, not an error.
+            level = "warning" if v["verdict"] == "allowed" else "error"
+            lines.append(f"::{level} {','.join(props)}::{_escape(message)}")
         return lines
 
     def step_summary(self) -> str:
         """A Markdown table for $GITHUB_STEP_SUMMARY: test, domain, command, verdict."""
         rows = [
-            f"| `{tests.test_id}` | `{target(v)}` | `{_cell(v['cmdline'] or '?')}` "
+            f"| `{_cell(tests.test_id)}` | `{_cell(target(v))}` | `{_cell(v['cmdline'] or '?')}` "
             f"| {v['verdict']} |"
             for tests, _, v in self.violations()
         ]

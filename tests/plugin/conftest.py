@@ -84,3 +84,11 @@ def lab_run(run: RunInner, fence_buildable: None) -> RunInner:
         return run(*args, lab=True)
 
     return lab_run
+
+
+@pytest.fixture(autouse=True)
+def not_on_github(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inner sessions must not annotate, or append to the summary of, a real GitHub job
+    running these tests; a test that wants GitHub output sets the variables itself."""
+    for name in ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY"):
+        monkeypatch.delenv(name, raising=False)
