@@ -1,0 +1,127 @@
+#!/bin/bash
+# PID 1 of the VM lane's guest (scripts/vm-lane.sh), stage 2.
+#
+# The cached Debian 12 image boots its own 6.1 kernel with init= a small stage-1
+# script baked into the image (/sbin/depfence-vm-init), which mounts the host's 9p
+# share at /mnt/depfence and execs this file from the project copy in it, so editing
+# this file needs no image rebuild. The share holds:
+#   project/   a copy of the working tree (no .git, .venv, caches)
+#   params     bash assignments written by the host: PYTEST_ARGS=(...)
+#   results/   written here: pytest.log, junit.xml, exit-code, env.txt, timings
+#
+# It makes the guest look like a Debian machine without systemd would after
+# scripts/bootstrap.sh: pure cgroup v2 at /sys/fs/cgroup (nothing mounts v1 here),
+# tracefs, the kernel's own header tree, the project installed editable in the venv
+# baked into the image (offline: --no-index, hatchling is in the venv). Then it runs
+# the privileged suite and powers the VM off. It must never simply exit: PID 1
+# exiting is a kernel panic, which the host would only see as a missing result.
+set -uo pipefail
+
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+SHARE=/mnt/depfence
+PROJECT=$SHARE/project
+RESULTS=$SHARE/results
+VENV=/opt/depfence/venv
+
+say() { printf 'depfence-vm: [%s] %s\n' "$(cut -d' ' -f1 /proc/uptime)s" "$*"; }
+
+power_off() {
+    sync
+    # No systemd here, so no poweroff binary: ask the kernel directly. The host runs
+    # qemu with -no-reboot, so a panic (the fallback if both fail) also ends the VM.
+    busybox poweroff -f 2>/dev/null
+    echo o >/proc/sysrq-trigger
+    sleep 30
+}
+
+finish() {
+    local code=$1
+    say "done: pytest exit code $code"
+    echo "$code" >"$RESULTS/exit-code.tmp" && mv "$RESULTS/exit-code.tmp" "$RESULTS/exit-code"
+    power_off
+}
+
+trap 'say "guest init failed at line $LINENO"; finish 125' ERR
+
+mkdir -p "$RESULTS"
+say "stage 2 started (kernel $(uname -r))"
+
+# --- the mounts a Debian machine would have -------------------------------------
+
+mnt() {  # mnt TYPE TARGET [OPTIONS]: mount unless something is mounted there already
+    local type=$1 target=$2 opts=${3:-}
+    mkdir -p "$target"
+    mountpoint -q "$target" && return 0
+    mount -t "$type" ${opts:+-o "$opts"} "$type" "$target"
+}
+mnt proc /proc
+mnt sysfs /sys
+mnt devtmpfs /dev
+mnt devpts /dev/pts
+mnt tmpfs /dev/shm mode=1777
+mnt tmpfs /run mode=755
+# Pure v2: without systemd nothing mounts a v1 hierarchy, so every controller is free.
+mnt cgroup2 /sys/fs/cgroup nsdelegate
+mnt tracefs /sys/kernel/tracing
+mnt debugfs /sys/kernel/debug
+mnt bpf /sys/fs/bpf mode=700
+hostname depfence-vm
+dmesg -n 5  # warnings and worse on the console during the run; all of it in dmesg.txt
+ip link set lo up
+
+# --- environment report (the host prints it) ------------------------------------
+
+KREL=$(uname -r)
+BUILD=/lib/modules/$KREL/build
+{
+    echo "kernel:        $(uname -r) ($(uname -v))"
+    echo "debian:        $(cat /etc/debian_version)"
+    echo "cgroup2:       $(awk '$3 == "cgroup2" {printf "%s ", $2}' /proc/mounts)"
+    echo "cgroup v1:     $(awk '$3 == "cgroup" {n++} END {print n + 0}' /proc/mounts) hierarchies mounted"
+    echo "controllers:   $(cat /sys/fs/cgroup/cgroup.controllers)"
+    echo "headers:       $BUILD -> $(readlink -f "$BUILD")"
+    echo "bcc:           $(dpkg-query -W -f='${Version}' python3-bpfcc 2>/dev/null)"
+    echo "python:        $("$VENV/bin/python" --version 2>&1)"
+    echo "bpf_jit:       $(cat /proc/sys/net/core/bpf_jit_enable 2>/dev/null)"
+    echo "cpus:          $(nproc), memory $(awk '/MemTotal/ {print $2 / 1024 " MiB"}' /proc/meminfo)"
+} >"$RESULTS/env.txt"
+sed 's/^/depfence-vm: env: /' "$RESULTS/env.txt"
+
+# The headers match the kernel (both from bookworm), so the package's own links serve
+# bcc; this only guards against an image built from mismatched archives.
+if [[ ! -d "$BUILD/include" ]]; then
+    say "error: no kernel header tree at $BUILD for the running kernel $KREL"
+    ls -l /lib/modules/ /usr/src/ >&2 || true
+    finish 125
+fi
+
+# --- the project, installed as bootstrap.sh installs it ---------------------------
+
+cd "$PROJECT" || finish 125
+say "pip install -e (offline, no deps: they are baked into the image)"
+if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-index \
+        --no-deps --no-build-isolation -e . >"$RESULTS/pip.log" 2>&1; then
+    cat "$RESULTS/pip.log"
+    say "error: pip install -e failed"
+    finish 125
+fi
+
+# --- the suite ------------------------------------------------------------------
+
+PYTEST_ARGS=()
+# shellcheck source=/dev/null
+source "$SHARE/params"
+
+say "pytest start"
+date +%s >"$RESULTS/pytest-start"
+trap - ERR  # pytest's own failure is the result, not an error of this script
+"$VENV/bin/python" -m pytest --depfence-lab --depfence-require -p no:cacheprovider \
+    --junitxml="$RESULTS/junit.xml" "${PYTEST_ARGS[@]}" 2>&1 | tee "$RESULTS/pytest.log"
+code=${PIPESTATUS[0]}
+date +%s >"$RESULTS/pytest-end"
+say "pytest end"
+
+# Kernel messages from the run (verifier splats, warnings) for the host to keep.
+dmesg >"$RESULTS/dmesg.txt" 2>&1 || true
+finish "$code"
