@@ -167,14 +167,18 @@ class _Refuser:
             self.sockets = [first]
             try:
                 v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            except OSError:
+                return  # no IPv6 here: nothing to refuse on
+            try:
                 v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                self.sockets.append(v6)
                 v6.bind(("::1", self.port))
             except OSError as exc:
+                v6.close()
                 if exc.errno == errno.EADDRINUSE:
                     self.close()
                     continue
-                self.sockets.pop().close()  # no IPv6 loopback here: nothing to refuse on
+                return  # no IPv6 loopback here: nothing to refuse on
+            self.sockets.append(v6)
             return
         raise OSError(errno.EADDRINUSE, "no free loopback port for refusing connections")
 
