@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from helpers_net import skip_or_fail
 
 from pytest_depfence import plugin
 
@@ -88,10 +89,7 @@ def fences(
     try:
         load()
     except FenceUnavailable as exc:
-        message = plugin.UNAVAILABLE.format(reason=exc)
-        if pytestconfig.stash[plugin.SETTINGS_KEY].require:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(pytestconfig, exc)
     opened: list[Fence] = []
 
     def make(policy: Policy) -> Fence:

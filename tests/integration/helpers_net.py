@@ -19,7 +19,11 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+import pytest
+
+from pytest_depfence import plugin
 
 if TYPE_CHECKING:
     from pytest_depfence import EgressEvent, FenceResult
@@ -138,3 +142,12 @@ def private_hosts(hosts_file: Path, call: Callable[[], T]) -> T:
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"]  # type: ignore[return-value]
+
+
+def skip_or_fail(config: pytest.Config, exc: Exception) -> NoReturn:
+    """What a fenced test does when no fence can be built: the plugin's reason, skipped,
+    or failed under --depfence-require."""
+    message = plugin.UNAVAILABLE.format(reason=exc)
+    if config.stash[plugin.SETTINGS_KEY].require:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import pytest
+from helpers_net import skip_or_fail
 
-from pytest_depfence import plugin
 from pytest_depfence.cli import (
     FENCE_ERROR_EXIT,
     NOT_FOUND_EXIT,
@@ -61,10 +61,7 @@ def cli_env(lab: Lab, clean_env: None, pytestconfig: pytest.Config) -> Iterator[
     try:
         preflight()
     except FenceUnavailable as exc:
-        message = plugin.UNAVAILABLE.format(reason=exc)
-        if pytestconfig.stash[plugin.SETTINGS_KEY].require:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(pytestconfig, exc)
     yield dict(os.environ)
 
 
