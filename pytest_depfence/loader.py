@@ -229,17 +229,24 @@ class ConnEvent:
     where: str  # a value of WHERE
 
 
+# The head conn_event (fence.h) and bypass_event (bypass.c) share. Spelled out in ctypes
+# because bcc cannot derive ring buffer types from __u64 fields.
+_EVENT_HEAD: list[tuple[str, type[Any]]] = [
+    ("ts", ctypes.c_uint64),
+    ("cgid", ctypes.c_uint64),
+    ("pid", ctypes.c_uint32),
+    ("tid", ctypes.c_uint32),
+    ("ip6", ctypes.c_uint8 * 16),
+    ("port", ctypes.c_uint16),
+    ("proto", ctypes.c_uint8),
+]
+
+
 class _ConnEventStruct(ctypes.Structure):
-    """struct conn_event of fence.h (bcc cannot derive ring buffer types from __u64)."""
+    """struct conn_event of fence.h."""
 
     _fields_ = [
-        ("ts", ctypes.c_uint64),
-        ("cgid", ctypes.c_uint64),
-        ("pid", ctypes.c_uint32),
-        ("tid", ctypes.c_uint32),
-        ("ip6", ctypes.c_uint8 * 16),
-        ("port", ctypes.c_uint16),
-        ("proto", ctypes.c_uint8),
+        *_EVENT_HEAD,
         ("action", ctypes.c_uint8),
         ("where", ctypes.c_uint8),
         ("pad", ctypes.c_uint8 * 3),
@@ -250,13 +257,7 @@ class _BypassEventStruct(ctypes.Structure):
     """struct bypass_event of bypass.c."""
 
     _fields_ = [
-        ("ts", ctypes.c_uint64),
-        ("cgid", ctypes.c_uint64),
-        ("pid", ctypes.c_uint32),
-        ("tid", ctypes.c_uint32),
-        ("ip6", ctypes.c_uint8 * 16),
-        ("port", ctypes.c_uint16),
-        ("proto", ctypes.c_uint8),
+        *_EVENT_HEAD,
         ("audited", ctypes.c_uint8),
         ("txid", ctypes.c_uint16),
         ("qtype", ctypes.c_uint16),
