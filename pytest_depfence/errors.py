@@ -42,7 +42,19 @@ class ConfigError(DepfenceError, ValueError):
 
 
 class FenceUnavailable(DepfenceError):
-    """The fence cannot be built on this machine; the message says why and what to do."""
+    """The fence cannot be built on this machine; the message says why and what to do.
+
+    `reason` is what is missing, `fix` (when one is known) what to run or change;
+    `depfence doctor` prints them apart, everything else shows the message.
+    """
+
+    def __init__(self, reason: str, fix: str | None = None) -> None:
+        self.reason = reason
+        self.fix = fix
+        super().__init__(f"{reason}; {fix}" if fix else reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason, self.fix))
 
 
 class EgressViolation(DepfenceError, AssertionError):

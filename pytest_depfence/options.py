@@ -1,0 +1,148 @@
+"""Every setting of a fence, described and validated once.
+
+The plugin (marker, CLI flag, ini key), the library (`Fence(...)`) and the
+`depfence` command all take the same settings; each has one description and
+one validator here that takes the value and where it came from, and raises
+ConfigError naming both.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import outages
+from .errors import ConfigError
+
+RESOLV_CONF = "/etc/resolv.conf"
+MODES = ("block", "audit")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    help: str
+    validate: Callable[[Any, str], Any]  # (value, where) -> the value to use
+
+
+def _mode(value: Any, where: str) -> str:
+    if value not in MODES:
+        raise ConfigError(str(value), f"mode must be one of {', '.join(MODES)}", where)
+    return str(value)
+
+
+def _outage(value: Any, where: str) -> str:
+    if value not in outages.OUTAGES:
+        choices = ", ".join(outages.OUTAGES)
+        raise ConfigError(str(value), f"outage must be one of {choices}", where)
+    return str(value)
+
+
+def _timeout(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ConfigError(
+            value if isinstance(value, str) else repr(value),
+            "timeout must be a positive number of seconds",
+            where,
+        )
+    return number
+
+
+def _contract(value: Any, where: str) -> str:
+    from .contract import check_name
+
+    return check_name(value, where)
+
+
+def parse_upstream(value: str, source: str = "upstream") -> tuple[str, int]:
+    """`HOST[:PORT]`, `[V6]:PORT` or a bare IPv6 address; HOST must be an IP address."""
+    text = value.strip()
+    host, port = text, "53"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(value, "expected [IPV6]:PORT", source)
+        port = rest[1:] or "53"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            value, "the upstream must be an IP address (HOST[:PORT])", source
+        ) from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(value, f"port {port!r} is not in 1..65535", source)
+    return host, int(port)
+
+
+def default_upstream(resolv_conf: str = RESOLV_CONF) -> str:
+    """The first nameserver of resolv.conf: where allowed names are resolved by default."""
+    try:
+        with open(resolv_conf) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    return parts[1]
+    except OSError:
+        pass
+    raise ConfigError(
+        resolv_conf,
+        "no nameserver found; pass upstream= or --depfence-upstream",
+        "default upstream",
+    )
+
+
+def _upstream(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(repr(value), "the upstream is a string, HOST[:PORT]", where)
+    parse_upstream(value, where)
+    return value
+
+
+MODE = Option(
+    "mode", "block (default) or audit (record forbidden egress without blocking it)", _mode
+)
+OUTAGE = Option(
+    "outage",
+    f"what a blocked host looks like (default {outages.DEFAULT}): {outages.choices_help()}",
+    _outage,
+)
+TIMEOUT = Option(
+    "timeout", "kill everything the command started after this many seconds", _timeout
+)
+CONTRACT = Option(
+    "contract",
+    "pin the test's egress to depfence-contracts/NAME.contract beside the test file",
+    _contract,
+)
+UPSTREAM = Option(
+    "upstream",
+    "DNS server the fence's proxy forwards allowed queries to, HOST[:PORT] (default: the "
+    "first nameserver of /etc/resolv.conf; the lab's resolver with the lab)",
+    _upstream,
+)
+
+#: The settings `fence(...)` takes, in the order help texts list them.
+FENCE_OPTIONS: dict[str, Option] = {o.name: o for o in (MODE, OUTAGE, TIMEOUT, CONTRACT)}
+
+
+def validate(name: str, value: Any, where: str) -> Any:
+    """The value of setting `name`, checked; ConfigError names the value and `where`."""
+    option = FENCE_OPTIONS.get(name) or {"upstream": UPSTREAM}.get(name)
+    if option is None:
+        raise ConfigError(name, f"unknown setting; known: {', '.join(FENCE_OPTIONS)}", where)
+    return option.validate(value, where)
