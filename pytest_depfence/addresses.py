@@ -17,7 +17,7 @@ from typing import Protocol, Union
 
 from dnslib import QTYPE, DNSRecord
 
-from .policy import normalize_name
+from .policy import normalize_name, unmap
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -45,10 +45,7 @@ class Learned:
 
 def as_address(text: str | IPAddress) -> IPAddress:
     """An address, with IPv4-mapped IPv6 judged as its IPv4 address."""
-    address = ipaddress.ip_address(text)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    return unmap(ipaddress.ip_address(text))
 
 
 class AddressBook:

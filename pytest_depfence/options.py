@@ -44,21 +44,10 @@ def _outage(value: Any, where: str) -> str:
 def _timeout(value: Any, where: str) -> float | None:
     if value is None:
         return None
-    number: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if number is None or not math.isfinite(number) or number <= 0:
-        raise ConfigError(
-            value if isinstance(value, str) else repr(value),
-            "timeout must be a positive number of seconds",
-            where,
-        )
-    return number
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise ConfigError(repr(value), "timeout must be a positive number of seconds", where)
+    return float(value)
 
 
 def _contract(value: Any, where: str) -> str:
@@ -121,9 +110,7 @@ OUTAGE = Option(
     f"what a blocked host looks like (default {outages.DEFAULT}): {outages.choices_help()}",
     _outage,
 )
-TIMEOUT = Option(
-    "timeout", "kill everything the command started after this many seconds", _timeout
-)
+TIMEOUT = Option("timeout", "kill everything the command started after this many seconds", _timeout)
 CONTRACT = Option(
     "contract",
     "pin the test's egress to depfence-contracts/NAME.contract beside the test file",

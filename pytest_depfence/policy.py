@@ -4,7 +4,7 @@ This module owns what a pattern such as ``github.com``, ``*.github.com`` or
 ``140.82.112.0/20`` means, how names off the wire are normalized before they
 are compared, and the allow/block decision of a ``no_egress`` or
 ``egress_only`` policy. It knows nothing about DNS packets, BPF maps or
-pytest; the proxy and the loader ask it, and it answers.
+pytest; the judge asks it, and it answers.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "RuleKind",
     "normalize_name",
     "parse_pattern",
+    "unmap",
 ]
 
 RuleKind = Literal["name", "subdomains", "network"]
@@ -45,7 +46,8 @@ _BAD_CHAR_RE = re.compile(r"[^a-z0-9_-]")
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
-def _unmap(address: _Address) -> _Address:
+def unmap(address: _Address) -> _Address:
+    """IPv4-mapped IPv6 (::ffff:a.b.c.d) as its IPv4 address; other addresses unchanged."""
     # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; judging them as
     # IPv6 would let an IPv4 blocklist entry be bypassed through an AF_INET6 socket.
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -129,7 +131,7 @@ class Rule:
         """
         if self.network is None:
             return False
-        return _unmap(_to_address(address)) in self.network
+        return unmap(_to_address(address)) in self.network
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ class Policy:
         reachable, and the fence's own DNS proxy lives there. Raises ValueError
         for a string that is not an address.
         """
-        ip = _unmap(_to_address(address))
+        ip = unmap(_to_address(address))
         if ip.is_loopback:
             return Decision(blocked=False, rule=None)
         for rule in self.rules:
@@ -206,6 +208,16 @@ class Policy:
         """One rule as shown in a violation report, with where it came from when known."""
         where = f" [{rule.source}]" if rule.source else ""
         return f"{self.kind}({_quote(rule.pattern)}){where}"
+
+    def explain(self, rule: Rule | None) -> str:
+        """Why something was forbidden, for a report: the rule that decided, or (egress_only,
+        no rule allowed it) the whole allowlist, with its source when every rule shares one."""
+        if rule is not None:
+            return self.rule_text(rule)
+        sources = {r.source for r in self.rules}
+        if len(sources) == 1 and None not in sources:
+            return f"{self.describe()} [{sources.pop()}]"
+        return self.describe()
 
 
 def _quote(pattern: str) -> str:

@@ -12,13 +12,30 @@ import shlex
 from dataclasses import dataclass
 from typing import Protocol
 
-from .loader import ProcRecord
-
 #: The furthest we walk up a process tree (guards against a parent loop in stale records).
 MAX_DEPTH = 64
 
 
+class ProcRecord(Protocol):
+    """What the kernel recorded of a process (`kernel.ProcRecord`)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def ppid(self) -> int: ...
+    @property
+    def argv(self) -> tuple[str, ...]: ...
+    @property
+    def truncated(self) -> bool: ...
+    @property
+    def exited(self) -> bool: ...
+    @property
+    def cgroup_id(self) -> int: ...
+
+
 class ProcSource(Protocol):
+    """Where process records come from (the loaded programs' `procs` map)."""
+
     def process(self, pid: int) -> ProcRecord | None: ...
 
 

@@ -89,7 +89,7 @@ SCENARIOS = {
         args=(),
         ini="[pytest]\ndepfence_egress_only =\n    mirror.internal\n    pypi.internal\n",
         unmarked="""
-    from pytest_depfence.fence import parse_upstream
+    from pytest_depfence.options import parse_upstream
     from pytest_depfence.plugin import LAB_KEY
 
     assert fenced.policy.describe() == 'egress_only("mirror.internal", "pypi.internal")'
@@ -122,7 +122,7 @@ def test_ini_twin_of_lab_flag_starts_the_lab(run, pytester, fence_buildable):
     pytester.makeini("[pytest]\ndepfence_lab = true\n")
     pytester.makepyfile(
         test_lab="""
-        from pytest_depfence.fence import parse_upstream
+        from pytest_depfence.options import parse_upstream
         from pytest_depfence.plugin import LAB_KEY
 
         def test_in_the_lab(fenced, request):

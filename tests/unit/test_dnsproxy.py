@@ -18,6 +18,7 @@ from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 from pytest_depfence.dnsproxy import DnsProxy, Query
+from pytest_depfence.outages import OUTAGES
 from pytest_depfence.policy import Policy
 
 # What a client waits before concluding that no answer is coming.
@@ -131,16 +132,62 @@ class Seen:
 ProxyFactory = Callable[..., "tuple[DnsProxy, Seen]"]
 
 
+@dataclass(frozen=True)
+class StubVerdict:
+    blocked: bool
+    rcode: int | None
+    rule: Any
+
+
+class StubJudge:
+    """Stands in for the fence's judge (`judge.Judge` behind `fence._ProxyJudge`): decides
+    by name with `decide`, answers blocked names with `outage`'s rcode, keeps an allowed
+    query's verdict after the answer, and tells `observer` every query."""
+
+    def __init__(
+        self,
+        decide: Callable[[str], Any],
+        observer: Callable[[Query, Any], None],
+        outage: str,
+    ) -> None:
+        self.decide = decide
+        self.observer = observer
+        self.rcode = OUTAGES[outage].rcode
+
+    def query(self, query: Query) -> StubVerdict:
+        decision = self.decide(query.name)
+        return StubVerdict(bool(decision.blocked), self.rcode, decision.rule)
+
+    def answer(self, query: Query, reply: bytes, verdict: StubVerdict) -> StubVerdict:
+        return verdict
+
+    def observe(self, query: Query, verdict: StubVerdict) -> None:
+        self.observer(query, verdict)
+
+
+def stub_proxy(
+    lab_upstream: Upstream,
+    *,
+    decide: Callable[[str], Any] | None = None,
+    observer: Callable[[Query, Any], None] | None = None,
+    outage: str = "nxdomain",
+    **kwargs: Any,
+) -> DnsProxy:
+    judge = StubJudge(
+        decide or Policy.no_egress("github.com").check_name, observer or Seen(), outage
+    )
+    kwargs.setdefault("upstream", lab_upstream.address)
+    return DnsProxy(judge=judge, **kwargs)
+
+
 @pytest.fixture
 def make_proxy(upstream: Upstream) -> Iterator[ProxyFactory]:
     proxies: list[DnsProxy] = []
 
     def make(**kwargs: Any) -> tuple[DnsProxy, Seen]:
         seen = Seen()
-        kwargs.setdefault("upstream", upstream.address)
-        kwargs.setdefault("decide", Policy.no_egress("github.com").check_name)
         kwargs.setdefault("observer", seen)
-        proxy = DnsProxy(**kwargs)
+        proxy = stub_proxy(upstream, **kwargs)
         proxies.append(proxy)
         return proxy.start(), seen
 
@@ -408,16 +455,6 @@ def test_timeout_outage_never_answers_but_is_observed(
     dns.drain()
     assert seen.names == ["github.com", "api.github.com", f"www.{ZONE}"]
     assert "github.com" not in upstream.zone.names_asked()
-
-
-def test_unknown_outage_is_a_value_error_naming_it(upstream: Upstream) -> None:
-    with pytest.raises(ValueError, match="'blackhole'"):
-        DnsProxy(
-            upstream=upstream.address,
-            decide=Policy.no_egress("github.com").check_name,
-            observer=Seen(),
-            outage="blackhole",
-        )
 
 
 # -- upstream failures ------------------------------------------------------------
@@ -782,17 +819,9 @@ def _proxy_threads() -> list[threading.Thread]:
 
 def test_stop_closes_everything_and_is_idempotent(upstream: Upstream) -> None:
     assert _proxy_threads() == []
-    dns = DnsProxy(
-        upstream=upstream.address,
-        decide=Policy.no_egress("github.com").check_name,
-        observer=Seen(),
-    )
+    dns = stub_proxy(upstream)
     dns.stop()  # before start: nothing to do
-    dns = DnsProxy(
-        upstream=upstream.address,
-        decide=Policy.no_egress("github.com").check_name,
-        observer=Seen(),
-    )
+    dns = stub_proxy(upstream)
     with dns:
         port = dns.port
         ask_udp(port, question(f"www.{ZONE}"))  # starts pool threads

@@ -4,7 +4,7 @@ import pytest
 
 from pytest_depfence.cgroup import cgroup2_mount
 from pytest_depfence.errors import ConfigError, FenceUnavailable
-from pytest_depfence.fence import default_upstream, parse_upstream
+from pytest_depfence.options import default_upstream, parse_upstream
 
 
 @pytest.mark.parametrize(

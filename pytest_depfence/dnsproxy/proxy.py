@@ -1,21 +1,7 @@
-"""The per-fence DNS proxy: where a fenced process's DNS query is answered.
+"""`DnsProxy`: the listeners' threads, answering each query, forwarding, and `drain()`.
 
-The eBPF programs redirect every port-53 query of a fence (UDP connected and
-unconnected, TCP, IPv4 and IPv6) to this proxy on loopback. The proxy owns:
-
-- listening on host4/host6 (UDP and TCP, one port for all four sockets);
-- reading each query's question and asking ``decide(name)`` whether it is blocked;
-- telling ``observer`` about every query before it is answered (the fence
-  attributes the query to a process there, while the process still exists);
-- the answer: a blocked name gets the configured outage answer, an allowed
-  query is forwarded to the upstream byte for byte and the upstream's answer
-  is returned byte for byte, and anything that goes wrong upstream becomes
-  SERVFAIL rather than silence;
-- ``drain()``, the barrier the fence uses to know every query of a finished
-  run has been observed.
-
-It knows nothing of policies, BPF maps or pytest: the decision and the
-bookkeeping are callables handed in by the fence.
+``drain()`` is the barrier a fence uses to know every query of a finished run
+has been observed.
 """
 
 from __future__ import annotations
@@ -29,61 +15,21 @@ import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Callable, Literal
+from typing import Any
 
-from dnslib import QTYPE
-from dnslib.label import DNSBuffer
+from . import listeners, wire
+from .types import DnsJudge, Query, Transport
 
-__all__ = ["OUTAGES", "DnsProxy", "Query"]
+__all__ = ["DnsProxy"]
 
-Transport = Literal["udp", "tcp"]
-
-#: Outage answers a blocked name can get, mapped to their RCODE (None: never answered).
-OUTAGES: dict[str, int | None] = {"nxdomain": 3, "servfail": 2, "refused": 5, "timeout": None}
-
-_HEADER = struct.Struct("!HHHHHH")
-_FORMERR = 1
-_SERVFAIL = 2
-_NOTIMP = 4
-_QR = 0x8000
-_OPCODE_MASK = 0x7800
-_RD = 0x0100
-_RA = 0x0080
-_MAX_MESSAGE = 65535
 _UDP_WORKERS = 8
 # A client that stops reading its replies must not hold a handler thread forever.
 _TCP_SEND_TIMEOUT = 10.0
-_BIND_ATTEMPTS = 32
 # drain() cannot be woken by bytes arriving on a client connection, so it re-checks
 # the connections at this interval while it waits.
 _DRAIN_POLL = 0.005
 _BARRIER_PREFIX = b"depfence-drain-barrier:"
-# ::1 missing (ipv6.disable=1, a container without IPv6) shows up as one of these.
-_NO_IPV6_ERRNOS = frozenset(
-    {
-        getattr(os, "EADDRNOTAVAIL", 99),
-        getattr(os, "EAFNOSUPPORT", 97),
-        getattr(os, "EPROTONOSUPPORT", 93),
-    }
-)
-
-
-@dataclass(frozen=True)
-class Query:
-    """One DNS query as the proxy received it."""
-
-    name: str  # qname as asked, lowercase, without trailing dot
-    qtype: str  # "A", "AAAA", ... (dnslib QTYPE name; "TYPE65280" for unknown types)
-    transport: Transport
-    client: tuple[str, int]  # the peer (address, port) as the proxy saw it
-    listen_port: int  # the proxy port it arrived on
-    txid: int
-
-
-class _UpstreamFailure(Exception):
-    """The upstream did not produce a usable answer; the client gets SERVFAIL."""
 
 
 class _Connection:
@@ -105,16 +51,10 @@ class _Connection:
 class DnsProxy:
     """A loopback DNS proxy that answers blocked names itself and forwards the rest.
 
-    ``decide(name)`` returns an object with a ``blocked`` attribute (a policy
-    Decision). For a name that is not blocked, ``review(query, answer)`` sees the
-    upstream's answer before the client does and may return a new decision
-    (blocked: the client gets the outage answer instead) or None (keep it).
-    ``observer(query, decision)`` is called exactly once for every
-    query that has a question, before it is answered, from a proxy thread;
-    calls are serialized, so the observer need not be thread-safe. Anything
-    unexpected in a proxy thread, including an exception from ``decide`` or
-    ``observer``, is appended to ``errors`` and the proxy keeps serving;
-    ``raise_errors()`` re-raises the first one in the caller's thread.
+    Every verdict comes from `judge` (see `DnsJudge`). Anything unexpected in a
+    proxy thread, including an exception from the judge, is appended to
+    ``errors`` and the proxy keeps serving (a query whose judging failed gets
+    SERVFAIL); ``raise_errors()`` re-raises the first one in the caller's thread.
     """
 
     port: int
@@ -125,35 +65,25 @@ class DnsProxy:
         self,
         *,
         upstream: tuple[str, int],
-        decide: Callable[[str], Any],
-        observer: Callable[[Query, Any], None],
-        review: Callable[[Query, bytes], Any] | None = None,
-        outage: str = "nxdomain",
+        judge: DnsJudge[Any],
         upstream_timeout: float = 2.0,
         host4: str = "127.0.0.1",
         host6: str | None = "::1",
     ) -> None:
-        if outage not in OUTAGES:
-            choices = ", ".join(repr(name) for name in OUTAGES)
-            raise ValueError(f"unknown DNS outage {outage!r}: expected one of {choices}")
         if upstream_timeout <= 0:
             raise ValueError(f"upstream_timeout must be positive, got {upstream_timeout!r}")
         self.upstream = upstream
-        self.outage = outage
         self.upstream_timeout = upstream_timeout
         self.host4 = host4
         self.host6 = host6
-        self._decide = decide
-        self._observer = observer
-        self._review = review
+        self._judge = judge
         self.port = 0
         self.has_ipv6 = False
         self.errors = []
 
         self._upstream_family = socket.AF_INET
         self._upstream_addr: tuple[Any, ...] = upstream
-        self._udp_listeners: list[socket.socket] = []
-        self._tcp_listeners: list[socket.socket] = []
+        self._listeners: listeners.Listeners | None = None
         self._started = False
         self._stopped = False
         self._stopping = threading.Event()
@@ -188,7 +118,8 @@ class DnsProxy:
         family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
         self._upstream_family = family
         self._upstream_addr = addr
-        self._bind()
+        bound = listeners.bind(self.host4, self.host6)
+        self._listeners, self.port, self.has_ipv6 = bound, bound.port, bound.has_ipv6
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._pool = ThreadPoolExecutor(
@@ -214,8 +145,8 @@ class DnsProxy:
                 pass
         if self._loop_thread is not None:
             self._loop_thread.join()
-        for listener in self._udp_listeners + self._tcp_listeners:
-            listener.close()
+        if self._listeners is not None:
+            self._listeners.close()
         with self._state:
             connections = list(self._connections.values())
         for conn in connections:
@@ -257,94 +188,14 @@ class DnsProxy:
         with self._errors_lock:
             self.errors.append(exc)
 
-    # -- binding -------------------------------------------------------------
-
-    def _bind(self) -> None:
-        last: OSError | None = None
-        for _ in range(_BIND_ATTEMPTS):
-            try:
-                self._bind_once()
-                return
-            except OSError as exc:
-                if exc.errno != getattr(os, "EADDRINUSE", 98):
-                    raise
-                # Another process holds the port on one of the other three
-                # sockets; a fresh port from the kernel will do.
-                last = exc
-        assert last is not None
-        raise last
-
-    def _bind_once(self) -> None:
-        sockets: list[socket.socket] = []
-        try:
-            udp4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sockets.append(udp4)
-            udp4.bind((self.host4, 0))
-            port = udp4.getsockname()[1]
-            tcp4 = self._tcp_listener(socket.AF_INET, self.host4, port)
-            sockets.append(tcp4)
-            udp: list[socket.socket] = [udp4]
-            tcp: list[socket.socket] = [tcp4]
-            has_ipv6 = False
-            if self.host6 is not None:
-                v6 = self._bind_v6(self.host6, port)
-                if v6 is not None:
-                    sockets.extend(v6)
-                    udp.append(v6[0])
-                    tcp.append(v6[1])
-                    has_ipv6 = True
-        except BaseException:
-            for sock in sockets:
-                sock.close()
-            raise
-        self.port = port
-        self.has_ipv6 = has_ipv6
-        self._udp_listeners = udp
-        self._tcp_listeners = tcp
-
-    def _bind_v6(self, host: str, port: int) -> tuple[socket.socket, socket.socket] | None:
-        sockets: list[socket.socket] = []
-        try:
-            udp6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            sockets.append(udp6)
-            udp6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            udp6.bind((host, port))
-            tcp6 = self._tcp_listener(socket.AF_INET6, host, port)
-            sockets.append(tcp6)
-        except OSError as exc:
-            for sock in sockets:
-                sock.close()
-            if exc.errno in _NO_IPV6_ERRNOS:
-                return None
-            raise
-        return udp6, tcp6
-
-    @staticmethod
-    def _tcp_listener(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            # Lets a port with TIME_WAIT leftovers be reused; on Linux it still
-            # refuses a port another socket is listening on, so nothing is stolen.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    # -- the receive loop ----------------------------------------------------
-
     def _loop(self) -> None:
         assert self._wake_r is not None
         with selectors.DefaultSelector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-            for sock in self._udp_listeners:
+            assert self._listeners is not None
+            for sock in self._listeners.udp:
                 selector.register(sock, selectors.EVENT_READ, "udp")
-            for sock in self._tcp_listeners:
+            for sock in self._listeners.tcp:
                 selector.register(sock, selectors.EVENT_READ, "tcp")
             while not self._stopping.is_set():
                 for key, _ in selector.select():
@@ -375,7 +226,7 @@ class DnsProxy:
         # after everything queued before it has been handed to the pool.
         while True:
             try:
-                data, addr = sock.recvfrom(_MAX_MESSAGE, socket.MSG_DONTWAIT)
+                data, addr = sock.recvfrom(wire.MAX_MESSAGE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except ConnectionRefusedError:
@@ -458,7 +309,7 @@ class DnsProxy:
                 # drain() always sees a query either in the socket or as busy.
                 poller.poll()
                 self._set_busy(conn, True)
-                chunk = conn.sock.recv(_MAX_MESSAGE + 2)
+                chunk = conn.sock.recv(wire.MAX_MESSAGE + 2)
                 if not chunk:
                     return
                 buffer += chunk
@@ -497,73 +348,43 @@ class DnsProxy:
         self, data: bytes, transport: Transport, client: tuple[str, int], listen_port: int
     ) -> bytes | None:
         """Answer one DNS message; None means send nothing."""
-        if len(data) < _HEADER.size:
-            return None
-        txid, flags, qdcount, _, _, _ = _HEADER.unpack_from(data)
-        if flags & _QR:
-            # Answering a response could start a reply loop with another responder.
-            return None
-        if flags & _OPCODE_MASK:
-            return _error_reply(txid, flags, _NOTIMP)
-        if qdcount != 1:
-            return _error_reply(txid, flags, _FORMERR)
+        question = wire.read_question(data)
+        if not isinstance(question, wire.Question):
+            return question  # an error reply, or nothing
+        query = Query(question.name, question.qtype, transport, client, listen_port, question.txid)
+        servfail = wire.answer(question.txid, question.flags, question.raw, wire.SERVFAIL)
         try:
-            buffer = DNSBuffer(data)
-            buffer.offset = _HEADER.size
-            qname = buffer.decode_name()
-            qtype, _ = buffer.unpack("!HH")
-        except Exception:
-            return _error_reply(txid, flags, _FORMERR)
-        question = data[_HEADER.size : buffer.offset]
-        query = Query(
-            name=_name_text(qname.label),
-            qtype=str(QTYPE[qtype]),
-            transport=transport,
-            client=client,
-            listen_port=listen_port,
-            txid=txid,
-        )
-        try:
-            decision = self._decide(query.name)
-            blocked = bool(decision.blocked)
+            verdict = self._judge.query(query)
         except Exception as exc:
             self._record(exc)
-            return _answer(txid, flags, question, _SERVFAIL)
+            return servfail
         reply = None
-        if not blocked:
+        if not verdict.blocked:
             try:
-                reply = self._forward(data, txid, transport)
-            except (_UpstreamFailure, OSError):
-                reply = _answer(txid, flags, question, _SERVFAIL)
+                reply = self._forward(data, question.txid, transport)
+            except (wire.UpstreamFailure, OSError):
+                reply = servfail
             else:
                 try:
-                    decision, blocked = self._reviewed(query, reply, decision)
+                    verdict = self._judge.answer(query, reply, verdict)
                 except Exception as exc:
                     self._record(exc)  # an answer nobody could check is not passed on
-                    reply = _answer(txid, flags, question, _SERVFAIL)
+                    reply = servfail
         try:
             with self._observer_lock:
-                self._observer(query, decision)
+                self._judge.observe(query, verdict)
         except Exception as exc:
             self._record(exc)
-        if blocked:
-            rcode = OUTAGES[self.outage]
-            return None if rcode is None else _answer(txid, flags, question, rcode)
-        return reply
+        if not verdict.blocked:
+            return reply
+        if verdict.rcode is None:
+            return None  # the outage is a query never answered
+        return wire.answer(question.txid, question.flags, question.raw, verdict.rcode)
 
     def _forward(self, data: bytes, txid: int, transport: Transport) -> bytes:
         if transport == "udp":
             return self._forward_udp(data, txid)
         return self._forward_tcp(data, txid)
-
-    def _reviewed(self, query: Query, reply: bytes, decision: Any) -> tuple[Any, bool]:
-        """The decision after `review` saw the upstream's answer."""
-        if self._review is None:
-            return decision, False
-        revised = self._review(query, reply)
-        if revised is None:
-            return decision, False
-        return revised, bool(revised.blocked)
 
     def _forward_udp(self, data: bytes, txid: int) -> bytes:
         with socket.socket(self._upstream_family, socket.SOCK_DGRAM) as sock:
@@ -572,8 +393,8 @@ class DnsProxy:
             # back at once as ConnectionRefusedError instead of a timeout.
             sock.connect(self._upstream_addr)
             sock.send(data)
-            reply = sock.recv(_MAX_MESSAGE)
-        _check_reply(reply, txid)
+            reply = sock.recv(wire.MAX_MESSAGE)
+        wire.check_reply(reply, txid)
         return reply
 
     def _forward_tcp(self, data: bytes, txid: int) -> bytes:
@@ -582,9 +403,9 @@ class DnsProxy:
             sock.settimeout(self.upstream_timeout)
             sock.connect(self._upstream_addr)
             sock.sendall(struct.pack("!H", len(data)) + data)
-            (length,) = struct.unpack("!H", _recv_exactly(sock, 2, deadline))
-            reply = _recv_exactly(sock, length, deadline)
-        _check_reply(reply, txid)
+            (length,) = struct.unpack("!H", wire.recv_exactly(sock, 2, deadline))
+            reply = wire.recv_exactly(sock, length, deadline)
+        wire.check_reply(reply, txid)
         return reply
 
     # -- drain ---------------------------------------------------------------
@@ -632,7 +453,8 @@ class DnsProxy:
             return not readable and not conn.busy
 
     def _barrier_udp(self, deadline: float) -> None:
-        for listener in self._udp_listeners:
+        assert self._listeners is not None
+        for listener in self._listeners.udp:
             address = listener.getsockname()
             token = _BARRIER_PREFIX + os.urandom(16)
             event = threading.Event()
@@ -647,7 +469,8 @@ class DnsProxy:
                     self._udp_barriers.pop(token, None)
 
     def _barrier_tcp(self, deadline: float) -> None:
-        for listener in self._tcp_listeners:
+        assert self._listeners is not None
+        for listener in self._listeners.tcp:
             address = listener.getsockname()
             event = threading.Event()
             with socket.socket(listener.family, socket.SOCK_STREAM) as sock:
@@ -674,58 +497,3 @@ class DnsProxy:
             raise TimeoutError(
                 f"DNS proxy drain: the {kind} listener {address[0]}:{address[1]} did not catch up"
             )
-
-
-def _name_text(labels: list[bytes]) -> str:
-    # Presentation form, lowercased: a dot inside a label is escaped so that the
-    # single label b"github.com" never reads as the name github.com.
-    out = []
-    for label in labels:
-        text = label.decode("utf-8", errors="surrogateescape")
-        escaped = "".join(
-            f"\\{ch}"
-            if ch in ".\\"
-            else (f"\\{ord(ch):03d}" if ord(ch) <= 0x20 or ord(ch) == 0x7F else ch)
-            for ch in text
-        )
-        out.append(escaped.lower())
-    return ".".join(out)
-
-
-def _error_reply(txid: int, flags: int, rcode: int) -> bytes:
-    # No question section: the request's may be the very thing that is malformed.
-    return _HEADER.pack(txid, _reply_flags(flags, rcode), 0, 0, 0, 0)
-
-
-def _answer(txid: int, flags: int, question: bytes, rcode: int) -> bytes:
-    # The question is echoed byte for byte so that resolvers checking the
-    # 0x20 case randomisation of the name accept the answer.
-    return _HEADER.pack(txid, _reply_flags(flags, rcode), 1, 0, 0, 0) + question
-
-
-def _reply_flags(flags: int, rcode: int) -> int:
-    return _QR | (flags & _OPCODE_MASK) | (flags & _RD) | _RA | rcode
-
-
-def _check_reply(reply: bytes, txid: int) -> None:
-    if len(reply) < _HEADER.size:
-        raise _UpstreamFailure(f"short answer from upstream ({len(reply)} bytes)")
-    rid, flags = struct.unpack_from("!HH", reply)
-    if rid != txid:
-        raise _UpstreamFailure(f"upstream answered id {rid}, asked {txid}")
-    if not flags & _QR:
-        raise _UpstreamFailure("upstream sent a query, not an answer")
-
-
-def _recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
-    data = b""
-    while len(data) < size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _UpstreamFailure("upstream timed out")
-        sock.settimeout(remaining)
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise _UpstreamFailure("upstream closed the connection mid-answer")
-        data += chunk
-    return data

@@ -1,0 +1,19 @@
+"""The per-fence DNS proxy: where a fenced process's DNS query is answered.
+
+The eBPF programs redirect every port-53 query of a fence (UDP connected and
+unconnected, TCP, IPv4 and IPv6) to this proxy on loopback. It reads each
+query's question, asks its judge (`DnsJudge`) for a verdict, answers a blocked
+name with the verdict's outage rcode itself, forwards the rest upstream byte for
+byte, and turns anything that goes wrong upstream into SERVFAIL, never silence.
+It knows nothing of policies, BPF maps or pytest.
+
+- `types`: `Query` and the `DnsJudge` interface;
+- `wire`: reading questions and building replies;
+- `listeners`: the loopback sockets;
+- `proxy`: `DnsProxy`, its threads and `drain()`.
+"""
+
+from .proxy import DnsProxy
+from .types import DnsJudge, Query, Transport, Verdict
+
+__all__ = ["DnsJudge", "DnsProxy", "Query", "Transport", "Verdict"]

@@ -1,0 +1,97 @@
+"""The proxy's listening sockets: UDP and TCP on one loopback port, IPv4 and (if any) IPv6."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+
+_BIND_ATTEMPTS = 32
+# ::1 missing (ipv6.disable=1, a container without IPv6) shows up as one of these.
+_NO_IPV6_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
+
+
+@dataclass(frozen=True)
+class Listeners:
+    port: int
+    udp: list[socket.socket]
+    tcp: list[socket.socket]
+    has_ipv6: bool
+
+    def close(self) -> None:
+        for sock in self.udp + self.tcp:
+            sock.close()
+
+
+def bind(host4: str, host6: str | None) -> Listeners:
+    """Four sockets on one free port (two when there is no IPv6 loopback)."""
+    last: OSError | None = None
+    for _ in range(_BIND_ATTEMPTS):
+        try:
+            return _bind_once(host4, host6)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            # Another process holds the port on one of the other three
+            # sockets; a fresh port from the kernel will do.
+            last = exc
+    assert last is not None
+    raise last
+
+
+def _bind_once(host4: str, host6: str | None) -> Listeners:
+    sockets: list[socket.socket] = []
+    try:
+        udp4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sockets.append(udp4)
+        udp4.bind((host4, 0))
+        port = udp4.getsockname()[1]
+        tcp4 = _tcp_listener(socket.AF_INET, host4, port)
+        sockets.append(tcp4)
+        udp: list[socket.socket] = [udp4]
+        tcp: list[socket.socket] = [tcp4]
+        v6 = _bind_v6(host6, port) if host6 is not None else None
+        if v6 is not None:
+            sockets.extend(v6)
+            udp.append(v6[0])
+            tcp.append(v6[1])
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return Listeners(port, udp, tcp, v6 is not None)
+
+
+def _bind_v6(host: str, port: int) -> tuple[socket.socket, socket.socket] | None:
+    sockets: list[socket.socket] = []
+    try:
+        udp6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sockets.append(udp6)
+        udp6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        udp6.bind((host, port))
+        tcp6 = _tcp_listener(socket.AF_INET6, host, port)
+        sockets.append(tcp6)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        if exc.errno in _NO_IPV6_ERRNOS:
+            return None
+        raise
+    return udp6, tcp6
+
+
+def _tcp_listener(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Lets a port with TIME_WAIT leftovers be reused; on Linux it still
+        # refuses a port another socket is listening on, so nothing is stolen.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

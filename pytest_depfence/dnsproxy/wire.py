@@ -1,0 +1,118 @@
+"""DNS messages as the proxy reads and writes them: the header, the question, replies.
+
+Only the fields the proxy needs are parsed here (dnslib reads the question's
+name); answers are passed on byte for byte.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from dnslib import QTYPE
+from dnslib.label import DNSBuffer
+
+HEADER = struct.Struct("!HHHHHH")
+FORMERR = 1
+SERVFAIL = 2
+NOTIMP = 4
+QR = 0x8000
+OPCODE_MASK = 0x7800
+RD = 0x0100
+RA = 0x0080
+MAX_MESSAGE = 65535
+
+
+class UpstreamFailure(Exception):
+    """The upstream did not produce a usable answer; the client gets SERVFAIL."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """A query's header fields and its one question, as received."""
+
+    txid: int
+    flags: int
+    name: str  # presentation form, lowercase, without trailing dot
+    qtype: str  # "A", "AAAA", ... ("TYPE65280" for unknown types)
+    raw: bytes  # the question section, byte for byte (echoed in answers)
+
+
+def read_question(data: bytes) -> Question | bytes | None:
+    """The question of a query; else the error reply to send (bytes), or None: send nothing."""
+    if len(data) < HEADER.size:
+        return None
+    txid, flags, qdcount, _, _, _ = HEADER.unpack_from(data)
+    if flags & QR:
+        # Answering a response could start a reply loop with another responder.
+        return None
+    if flags & OPCODE_MASK:
+        return error_reply(txid, flags, NOTIMP)
+    if qdcount != 1:
+        return error_reply(txid, flags, FORMERR)
+    try:
+        buffer = DNSBuffer(data)
+        buffer.offset = HEADER.size
+        qname = buffer.decode_name()
+        qtype, _ = buffer.unpack("!HH")
+    except Exception:  # noqa: BLE001 - whatever dnslib cannot read is a malformed query
+        return error_reply(txid, flags, FORMERR)
+    raw = data[HEADER.size : buffer.offset]
+    return Question(txid, flags, name_text(qname.label), str(QTYPE[qtype]), raw)
+
+
+def name_text(labels: list[bytes]) -> str:
+    # Presentation form, lowercased: a dot inside a label is escaped so that the
+    # single label b"github.com" never reads as the name github.com.
+    out = []
+    for label in labels:
+        text = label.decode("utf-8", errors="surrogateescape")
+        escaped = "".join(
+            f"\\{ch}"
+            if ch in ".\\"
+            else (f"\\{ord(ch):03d}" if ord(ch) <= 0x20 or ord(ch) == 0x7F else ch)
+            for ch in text
+        )
+        out.append(escaped.lower())
+    return ".".join(out)
+
+
+def error_reply(txid: int, flags: int, rcode: int) -> bytes:
+    # No question section: the request's may be the very thing that is malformed.
+    return HEADER.pack(txid, reply_flags(flags, rcode), 0, 0, 0, 0)
+
+
+def answer(txid: int, flags: int, question: bytes, rcode: int) -> bytes:
+    # The question is echoed byte for byte so that resolvers checking the
+    # 0x20 case randomisation of the name accept the answer.
+    return HEADER.pack(txid, reply_flags(flags, rcode), 1, 0, 0, 0) + question
+
+
+def reply_flags(flags: int, rcode: int) -> int:
+    return QR | (flags & OPCODE_MASK) | (flags & RD) | RA | rcode
+
+
+def check_reply(reply: bytes, txid: int) -> None:
+    if len(reply) < HEADER.size:
+        raise UpstreamFailure(f"short answer from upstream ({len(reply)} bytes)")
+    rid, flags = struct.unpack_from("!HH", reply)
+    if rid != txid:
+        raise UpstreamFailure(f"upstream answered id {rid}, asked {txid}")
+    if not flags & QR:
+        raise UpstreamFailure("upstream sent a query, not an answer")
+
+
+def recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamFailure("upstream timed out")
+        sock.settimeout(remaining)
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise UpstreamFailure("upstream closed the connection mid-answer")
+        data += chunk
+    return data

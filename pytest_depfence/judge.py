@@ -1,0 +1,231 @@
+"""Every verdict of a fence, and the event that records it.
+
+The judge turns (policy, mode, outage, what the fence has learned of
+addresses) plus a DNS query, an upstream answer, a connection the kernel
+reported, or a query the kernel caught past the proxy into a verdict and an
+`EgressEvent`. It is pure: no threads, no kernel, no sockets. What it learns
+of addresses goes to an `AddressBook`, whose sink (the kernel's address trie)
+is handed in; who did it (an `Attribution`) is handed in too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dnslib import QTYPE
+
+from . import outages
+from .addresses import (
+    FROM_DNS,
+    FROM_HOSTS,
+    FROM_RULE,
+    FROM_UPSTREAM,
+    AddressBook,
+    IPAddress,
+    Learned,
+    parse_answer,
+)
+from .events import BlockedAt, EgressEvent
+from .policy import Policy, Rule
+from .procinfo import Attribution
+
+if TYPE_CHECKING:
+    from .dnsproxy import Query
+    from .kernel import BypassEvent, ConnEvent
+
+#: Why a packet the backstop dropped names no process.
+OWNERLESS = "a raw or ICMP socket: the kernel records no process for its packets"
+
+
+@dataclass(frozen=True)
+class DnsVerdict:
+    """A DNS query's fate: what the proxy answers, and what the report says."""
+
+    #: Answered with the outage instead of the real answer.
+    blocked: bool
+    #: The policy forbids it (also in audit mode, also when it still resolves).
+    forbidden: bool
+    #: The outage answer's rcode when blocked; None: the query is never answered.
+    rcode: int | None = None
+    #: The rule that decided (None with `forbidden`: egress_only, nothing allowed it).
+    rule: Rule | None = None
+    #: The CNAME target that made an allowed name forbidden.
+    via_cname: str | None = None
+
+
+ALLOWED = DnsVerdict(blocked=False, forbidden=False)
+
+
+class Judge:
+    """One fence's verdicts: a policy, a mode, an outage, and what it has learned."""
+
+    def __init__(self, policy: Policy, mode: str, outage: str, book: AddressBook) -> None:
+        self.policy = policy
+        self.mode = mode
+        self.outage = outages.OUTAGES[outage]
+        self.book = book
+        #: What a learned address of a name in the policy gets.
+        self._learned_verdict = "block" if policy.kind == "no_egress" else "allow"
+
+    # -- learning addresses ---------------------------------------------------------
+    def learn_rules(self) -> None:
+        """Address rules, judged as written."""
+        for rule in self.policy.rules:
+            if rule.network is not None:
+                self.book.judge(rule.network, self._learned_verdict)
+
+    def names_to_preresolve(self) -> list[str]:
+        """The blocked names whose addresses the fence learns from the upstream at open."""
+        if self.policy.kind != "no_egress":
+            return []
+        return [r.name for r in self.policy.rules if r.kind == "name" and r.name]
+
+    def learn_upstream(self, name: str, addresses: Iterable[IPAddress]) -> None:
+        for address in addresses:
+            self.book.learn(address, name, FROM_UPSTREAM, "block")
+
+    def learn_hosts(self, entries: Iterable[tuple[IPAddress, tuple[str, ...]]]) -> None:
+        """A hosts file's addresses: judged for the names the policy names, noted for others."""
+        for address, names in entries:
+            if address.is_loopback:
+                continue
+            for name in names:
+                in_policy = self.policy.check_name(name).blocked == (
+                    self.policy.kind == "no_egress"
+                )
+                if in_policy:
+                    self.book.learn(address, name, FROM_HOSTS, self._learned_verdict)
+                else:
+                    self.book.note(address, name, FROM_HOSTS)
+
+    # -- DNS --------------------------------------------------------------------------
+    def _forbidden(self, rule: Rule | None, via_cname: str | None = None) -> DnsVerdict:
+        # A connect-level outage lets the name resolve; audit mode blocks nothing.
+        blocked = self.mode == "block" and self.outage.layer == "dns"
+        return DnsVerdict(blocked, True, self.outage.rcode, rule, via_cname)
+
+    def query(self, name: str) -> DnsVerdict:
+        """A query's name, before anything is forwarded."""
+        decision = self.policy.check_name(name)
+        return self._forbidden(decision.rule) if decision.blocked else ALLOWED
+
+    def answer(self, name: str, reply: bytes, verdict: DnsVerdict) -> DnsVerdict:
+        """The upstream's answer to a query `query` let through, before the client sees it.
+
+        Its addresses are learned first (so a connection can be judged the moment
+        the client has them); a CNAME chain through a forbidden name forbids the
+        query. Returns the verdict that stands.
+        """
+        try:
+            answer = parse_answer(reply)
+        except Exception:  # noqa: BLE001 - an answer dnslib cannot read passes unchanged
+            return verdict
+        for cname in answer.names:
+            decision = self.policy.check_name(cname)
+            if not decision.blocked:
+                continue
+            for address in answer.addresses:
+                if self.policy.kind == "no_egress":
+                    self.book.learn(address, cname, FROM_DNS, "block")
+                else:
+                    self.book.note(address, cname, FROM_DNS)  # refused: never allowed
+            if cname == answer.names[0]:
+                return verdict  # the query's own name: `query` judged it already
+            return self._forbidden(decision.rule, via_cname=cname)
+        for address in answer.addresses:  # every name of the chain is allowed
+            if self.policy.kind == "egress_only":
+                self.book.learn(address, name, FROM_DNS, "allow")
+            else:
+                self.book.note(address, name, FROM_DNS)
+        return verdict
+
+    def dns_event(self, query: Query, verdict: DnsVerdict, who: Attribution) -> EgressEvent:
+        rule = None
+        if verdict.forbidden:
+            rule = self.policy.explain(verdict.rule)
+            if verdict.via_cname:
+                rule += f" via CNAME {verdict.via_cname}"
+        return EgressEvent(
+            domain=query.name,
+            address=None,
+            port=53,
+            protocol=query.transport,
+            verdict="blocked" if verdict.blocked else "allowed",
+            blocked_at="dns" if verdict.blocked else None,
+            rule=rule,
+            pid=who.pid,
+            cmdline=who.cmdline,
+            ancestry=who.ancestry,
+            qtype=query.qtype,
+            unattributed=who.unattributed,
+            forbidden=verdict.forbidden,
+            outage=self.outage.name if verdict.forbidden and self.mode == "block" else None,
+        )
+
+    # -- what the kernel reports --------------------------------------------------------
+    def _connection_rule(
+        self, conn: ConnEvent, learned: list[Learned], name: str | None, origin: str | None
+    ) -> tuple[str, str | None, str | None]:
+        """(rule text, name, origin) of a refused (or would-be refused) address."""
+        if self.policy.kind == "egress_only":
+            return self.policy.explain(None), name, origin
+        for entry in learned:
+            if entry.name:
+                decision = self.policy.check_name(entry.name)
+                if decision.blocked:
+                    return self.policy.explain(decision.rule), entry.name, origin
+        # No blocked name owns it: an address rule refused it.
+        return self.policy.explain(self.policy.check_address(conn.address).rule), name, FROM_RULE
+
+    def connection(self, conn: ConnEvent, who: Attribution) -> EgressEvent:
+        """A connection or datagram: refused, would-be refused (audit), or a first contact."""
+        learned = self.book.names_of(conn.address)
+        name = next((entry.name for entry in learned if entry.name), None)
+        # Every way the address was learned: which one the process used is not known.
+        origin = ", ".join(dict.fromkeys(entry.origin for entry in learned)) or None
+        permitted = conn.action == "allowed"
+        rule = None
+        if not permitted:
+            rule, name, origin = self._connection_rule(conn, learned, name, origin)
+        blocked = conn.action not in ("audited", "allowed")
+        at: BlockedAt = (
+            "packet" if conn.action == "blackhole" or conn.where == "packet" else "connect"
+        )
+        return EgressEvent(
+            domain=name,
+            address=str(conn.address),
+            port=conn.port,
+            protocol=conn.protocol,
+            verdict="blocked" if blocked else "allowed",
+            blocked_at=at if blocked else None,
+            rule=rule,
+            pid=who.pid,
+            cmdline=who.cmdline,
+            ancestry=who.ancestry,
+            unattributed=who.unattributed,
+            forbidden=not permitted,
+            outage=conn.action if blocked else None,
+            learned_from=origin,
+        )
+
+    def bypass(self, query: BypassEvent, who: Attribution) -> EgressEvent:
+        """A query for a forbidden name sent past the proxy, dropped (or audited) in the kernel."""
+        return EgressEvent(
+            domain=query.name,
+            address=str(query.address),
+            port=query.port,
+            protocol=query.protocol,
+            verdict="allowed" if query.audited else "blocked",
+            blocked_at=None if query.audited else "packet",
+            rule=self.policy.explain(self.policy.check_name(query.name).rule),
+            pid=who.pid,
+            cmdline=who.cmdline,
+            ancestry=who.ancestry,
+            qtype=str(QTYPE.get(query.qtype, f"TYPE{query.qtype}")),
+            unattributed=who.unattributed,
+            forbidden=True,
+            outage=None if query.audited else "dropped",
+            learned_from=None,
+        )

@@ -1,0 +1,192 @@
+"""The pytest plugin: markers, options, the `fenced` fixture. The only package importing pytest.
+
+Settings exist as marker, CLI flag and ini key; precedence is marker > CLI >
+ini. Policies are parsed at collection time, so a bad pattern stops the run
+before any test starts and names where it was written.
+
+- `settings`: flags, ini keys and the session's merged settings;
+- `markers`: what a test's markers say, and where each was written;
+- `results`: after each test (audit warnings, contracts) and the session's reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, NoReturn
+
+import pytest
+
+from ..errors import ConfigError, DepfenceError, FenceUnavailable, PolicyError
+from .markers import MARKERS, item_fence_kwargs, item_policy
+from .results import AUDITED, Reporter, after_test
+from .settings import (
+    FENCE_KEY,
+    FENCE_KWARGS_KEY,
+    LAB_KEY,
+    POLICY_KEY,
+    RUNS_KEY,
+    SETTINGS_KEY,
+    add_options,
+    is_xdist_controller,
+    load_settings,
+)
+
+if TYPE_CHECKING:
+    from ..fence import Fence
+
+__all__ = ["AUDITED", "LAB_KEY", "MARKERS", "SETTINGS_KEY", "UNAVAILABLE"]
+
+#: Reason given when a fenced test cannot run; tests import it so text and tests agree.
+UNAVAILABLE = "depfence: the fence cannot be built: {reason}"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for text in MARKERS.values():
+        config.addinivalue_line("markers", text)
+    config.pluginmanager.register(Reporter(config), "depfence-reporter")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    settings = load_settings(config)
+    config.stash[SETTINGS_KEY] = settings
+    if not settings.lab or is_xdist_controller(config):
+        return
+    from ..lab import Lab
+
+    try:
+        lab = Lab()
+        lab.__enter__()
+    except (DepfenceError, OSError) as exc:
+        raise pytest.UsageError(f"depfence: --depfence-lab: the lab cannot start: {exc}") from exc
+    config.stash[LAB_KEY] = lab
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    lab = config.stash.get(LAB_KEY, None)
+    if lab is not None:
+        del config.stash[LAB_KEY]
+        lab.__exit__(None, None, None)
+
+
+def _upstream(config: pytest.Config) -> str | None:
+    settings = config.stash[SETTINGS_KEY]
+    if settings.upstream is not None:
+        return str(settings.upstream)
+    lab = config.stash.get(LAB_KEY, None)
+    return lab.upstream if lab is not None else None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from ..loader import preflight
+
+    upstream = _upstream(config) or "first nameserver of /etc/resolv.conf"
+    lab = config.stash.get(LAB_KEY, None)
+    if lab is not None and config.stash[SETTINGS_KEY].upstream is None:
+        upstream += " (lab)"  # only when the lab's resolver is really the one in use
+    try:
+        state = preflight()
+    except FenceUnavailable as exc:
+        return [UNAVAILABLE.format(reason=exc), f"depfence: upstream {upstream}"]
+    except Exception as exc:  # noqa: BLE001 - a header must never stop the session
+        reason = f"the machine check failed: {type(exc).__name__}: {exc}"
+        return [UNAVAILABLE.format(reason=reason), f"depfence: upstream {upstream}"]
+    return [f"depfence: {state.describe()}, upstream {upstream}"]
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    errors: list[str] = []
+    for item in items:
+        try:
+            policy = item_policy(item)
+            kwargs = item_fence_kwargs(item)
+        except (PolicyError, ConfigError) as exc:
+            errors.append(f"{item.nodeid}: {exc}")
+            continue
+        if policy is not None:
+            item.stash[POLICY_KEY] = policy
+        item.stash[FENCE_KWARGS_KEY] = kwargs
+    if errors:
+        raise pytest.UsageError("depfence: invalid fence configuration\n" + "\n".join(errors))
+
+
+@pytest.fixture
+def fenced(request: pytest.FixtureRequest) -> Iterator[Fence]:
+    """A Fence configured from the test's markers, then CLI flags, then ini keys.
+
+    `fenced.run(cmd)` runs the command inside the fence; a forbidden egress
+    attempt raises EgressViolation naming the domain and the command line.
+    """
+    from ..fence import Fence
+    from ..loader import load
+    from ..policy import Policy
+
+    config = request.config
+    settings = config.stash[SETTINGS_KEY]
+
+    def unavailable(exc: FenceUnavailable) -> NoReturn:
+        message = UNAVAILABLE.format(reason=exc)
+        if settings.require:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+    try:
+        load()
+    except FenceUnavailable as exc:
+        unavailable(exc)
+    node = request.node
+    policy = node.stash.get(POLICY_KEY, None) or settings.policy or Policy("no_egress", ())
+    kwargs = {"mode": settings.mode, **node.stash.get(FENCE_KWARGS_KEY, {})}
+    kwargs.pop("contract", None)  # checked after the test, by pytest_runtest_call
+    label = "".join(c if c.isalnum() else "-" for c in node.name)[:40] or "test"
+    try:
+        fence = Fence(policy, upstream=_upstream(config), label=label, **kwargs)
+    except ConfigError as exc:
+        pytest.fail(f"depfence: {exc}", pytrace=False)
+    try:
+        # The programs loaded, but the cgroup tree can still be out of reach.
+        fence.open()
+    except FenceUnavailable as exc:
+        fence.close()
+        unavailable(exc)
+    node.stash[FENCE_KEY] = fence
+    try:
+        yield fence
+    finally:
+        fence.close()
+
+
+# -- after each fenced test: audit warnings, contract, what the reports need ----------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    __tracebackhide__ = True  # a contract failure points at the test, not here
+    try:
+        result = yield
+    except BaseException:
+        after_test(item, passed=False)
+        raise
+    after_test(item, passed=True)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    recorded = item.stash.get(RUNS_KEY, None)
+    if call.when == "call" and recorded is not None:
+        # Plain data: pytest-xdist carries it from a worker to the controller as it is.
+        runs, notes = recorded
+        setattr(report, "depfence_runs", runs)  # noqa: B010 - an attribute pytest lacks
+        setattr(report, "depfence_notes", notes)  # noqa: B010
+    return report

@@ -1,0 +1,173 @@
+"""After each fenced test: audit warnings, the contract, and the session's reports.
+
+The runs of a test are recorded before anything that can raise, so the JSON
+report, JUnit properties and GitHub annotations always have them; runs from
+pytest-xdist workers travel to the controller as plain data on the report.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from ..errors import ContractError, EgressAuditWarning
+from .settings import FENCE_KEY, FENCE_KWARGS_KEY, RUNS_KEY, SETTINGS_KEY
+
+if TYPE_CHECKING:
+    from ..fence import Fence
+
+#: The warning text for audited runs; tests import it.
+AUDITED = "depfence audit (recorded, not blocked): {report}"
+#: How to (re)write a test's contract, as failures and contract headers say it.
+REGENERATE = "pytest --depfence-update-contracts {nodeid}"
+#: Notes in the "depfence contracts" section and the JSON report.
+CONTRACT_WRITTEN = "contract {path} {verb}"
+CONTRACT_UNUSED = "contract {path}: {destination} is listed but was not contacted"
+
+
+def after_test(item: pytest.Item, passed: bool) -> None:
+    """Check the contract (of a passing test), record the runs, then warn about audited ones.
+
+    Recording comes before anything that can raise (a contract failure, an audit
+    warning turned into an error), so the reports always have the test's runs.
+    """
+    __tracebackhide__ = True
+    fence = item.stash.get(FENCE_KEY, None)
+    if fence is None:
+        return
+    notes: list[str] = []
+    failure: ContractError | None = None
+    contract = item.stash.get(FENCE_KWARGS_KEY, {}).get("contract")
+    if passed and contract is not None:
+        try:
+            notes = _contract(item, fence, contract)
+        except ContractError as exc:
+            failure = exc
+    _record(item, notes)
+    _warn_audited(item, fence)
+    if failure is not None:
+        raise failure
+
+
+def _record(item: pytest.Item, notes: list[str]) -> None:
+    """Leave the runs for the report (and JUnit), once per test."""
+    from ..report import run_record
+
+    fence = item.stash[FENCE_KEY]
+    if RUNS_KEY in item.stash:
+        return
+    runs = [
+        run_record(r, policy=fence.policy.describe(), mode=fence.mode, outage=fence.outage)
+        for r in fence.results
+    ]
+    item.stash[RUNS_KEY] = (runs, notes)
+    violations = sum(len(r.violations) for r in fence.results)
+    domains = sorted({d for r in fence.results for d in r.domains})
+    item.user_properties.append(("depfence_violations", str(violations)))
+    item.user_properties.append(("depfence_domains", " ".join(domains)))
+
+
+def _warn_audited(item: pytest.Item, fence: Fence) -> None:
+    """Audit mode: each run's forbidden egress, as one warning of its own class, at the test."""
+    from ..render import format_violations
+
+    if fence.mode != "audit":
+        return
+    path, line, _ = item.location
+    for result in fence.results:
+        audited = [e for e in result.violations if e.verdict == "allowed"]
+        if audited:
+            text = AUDITED.format(report=format_violations(audited, result.command))
+            warnings.warn_explicit(text, EgressAuditWarning, path, (line or 0) + 1)
+
+
+def _contract(item: pytest.Item, fence: Fence, name: str) -> list[str]:
+    """Check the test's egress against its contract (or write it); return notes for the report."""
+    from ..contract import (
+        Contract,
+        compare,
+        missing_text,
+        new_destinations_text,
+        path_for,
+        write_contract,
+    )
+
+    path = path_for(item.path, name)
+    shown = _shown(item.config, path)
+    events = [e for r in fence.results for e in r.events]
+    regenerate = REGENERATE.format(nodeid=item.nodeid)
+    if item.config.stash[SETTINGS_KEY].update_contracts:
+        text = Contract.from_events(events).render(name, regenerate)
+        verb = write_contract(path, text)
+        return [] if verb is None else [CONTRACT_WRITTEN.format(path=shown, verb=verb)]
+    if not path.exists():
+        raise ContractError(missing_text(shown, regenerate))
+    comparison = compare(Contract.load(path), events)
+    if comparison.new:
+        raise ContractError(new_destinations_text(comparison, shown, regenerate))
+    return [CONTRACT_UNUSED.format(path=shown, destination=dest) for dest in comparison.unused]
+
+
+def _shown(config: pytest.Config, path: Path) -> Path:
+    try:
+        return path.relative_to(config.rootpath)
+    except ValueError:
+        return path
+
+
+class Reporter:
+    """Collects every fenced run (also from xdist workers) and writes the session's reports."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        from ..report import SessionReport
+
+        self.config = config
+        self.report = SessionReport()
+        self.notes: list[str] = []
+        self.worker = hasattr(config, "workerinput")
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        from ..report import TestRuns
+
+        runs = getattr(report, "depfence_runs", None)
+        if runs is None or self.worker:
+            return
+        path, line, _ = report.location
+        notes = list(getattr(report, "depfence_notes", []))
+        self.notes.extend(notes)
+        self.report.add(
+            TestRuns(
+                test_id=report.nodeid,
+                path=path,
+                line=line + 1 if line is not None else None,
+                outcome=report.outcome,
+                runs=runs,
+                notes=notes,
+            )
+        )
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.worker:
+            return
+        if self.notes:
+            terminalreporter.section("depfence contracts")
+            for note in self.notes:
+                terminalreporter.write_line(note)
+        if os.environ.get("GITHUB_ACTIONS") == "true":
+            for line in self.report.github_annotations():
+                terminalreporter.write_line(line)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        settings = self.config.stash.get(SETTINGS_KEY, None)
+        if self.worker or settings is None:
+            return
+        if settings.report:
+            self.report.write(settings.report)
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if os.environ.get("GITHUB_ACTIONS") == "true" and summary:
+            with open(summary, "a", encoding="utf-8") as f:
+                f.write(self.report.step_summary())

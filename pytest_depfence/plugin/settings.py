@@ -1,0 +1,171 @@
+"""The session's settings: CLI flags and ini keys, declared and merged (CLI over ini).
+
+Descriptions and validation come from `pytest_depfence.options`, shared with
+the library and the `depfence` command; a bad value is a usage error naming
+the flag or ini key it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .. import options
+from ..errors import ConfigError, PolicyError
+
+if TYPE_CHECKING:
+    from ..fence import Fence
+    from ..lab import Lab
+    from ..policy import Policy
+
+POLICY_KEY = pytest.StashKey["Policy"]()
+FENCE_KWARGS_KEY = pytest.StashKey[dict[str, Any]]()
+SETTINGS_KEY = pytest.StashKey["Settings"]()
+LAB_KEY: pytest.StashKey[Lab] = pytest.StashKey()
+FENCE_KEY: pytest.StashKey[Fence] = pytest.StashKey()
+RUNS_KEY: pytest.StashKey[tuple[list[dict[str, Any]], list[str]]] = pytest.StashKey()
+
+_STORE_TRUE: dict[str, Any] = {"action": "store_true", "default": None}
+
+#: (flag, ini type, help, argparse keywords): each is a CLI flag and an ini key.
+FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("--depfence-upstream", "string", options.UPSTREAM.help, {"metavar": "HOST[:PORT]"}),
+    (
+        "--depfence-no-egress",
+        "linelist",
+        "pattern fenced runs must not reach, for tests without a policy marker; repeatable",
+        {"action": "append", "metavar": "PATTERN"},
+    ),
+    (
+        "--depfence-egress-only",
+        "linelist",
+        "pattern fenced runs may reach (all else is blocked), for tests without a policy "
+        "marker; repeatable",
+        {"action": "append", "metavar": "PATTERN"},
+    ),
+    ("--depfence-mode", "string", options.MODE.help, {"metavar": "MODE"}),
+    (
+        "--depfence-require",
+        "bool",
+        "fail fenced tests when the fence cannot be built, instead of skipping them",
+        _STORE_TRUE,
+    ),
+    (
+        "--depfence-report",
+        "string",
+        "write one JSON report of every fenced run of the session to PATH "
+        "(schema: pytest_depfence/report.schema.json)",
+        {"metavar": "PATH"},
+    ),
+    (
+        "--depfence-update-contracts",
+        "bool",
+        "write or rewrite the contracts of the tests that ran instead of checking them",
+        _STORE_TRUE,
+    ),
+    (
+        "--depfence-lab",
+        "bool",
+        "run the session inside the built-in test lab: a private network namespace with "
+        "fake github.com, mirror.internal, ... and its own DNS server as upstream",
+        _STORE_TRUE,
+    ),
+)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("depfence", "dependency fence (pytest-depfence)")
+    for flag, ini_type, help, kwargs in FLAGS:
+        name = flag[2:].replace("-", "_")
+        group.addoption(flag, dest=name, help=f"{help} (ini: {name})", **kwargs)
+        parser.addini(name, help=help, type=ini_type, default=None)  # type: ignore[arg-type]
+
+
+@dataclass
+class Settings:
+    """Session-wide settings after CLI and ini were merged (CLI wins)."""
+
+    upstream: str | None
+    upstream_source: str
+    policy: Policy | None
+    mode: str
+    require: bool
+    lab: bool
+    report: str | None
+    update_contracts: bool
+
+
+def _setting(config: pytest.Config, name: str) -> tuple[Any, str]:
+    """A value and where it came from: CLI flag over ini key; (None, '') when neither is set."""
+    value = config.getoption(name)
+    if value not in (None, []):
+        return value, f"CLI flag --{name.replace('_', '-')}"
+    try:
+        value = config.getini(name)
+    except ValueError as exc:
+        # pytest's own conversion (a bool key set to "maybe") would be an INTERNALERROR.
+        raise pytest.UsageError(f"depfence: ini key {name}: {exc}") from None
+    if value not in (None, [], ""):
+        return value, f"ini key {name}"
+    return None, ""
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _configured_policy(config: pytest.Config) -> Policy | None:
+    """The session's default policy: CLI flags, else ini keys; one kind per level."""
+    from ..policy import Policy
+
+    levels = (
+        ("CLI flag --depfence-no-egress", "CLI flag --depfence-egress-only", config.getoption),
+        ("ini key depfence_no_egress", "ini key depfence_egress_only", config.getini),
+    )
+    for ne_source, eo_source, get in levels:
+        no_egress = get("depfence_no_egress")
+        egress_only = get("depfence_egress_only")
+        if no_egress and egress_only:
+            raise pytest.UsageError(
+                f"depfence: both {ne_source} and {eo_source} are set; choose one policy kind"
+            )
+        if no_egress:
+            return Policy.no_egress(*no_egress, source=ne_source)
+        if egress_only:
+            return Policy.egress_only(*egress_only, source=eo_source)
+    return None
+
+
+def load_settings(config: pytest.Config) -> Settings:
+    """Merge and check CLI flags and ini keys; a bad value is a usage error naming its source.
+
+    Runs at session start rather than in pytest_configure, so that `pytest --help`
+    and `pytest --markers` still work when an ini key holds a bad value.
+    """
+    try:
+        upstream, upstream_source = _setting(config, "depfence_upstream")
+        if upstream is not None:
+            options.validate("upstream", upstream, upstream_source)
+        mode, mode_source = _setting(config, "depfence_mode")
+        if mode is not None:
+            options.validate("mode", mode, mode_source)
+        return Settings(
+            upstream=upstream,
+            upstream_source=upstream_source,
+            policy=_configured_policy(config),
+            mode=mode or "block",
+            require=_bool(_setting(config, "depfence_require")[0] or False),
+            lab=_bool(_setting(config, "depfence_lab")[0] or False),
+            report=_setting(config, "depfence_report")[0],
+            update_contracts=_bool(_setting(config, "depfence_update_contracts")[0] or False),
+        )
+    except (PolicyError, ConfigError) as exc:
+        raise pytest.UsageError(f"depfence: {exc}") from None
+
+
+def is_xdist_controller(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "dist", "no") != "no") and not hasattr(config, "workerinput")
