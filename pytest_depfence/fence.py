@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import IO, Any
 
 from . import loader as kernel  # integration: switch to .kernel
@@ -171,7 +172,7 @@ class Fence:
     def close(self) -> None:
         with Teardown() as teardown:
             if self._programs is not None:
-                teardown.push(lambda: self._programs and self._programs.forget_names(self.id))
+                teardown.push(partial(self._programs.forget_names, self.id))
             if self._judge is not None:
                 teardown.push(self._judge.book.forget)
             if self._refuser is not None:
@@ -202,14 +203,11 @@ class Fence:
     ) -> FenceResult:
         """Run `cmd` fenced (a str runs through /bin/sh -c) and return what happened.
 
-        stdin is `input` when given, else the file or fd `stdin` when given (the CLI
-        passes its own), else empty (never the test's terminal). After
-        `timeout` seconds everything the command started is killed. With
-        `check=True` a run with forbidden egress raises EgressViolation (in block
-        mode; audit mode only records).
-        `on_output("stdout"|"stderr", chunk)` (from the output threads) and
-        `on_event(event)` (from a thread of its own, in order) see output and
-        events as they happen, e.g. to stream them.
+        stdin is `input`, else the file or fd `stdin` (the CLI passes its own), else
+        empty. After `timeout` seconds everything the command started is killed.
+        `check=True`: forbidden egress raises EgressViolation (block mode only).
+        `on_output("stdout"|"stderr", chunk)` (output threads) and `on_event(event)`
+        (a thread of its own, in order) see output and events as they happen.
         """
         __tracebackhide__ = True  # pytest shows the test's line, not ours
         self.open()
@@ -224,15 +222,13 @@ class Fence:
         with self._run_lock:
             assert self._programs is not None and self._judge is not None
             run = Run(self._programs, self._judge, on_event)
-            out: list[bytes] = []
-            err: list[bytes] = []
             with Teardown() as teardown:
                 teardown.push(run.finish_delivery)
-                if data is not None:
-                    stdin = subprocess.PIPE
-                proc, cgroup = self._start(run, teardown, argv, cwd, env, stdin)
-                pumps = _pump(proc, data, out, err, on_output)
-                teardown.push(lambda: _join(pumps))
+                proc, cgroup = self._start(
+                    run, teardown, argv, cwd, env, subprocess.PIPE if data is not None else stdin
+                )
+                output = _Output(proc, data, on_output)
+                teardown.push(output.join)
                 teardown.push(proc.wait)
                 # Whatever the script left behind (daemons, background jobs) dies with it.
                 teardown.push(cgroup.kill)
@@ -240,20 +236,16 @@ class Fence:
         assert self._proxy is not None
         self._proxy.raise_errors()
         result = FenceResult(
-            command=shown,
-            returncode=proc.returncode,
-            stdout=b"".join(out).decode(errors="replace"),
-            stderr=b"".join(err).decode(errors="replace"),
-            timed_out=timed_out,
-            events=run.in_order(),
-            duration=time.monotonic() - started,
+            shown,
+            proc.returncode,
+            *output.text(),
+            timed_out,
+            run.in_order(),
+            time.monotonic() - started,
         )
         self.results.append(result)
-        # Audit mode leaves the outcome to the caller's own assertions.
-        if check and result.violations and self.mode == "block":
-            timed_out_after = limit if timed_out else None
-            text = format_violations(result.violations, shown, timed_out_after=timed_out_after)
-            raise EgressViolation(text, result.violations)
+        if check:
+            _check(result, self.mode, limit)
         return result
 
     def _start(
@@ -333,6 +325,15 @@ def _command(
     return argv, shown
 
 
+def _check(result: FenceResult, mode: str, limit: float | None) -> None:
+    """Raise EgressViolation for forbidden egress; audit mode leaves it to the caller."""
+    __tracebackhide__ = True
+    if result.violations and mode == "block":
+        timed_out_after = limit if result.timed_out else None
+        text = format_violations(result.violations, result.command, timed_out_after=timed_out_after)
+        raise EgressViolation(text, result.violations)
+
+
 def _wait(proc: subprocess.Popen[bytes], limit: float | None) -> bool:
     """Whether the command was still running at the deadline."""
     try:
@@ -347,43 +348,49 @@ def _close_all(fds: list[int]) -> None:
         os.close(fd)
 
 
-def _join(threads: list[threading.Thread]) -> None:
-    for thread in threads:
-        thread.join()
-
-
-def _pump(
-    proc: subprocess.Popen[bytes],
-    data: bytes | None,
-    out: list[bytes],
-    err: list[bytes],
-    on_output: Callable[[str, bytes], None] | None,
-) -> list[threading.Thread]:
+class _Output:
     """Feed stdin and drain stdout/stderr in threads, so a full pipe never blocks the script."""
 
-    def read(stream: IO[bytes] | None, sink: list[bytes], name: str) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        data: bytes | None,
+        on_output: Callable[[str, bytes], None] | None,
+    ) -> None:
+        self._chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self._on_output = on_output
+        self._threads = [
+            threading.Thread(target=self._read, args=(proc.stdout, "stdout"), daemon=True),
+            threading.Thread(target=self._read, args=(proc.stderr, "stderr"), daemon=True),
+            threading.Thread(target=_write, args=(proc.stdin, data), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self, stream: IO[bytes] | None, name: str) -> None:
         if stream is None:
             return
         with stream:
             for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
-                sink.append(chunk)
-                if on_output is not None:
-                    on_output(name, chunk)
+                self._chunks[name].append(chunk)
+                if self._on_output is not None:
+                    self._on_output(name, chunk)
 
-    def write(stream: IO[bytes] | None) -> None:
-        if stream is None or data is None:
-            return
-        try:
-            with stream:
-                stream.write(data)
-        except BrokenPipeError:
-            pass
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join()
 
-    threads = [
-        threading.Thread(target=read, args=(proc.stdout, out, "stdout"), daemon=True),
-        threading.Thread(target=read, args=(proc.stderr, err, "stderr"), daemon=True),
-        threading.Thread(target=write, args=(proc.stdin,), daemon=True),
-    ]
-    for t in threads:
-        t.start()
-    return threads
+    def text(self) -> tuple[str, str]:
+        """stdout and stderr, decoded."""
+        out, err = (b"".join(self._chunks[name]) for name in ("stdout", "stderr"))
+        return out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _write(stream: IO[bytes] | None, data: bytes | None) -> None:
+    if stream is None or data is None:
+        return
+    try:
+        with stream:
+            stream.write(data)
+    except BrokenPipeError:
+        pass
