@@ -11,20 +11,23 @@ address contacted without one — with the programs that contacted it, sorted:
 
 The same egress always gives the same bytes, so a change shows up as a
 one-line diff in review. Files live in `depfence-contracts/` beside the test
-file that names them (`<name>.contract`), or wherever the CLI is told.
+file that names them (`<name>.contract`), or wherever the CLI is told;
+`write_contract` is the one way either writes one.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, ContractError
-from .events import EgressEvent
+from .events import EgressEvent, FenceResult
+from .render import destination
 
 CONTRACTS_DIR = "depfence-contracts"
 SUFFIX = ".contract"
@@ -70,14 +73,6 @@ def program_of(cmdline: str | None) -> str:
     return program
 
 
-def destination_of(event: EgressEvent) -> str:
-    """What a contract line names for an event: its DNS name, or its address."""
-    if event.domain is not None:
-        return event.domain
-    host = f"[{event.address}]" if event.address and ":" in event.address else event.address
-    return f"{host}:{event.port}/{event.protocol}"
-
-
 @dataclass(frozen=True)
 class Contract:
     """Destinations and the programs that contacted each."""
@@ -88,7 +83,7 @@ class Contract:
     def from_events(cls, events: Iterable[EgressEvent]) -> Contract:
         entries: dict[str, set[str]] = {}
         for event in events:
-            entries.setdefault(destination_of(event), set()).add(program_of(event.cmdline))
+            entries.setdefault(destination(event), set()).add(program_of(event.cmdline))
         return cls({dest: frozenset(programs) for dest, programs in entries.items()})
 
     def render(self, name: str, regenerate: str) -> str:
@@ -131,7 +126,7 @@ def compare(contract: Contract, events: Iterable[EgressEvent]) -> Comparison:
     new: dict[str, list[EgressEvent]] = {}
     seen: set[str] = set()
     for event in events:
-        dest = destination_of(event)
+        dest = destination(event)
         seen.add(dest)
         if dest not in contract.entries:
             new.setdefault(dest, []).append(event)
@@ -155,3 +150,52 @@ def new_destinations_text(comparison: Comparison, path: Path, regenerate: str) -
 
 def missing_text(path: Path, regenerate: str) -> str:
     return f"no contract at {path}; create it with: {regenerate}"
+
+
+def write_contract(path: Path, text: str) -> str | None:
+    """Write a contract file atomically: "created", "updated", or None when unchanged.
+
+    A reader (a concurrent test, an editor, git) sees the old file or the new
+    one, never a part: the text goes to a temporary file in the same directory,
+    which then replaces the contract. A failure leaves the old file as it was.
+    """
+    data = text.encode("utf-8")
+    before: bytes | None
+    mode: int | None
+    try:
+        before, mode = path.read_bytes(), path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        before, mode = None, None
+    if before == data:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # O_EXCL: never write through a file (or link) that is already there; mode per umask.
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if mode is not None:  # a rewritten contract keeps its permissions
+                os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return "created" if before is None else "updated"
+
+
+def audit_list(result: FenceResult) -> str:
+    """What `depfence audit` prints: each destination with the programs that contacted it."""
+    contract = Contract.from_events(result.events)
+    count = len(contract.entries)
+    if not count:
+        return f"depfence audit: nothing contacted while running {result.command}\n"
+    # The contract's entries, without its header: the list a contract file would hold.
+    body = ["  " + line for line in contract.render("audit", "").splitlines()[2:]]
+    head = (
+        f"depfence audit: {count} destination{'s' if count != 1 else ''} contacted "
+        f"while running {result.command}:"
+    )
+    return "\n".join([head, *body]) + "\n"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import EgressEvent, FenceResult
+from .render import annotation_message, report_target
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 FORMAT = "pytest-depfence-report/1"
@@ -24,6 +25,12 @@ def event_record(event: EgressEvent) -> dict[str, Any]:
     record = dataclasses.asdict(event)
     record["ancestry"] = [{"pid": pid, "cmdline": cmdline} for pid, cmdline in event.ancestry]
     return record
+
+
+def event_from_record(record: dict[str, Any]) -> EgressEvent:
+    """The event an `event_record` was made from (runs travel as dicts, e.g. from xdist)."""
+    ancestry = tuple((a["pid"], a["cmdline"]) for a in record["ancestry"])
+    return EgressEvent(**{**record, "ancestry": ancestry})
 
 
 def run_record(result: FenceResult, *, policy: str, mode: str, outage: str) -> dict[str, Any]:
@@ -40,6 +47,14 @@ def run_record(result: FenceResult, *, policy: str, mode: str, outage: str) -> d
         "events": [event_record(e) for e in result.events],
         "violations": [event_record(e) for e in result.violations],
     }
+
+
+def write_run(
+    path: str | Path, result: FenceResult, *, policy: str, mode: str, outage: str
+) -> None:
+    """`depfence run --json`: one run, as the session report holds it ($defs/run)."""
+    record = run_record(result, policy=policy, mode=mode, outage=outage)
+    Path(path).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 @dataclasses.dataclass
@@ -85,11 +100,11 @@ class SessionReport:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
 
-    def violations(self) -> Iterable[tuple[TestRuns, dict[str, Any], dict[str, Any]]]:
+    def violations(self) -> Iterable[tuple[TestRuns, dict[str, Any], EgressEvent]]:
         for tests in sorted(self.tests, key=lambda t: t.test_id):
             for run in tests.runs:
                 for violation in run["violations"]:
-                    yield tests, run, violation
+                    yield tests, run, event_from_record(violation)
 
     def github_annotations(self) -> list[str]:
         """`::error` (`::warning` when only audited) commands, one per violation, at the test."""
@@ -99,20 +114,17 @@ class SessionReport:
             if tests.line:
                 props.append(f"line={tests.line}")
             props.append(f"title={_escape_property(f'depfence: {tests.test_id}')}")
-            message = (
-                f"{target(v)} {v['verdict']} at {v['blocked_at'] or '-'}: "
-                f"{v['cmdline'] or 'unattributed'} (while running {run['command']})"
-            )
+            message = annotation_message(v, run["command"])
             # Audit mode recorded it without blocking: a warning, not an error.
-            level = "warning" if v["verdict"] == "allowed" else "error"
+            level = "warning" if v.verdict == "allowed" else "error"
             lines.append(f"::{level} {','.join(props)}::{_escape(message)}")
         return lines
 
     def step_summary(self) -> str:
         """A Markdown table for $GITHUB_STEP_SUMMARY: test, domain, command, verdict."""
         rows = [
-            f"| `{_cell(tests.test_id)}` | `{_cell(target(v))}` | `{_cell(v['cmdline'] or '?')}` "
-            f"| {v['verdict']} |"
+            f"| `{_cell(tests.test_id)}` | `{_cell(report_target(v))}` "
+            f"| `{_cell(v.cmdline or '?')}` | {v.verdict} |"
             for tests, _, v in self.violations()
         ]
         if not rows:
@@ -128,14 +140,6 @@ class SessionReport:
                 "",
             ]
         )
-
-
-def target(event: dict[str, Any]) -> str:
-    if event.get("address") is None:
-        qtype = f" ({event['qtype']})" if event.get("qtype") else ""
-        return f"{event.get('domain')}{qtype}"
-    name = f"{event['domain']} " if event.get("domain") else ""
-    return f"{name}{event['address']}:{event['port']}/{event['protocol']}"
 
 
 def _escape(text: str) -> str:

@@ -1,4 +1,5 @@
-"""The CLI's text and codes without a fence: log lines, exit codes, argument errors, doctor lines.
+"""The CLI's text and codes without a fence: exit codes, argument errors, help, audit and
+doctor lines (the event log lines: test_render).
 
 Argument errors must be caught before any fence is built: `Fence` is replaced
 by a stub that fails the test if anything tries to build one.
@@ -6,174 +7,23 @@ by a stub that fails the test if anything tries to build one.
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
-
 import pytest
+from event_factory import ALLOWED, connection, event, result
 
-from pytest_depfence import cli
-from pytest_depfence.events import EgressEvent, FenceResult
-
-GITHUB_SHAPE = (
-    "WARN DNS BLOCKED reason=FromDNSRequest blocked=true blockedAt=dns domain=github.com. "
-    'pid=266767 cmd="curl github.com " firewallMethod=blocklist'
-)
-
-
-def event(**overrides: Any) -> EgressEvent:
-    fields: dict[str, Any] = dict(
-        domain="github.com",
-        address=None,
-        port=53,
-        protocol="udp",
-        verdict="blocked",
-        blocked_at="dns",
-        rule='no_egress("github.com") [CLI flag --no-egress]',
-        pid=266767,
-        cmdline="curl github.com ",
-        qtype="A",
-        forbidden=True,
-        outage="nxdomain",
-    )
-    fields.update(overrides)
-    return EgressEvent(**fields)
-
-
-def connection(**overrides: Any) -> EgressEvent:
-    fields: dict[str, Any] = dict(
-        domain=None,
-        address="10.77.1.1",
-        port=443,
-        protocol="tcp",
-        verdict="blocked",
-        blocked_at="connect",
-        rule='no_egress("10.77.1.1")',
-        pid=42,
-        cmdline="curl https://10.77.1.1/",
-        qtype=None,
-        forbidden=True,
-        outage="refused",
-        learned_from="rule",
-    )
-    fields.update(overrides)
-    return event(**fields)
-
-
-# --------------------------------------------------------------------------- log lines
-
-
-def test_blocked_dns_keeps_githubs_shape_as_a_prefix() -> None:
-    assert cli.log_line(event(), "blocklist") == f"{GITHUB_SHAPE} qtype=A"
-
-
-def test_domain_gets_exactly_one_trailing_dot() -> None:
-    assert " domain=github.com. " in cli.log_line(event(domain="github.com."), "blocklist")
-
-
-def test_allowed_dns_is_info() -> None:
-    line = cli.log_line(
-        event(verdict="allowed", blocked_at=None, forbidden=False, outage=None, rule=None),
-        "allowlist",
-    )
-    assert line == (
-        "INFO DNS ALLOWED reason=FromDNSRequest blocked=false blockedAt=none "
-        'domain=github.com. pid=266767 cmd="curl github.com " firewallMethod=allowlist qtype=A'
-    )
-
-
-def test_audited_dns_is_warn_and_not_blocked() -> None:
-    line = cli.log_line(event(verdict="allowed", blocked_at=None, outage=None), "blocklist")
-    assert line.startswith("WARN DNS AUDITED reason=FromDNSRequest blocked=false blockedAt=none ")
-
-
-def test_name_resolved_for_a_reset_outage_is_forbidden_with_its_outage() -> None:
-    line = cli.log_line(event(verdict="allowed", blocked_at=None, outage="reset"), "blocklist")
-    assert line.startswith("WARN DNS FORBIDDEN reason=FromDNSRequest blocked=false ")
-    assert line.endswith(" firewallMethod=blocklist outage=reset qtype=A")
-
-
-def test_refused_connection() -> None:
-    assert cli.log_line(connection(), "blocklist") == (
-        "WARN CONN BLOCKED reason=FromConnect blocked=true blockedAt=connect "
-        "address=10.77.1.1 port=443 protocol=tcp pid=42 "
-        'cmd="curl https://10.77.1.1/" firewallMethod=blocklist learnedFrom=rule'
-    )
-
-
-def test_permitted_contact_is_info_with_its_name_and_ipv6_address() -> None:
-    line = cli.log_line(
-        connection(
-            domain="mirror.internal",
-            address="fd77::3:1",
-            port=80,
-            verdict="allowed",
-            blocked_at=None,
-            forbidden=False,
-            outage=None,
-            rule=None,
-            learned_from="dns, hosts file",
-        ),
-        "allowlist",
-    )
-    assert line == (
-        "INFO CONN ALLOWED reason=FromConnect blocked=false blockedAt=none "
-        "domain=mirror.internal. address=fd77::3:1 port=80 protocol=tcp pid=42 "
-        'cmd="curl https://10.77.1.1/" firewallMethod=allowlist learnedFrom="dns, hosts file"'
-    )
-
-
-def test_backstop_drop_of_an_ownerless_packet() -> None:
-    line = cli.log_line(
-        connection(
-            protocol="icmp",
-            port=0,
-            blocked_at="packet",
-            outage="dropped",
-            pid=None,
-            cmdline=None,
-            unattributed="a raw or ICMP socket",
-        ),
-        "blocklist",
-    )
-    assert line == (
-        "WARN CONN BLOCKED reason=FromPacket blocked=true blockedAt=packet "
-        'address=10.77.1.1 port=0 protocol=icmp pid=unknown cmd="" firewallMethod=blocklist '
-        'outage=dropped learnedFrom=rule unattributed="a raw or ICMP socket"'
-    )
-
-
-def test_dns_sent_past_the_proxy() -> None:
-    line = cli.log_line(
-        event(address="10.77.0.53", port=5300, blocked_at="packet", outage="dropped"),
-        "blocklist",
-    )
-    assert line == (
-        "WARN DNS BLOCKED reason=FromDNSBypass blocked=true blockedAt=packet domain=github.com. "
-        'address=10.77.0.53 port=5300 protocol=udp pid=266767 cmd="curl github.com " '
-        "firewallMethod=blocklist outage=dropped qtype=A"
-    )
-
-
-def test_command_line_quotes_are_escaped() -> None:
-    line = cli.log_line(event(cmdline='sh -c "curl x"'), "blocklist")
-    assert ' cmd="sh -c \\"curl x\\"" ' in line
-
+from pytest_depfence import cli, doctor, options
+from pytest_depfence.contract import audit_list
+from pytest_depfence.errors import ConfigError, FenceUnavailable
+from pytest_depfence.events import FenceResult
+from pytest_depfence.outages import OUTAGES
 
 # --------------------------------------------------------------------------- exit codes
-
-
-def result(returncode: int, *events: EgressEvent, timed_out: bool = False) -> FenceResult:
-    return FenceResult("cmd", returncode, "", "", timed_out=timed_out, events=events)
-
-
-ALLOWED = event(verdict="allowed", blocked_at=None, forbidden=False, outage=None)
 
 
 @pytest.mark.parametrize(
     ("outcome", "run_code", "audit_code"),
     [
-        (result(0, ALLOWED), 0, 0),
-        (result(7, ALLOWED), 7, 7),
+        (result(0, event(**ALLOWED)), 0, 0),
+        (result(7, event(**ALLOWED)), 7, 7),
         (result(0, event()), cli.VIOLATION_EXIT, 0),
         (result(7, event()), 7, 7),
         (result(-15), 143, 143),
@@ -238,6 +88,34 @@ def test_wrong_arguments_exit_125_before_any_fence(
     assert named in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "name", "value"),
+    [
+        ("--mode", "mode", "panic"),
+        ("--outage", "outage", "meltdown"),
+        ("--timeout", "timeout", "soon"),
+        ("--upstream", "upstream", "dns.google"),
+    ],
+)
+def test_settings_are_refused_in_the_words_of_the_plugin_and_library(
+    flag: str, name: str, value: str, no_fence: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError) as expected:
+        options.validate(name, value, flag)
+    assert cli.main(["run", flag, value, "--", "true"]) == cli.FENCE_ERROR_EXIT
+    assert capsys.readouterr().err == f"depfence: {expected.value}\n"
+
+
+def test_run_help_offers_every_outage_of_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["run", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "--outage {%s}" % ",".join(OUTAGES) in text
+    for outage in OUTAGES.values():
+        assert outage.name in text and outage.help.split()[0] in text
+
+
 def test_command_not_found_exits_127_before_any_fence(
     no_fence: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -249,15 +127,12 @@ def test_command_not_found_exits_127_before_any_fence(
 
 
 def test_regenerate_command_repeats_every_option_that_shapes_the_result() -> None:
-    args = argparse.Namespace(
-        lab=True,
-        upstream="10.77.0.53",
-        no_egress=["github.com", "*.githubusercontent.com"],
-        egress_only=[],
-        timeout=30.0,
-        write_contract="tests/depfence-contracts/deploy.contract",
-    )
-    assert cli.regenerate_command(args, ["./deploy.sh", "--config", "new cnf"]) == (
+    contract = "tests/depfence-contracts/deploy.contract"
+    argv = ["audit", "--lab", "--upstream", "10.77.0.53", "--no-egress", "github.com"]
+    argv += ["--no-egress", "*.githubusercontent.com", "--timeout", "30.0", "-q"]
+    argv += ["--write-contract", contract, "--", "./deploy.sh", "--config", "new cnf"]
+    plan = cli.plan(cli._parser().parse_args(argv))
+    assert cli.regenerate_command(plan, contract) == (
         "depfence audit --lab --upstream 10.77.0.53 --no-egress github.com "
         "--no-egress '*.githubusercontent.com' --timeout 30 "
         "--write-contract tests/depfence-contracts/deploy.contract -- ./deploy.sh --config "
@@ -270,31 +145,52 @@ def test_audit_list_names_each_destination_with_its_programs() -> None:
         event(),
         event(cmdline="python3 tools/update_check.py --quiet"),
         connection(cmdline="curl -s http://10.77.3.2/", address="10.77.3.2", port=80),
+        connection(cmdline="curl -s http://[fd77::3:2]/", address="fd77::3:2", port=80),
     )
-    text = cli.audit_list(result(0, *events))
+    text = audit_list(result(0, *events))
     assert text.splitlines() == [
-        "depfence audit: 2 destinations contacted while running cmd:",
-        "  10.77.3.2:80/tcp  curl",
-        "  github.com        curl, python3 update_check.py",
+        "depfence audit: 3 destinations contacted while running cmd:",
+        "  10.77.3.2:80/tcp    curl",
+        "  [fd77::3:2]:80/tcp  curl",
+        "  github.com          curl, python3 update_check.py",
     ]
-    assert cli.audit_list(result(0)) == "depfence audit: nothing contacted while running cmd\n"
+    assert audit_list(result(0)) == "depfence audit: nothing contacted while running cmd\n"
 
 
 def test_failing_check_shows_the_fix_once() -> None:
-    check = cli.Check("bcc", "FAIL", "bcc is not installed (looked in X)", "apt-get install y")
-    assert cli.format_check(check).splitlines() == [
+    check = doctor.Check("bcc", "FAIL", "bcc is not installed (looked in X)", "apt-get install y")
+    assert doctor.format_check(check).splitlines() == [
         "FAIL  bcc             bcc is not installed (looked in X)",
         " " * 22 + "fix: apt-get install y",
     ]
 
 
-def test_check_drops_the_fix_the_library_message_already_ends_with() -> None:
+def test_check_shows_the_fix_the_error_carries() -> None:
     def missing() -> str:
-        raise RuntimeError("bcc is not installed (looked in X); apt-get install y")
+        raise FenceUnavailable("bcc is not installed (looked in X)", fix="apt-get install y")
 
-    check = cli._check("bcc", missing, lambda _exc: "apt-get install y")
+    check = doctor.run_check("bcc", missing)
     assert (check.status, check.detail, check.fix) == (
         "FAIL",
         "bcc is not installed (looked in X)",
         "apt-get install y",
     )
+
+
+def test_check_without_a_carried_fix_falls_back_once() -> None:
+    from pytest_depfence.loader import BCC_INSTALL_HINT
+
+    def missing() -> str:  # the loader's message before its errors carry `fix`
+        raise FenceUnavailable(f"bcc is not installed (looked in X); {BCC_INSTALL_HINT}")
+
+    check = doctor.run_check("bcc", missing)
+    assert (check.detail, check.fix) == ("bcc is not installed (looked in X)", BCC_INSTALL_HINT)
+
+
+def test_a_failure_nobody_can_fix_in_advance_says_to_report_it() -> None:
+    def rejected() -> str:
+        raise RuntimeError("the kernel's verifier rejected the connect4 program")
+
+    check = doctor.run_check("compile+attach", rejected)
+    assert check.status == "FAIL" and check.fix is not None
+    assert "report it with this output" in check.fix

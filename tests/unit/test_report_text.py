@@ -2,37 +2,27 @@
 
 import pickle
 
+from event_factory import ALLOWED, event
+
 from pytest_depfence import EgressViolation
-from pytest_depfence.events import (
-    UNATTRIBUTED,
-    VIOLATION_HEADLINE,
-    EgressEvent,
-    FenceResult,
-    format_violations,
+from pytest_depfence.events import FenceResult
+from pytest_depfence.render import TIMED_OUT, UNATTRIBUTED, VIOLATION_HEADLINE, format_violations
+
+#: A query by a tool a deploy script runs, blocked by a marker's rule.
+DEPLOY = dict(
+    rule='no_egress("github.com") [marker at test_deploy.py:12]',
+    pid=4312,
+    cmdline="curl -fsSL https://github.com/org/tool/releases/latest/download/tool.tgz",
+    ancestry=((4301, "bash ./deploy/mysql.sh --config new.cnf"),),
 )
 
 
-def event(**overrides):
-    fields = dict(
-        domain="github.com",
-        address=None,
-        port=53,
-        protocol="udp",
-        verdict="blocked",
-        blocked_at="dns",
-        rule='no_egress("github.com") [marker at test_deploy.py:12]',
-        pid=4312,
-        cmdline="curl -fsSL https://github.com/org/tool/releases/latest/download/tool.tgz",
-        ancestry=((4301, "bash ./deploy/mysql.sh --config new.cnf"),),
-        qtype="A",
-        forbidden=True,
-    )
-    fields.update(overrides)
-    return EgressEvent(**fields)
+def deploy_event(**overrides):
+    return event(**{**DEPLOY, **overrides})
 
 
 def test_report_names_domain_rule_process_and_ancestry():
-    text = format_violations([event()], "./deploy/mysql.sh --config new.cnf")
+    text = format_violations([deploy_event()], "./deploy/mysql.sh --config new.cnf")
     lines = text.splitlines()
     assert lines[0] == VIOLATION_HEADLINE.format(
         count=1, s="", command="./deploy/mysql.sh --config new.cnf"
@@ -56,7 +46,7 @@ def test_report_names_domain_rule_process_and_ancestry():
 
 
 def test_report_counts_in_plural_and_lists_every_violation():
-    text = format_violations([event(), event(qtype="AAAA", pid=7, ancestry=())], "x")
+    text = format_violations([deploy_event(), deploy_event(qtype="AAAA", pid=7, ancestry=())], "x")
     assert text.splitlines()[0] == VIOLATION_HEADLINE.format(count=2, s="s", command="x")
     assert "github.com (AAAA)" in text
     assert "pid 7  curl" in text
@@ -64,7 +54,11 @@ def test_report_counts_in_plural_and_lists_every_violation():
 
 def test_unattributed_event_says_so_instead_of_naming_a_process():
     text = format_violations(
-        [event(pid=None, cmdline=None, ancestry=(), unattributed="no fenced socket sent this")],
+        [
+            deploy_event(
+                pid=None, cmdline=None, ancestry=(), unattributed="no fenced socket sent this"
+            )
+        ],
         "x",
     )
     assert UNATTRIBUTED.format(reason="no fenced socket sent this") in text
@@ -72,9 +66,7 @@ def test_unattributed_event_says_so_instead_of_naming_a_process():
 
 
 def test_result_derives_violations_and_sorted_unique_domains():
-    allowed = event(
-        domain="mirror.internal", verdict="allowed", blocked_at=None, rule=None, forbidden=False
-    )
+    allowed = event(**ALLOWED, domain="mirror.internal")
     audited = event(domain="api.github.com", verdict="allowed", forbidden=True)
     result = FenceResult("x", 0, "", "", events=(event(), allowed, event(qtype="AAAA"), audited))
     assert result.domains == ["api.github.com", "github.com", "mirror.internal"]
@@ -82,8 +74,18 @@ def test_result_derives_violations_and_sorted_unique_domains():
 
 
 def test_egress_violation_is_an_assertion_error_that_survives_pickling():
-    exc = EgressViolation(format_violations([event()], "x"), [event()])
+    exc = EgressViolation(format_violations([deploy_event()], "x"), [deploy_event()])
     assert isinstance(exc, AssertionError)
     copy = pickle.loads(pickle.dumps(exc))
     assert str(copy) == str(exc)
-    assert copy.violations == [event()]
+    assert copy.violations == [deploy_event()]
+
+
+def test_timed_out_run_says_so_in_the_headline():
+    text = format_violations([deploy_event()], "x", timed_out_after=2.5)
+    assert text.splitlines()[0] == VIOLATION_HEADLINE.format(
+        count=1, s="", command="x"
+    ) + TIMED_OUT.format(seconds=2.5)
+    assert text.splitlines()[0].endswith(
+        "(timed out after 2.5 s; everything it started was killed)"
+    )

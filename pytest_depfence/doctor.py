@@ -1,0 +1,244 @@
+"""`depfence doctor`: what a fence needs on this machine, checked step by step.
+
+Each check is a probe that says what it found, or raises. The fix comes with
+the error: a `FenceUnavailable(reason, fix=...)` is shown as its reason and
+its fix. `_fallback_fix` is the one place for advice an error does not carry.
+The last check builds what a fence builds: it compiles the eBPF programs and
+attaches them to a temporary cgroup, then detaches them and removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import FenceUnavailable
+
+#: Some check failed (or was skipped because an earlier one failed).
+FAILED_EXIT = 1
+
+EPILOG = """\
+examples:
+  sudo depfence doctor
+  DEPFENCE_BCC_PATH=/opt/bcc/python depfence doctor   # look for bcc only there
+
+Each check prints OK, FAIL (with what to do) or SKIP (needs an earlier check).
+The last check compiles the eBPF programs and attaches them to a temporary
+cgroup, then detaches them and removes it.
+
+exit codes: 0 when every check passes, 1 otherwise.
+"""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of `depfence doctor`: status OK, FAIL or SKIP, what was found, what to do."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str | None = None
+
+
+def run_check(name: str, probe: Callable[[], str]) -> Check:
+    """Run one probe: OK with what it found, or FAIL with why and what to do."""
+    try:
+        return Check(name, "OK", probe())
+    except Exception as exc:  # noqa: BLE001 - every failure is a finding, shown with its fix
+        if isinstance(exc, FenceUnavailable) and exc.fix:
+            return Check(name, "FAIL", exc.reason, exc.fix)
+        detail = str(exc).strip() or type(exc).__name__
+        advice = _fallback_fix(name, exc)
+        if detail.endswith(advice):  # the message already ends with the same advice
+            detail = detail[: -len(advice)].rstrip("; ")
+        return Check(name, "FAIL", detail, advice)
+
+
+def _fallback_fix(name: str, exc: Exception) -> str:
+    """What to do when the error carries no fix.
+
+    The loader's checks (privileges, cgroup v2, bcc, kernel headers, tracefs)
+    still raise without `fix`; these go when they carry one. compile+attach
+    keeps its text: what bcc or the verifier rejected has no fix known here.
+    """
+    if name == "privileges":
+        return "run it as root (sudo), or give it CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
+    if name == "cgroup v2":
+        return (
+            "mount -t cgroup2 none /sys/fs/cgroup/unified (hybrid layout), or boot "
+            "with systemd.unified_cgroup_hierarchy=1"
+        )
+    if name == "bcc":
+        from .loader import BCC_INSTALL_HINT
+
+        if "does not load" in str(exc):
+            return (
+                "apt-get install --reinstall python3-bpfcc (or point DEPFENCE_BCC_PATH elsewhere)"
+            )
+        return BCC_INSTALL_HINT
+    if name == "kernel headers":
+        release = platform.release()
+        return (
+            f"apt-get install linux-headers-{release}, or run scripts/bootstrap.sh; when this "
+            "kernel has no packaged headers, link any distro header tree (e.g. Debian's "
+            f"linux-headers-amd64) as /lib/modules/{release}/build: the programs use only "
+            "UAPI types"
+        )
+    if name == "tracefs":
+        return "mount -t tracefs nodev /sys/kernel/tracing"
+    if isinstance(exc, OSError):
+        return "attaching needs bpf_link for cgroups (Linux 5.7+) and root in this cgroup tree"
+    return (
+        "the message above is bcc's or the verifier's; check the kernel and bcc versions "
+        "(uname -r; depfence doctor) and report it with this output"
+    )
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def _privileges() -> str:
+    from .loader import check_privileges
+
+    check_privileges()
+    uid = os.geteuid()
+    return "root (uid 0)" if uid == 0 else f"uid {uid} with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"
+
+
+def _kernel() -> str:
+    release = platform.release()
+    numbers = [int(part) for part in release.split("-")[0].split(".")[:2] if part.isdigit()]
+    if len(numbers) < 2:
+        return f"{release} (version not understood; 5.8 or newer is needed)"
+    if tuple(numbers) < (5, 8):
+        raise FenceUnavailable(
+            f"Linux {release} is older than 5.8 (ring buffers 5.8, bpf_link for cgroups 5.7)",
+            fix="use Linux 5.8 or newer",
+        )
+    return f"Linux {release} (5.8 or newer is needed)"
+
+
+def _cgroup2() -> str:
+    from .cgroup import cgroup2_mount
+
+    mount = cgroup2_mount()
+    if not os.access(mount, os.W_OK):
+        raise FenceUnavailable(
+            f"cgroup v2 is mounted at {mount}, but it is not writable here",
+            fix="run it as root where the cgroup v2 tree is mounted read-write",
+        )
+    return f"mounted at {mount}"
+
+
+def _bcc() -> str:
+    from .loader import import_bcc
+
+    bcc = import_bcc()
+    version = getattr(bcc, "__version__", "unknown version")
+    init = getattr(bcc, "__file__", None)
+    where = Path(init).parent if init else "(built in)"
+    return f"{version} from {where}"
+
+
+def _headers() -> str:
+    from .loader import check_kernel_headers
+
+    build = check_kernel_headers()
+    real = build.resolve()
+    return f"{build}" + (f" -> {real}" if real != build else "")
+
+
+def _tracefs() -> str:
+    from .loader import tracefs_dir
+
+    where = tracefs_dir(mount=False)  # a check must not mount anything
+    if where is None:
+        return "not mounted; mountable at /sys/kernel/tracing (a fence mounts it on first use)"
+    return f"mounted at {where}"
+
+
+def _compile_and_attach() -> str:
+    from . import loader
+    from .cgroup import CgroupTree, FenceCgroup
+
+    started = time.monotonic()
+    programs = loader.load()
+    compiled = time.monotonic() - started
+    tree = CgroupTree()
+    tree.ensure()
+    try:
+        cgroup = FenceCgroup(tree.session, "doctor")
+        try:
+            links = programs.attach(cgroup.dir_fd)
+            for fd in links:
+                os.close(fd)
+        finally:
+            cgroup.close()
+        if cgroup.path.exists():
+            raise FenceUnavailable(
+                f"the temporary cgroup {cgroup.path} could not be removed",
+                fix=f"rmdir {cgroup.path} once nothing runs in it, and report this output",
+            )
+    finally:
+        tree.remove()
+    return (
+        f"{len(links)} programs compiled in {compiled:.1f} s, attached to {cgroup.path}, "
+        "then detached and removed"
+    )
+
+
+PROBES: tuple[tuple[str, Callable[[], str]], ...] = (
+    ("privileges", _privileges),
+    ("kernel", _kernel),
+    ("cgroup v2", _cgroup2),
+    ("bcc", _bcc),
+    ("kernel headers", _headers),
+    ("tracefs", _tracefs),
+)
+
+
+def doctor_checks() -> Iterator[Check]:
+    """Every check, in order; the compile-and-attach step runs only when the rest passed."""
+    failed = False
+    for name, probe in PROBES:
+        found = run_check(name, probe)
+        failed = failed or found.status != "OK"
+        yield found
+    if failed:
+        yield Check("compile+attach", "SKIP", "needs every check above to pass")
+    else:
+        yield run_check("compile+attach", _compile_and_attach)
+
+
+def format_check(check: Check) -> str:
+    lines = check.detail.splitlines() or [""]
+    out = [f"{check.status:<5} {check.name:<15} {lines[0]}"]
+    out += [f"{'':22}{line}" for line in lines[1:]]
+    if check.fix:
+        out.append(f"{'':22}fix: {check.fix}")
+    return "\n".join(out)
+
+
+def main() -> int:
+    """Print every check as it completes and a verdict; FAILED_EXIT unless all passed."""
+    print("depfence doctor: what a fence needs on this machine", flush=True)
+    checks = []
+    for found in doctor_checks():
+        checks.append(found)
+        print(format_check(found), flush=True)
+    failed = sum(c.status == "FAIL" for c in checks)
+    skipped = sum(c.status == "SKIP" for c in checks)
+    if not failed and not skipped:
+        print(f"all {len(checks)} checks passed: fences can be built here")
+        return 0
+    print(
+        f"{failed} of {len(checks)} checks failed"
+        + (f", {skipped} skipped" if skipped else "")
+        + "; fix them in order (later checks need the earlier ones)"
+    )
+    return FAILED_EXIT

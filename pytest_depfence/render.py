@@ -1,0 +1,181 @@
+"""Every text form of an egress event, written once.
+
+- the terminal: `format_event` (an event's lines) and `format_violations`
+  (the report a failing test or `depfence run` shows);
+- the CLI's event log: `log_line`, in the key=value shape of GitHub's fence;
+- destinations: `endpoint` ("ADDRESS:PORT/PROTO", an IPv6 address in
+  brackets) is the one way an address and port are written; `target` (the
+  terminal's), `report_target` (annotations, the step summary) and
+  `destination` (a contract line's key) are built on it.
+
+Tests import the constants, so the texts and the tests cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # render is imported by events (its shims); no import back at run time
+    from .events import EgressEvent
+
+#: First line of every violation report; tests import it so text and tests cannot drift.
+VIOLATION_HEADLINE = "{count} forbidden egress attempt{s} while running {command}"
+#: What a run that hit its timeout says (the CLI's log line; in the headline: TIMED_OUT).
+TIMED_OUT_TEXT = "timed out after {seconds:g} s; everything it started was killed"
+#: Appended to the headline when the run hit its timeout.
+TIMED_OUT = " (" + TIMED_OUT_TEXT + ")"
+#: Shown instead of a process when the kernel could not tell who sent a query.
+UNATTRIBUTED = "not attributed: {reason}"
+#: The outages every event has unless it says otherwise; texts leave them unsaid.
+DEFAULT_OUTAGES = ("nxdomain", "refused")
+
+
+# --------------------------------------------------------------------------- destinations
+
+
+def endpoint(address: str, port: int | None, protocol: str) -> str:
+    """`ADDRESS:PORT/PROTO`; an IPv6 address in brackets, so its port stays readable."""
+    host = f"[{address}]" if ":" in address else address
+    return f"{host}:{port}/{protocol}"
+
+
+def target(event: EgressEvent) -> str:
+    """What an event reached, as the terminal says it: a name (with its query type), an
+    endpoint, or for DNS sent past the proxy both (`github.com (A) to 10.0.0.53:53/udp`)."""
+    if event.address is None:
+        return f"{event.domain} ({event.qtype})" if event.qtype else str(event.domain)
+    where = endpoint(event.address, event.port, event.protocol)
+    if event.qtype:
+        return f"{event.domain} ({event.qtype}) to {where}"
+    return where
+
+
+def report_target(event: EgressEvent) -> str:
+    """What an event reached, as annotations and the step summary say it: the name, then
+    the endpoint when there is one (`github.com 140.82.112.3:443/tcp`)."""
+    if event.address is None:
+        return f"{event.domain} ({event.qtype})" if event.qtype else str(event.domain)
+    name = f"{event.domain} " if event.domain else ""
+    return name + endpoint(event.address, event.port, event.protocol)
+
+
+def destination(event: EgressEvent) -> str:
+    """A contract line's key: the DNS name, or the endpoint contacted without one."""
+    if event.domain is not None or event.address is None:
+        return str(event.domain)
+    return endpoint(event.address, event.port, event.protocol)
+
+
+# --------------------------------------------------------------------------- the terminal
+
+
+def violation_headline(count: int, command: str) -> str:
+    return VIOLATION_HEADLINE.format(count=count, s="" if count == 1 else "s", command=command)
+
+
+def format_event(event: EgressEvent) -> list[str]:
+    """The lines one event takes in a report."""
+    head = f"  {event.verdict:<8} {target(event):<22} at {event.blocked_at or '-':<8}"
+    if event.address is not None and not event.qtype:
+        learned = f", learned from {event.learned_from}" if event.learned_from else ""
+        head += f" ({event.domain or 'no name'}{learned})"
+    if event.outage and event.outage not in DEFAULT_OUTAGES:
+        head += f" [{event.outage}]"
+    if event.rule:
+        head += f" rule {event.rule}"
+    lines = [head.rstrip()]
+    if event.pid is None:
+        lines.append(" " * 11 + UNATTRIBUTED.format(reason=event.unattributed or "unknown"))
+    else:
+        lines.append(f"{'':11}pid {event.pid}  {event.cmdline or '?'}")
+    for pid, cmdline in event.ancestry:
+        lines.append(f"{'':11}via pid {pid} {cmdline}")
+    return lines
+
+
+def format_violations(
+    violations: list[EgressEvent], command: str, timed_out_after: float | None = None
+) -> str:
+    lines = [violation_headline(len(violations), command)]
+    if timed_out_after is not None:
+        lines[0] += TIMED_OUT.format(seconds=timed_out_after)
+    for event in violations:
+        lines.extend(format_event(event))
+    return "\n".join(lines)
+
+
+def annotation_message(event: EgressEvent, command: str) -> str:
+    """A GitHub annotation's message for one violation (before workflow-command escaping)."""
+    return (
+        f"{report_target(event)} {event.verdict} at {event.blocked_at or '-'}: "
+        f"{event.cmdline or 'unattributed'} (while running {command})"
+    )
+
+
+# --------------------------------------------------------------------------- the CLI's log
+
+
+def firewall_method(kind: str) -> str:
+    """The log's `firewallMethod` for a policy kind."""
+    return "allowlist" if kind == "egress_only" else "blocklist"
+
+
+def verdict_word(event: EgressEvent) -> str:
+    if event.verdict == "blocked":
+        return "BLOCKED"
+    if not event.forbidden:
+        return "ALLOWED"
+    # Forbidden but let through: audit mode (no outage), or a name resolved on purpose so
+    # that its connections meet the reset/blackhole outage.
+    return "AUDITED" if event.outage is None else "FORBIDDEN"
+
+
+def log_line(event: EgressEvent, method: str) -> str:
+    """One event in the key=value shape of GitHub's published fence.
+
+    DNS through the proxy: `reason=FromDNSRequest`; a DNS query sent past the
+    proxy and judged in the packet: `reason=FromDNSBypass` with the resolver's
+    address; a connection or datagram: `reason=FromConnect` (at connect/sendmsg)
+    or `FromPacket` (the backstop). Fields that GitHub's line lacks come after
+    `firewallMethod`, so its shape stays a prefix.
+    """
+    level = "WARN" if event.forbidden else "INFO"
+    if event.address is None:
+        kind, reason = "DNS", "FromDNSRequest"
+    elif event.qtype is not None:
+        kind, reason = "DNS", "FromDNSBypass"
+    else:
+        kind, reason = "CONN", "FromPacket" if event.blocked_at == "packet" else "FromConnect"
+    fields = [
+        f"reason={reason}",
+        f"blocked={'true' if event.verdict == 'blocked' else 'false'}",
+        f"blockedAt={event.blocked_at or 'none'}",
+    ]
+    if event.domain:
+        fields.append(f"domain={event.domain.rstrip('.')}.")
+    if event.address is not None:
+        fields += [f"address={event.address}", f"port={event.port}", f"protocol={event.protocol}"]
+    fields.append(f"pid={event.pid if event.pid is not None else 'unknown'}")
+    fields.append(f"cmd={quoted(event.cmdline or '')}")
+    fields.append(f"firewallMethod={method}")
+    if event.outage and event.outage not in DEFAULT_OUTAGES:
+        fields.append(f"outage={event.outage}")
+    if event.qtype:
+        fields.append(f"qtype={event.qtype}")
+    if event.learned_from:
+        fields.append(f"learnedFrom={logfmt_value(event.learned_from)}")
+    if event.pid is None:
+        fields.append(f"unattributed={logfmt_value(event.unattributed or 'unknown')}")
+    return f"{level} {kind} {verdict_word(event)} " + " ".join(fields)
+
+
+def quoted(text: str) -> str:
+    """A logfmt quoted value (JSON string rules: `"`, `\\` and control characters escaped)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def logfmt_value(text: str) -> str:
+    """A value as logfmt writes it: bare when it can be, else quoted."""
+    bare = text and not any(c.isspace() or c in '"=\\' for c in text)
+    return text if bare else quoted(text)
