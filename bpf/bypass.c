@@ -20,11 +20,10 @@
  * Bounded loops need 5.3.
  */
 
-#define DNS_NAME_MAX 128   /* longer names are not judged here (a power of two) */
-#define DNS_LABELS_MAX 32  /* nor are names of more labels (a power of two) */
-#define NAME_HASH_MUL 1099511628211ULL
-#define NAME_AND_BELOW 1   /* github.com: the name and every name below it */
-#define BELOW_ONLY 2       /* *.github.com: names below it only */
+/* From abi.h: DNS_NAME_MAX (longer names are not judged here), DNS_LABELS_MAX
+ * (nor are names of more labels), NAME_HASH_MUL, and the rule kinds
+ * NAME_AND_BELOW (github.com: it and every name below) and BELOW_ONLY
+ * (*.github.com: names below it only). */
 
 struct name_key {
     __u32 fence_id;
@@ -37,17 +36,12 @@ struct name_rule {
 };
 
 struct bypass_event {
-    __u64 ts;
-    __u64 cgid;
-    __u32 pid;
-    __u32 tid;
-    __u32 ip6[4];
-    __u16 port;          /* host order */
-    __u8 proto;
-    __u8 audited;
+    struct event_head head;
+    __u32 name_len;
     __u16 txid;
     __u16 qtype;
-    __u32 name_len;
+    __u8 audited;
+    __u8 pad[7];
     __u8 name[DNS_NAME_MAX];  /* wire form, lowercased */
 };
 
@@ -161,16 +155,8 @@ static __always_inline int judge_bypass(struct __sk_buff *skb, struct owner *o,
     __builtin_memset(ev, 0, sizeof(*ev));
     if (!forbidden_query(skb, off, fence, ev))
         return 1;
-    ev->ts = bpf_ktime_get_ns();
-    ev->cgid = o->cgid;
-    ev->pid = o->pid;
-    ev->tid = o->tid;
-    ev->ip6[0] = daddr[0];
-    ev->ip6[1] = daddr[1];
-    ev->ip6[2] = daddr[2];
-    ev->ip6[3] = daddr[3];
-    ev->port = bpf_ntohs(dport);
-    ev->proto = proto;
+    fill_head(&ev->head, o->cgid, ((__u64)o->pid << 32) | o->tid, daddr, bpf_ntohs(dport),
+              proto);
     ev->audited = (fence->flags & FENCE_AUDIT) ? 1 : 0;
     bypass_events.ringbuf_output(ev, sizeof(*ev), 0);
     return (fence->flags & FENCE_AUDIT) ? 1 : 0;

@@ -1,10 +1,12 @@
 /* The fence's kernel side, compiled once per process by bcc.
  *
+ *   abi.h       the constants shared with Python (-D flags, no defaults)
+ *   fence.h     maps, records and the event head every program shares
  *   procs.c     tracepoints: parent and argv of every fenced process
  *   mounts.c    tracepoints: pause a fenced process that changes its mounts
  *   sockaddr.c  connect4/6, sendmsg4/6, recvmsg4/6: DNS redirect, socket owners
  *   bypass.c    DNS queries that skip the proxy, judged by name in the packet
- *   egress.c    cgroup_skb egress: DNS message -> sending process, blackhole
+ *   egress.c    cgroup_skb egress: DNS message -> sending process, backstop, blackhole
  *
  * The sock_addr and skb programs are attached only to fence cgroups (one
  * bpf_link each, so they go away with the process that made them); the
@@ -16,3 +18,13 @@
 #include "sockaddr.c"
 #include "bypass.c"
 #include "egress.c"
+
+/* Never written nor read by a program: bcc derives this map's value type from
+ * the C, so userspace can compare every ring-buffer event struct with its
+ * ctypes mirror (kernel/abi.py RINGS; tests/integration/test_kernel_contract.py). */
+struct abi_check {
+    struct conn_event conn;
+    struct bypass_event bypass;
+    struct view_event view;
+};
+BPF_ARRAY(abi_check, struct abi_check, 1);

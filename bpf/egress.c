@@ -10,19 +10,20 @@
  * on another socket cannot be mistaken for this one.
  *
  * Packets of fenced sockets the sock_addr programs never saw (raw and ICMP
- * sockets) are judged here by destination, the backstop; a refused one is dropped and reported with no process (the kernel
- * cannot name the sender without a task helper this program type lacks
- * before 6.10). It is also where outage "blackhole" happens: packets to a refused address
- * vanish, so the script meets a host that is down the way hosts go down.
- * Everything else is let through: enforcement is done at connect time.
+ * sockets) are judged here by destination, the backstop; a refused one is
+ * dropped and reported with no process (the kernel cannot name the sender
+ * without a task helper this program type lacks before 6.10). It is also
+ * where outage "blackhole" happens: packets to a refused address vanish, so
+ * the script meets a host that is down the way hosts go down. Everything else
+ * is let through: enforcement is done at connect time.
  *
  * Helpers (program type BPF_PROG_TYPE_CGROUP_SKB), first kernel for this type:
- *   bpf_get_socket_cookie (skb)  4.12
- *   bpf_skb_cgroup_id            5.3 (for this program type)
- *   bpf_ringbuf_output           5.8
- *   bpf_ktime_get_ns             4.1
- *   bpf_skb_load_bytes           4.5
- *   bpf_map_lookup/update_elem   4.10 (LPM trie map 4.11)
+ *   bpf_get_socket_cookie (skb)   4.12
+ *   bpf_skb_cgroup_id             5.3 (for this program type)
+ *   bpf_ringbuf_output            5.8
+ *   bpf_ktime_get_ns              4.1
+ *   bpf_skb_load_bytes            4.5
+ *   bpf_map_lookup/update_elem    4.10 (LPM trie map 4.11)
  */
 
 #define IP_PROTO_OFF 9
@@ -33,19 +34,13 @@
 
 /* A packet from a fenced socket the sock_addr programs never saw (raw, ICMP):
  * judged here, by its destination, as the backstop. */
-static __always_inline int judge_ownerless(struct __sk_buff *skb, __u64 cgid,
-                                           struct fence_cfg *fence, __u32 *daddr, __u8 proto)
+static __always_inline int judge_ownerless(__u64 cgid, struct fence_cfg *fence, __u32 *daddr,
+                                           __u8 proto)
 {
     if (!refused(fence, daddr))
         return 1;
     struct conn_event e = {};
-    e.ts = bpf_ktime_get_ns();
-    e.cgid = cgid;
-    e.ip6[0] = daddr[0];
-    e.ip6[1] = daddr[1];
-    e.ip6[2] = daddr[2];
-    e.ip6[3] = daddr[3];
-    e.proto = proto;
+    fill_head(&e.head, cgid, 0, daddr, 0, proto);
     e.action = (fence->flags & FENCE_AUDIT) ? ACTION_AUDITED : ACTION_REFUSED;
     e.where = AT_PACKET;
     conn_events.ringbuf_output(&e, sizeof(e), 0);
@@ -82,7 +77,7 @@ int egress(struct __sk_buff *skb)
         return 1;
     }
     if (!o)
-        return judge_ownerless(skb, cgid, fence, daddr, proto);
+        return judge_ownerless(cgid, fence, daddr, proto);
     if (fence->outage == OUTAGE_BLACKHOLE && !(fence->flags & FENCE_AUDIT) &&
         refused(fence, daddr))
         return 0;

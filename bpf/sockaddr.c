@@ -100,18 +100,9 @@ static __always_inline int first_contact(struct bpf_sock_addr *ctx, __u64 cookie
 static __always_inline void report(struct bpf_sock_addr *ctx, __u64 cgid, __u32 *ip6,
                                    __u8 action, __u8 where)
 {
-    __u64 pid_tgid = bpf_get_current_pid_tgid();
     struct conn_event e = {};
-    e.ts = bpf_ktime_get_ns();
-    e.cgid = cgid;
-    e.pid = pid_tgid >> 32;
-    e.tid = (__u32)pid_tgid;
-    e.ip6[0] = ip6[0];
-    e.ip6[1] = ip6[1];
-    e.ip6[2] = ip6[2];
-    e.ip6[3] = ip6[3];
-    e.port = bpf_ntohs(ctx->user_port);
-    e.proto = ctx->protocol;
+    fill_head(&e.head, cgid, bpf_get_current_pid_tgid(), ip6, bpf_ntohs(ctx->user_port),
+              ctx->protocol);
     e.action = action;
     e.where = where;
     conn_events.ringbuf_output(&e, sizeof(e), 0);

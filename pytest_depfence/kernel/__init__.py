@@ -1,0 +1,48 @@
+"""The kernel side: the bcc toolkit, the C<->Python contract, and the loaded programs.
+
+    toolkit   finding bcc, checking the machine, compiling, bpf_link
+    abi       every constant, event struct and hash both C and Python use
+    programs  the program set loaded once per process, its maps and events
+
+The rest of the package uses only the names below.
+"""
+
+from __future__ import annotations
+
+from .abi import BypassEvent, ConnEvent, Owner, ProcRecord
+from .programs import KernelFence, Listener, Programs, load
+from .toolkit import (
+    BCC_INSTALL_HINT,
+    BCC_PATH_ENV,
+    MachineState,
+    bpf_source_dir,
+    check_kernel_headers,
+    check_privileges,
+    import_bcc,
+    preflight,
+    probe_link_support,
+    program_text,
+    tracefs_dir,
+)
+
+__all__ = [
+    "BCC_INSTALL_HINT",
+    "BCC_PATH_ENV",
+    "BypassEvent",
+    "ConnEvent",
+    "KernelFence",
+    "Listener",
+    "MachineState",
+    "Owner",
+    "ProcRecord",
+    "Programs",
+    "bpf_source_dir",
+    "check_kernel_headers",
+    "check_privileges",
+    "import_bcc",
+    "load",
+    "preflight",
+    "probe_link_support",
+    "program_text",
+    "tracefs_dir",
+]

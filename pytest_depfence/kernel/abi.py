@@ -1,0 +1,353 @@
+"""The C<->Python contract of the eBPF programs, in one place.
+
+Every constant both sides use is defined here and handed to the C as `-D`
+flags (`cflags()`); the C has no defaults of its own (bpf/abi.h stops the
+compile when one is missing). The ring-buffer events are mirrored as ctypes
+structs here, next to the sizes they depend on, and decoded into the
+dataclasses the rest of the package sees. The map structs need no mirror:
+bcc derives their Key/Leaf types from the C.
+
+The name hash of bpf/bypass.c (DNS that skips the proxy) is computed here for
+the rules userspace stores; tests/integration/test_kernel_contract.py checks
+both sides hash alike on real queries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ..addresses import as_address
+from ..outages import KERNEL_ACTIONS
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+# -- sizes ------------------------------------------------------------------------------
+
+#: Arguments of a process the kernel copies at exec, and the bytes kept of each.
+ARGC = 16
+ARGLEN = 256
+#: Process records kept at once (an LRU map: the oldest go first).
+MAX_PROCS = 4096
+#: Longest DNS name (wire form) and most labels bypass.c judges; powers of two (masks).
+DNS_NAME_MAX = 128
+DNS_LABELS_MAX = 32
+#: The multiplier of the name hash (the 64-bit FNV prime).
+NAME_HASH_MUL = 1099511628211
+
+
+# -- codes (each family's C names are its prefix + the member's name) -------------------
+
+
+class FenceFlag(enum.IntFlag):
+    """fence_cfg.flags."""
+
+    EGRESS_ONLY = 1  # addresses not allowed explicitly are refused
+    AUDIT = 2  # record what would be refused, refuse nothing
+
+
+class Verdict(enum.IntEnum):
+    """addr_rule.verdict: how an address of a fence is judged."""
+
+    BLOCK = 1
+    ALLOW = 2
+
+
+class Action(enum.IntEnum):
+    """conn_event.action; the lowercased name is ConnEvent.action."""
+
+    REFUSED = 1
+    RESET = 2
+    BLACKHOLE = 3
+    AUDITED = 4
+    ALLOWED = 5  # a permitted destination, reported once per socket
+
+
+class At(enum.IntEnum):
+    """conn_event.where; the lowercased name is ConnEvent.where."""
+
+    CONNECT = 1
+    SENDMSG = 2
+    PACKET = 3
+
+
+class ProcFlag(enum.IntFlag):
+    """proc.flags."""
+
+    TRUNCATED = 1  # more arguments, or a longer one, than fit
+    EXITED = 2  # the process has exited; the pid may be reused
+    EXECED = 4  # argv comes from an exec inside the fence
+
+
+class NameKind(enum.IntEnum):
+    """name_rule.kind (C names without a prefix)."""
+
+    NAME_AND_BELOW = 1  # github.com: the name and every name below it
+    BELOW_ONLY = 2  # *.github.com: names below it only
+
+
+#: What a refused connection meets (fence_cfg.outage): OUTAGE_<NAME>, code = index.
+OUTAGE_CODES: dict[str, int] = {name: code for code, name in enumerate(KERNEL_ACTIONS)}
+#: Policy rule kinds (policy.Rule.kind) as the kernel stores them.
+NAME_KINDS: dict[str, NameKind] = {
+    "name": NameKind.NAME_AND_BELOW,
+    "subdomains": NameKind.BELOW_ONLY,
+}
+PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+
+_FAMILIES: tuple[tuple[str, type[enum.IntEnum] | type[enum.IntFlag]], ...] = (
+    ("FENCE_", FenceFlag),
+    ("VERDICT_", Verdict),
+    ("ACTION_", Action),
+    ("AT_", At),
+    ("PROC_", ProcFlag),
+    ("", NameKind),
+)
+
+
+def defines() -> list[tuple[str, str]]:
+    """Every (C name, value) the programs are compiled with, in a stable order."""
+    pairs = [
+        ("DEPFENCE_ARGC", str(ARGC)),
+        ("DEPFENCE_ARGLEN", str(ARGLEN)),
+        ("DEPFENCE_MAX_PROCS", str(MAX_PROCS)),
+        ("DNS_NAME_MAX", str(DNS_NAME_MAX)),
+        ("DNS_LABELS_MAX", str(DNS_LABELS_MAX)),
+        ("NAME_HASH_MUL", f"{NAME_HASH_MUL}ULL"),
+    ]
+    for prefix, family in _FAMILIES:
+        pairs.extend((prefix + name, str(int(m))) for name, m in family.__members__.items())
+    pairs.extend((f"OUTAGE_{name.upper()}", str(code)) for name, code in OUTAGE_CODES.items())
+    return pairs
+
+
+def cflags() -> list[str]:
+    """The -D flags for bcc: the whole contract."""
+    return [f"-D{name}={value}" for name, value in defines()]
+
+
+# -- ring-buffer events ---------------------------------------------------------------
+
+
+class EventHead(ctypes.Structure):
+    """struct event_head (fence.h): the start of conn_event and bypass_event."""
+
+    _fields_ = [
+        ("ts", ctypes.c_uint64),  # bpf_ktime_get_ns: CLOCK_MONOTONIC
+        ("cgid", ctypes.c_uint64),  # the fence's cgroup (the registered one)
+        ("pid", ctypes.c_uint32),  # 0: not known (a packet with no recorded owner)
+        ("tid", ctypes.c_uint32),
+        ("ip6", ctypes.c_uint8 * 16),  # IPv4 as ::ffff:a.b.c.d
+        ("port", ctypes.c_uint16),  # host order
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+    ]
+
+
+class ConnEventStruct(ctypes.Structure):
+    """struct conn_event (fence.h)."""
+
+    _fields_ = [
+        ("head", EventHead),
+        ("action", ctypes.c_uint8),
+        ("where", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 6),
+    ]
+
+
+class BypassEventStruct(ctypes.Structure):
+    """struct bypass_event (bypass.c)."""
+
+    _fields_ = [
+        ("head", EventHead),
+        ("name_len", ctypes.c_uint32),
+        ("txid", ctypes.c_uint16),
+        ("qtype", ctypes.c_uint16),
+        ("audited", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
+        ("name", ctypes.c_uint8 * DNS_NAME_MAX),  # wire form, lowercased
+    ]
+
+
+class ViewEventStruct(ctypes.Structure):
+    """struct view_event (mounts.c)."""
+
+    _fields_ = [("cgid", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+#: Ring buffer -> the struct of its events; also the fields of depfence.c's abi_check map.
+RINGS: dict[str, tuple[str, type[ctypes.Structure]]] = {
+    "conn_events": ("conn", ConnEventStruct),
+    "bypass_events": ("bypass", BypassEventStruct),
+    "view_events": ("view", ViewEventStruct),
+}
+
+
+def layout_mismatches(
+    ours: type[ctypes.Structure], theirs: type[Any], where: str = ""
+) -> list[str]:
+    """How two ctypes structs differ in size, field offsets and sizes (nested ones too).
+
+    `theirs` is bcc's type for the C struct; fields it adds for padding are ignored.
+    """
+    path = where or ours.__name__
+    found = []
+    if ctypes.sizeof(ours) != ctypes.sizeof(theirs):
+        found.append(f"{path}: {ctypes.sizeof(ours)} bytes here, {ctypes.sizeof(theirs)} in C")
+    their_fields = {f[0]: f[1] for f in getattr(theirs, "_fields_", [])}
+    for field in ours._fields_:
+        name, kind = field[0], field[1]
+        mine, other = getattr(ours, name), getattr(theirs, name, None)
+        if other is None or name not in their_fields:
+            found.append(f"{path}.{name}: missing in C")
+        elif (mine.offset, mine.size) != (other.offset, other.size):
+            found.append(
+                f"{path}.{name}: offset {mine.offset} size {mine.size} here, "
+                f"offset {other.offset} size {other.size} in C"
+            )
+        elif isinstance(kind, type) and issubclass(kind, ctypes.Structure):
+            found.extend(layout_mismatches(kind, their_fields[name], f"{path}.{name}"))
+    return found
+
+
+# -- addresses and names ----------------------------------------------------------------
+
+
+def mapped(address: IPAddress) -> bytes:
+    """16 bytes as the programs store addresses: IPv4 as ::ffff:a.b.c.d."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return b"\0" * 10 + b"\xff\xff" + address.packed
+    return address.packed
+
+
+def unmapped(raw: bytes) -> IPAddress:
+    """An address as the programs store it, IPv4 again when it is v4-mapped."""
+    return as_address(ipaddress.IPv6Address(bytes(raw)))
+
+
+def to_wire(name: str) -> bytes:
+    """A dotted name in DNS wire form, lowercased: length-prefixed labels and a final zero."""
+    labels = [label for label in name.lower().encode("ascii").split(b".") if label]
+    return b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+
+
+def name_hash(name: str) -> int:
+    """The hash bypass.c computes for a name: its wire form, lowercased, hashed from its end."""
+    value = 0
+    for byte in reversed(to_wire(name)):
+        value = (value * NAME_HASH_MUL + byte) & 0xFFFFFFFFFFFFFFFF
+    return value
+
+
+def wire_name(raw: bytes) -> str:
+    """Dotted text of a DNS name in wire form (labels with length bytes, final zero)."""
+    labels, pos = [], 0
+    while pos < len(raw) and raw[pos]:
+        size = raw[pos]
+        labels.append(raw[pos + 1 : pos + 1 + size].decode("ascii", errors="replace"))
+        pos += size + 1
+    return ".".join(labels)
+
+
+# -- decoded events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnEvent:
+    """A connection or datagram: refused, would-be refused (audit), or permitted (first only)."""
+
+    time_ns: int  # CLOCK_MONOTONIC, comparable with time.monotonic_ns()
+    cgroup_id: int
+    pid: int
+    tid: int
+    address: IPAddress
+    port: int
+    protocol: str
+    action: str  # refused, reset, blackhole, audited, allowed (Action)
+    where: str  # connect, sendmsg, packet (At)
+
+
+@dataclass(frozen=True)
+class BypassEvent:
+    """A DNS query sent past the proxy (another resolver or port) for a forbidden name."""
+
+    time_ns: int
+    cgroup_id: int
+    pid: int
+    tid: int
+    address: IPAddress
+    port: int
+    protocol: str
+    name: str
+    qtype: int
+    txid: int
+    audited: bool
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process that owned a socket when it sent a message."""
+
+    pid: int
+    tid: int
+    cgroup_id: int
+
+
+@dataclass(frozen=True)
+class ProcRecord:
+    """What the kernel recorded of a fenced process."""
+
+    pid: int
+    ppid: int
+    argv: tuple[str, ...]
+    truncated: bool
+    exited: bool
+    cgroup_id: int
+
+
+def _code_name(family: type[enum.IntEnum], code: int) -> str:
+    try:
+        return family(code).name.lower()
+    except ValueError:
+        return str(code)
+
+
+def _head(head: EventHead) -> dict[str, Any]:
+    return {
+        "time_ns": head.ts,
+        "cgroup_id": head.cgid,
+        "pid": head.pid,
+        "tid": head.tid,
+        "address": unmapped(bytes(head.ip6)),
+        "port": head.port,
+        "protocol": PROTOCOLS.get(head.proto, str(head.proto)),
+    }
+
+
+def decode_conn(raw: ConnEventStruct) -> ConnEvent:
+    return ConnEvent(
+        **_head(raw.head),
+        action=_code_name(Action, raw.action),
+        where=_code_name(At, raw.where),
+    )
+
+
+def decode_bypass(raw: BypassEventStruct) -> BypassEvent:
+    return BypassEvent(
+        **_head(raw.head),
+        name=wire_name(bytes(raw.name)[: raw.name_len]),
+        qtype=raw.qtype,
+        txid=raw.txid,
+        audited=bool(raw.audited),
+    )
+
+
+def decode_argv(raw: bytes, argc: int) -> tuple[str, ...]:
+    """argv from proc.args: ARGC slots of ARGLEN bytes, each cut at its first NUL."""
+    return tuple(
+        raw[i * ARGLEN : (i + 1) * ARGLEN].split(b"\0", 1)[0].decode(errors="replace")
+        for i in range(min(argc, ARGC))
+    )

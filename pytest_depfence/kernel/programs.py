@@ -1,0 +1,287 @@
+"""The loaded program set, shared by every fence of this process.
+
+The C sources in `bpf/` are compiled by bcc the first time a fence is built
+in a process (`load()`); every later fence reuses the loaded programs and
+tells them apart by cgroup id. Programs are attached with bpf_link, so they
+are detached when this process exits, however it exits. One thread delivers
+ring-buffer events, to the listener subscribed for the event's fence cgroup.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import select
+import signal
+import threading
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable, Union
+
+from ..errors import FenceUnavailable
+from . import abi, toolkit
+from .abi import BypassEvent, ConnEvent, Owner, ProcRecord
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True)
+class KernelFence:
+    """What the kernel programs know of one fence cgroup."""
+
+    fence_id: int
+    proxy_port: int
+    refuser_port: int
+    egress_only: bool
+    audit: bool
+    outage: str  # an outages.KERNEL_ACTIONS entry: what a refused connection meets
+
+
+@dataclass(frozen=True)
+class Listener:
+    """What a fence run wants to hear from the kernel, called from the events thread."""
+
+    on_connection: Callable[[ConnEvent], None]
+    on_bypass: Callable[[BypassEvent], None]
+    #: A process of the fence changed its mounts and is stopped until this returns.
+    on_view_change: Callable[[int], None]
+
+
+def _delete_keys(table: Any, keys: list[Any]) -> None:
+    """Delete entries of a bcc table; ones already gone are fine."""
+    for key in keys:
+        try:
+            del table[key]
+        except KeyError:
+            pass
+
+
+class Programs:
+    """The loaded program set, shared by every fence of this process."""
+
+    def __init__(self, bcc: ModuleType, bpf: Any, fns: dict[str, Any]) -> None:
+        self.bcc = bcc
+        self._bpf = bpf
+        self._fns = fns
+        self._fences = bpf.get_table(b"fences")
+        self._flows = bpf.get_table(b"dnsflows")
+        self._procs = bpf.get_table(b"procs")
+        self._addrs = bpf.get_table(b"addrs")
+        self._names = bpf.get_table(b"names")
+        self._events_lock = threading.Lock()
+        self._listeners: dict[int, Listener] = {}
+        #: Ring buffer -> the sizes of the events received on it (the C's sizeof).
+        self.event_sizes: dict[str, set[int]] = {ring: set() for ring in abi.RINGS}
+        handlers = {
+            "conn_events": self._on_conn_event,
+            "bypass_events": self._on_bypass_event,
+            "view_events": self._on_view_event,
+        }
+        self._rings = []
+        for ring, handler in handlers.items():
+            table = bpf.get_table(ring.encode())
+            table.open_ring_buffer(handler)
+            self._rings.append(table)
+        # One thread delivers events as they come: a process paused by mounts.c
+        # waits for it. Consuming is serialized by _events_lock.
+        self._poller = threading.Thread(target=self._poll, name="depfence-events", daemon=True)
+        self._poller.start()
+
+    def table(self, name: str) -> Any:
+        """A map of the loaded programs by name (bcc table; for checks and debugging)."""
+        return self._bpf.get_table(name.encode())
+
+    # -- fences ---------------------------------------------------------------
+    def register(self, cgroup_id: int, fence: KernelFence) -> None:
+        leaf = self._fences.Leaf()
+        leaf.fence_id = fence.fence_id
+        leaf.proxy_port = fence.proxy_port
+        leaf.refuser_port = fence.refuser_port
+        leaf.flags = (abi.FenceFlag.EGRESS_ONLY if fence.egress_only else 0) | (
+            abi.FenceFlag.AUDIT if fence.audit else 0
+        )
+        leaf.outage = abi.OUTAGE_CODES[fence.outage]
+        self._fences[self._fences.Key(cgroup_id)] = leaf
+
+    def unregister(self, cgroup_id: int) -> None:
+        """Forget a fence cgroup and every process record made in it."""
+        try:
+            del self._fences[self._fences.Key(cgroup_id)]
+        except KeyError:
+            pass
+        _delete_keys(self._procs, [k for k, leaf in self._procs.items() if leaf.cgid == cgroup_id])
+
+    def attach(self, cgroup_fd: int) -> list[int]:
+        """Attach every cgroup program to one cgroup; returns the link fds (close to detach)."""
+        links: list[int] = []
+        try:
+            for name, attach_type in toolkit.ATTACH_TYPES.items():
+                links.append(toolkit.bpf_link_create(self._fns[name].fd, cgroup_fd, attach_type))
+        except OSError:
+            for fd in links:
+                os.close(fd)
+            raise
+        return links
+
+    # -- addresses ------------------------------------------------------------
+    def _addr_key(self, fence_id: int, network: IPNetwork) -> Any:
+        key = self._addrs.Key()
+        mapped_prefix = 96 if isinstance(network, ipaddress.IPv4Network) else 0
+        key.prefixlen = 32 + mapped_prefix + network.prefixlen
+        key.fence_id = fence_id
+        offset = type(key).ip6.offset
+        ctypes.memmove(ctypes.addressof(key) + offset, abi.mapped(network.network_address), 16)
+        return key
+
+    def add_network(self, fence_id: int, network: IPNetwork, verdict: str) -> None:
+        """Judge every address in `network` for this fence: "block" or "allow"."""
+        leaf = self._addrs.Leaf()
+        leaf.verdict = abi.Verdict[verdict.upper()]
+        self._addrs[self._addr_key(fence_id, network)] = leaf
+
+    def forget_networks(self, fence_id: int) -> None:
+        _delete_keys(self._addrs, [k for k in self._addrs.keys() if k.fence_id == fence_id])
+
+    # -- names, for DNS that skips the proxy ------------------------------------
+    def add_name(self, fence_id: int, name: str, kind: str) -> None:
+        """A name rule: "name" (it and below) or "subdomains" (below only)."""
+        key = self._names.Key()
+        key.fence_id = fence_id
+        key.hash = abi.name_hash(name)
+        leaf = self._names.Leaf()
+        leaf.kind = abi.NAME_KINDS[kind]
+        self._names[key] = leaf
+
+    def forget_names(self, fence_id: int) -> None:
+        _delete_keys(self._names, [k for k in self._names.keys() if k.fence_id == fence_id])
+
+    # -- events ---------------------------------------------------------------
+    def subscribe(self, cgroup_id: int, listener: Listener) -> None:
+        with self._events_lock:
+            self._listeners[cgroup_id] = listener
+
+    def unsubscribe(self, cgroup_id: int) -> None:
+        with self._events_lock:
+            self._listeners.pop(cgroup_id, None)
+
+    def consume_events(self) -> None:
+        """Deliver every event the kernel has queued, now, to its fence's listener."""
+        with self._events_lock:
+            self._bpf.ring_buffer_consume()
+
+    def _poll(self) -> None:
+        poller = select.epoll()
+        for table in self._rings:
+            poller.register(table.map_fd, select.EPOLLIN)
+        while True:
+            poller.poll()
+            self.consume_events()
+
+    def _received(self, ring: str, data: Any, size: int) -> Any:
+        """The event as its ctypes struct, or None when it is shorter than that struct."""
+        self.event_sizes[ring].add(size)
+        struct = abi.RINGS[ring][1]
+        if size < ctypes.sizeof(struct):
+            return None  # never read past what the kernel sent; the contract test flags it
+        return ctypes.cast(data, ctypes.POINTER(struct)).contents
+
+    def _on_conn_event(self, _ctx: Any, data: Any, size: int) -> None:
+        raw = self._received("conn_events", data, size)
+        if raw is None:
+            return
+        event = abi.decode_conn(raw)
+        listener = self._listeners.get(event.cgroup_id)
+        if listener is not None:
+            listener.on_connection(event)
+
+    def _on_bypass_event(self, _ctx: Any, data: Any, size: int) -> None:
+        raw = self._received("bypass_events", data, size)
+        if raw is None:
+            return
+        event = abi.decode_bypass(raw)
+        listener = self._listeners.get(event.cgroup_id)
+        if listener is not None:
+            listener.on_bypass(event)
+
+    def _on_view_event(self, _ctx: Any, data: Any, size: int) -> None:
+        raw = self._received("view_events", data, size)
+        if raw is None:
+            return
+        listener = self._listeners.get(raw.cgid)
+        try:
+            if listener is not None:
+                listener.on_view_change(raw.pid)
+        finally:
+            try:
+                os.kill(raw.pid, signal.SIGCONT)  # mounts.c stopped it until we had looked
+            except ProcessLookupError:
+                pass
+
+    # -- attribution ----------------------------------------------------------
+    def flow_owner(self, proto: str, proxy_port: int, client_port: int, txid: int) -> Owner | None:
+        key = self._flows.Key()
+        key.proxy_port = proxy_port
+        key.client_port = client_port
+        key.txid = txid if proto == "udp" else 0
+        key.proto = 17 if proto == "udp" else 6
+        try:
+            leaf = self._flows[key]
+        except KeyError:
+            return None
+        return Owner(pid=leaf.pid, tid=leaf.tid, cgroup_id=leaf.cgid)
+
+    def process(self, pid: int) -> ProcRecord | None:
+        try:
+            leaf = self._procs[self._procs.Key(pid)]
+        except KeyError:
+            return None
+        # A char-array field reads back cut at the first NUL; take the raw bytes.
+        offset = type(leaf).args.offset
+        raw = ctypes.string_at(ctypes.addressof(leaf) + offset, abi.ARGC * abi.ARGLEN)
+        return ProcRecord(
+            pid=pid,
+            ppid=leaf.ppid,
+            argv=abi.decode_argv(raw, leaf.argc),
+            truncated=bool(leaf.flags & abi.ProcFlag.TRUNCATED),
+            exited=bool(leaf.flags & abi.ProcFlag.EXITED),
+            cgroup_id=leaf.cgid,
+        )
+
+
+# -- once per process ---------------------------------------------------------------------
+
+_lock = threading.Lock()
+_programs: Programs | None = None
+_failure: FenceUnavailable | None = None
+
+
+def load() -> Programs:
+    """Compile and load the programs once per process; raise FenceUnavailable with the reason."""
+    global _programs, _failure
+    with _lock:
+        if _programs is not None:
+            return _programs
+        if _failure is not None:
+            raise _failure
+        try:
+            _programs = _compile()
+        except FenceUnavailable as exc:
+            _failure = exc
+            raise
+        return _programs
+
+
+def _compile() -> Programs:
+    toolkit.preflight()
+    toolkit.tracefs_dir()
+    bcc = toolkit.import_bcc()
+    bpf = toolkit.compile_programs(bcc, toolkit.program_text(), abi.cflags())
+    fns: dict[str, Any] = {}
+    for name, attach_type in toolkit.ATTACH_TYPES.items():
+        prog_type = (
+            toolkit.PROG_TYPE_CGROUP_SKB if name == "egress" else toolkit.PROG_TYPE_CGROUP_SOCK_ADDR
+        )
+        fns[name] = toolkit.load_program(bpf, name, prog_type, attach_type)
+    toolkit.probe_link_support(fns["connect4"].fd)
+    return Programs(bcc, bpf, fns)

@@ -1,0 +1,342 @@
+"""The toolkit side: bcc, the machine it needs, compiling and attaching.
+
+Everything here is about *how* programs get into the kernel: finding the
+distro's bcc from a virtualenv, checking privileges, kernel headers and
+tracefs, compiling the C with its -D contract (capturing what clang and the
+verifier print), and attaching with bpf_link. What the programs *are* lives
+in `abi` and `programs`. Every failure is a FenceUnavailable whose `reason`
+says what is missing and whose `fix` says what to run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import importlib.util
+import os
+import platform
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, cast
+
+from ..cgroup import cgroup2_mount
+from ..errors import FenceUnavailable
+
+#: Set to a path list to say where the distro's `bcc` package lives (and only there).
+BCC_PATH_ENV = "DEPFENCE_BCC_PATH"
+BCC_INSTALL_HINT = (
+    "install the distro package: apt-get install python3-bpfcc "
+    "(bcc is not on PyPI; the PyPI package named 'bcc' is unrelated)"
+)
+BCC_REINSTALL_HINT = (
+    "apt-get install --reinstall python3-bpfcc (or point DEPFENCE_BCC_PATH elsewhere)"
+)
+_DISTRO_DIRS = (
+    "/usr/lib/python3/dist-packages",
+    f"/usr/lib/python3.{sys.version_info.minor}/site-packages",
+    f"/usr/lib64/python3.{sys.version_info.minor}/site-packages",
+    "/usr/local/lib/python3/dist-packages",
+)
+
+#: Program name (a function of depfence.c) -> enum bpf_attach_type (uapi/linux/bpf.h).
+ATTACH_TYPES = {
+    "connect4": 10,  # BPF_CGROUP_INET4_CONNECT
+    "connect6": 11,  # BPF_CGROUP_INET6_CONNECT
+    "sendmsg4": 14,  # BPF_CGROUP_UDP4_SENDMSG
+    "sendmsg6": 15,  # BPF_CGROUP_UDP6_SENDMSG
+    "recvmsg4": 19,  # BPF_CGROUP_UDP4_RECVMSG
+    "recvmsg6": 20,  # BPF_CGROUP_UDP6_RECVMSG
+    "egress": 1,  # BPF_CGROUP_INET_EGRESS
+}
+PROG_TYPE_CGROUP_SKB = 8
+PROG_TYPE_CGROUP_SOCK_ADDR = 18
+_BPF_LINK_CREATE = 28
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+
+# Capabilities a fence needs (include/uapi/linux/capability.h).
+_CAP_NET_ADMIN = 12
+_CAP_SYS_ADMIN = 21
+_CAP_BPF = 39
+
+
+# -- sources ----------------------------------------------------------------------------
+
+
+def bpf_source_dir() -> Path:
+    """The C sources: inside the wheel, or `bpf/` beside the package in a checkout."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "bpf", package.parent / "bpf"):
+        if (candidate / "depfence.c").is_file():
+            return candidate
+    raise FenceUnavailable(
+        f"the eBPF sources (depfence.c) are missing from {package / 'bpf'}",
+        fix="reinstall pytest-depfence (the wheel carries them as pytest_depfence/bpf)",
+    )
+
+
+def program_text(src: Path | None = None) -> str:
+    """The C that bcc compiles: depfence.c with its local includes inlined.
+
+    bcc rewrites TRACEPOINT_PROBE argument structs only in the main text, so the
+    per-concern files are inlined rather than #included. Print this to debug
+    (with `abi.cflags()` for the defines).
+    """
+    src = src or bpf_source_dir()
+
+    def expand(name: str, seen: set[str]) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        out = []
+        for line in (src / name).read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith('#include "') and stripped.endswith('"'):
+                out.append(expand(stripped[len('#include "') : -1], seen))
+            else:
+                out.append(line)
+        return "\n".join(out)
+
+    return expand("depfence.c", set())
+
+
+# -- the machine ------------------------------------------------------------------------
+
+
+def import_bcc() -> ModuleType:
+    """Import the distro's bcc into this interpreter without adding the distro's site-packages."""
+    if "bcc" in sys.modules:
+        return sys.modules["bcc"]
+    configured = os.environ.get(BCC_PATH_ENV)
+    if configured is None:
+        try:
+            import bcc  # noqa: PLC0415
+
+            return cast(ModuleType, bcc)
+        except ImportError:
+            dirs: list[str] = list(_DISTRO_DIRS)
+    else:
+        dirs = [d for d in configured.split(os.pathsep) if d]
+    for d in dirs:
+        module = _import_bcc_from(Path(d) / "bcc" / "__init__.py")
+        if module is not None:
+            return module
+    where = f"{BCC_PATH_ENV}={configured!r}" if configured is not None else ", ".join(dirs)
+    raise FenceUnavailable(f"bcc is not installed (looked in {where})", fix=BCC_INSTALL_HINT)
+
+
+def _import_bcc_from(init: Path) -> ModuleType | None:
+    if not init.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(
+        "bcc", init, submodule_search_locations=[str(init.parent)]
+    )
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bcc"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules["bcc"]
+        raise FenceUnavailable(
+            f"bcc at {init.parent} does not load: {exc}", fix=BCC_REINSTALL_HINT
+        ) from exc
+    return module
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> None:
+    caps = _effective_caps()
+    needed = {"CAP_SYS_ADMIN": _CAP_SYS_ADMIN, "CAP_NET_ADMIN": _CAP_NET_ADMIN}
+    # Before 5.8 there is no CAP_BPF and CAP_SYS_ADMIN covers it.
+    if not caps & (1 << _CAP_SYS_ADMIN):
+        needed["CAP_BPF"] = _CAP_BPF
+    missing = [name for name, bit in needed.items() if not caps & (1 << bit)]
+    if missing:
+        raise FenceUnavailable(
+            "a fence needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); "
+            f"this process (uid {os.geteuid()}) lacks {', '.join(missing)}",
+            fix="run it as root (sudo), or give it CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN",
+        )
+
+
+def check_kernel_headers() -> Path:
+    release = platform.release()
+    build = Path("/lib/modules") / release / "build"
+    if not (build / "include").is_dir():
+        raise FenceUnavailable(
+            f"no kernel header tree at {build} (bcc compiles the eBPF programs against it)",
+            fix=(
+                f"apt-get install linux-headers-{release}, or run scripts/bootstrap.sh; when "
+                "this kernel has no packaged headers, link any distro header tree (e.g. "
+                f"Debian's linux-headers-amd64) as {build}: the programs use only UAPI types"
+            ),
+        )
+    return build
+
+
+def tracefs_dir(mount: bool = True) -> Path | None:
+    """Where tracepoint formats live. With `mount`, mounts tracefs when nothing is mounted;
+    without, only checks that it could be (None: mountable, not mounted yet)."""
+    for candidate in (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing")):
+        if (candidate / "events").is_dir():
+            return candidate
+    target = Path("/sys/kernel/tracing")
+    if not mount and target.is_dir():
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if target.is_dir() and libc.mount(b"nodev", str(target).encode(), b"tracefs", 0, None) == 0:
+        return target
+    err = ctypes.get_errno()
+    raise FenceUnavailable(
+        f"tracefs is not mounted and mounting it at {target} failed ({os.strerror(err)})",
+        fix=f"mount -t tracefs nodev {target}",
+    )
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """What a fence is built from on this machine (shown in pytest's header)."""
+
+    kernel: str
+    cgroup2: Path
+    bcc_version: str
+
+    def describe(self) -> str:
+        return f"kernel {self.kernel}, cgroup2 at {self.cgroup2}, bcc {self.bcc_version}"
+
+
+def preflight() -> MachineState:
+    """Check every part a fence needs, without compiling; FenceUnavailable names the first gap."""
+    check_privileges()
+    bcc = import_bcc()
+    check_kernel_headers()
+    mount = cgroup2_mount()
+    tracefs_dir(mount=False)  # a header or doctor check must not mount anything
+    return MachineState(platform.release(), mount, bcc_version(bcc))
+
+
+def bcc_version(bcc: ModuleType) -> str:
+    return str(getattr(bcc, "__version__", "unknown"))
+
+
+# -- compiling and loading --------------------------------------------------------------
+
+
+class StderrCapture:
+    """Capture what C code writes to fd 2 (bcc prints compiler and verifier logs there)."""
+
+    def __enter__(self) -> StderrCapture:
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        self.text = ""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode(errors="replace").strip()
+        self._file.close()
+
+
+def _captured(call: Callable[[], Any]) -> tuple[Any, Exception | None, str]:
+    """(result, exception, what C code printed to stderr meanwhile)."""
+    with StderrCapture() as log:
+        try:
+            return call(), None, ""
+        except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception; reported below
+            failure = exc
+    return None, failure, log.text
+
+
+def compile_programs(bcc: ModuleType, text: str, cflags: list[str]) -> Any:
+    """bcc's BPF object for `text` (clang runs here, in memory)."""
+    bpf, failure, log = _captured(lambda: bcc.BPF(text=text.encode(), cflags=cflags))
+    if failure is None:
+        return bpf
+    raise FenceUnavailable(
+        f"bcc {bcc_version(bcc)} could not compile the eBPF programs: {failure}"
+        + (f"\nclang said:\n{log}" if log else ""),
+        fix=(
+            "check that the kernel header tree matches this kernel (depfence doctor); "
+            "print the C with pytest_depfence.kernel.program_text() and report it with "
+            "this output"
+        ),
+    ) from failure
+
+
+#: Lines only a verifier log has: an instruction dump, or the verifier's own summary.
+_VERIFIER_LOG = re.compile(r"^\d+: \(|^processed \d+ insns|^verification time", re.MULTILINE)
+
+
+def load_program(bpf: Any, name: str, prog_type: int, attach_type: int) -> Any:
+    """Load one function of the compiled object as a program; say exactly what failed."""
+    fn, failure, log = _captured(
+        lambda: bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
+    )
+    if failure is None:
+        return fn
+    if isinstance(failure, TypeError):
+        raise FenceUnavailable(
+            f"this bcc's BPF.load_func() cannot load the {name} program: {failure} "
+            "(sock_addr programs need attach_type at load time)",
+            fix="use bcc 0.19 or newer (Debian 12: python3-bpfcc 0.26; Ubuntu 24.04: 0.29)",
+        ) from failure
+    if _VERIFIER_LOG.search(log):
+        reason = f"the kernel's verifier rejected the {name} program: {failure}\n{log}"
+        fix = "report it with this output, uname -r and the bcc version (depfence doctor)"
+    else:
+        reason = f"loading the {name} program failed: {failure}" + (
+            f"\nbcc said:\n{log}" if log else ""
+        )
+        fix = "check the kernel (5.8+ with BPF enabled) and privileges with: depfence doctor"
+    raise FenceUnavailable(reason, fix=fix) from failure
+
+
+# -- attaching --------------------------------------------------------------------------
+
+
+def bpf_link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A bpf_link of a program to a cgroup: it detaches when the fd is closed or we die."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 16)()  # union bpf_attr, zero-padded
+    attr[0], attr[1], attr[2], attr[3] = prog_fd, target_fd, attach_type, 0
+    fd = libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_LINK_CREATE: {os.strerror(err)}")
+    return int(fd)
+
+
+def probe_link_support(prog_fd: int) -> None:
+    """bpf_link for cgroups arrived in 5.7; say so plainly instead of failing per fence."""
+    try:
+        bpf_link_create(prog_fd, -1, ATTACH_TYPES["connect4"])
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ENOTDIR):
+            return
+        if exc.errno == errno.EINVAL:
+            raise FenceUnavailable(
+                f"this kernel ({platform.release()}) cannot attach cgroup programs with bpf_link",
+                fix="use Linux 5.8 or newer (bpf_link for cgroups 5.7, ring buffers 5.8)",
+            ) from exc
+        raise FenceUnavailable(
+            f"probing bpf_link support failed: {exc}",
+            fix="check privileges and the kernel with: depfence doctor",
+        ) from exc
