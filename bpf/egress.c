@@ -12,14 +12,18 @@
  * Packets of fenced sockets the sock_addr programs never saw (raw and ICMP
  * sockets) are judged here by destination, the backstop; a refused one is
  * dropped and reported with no process (the kernel cannot name the sender
- * without a task helper this program type lacks before 6.10). It is also
- * where outage "blackhole" happens: packets to a refused address vanish, so
- * the script meets a host that is down the way hosts go down. Everything else
- * is let through: enforcement is done at connect time.
+ * without a task helper this program type lacks before 6.10). Such a socket
+ * may live in a sub-cgroup of the fence (a script's own cgroup, a container),
+ * so its fence is found by walking the packet's cgroup up, and the event names
+ * the fence's cgroup. It is also where outage "blackhole" happens: packets to
+ * a refused address vanish, so the script meets a host that is down the way
+ * hosts go down. Everything else is let through: enforcement is done at
+ * connect time.
  *
  * Helpers (program type BPF_PROG_TYPE_CGROUP_SKB), first kernel for this type:
  *   bpf_get_socket_cookie (skb)   4.12
  *   bpf_skb_cgroup_id             5.3 (for this program type)
+ *   bpf_skb_ancestor_cgroup_id    5.8 (for this program type; tc has it from 4.19)
  *   bpf_ringbuf_output            5.8
  *   bpf_ktime_get_ns              4.1
  *   bpf_skb_load_bytes            4.5
@@ -32,8 +36,34 @@
 #define IP6_DADDR_OFF 24
 #define IP6_HDR_LEN 40
 
+/* The fence of a packet's socket: its cgroup when registered, else the
+ * registered ancestor closest to the root -- the walk fence_of_current() does
+ * for tasks, so both kinds of program agree on which fence a socket is in.
+ * *fence_id gets the fence cgroup's id. */
+static __always_inline struct fence_cfg *fence_of_skb(struct __sk_buff *skb, __u64 *fence_id)
+{
+    __u64 id = bpf_skb_cgroup_id(skb);
+    struct fence_cfg *fence = fences.lookup(&id);
+    if (fence) {
+        *fence_id = id;
+        return fence;
+    }
+#pragma unroll
+    for (int level = 1; level < DEPFENCE_MAX_LEVEL; level++) {
+        id = bpf_skb_ancestor_cgroup_id(skb, level);
+        if (!id)
+            break;  /* deeper than the socket's own cgroup */
+        fence = fences.lookup(&id);
+        if (fence) {
+            *fence_id = id;
+            return fence;
+        }
+    }
+    return 0;
+}
+
 /* A packet from a fenced socket the sock_addr programs never saw (raw, ICMP):
- * judged here, by its destination, as the backstop. */
+ * judged here, by its destination, as the backstop. cgid is the fence's. */
 static __always_inline int judge_ownerless(__u64 cgid, struct fence_cfg *fence, __u32 *daddr,
                                            __u8 proto)
 {
@@ -51,8 +81,14 @@ int egress(struct __sk_buff *skb)
 {
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct owner *o = sockets.lookup(&cookie);
-    __u64 cgid = o ? o->cgid : bpf_skb_cgroup_id(skb);
-    struct fence_cfg *fence = fences.lookup(&cgid);
+    __u64 cgid = 0;
+    struct fence_cfg *fence;
+    if (o) {
+        cgid = o->cgid;  /* already the fence's: sockaddr.c walked the task's cgroup */
+        fence = fences.lookup(&cgid);
+    } else {
+        fence = fence_of_skb(skb, &cgid);
+    }
     if (!fence)
         return 1;
 

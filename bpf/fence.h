@@ -126,7 +126,8 @@ BPF_RINGBUF_OUTPUT(conn_events, 256);
 /* The fence the current task is in: its own cgroup when registered, else the
  * registered ancestor closest to the root (levels are walked from the top), so
  * a sub-cgroup made inside a fence (a service, a container) is still fenced.
- * *fence_id gets the fence cgroup's id, which every record uses. */
+ * *fence_id gets the fence cgroup's id, which every record uses. egress.c's
+ * fence_of_skb() walks a packet's cgroup the same way. */
 static __always_inline struct fence_cfg *fence_of_current(__u64 *fence_id)
 {
     __u64 id = bpf_get_current_cgroup_id();
