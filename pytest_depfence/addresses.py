@@ -30,7 +30,7 @@ FROM_RULE = "rule"
 
 
 class AddressSink(Protocol):
-    """The kernel side (loader.Programs): what a fence's address trie holds."""
+    """The kernel side (kernel.Programs): what a fence's address trie holds."""
 
     def add_network(self, fence_id: int, network: IPNetwork, verdict: str) -> None: ...
 

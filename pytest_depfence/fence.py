@@ -23,8 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import IO, Any
 
-from . import loader as kernel  # integration: switch to .kernel
-from . import options
+from . import kernel, options
 from .addresses import AddressBook, hosts_entries, resolve
 from .cgroup import CgroupTree, FenceCgroup
 from .dnsproxy import DnsProxy, Query

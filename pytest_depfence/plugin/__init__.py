@@ -83,7 +83,7 @@ def _upstream(config: pytest.Config) -> str | None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from ..loader import preflight
+    from ..kernel import preflight
 
     upstream = _upstream(config) or "first nameserver of /etc/resolv.conf"
     lab = config.stash.get(LAB_KEY, None)
@@ -125,7 +125,7 @@ def fenced(request: pytest.FixtureRequest) -> Iterator[Fence]:
     attempt raises EgressViolation naming the domain and the command line.
     """
     from ..fence import Fence
-    from ..loader import load
+    from ..kernel import load
     from ..policy import Policy
 
     config = request.config

@@ -84,7 +84,7 @@ def fences(
     """Open library-API fences (upstream: the lab resolver); all are closed at teardown."""
     from pytest_depfence import Fence
     from pytest_depfence.errors import FenceUnavailable
-    from pytest_depfence.loader import load
+    from pytest_depfence.kernel import load
 
     try:
         load()

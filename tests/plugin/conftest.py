@@ -17,7 +17,7 @@ import pytest
 from plugin_helpers import INNER_TIMEOUT, plugin_args
 
 from pytest_depfence.errors import FenceUnavailable
-from pytest_depfence.loader import BCC_PATH_ENV
+from pytest_depfence.kernel import BCC_PATH_ENV
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -68,7 +68,7 @@ def run(
 @pytest.fixture(scope="session")
 def fence_buildable() -> None:
     """Skip unless this machine can build a fence (root, bcc, headers, cgroup v2, tracefs)."""
-    from pytest_depfence.loader import preflight
+    from pytest_depfence.kernel import preflight
 
     try:
         preflight()

@@ -9,7 +9,7 @@ import sys
 import pytest
 from plugin_helpers import INNER_TIMEOUT, PLUGIN, ROOT, lit, plugin_args
 
-from pytest_depfence.loader import BCC_PATH_ENV
+from pytest_depfence.kernel import BCC_PATH_ENV
 from pytest_depfence.plugin import MARKERS, UNAVAILABLE
 
 OPTIONS = (

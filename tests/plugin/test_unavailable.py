@@ -9,7 +9,7 @@ from plugin_helpers import lit
 
 from pytest_depfence.cgroup import cgroup2_mount
 from pytest_depfence.errors import FenceUnavailable
-from pytest_depfence.loader import BCC_INSTALL_HINT
+from pytest_depfence.kernel import BCC_INSTALL_HINT
 from pytest_depfence.plugin import UNAVAILABLE
 
 MIXED = """
@@ -97,7 +97,7 @@ def test_header_names_the_reason_when_bcc_is_hidden(run, pytester):
 @pytest.fixture
 def machine_line() -> str:
     """What the header's machine part reads on this machine (kernel, cgroup2, bcc)."""
-    from pytest_depfence.loader import preflight
+    from pytest_depfence.kernel import preflight
 
     try:
         preflight()

@@ -1,10 +1,10 @@
 """Attribution from the kernel's process records.
 
-`Records` stands in for loader.Programs (the BPF `procs` map): it returns
+`Records` stands in for kernel.Programs (the BPF `procs` map): it returns
 ProcRecord values the way the kernel would have recorded them.
 """
 
-from pytest_depfence.loader import ProcRecord
+from pytest_depfence.kernel import ProcRecord
 from pytest_depfence.procinfo import attribute, cmdline_of
 
 CG = 1234
