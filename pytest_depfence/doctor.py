@@ -2,7 +2,7 @@
 
 Each check is a probe that says what it found, or raises. The fix comes with
 the error: a `FenceUnavailable(reason, fix=...)` is shown as its reason and
-its fix. `_fallback_fix` is the one place for advice an error does not carry.
+its fix; `_fallback_fix` is the one place for advice an error does not carry.
 The last check builds what a fence builds: it compiles the eBPF programs and
 attaches them to a temporary cgroup, then detaches them and removes it.
 """
@@ -49,54 +49,27 @@ def run_check(name: str, probe: Callable[[], str]) -> Check:
     """Run one probe: OK with what it found, or FAIL with why and what to do."""
     try:
         return Check(name, "OK", probe())
+    except FenceUnavailable as exc:
+        return Check(name, "FAIL", exc.reason, exc.fix or _fallback_fix(name, exc))
     except Exception as exc:  # noqa: BLE001 - every failure is a finding, shown with its fix
-        if isinstance(exc, FenceUnavailable) and exc.fix:
-            return Check(name, "FAIL", exc.reason, exc.fix)
-        detail = str(exc).strip() or type(exc).__name__
-        advice = _fallback_fix(name, exc)
-        if detail.endswith(advice):  # the message already ends with the same advice
-            detail = detail[: -len(advice)].rstrip("; ")
-        return Check(name, "FAIL", detail, advice)
+        return Check(name, "FAIL", str(exc).strip() or type(exc).__name__, _fallback_fix(name, exc))
 
 
 def _fallback_fix(name: str, exc: Exception) -> str:
-    """What to do when the error carries no fix.
+    """What to do when the error carries no fix: the one place such advice lives.
 
-    The loader's checks (privileges, cgroup v2, bcc, kernel headers, tracefs)
-    still raise without `fix`; these go when they carry one. compile+attach
-    keeps its text: what bcc or the verifier rejected has no fix known here.
+    The kernel package's errors carry theirs. cgroup.py's do not yet (cgroup v2
+    not mounted; the temporary cgroup not made), nor does an attach the kernel
+    refuses (OSError); anything else is a failure nobody could foresee.
     """
-    if name == "privileges":
-        return "run it as root (sudo), or give it CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
     if name == "cgroup v2":
         return (
             "mount -t cgroup2 none /sys/fs/cgroup/unified (hybrid layout), or boot "
             "with systemd.unified_cgroup_hierarchy=1"
         )
-    if name == "bcc":
-        from .loader import BCC_INSTALL_HINT
-
-        if "does not load" in str(exc):
-            return (
-                "apt-get install --reinstall python3-bpfcc (or point DEPFENCE_BCC_PATH elsewhere)"
-            )
-        return BCC_INSTALL_HINT
-    if name == "kernel headers":
-        release = platform.release()
-        return (
-            f"apt-get install linux-headers-{release}, or run scripts/bootstrap.sh; when this "
-            "kernel has no packaged headers, link any distro header tree (e.g. Debian's "
-            f"linux-headers-amd64) as /lib/modules/{release}/build: the programs use only "
-            "UAPI types"
-        )
-    if name == "tracefs":
-        return "mount -t tracefs nodev /sys/kernel/tracing"
     if isinstance(exc, OSError):
         return "attaching needs bpf_link for cgroups (Linux 5.7+) and root in this cgroup tree"
-    return (
-        "the message above is bcc's or the verifier's; check the kernel and bcc versions "
-        "(uname -r; depfence doctor) and report it with this output"
-    )
+    return "report it with this output, uname -r and the bcc version (depfence doctor)"
 
 
 # --------------------------------------------------------------------------- probes

@@ -146,6 +146,7 @@ def test_command_not_found_exits_127() -> None:
         (["--upstream", "dns.google", "--", "true"], ["'dns.google'", "--upstream"]),
         (["--timeout", "0", "--", "true"], ["'0'", "--timeout"]),
         (["--mode", "panic", "--", "true"], ["'panic'", "--mode"]),
+        (["--outage", "meltdown", "--", "true"], ["'meltdown'", "--outage", "nxdomain"]),
         (
             [
                 "--",
@@ -153,7 +154,7 @@ def test_command_not_found_exits_127() -> None:
             ["no command given"],
         ),
     ],
-    ids=["pattern", "upstream", "timeout", "mode", "no-command"],
+    ids=["pattern", "upstream", "timeout", "mode", "outage", "no-command"],
 )
 def test_wrong_arguments_exit_125_naming_the_value(args: list[str], named: list[str]) -> None:
     proc = depfence("run", *args)
@@ -388,14 +389,15 @@ def test_audit_never_masks_the_commands_failure(script: str, expected: int) -> N
 
 def test_write_contract_is_byte_identical_across_runs(tmp_path: Path) -> None:
     target = tmp_path / "contracts" / "deploy.contract"
-    script = f"{GITHUB} >/dev/null; curl -s http://10.77.3.2/ >/dev/null"
+    v4, v6 = "curl -s http://10.77.3.2/ >/dev/null", "curl -s -g http://[fd77::3:2]/ >/dev/null"
+    script = f"{GITHUB} >/dev/null; {v4}; {v6}"
     args = ["audit", *UPSTREAM, "--write-contract", str(target), "--", "sh", "-c", script]
     first = depfence(*args, check_code=0)
     text = target.read_bytes()
     second = depfence(*args, check_code=0)
     assert target.read_bytes() == text
-    assert f'wrote contract "deploy" to {target} (2 destinations; new)' in first.stdout
-    assert f'wrote contract "deploy" to {target} (2 destinations; unchanged)' in second.stdout
+    assert f'wrote contract "deploy" to {target} (3 destinations; new)' in first.stdout
+    assert f'wrote contract "deploy" to {target} (3 destinations; unchanged)' in second.stdout
     lines = text.decode().splitlines()
     assert lines[0] == '# depfence contract "deploy"'
     assert lines[1] == "# Regenerate: " + shlex.join(["depfence", *args])
@@ -403,7 +405,12 @@ def test_write_contract_is_byte_identical_across_runs(tmp_path: Path) -> None:
     assert dict(contract.entries) == {
         "github.com": frozenset({"curl"}),
         "10.77.3.2:80/tcp": frozenset({"curl"}),
+        "[fd77::3:2]:80/tcp": frozenset({"curl"}),  # an IPv6 address next to its port: bracketed
     }
+    fewer = ["audit", *UPSTREAM, "--write-contract", str(target), "--", "sh", "-c", v4]
+    third = depfence(*fewer, check_code=0)
+    assert f'wrote contract "deploy" to {target} (1 destination; changed)' in third.stdout
+    assert [p.name for p in target.parent.iterdir()] == ["deploy.contract"], "a partial file"
 
 
 # --------------------------------------------------------------------------- doctor, help

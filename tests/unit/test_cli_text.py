@@ -177,14 +177,13 @@ def test_check_shows_the_fix_the_error_carries() -> None:
     )
 
 
-def test_check_without_a_carried_fix_falls_back_once() -> None:
-    from pytest_depfence.loader import BCC_INSTALL_HINT
+def test_check_without_a_carried_fix_gets_the_one_fallback() -> None:
+    def unmounted() -> str:  # cgroup.py's errors carry no fix yet
+        raise FenceUnavailable("no cgroup v2 filesystem is mounted")
 
-    def missing() -> str:  # the loader's message before its errors carry `fix`
-        raise FenceUnavailable(f"bcc is not installed (looked in X); {BCC_INSTALL_HINT}")
-
-    check = doctor.run_check("bcc", missing)
-    assert (check.detail, check.fix) == ("bcc is not installed (looked in X)", BCC_INSTALL_HINT)
+    check = doctor.run_check("cgroup v2", unmounted)
+    assert check.detail == "no cgroup v2 filesystem is mounted"
+    assert check.fix is not None and check.fix.startswith("mount -t cgroup2 ")
 
 
 def test_a_failure_nobody_can_fix_in_advance_says_to_report_it() -> None:
