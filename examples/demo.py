@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from pytest_depfence import Fence, Policy
-from pytest_depfence.events import format_violations
 from pytest_depfence.lab import Lab
+from pytest_depfence.render import format_violations
 
 DEPLOY = Path(__file__).resolve().parent / "deploy"
 SCRIPTS = {

@@ -31,10 +31,13 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path:
                 if fields[sep + 1] == "cgroup2":
                     return Path(fields[4])
     except OSError as exc:
-        raise FenceUnavailable(f"cannot read {mountinfo}: {exc}") from exc
+        raise FenceUnavailable(
+            f"cannot read {mountinfo}: {exc}", fix="run on Linux with /proc mounted"
+        ) from exc
     raise FenceUnavailable(
-        "no cgroup v2 filesystem is mounted (a fence is a cgroup v2 directory); "
-        "mount one with: mount -t cgroup2 none /sys/fs/cgroup/unified"
+        "no cgroup v2 filesystem is mounted (a fence is a cgroup v2 directory)",
+        fix="mount -t cgroup2 none /sys/fs/cgroup/unified (hybrid layout), "
+        "or boot with systemd.unified_cgroup_hierarchy=1",
     )
 
 
@@ -171,9 +174,14 @@ class CgroupTree:
                 continue  # another session removed the empty parent in between; make it again
             except PermissionError as exc:
                 raise FenceUnavailable(
-                    f"cannot create fence cgroups under {self.parent}: {exc}"
+                    f"cannot create fence cgroups under {self.parent}: {exc}",
+                    fix="run as root (or with CAP_SYS_ADMIN) and with write access to the "
+                    "cgroup v2 tree (in a container: a writable, delegated cgroup)",
                 ) from exc
-        raise FenceUnavailable(f"cannot create {self.session}: its parent keeps disappearing")
+        raise FenceUnavailable(
+            f"cannot create {self.session}: its parent keeps disappearing",
+            fix="check what else removes cgroups under it, and report this output",
+        )
 
     def remove(self) -> None:
         """Remove this session's directory, and the shared parent when no other session uses it."""

@@ -50,23 +50,17 @@ def run_check(name: str, probe: Callable[[], str]) -> Check:
     try:
         return Check(name, "OK", probe())
     except FenceUnavailable as exc:
-        return Check(name, "FAIL", exc.reason, exc.fix or _fallback_fix(name, exc))
+        return Check(name, "FAIL", exc.reason, exc.fix or _fallback_fix(exc))
     except Exception as exc:  # noqa: BLE001 - every failure is a finding, shown with its fix
-        return Check(name, "FAIL", str(exc).strip() or type(exc).__name__, _fallback_fix(name, exc))
+        return Check(name, "FAIL", str(exc).strip() or type(exc).__name__, _fallback_fix(exc))
 
 
-def _fallback_fix(name: str, exc: Exception) -> str:
+def _fallback_fix(exc: Exception) -> str:
     """What to do when the error carries no fix: the one place such advice lives.
 
-    The kernel package's errors carry theirs. cgroup.py's do not yet (cgroup v2
-    not mounted; the temporary cgroup not made), nor does an attach the kernel
-    refuses (OSError); anything else is a failure nobody could foresee.
+    Every FenceUnavailable carries its fix; an attach the kernel refuses is an
+    OSError, and anything else is a failure nobody could foresee.
     """
-    if name == "cgroup v2":
-        return (
-            "mount -t cgroup2 none /sys/fs/cgroup/unified (hybrid layout), or boot "
-            "with systemd.unified_cgroup_hierarchy=1"
-        )
     if isinstance(exc, OSError):
         return "attaching needs bpf_link for cgroups (Linux 5.7+) and root in this cgroup tree"
     return "report it with this output, uname -r and the bcc version (depfence doctor)"
@@ -76,7 +70,7 @@ def _fallback_fix(name: str, exc: Exception) -> str:
 
 
 def _privileges() -> str:
-    from .loader import check_privileges
+    from .kernel import check_privileges
 
     check_privileges()
     uid = os.geteuid()
@@ -109,7 +103,7 @@ def _cgroup2() -> str:
 
 
 def _bcc() -> str:
-    from .loader import import_bcc
+    from .kernel import import_bcc
 
     bcc = import_bcc()
     version = getattr(bcc, "__version__", "unknown version")
@@ -119,7 +113,7 @@ def _bcc() -> str:
 
 
 def _headers() -> str:
-    from .loader import check_kernel_headers
+    from .kernel import check_kernel_headers
 
     build = check_kernel_headers()
     real = build.resolve()
@@ -127,7 +121,7 @@ def _headers() -> str:
 
 
 def _tracefs() -> str:
-    from .loader import tracefs_dir
+    from .kernel import tracefs_dir
 
     where = tracefs_dir(mount=False)  # a check must not mount anything
     if where is None:
@@ -136,11 +130,11 @@ def _tracefs() -> str:
 
 
 def _compile_and_attach() -> str:
-    from . import loader
+    from . import kernel
     from .cgroup import CgroupTree, FenceCgroup
 
     started = time.monotonic()
-    programs = loader.load()
+    programs = kernel.load()
     compiled = time.monotonic() - started
     tree = CgroupTree()
     tree.ensure()

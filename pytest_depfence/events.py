@@ -5,11 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-# shim: removed at integration (fence.py, plugin.py and tests still import these from here)
-from .render import TIMED_OUT as TIMED_OUT
-from .render import VIOLATION_HEADLINE as VIOLATION_HEADLINE
-from .render import format_violations as format_violations
-
 Verdict = Literal["allowed", "blocked"]
 BlockedAt = Literal["dns", "connect", "packet"]
 

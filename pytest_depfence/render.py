@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # render is imported by events (its shims); no import back at run time
+if TYPE_CHECKING:
     from .events import EgressEvent
 
 #: First line of every violation report; tests import it so text and tests cannot drift.

@@ -56,7 +56,7 @@ def cli_env(lab: Lab, clean_env: None, pytestconfig: pytest.Config) -> Iterator[
     """Inside the session lab, on a machine that can build fences (else skip, or fail
     with --depfence-require); the environment for the CLI, without proxy settings."""
     from pytest_depfence.errors import FenceUnavailable
-    from pytest_depfence.loader import preflight
+    from pytest_depfence.kernel import preflight
 
     try:
         preflight()

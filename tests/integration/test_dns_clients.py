@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pytest_depfence import EgressViolation
-from pytest_depfence.events import VIOLATION_HEADLINE, format_violations
+from pytest_depfence.render import VIOLATION_HEADLINE, format_violations
 
 if TYPE_CHECKING:
     from pytest_depfence import Fence, FenceResult

@@ -27,7 +27,7 @@ import pytest
 
 from pytest_depfence import EgressViolation
 from pytest_depfence.cgroup import cgroup2_mount
-from pytest_depfence.events import TIMED_OUT
+from pytest_depfence.render import TIMED_OUT
 
 if TYPE_CHECKING:
     from pytest_depfence import Fence

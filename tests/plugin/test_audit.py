@@ -21,8 +21,8 @@ from report_helpers import (
     write_script,
 )
 
-from pytest_depfence.events import VIOLATION_HEADLINE
 from pytest_depfence.plugin import AUDITED
+from pytest_depfence.render import VIOLATION_HEADLINE
 
 SCRIPT = "./deploy.sh"
 CURL = "curl -s http://github.com/"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from plugin_helpers import line_of, lit
 
-from pytest_depfence.events import VIOLATION_HEADLINE
+from pytest_depfence.render import VIOLATION_HEADLINE
 
 
 def test_forbidden_lookup_fails_the_test_with_the_report(lab_run, pytester):

@@ -7,6 +7,8 @@ by a stub that fails the test if anything tries to build one.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from event_factory import ALLOWED, connection, event, result
 
@@ -177,13 +179,26 @@ def test_check_shows_the_fix_the_error_carries() -> None:
     )
 
 
-def test_check_without_a_carried_fix_gets_the_one_fallback() -> None:
-    def unmounted() -> str:  # cgroup.py's errors carry no fix yet
-        raise FenceUnavailable("no cgroup v2 filesystem is mounted")
+def test_the_cgroup_check_carries_its_fix(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("")
+
+    def unmounted() -> str:
+        from pytest_depfence.cgroup import cgroup2_mount
+
+        return str(cgroup2_mount(str(mountinfo)))
 
     check = doctor.run_check("cgroup v2", unmounted)
-    assert check.detail == "no cgroup v2 filesystem is mounted"
+    assert check.detail == "no cgroup v2 filesystem is mounted (a fence is a cgroup v2 directory)"
     assert check.fix is not None and check.fix.startswith("mount -t cgroup2 ")
+
+
+def test_an_attach_the_kernel_refuses_gets_the_one_fallback() -> None:
+    def refused() -> str:
+        raise OSError(22, "BPF_LINK_CREATE: Invalid argument")
+
+    check = doctor.run_check("compile and attach", refused)
+    assert check.fix is not None and "bpf_link" in check.fix
 
 
 def test_a_failure_nobody_can_fix_in_advance_says_to_report_it() -> None:
