@@ -21,18 +21,17 @@ import shlex
 import shutil
 import signal
 import sys
-import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import doctor, options, outages
+from .console import Console, Interrupted, interruptible
 from .errors import ConfigError, DepfenceError
-from .events import EgressEvent, FenceResult
-from .render import TIMED_OUT_TEXT, firewall_method, log_line, violation_headline
+from .events import FenceResult
+from .render import TIMED_OUT_TEXT, firewall_method, violation_headline
 
 if TYPE_CHECKING:
     from .policy import Policy
@@ -215,89 +214,8 @@ def exit_code(result: FenceResult) -> int:
     return code or (VIOLATION_EXIT if result.violations else 0)
 
 
-# --------------------------------------------------------------------------- output
-
-
-class _Console:
-    """The command's output and the event log, written as they come from any thread.
-
-    One lock: a log line never lands inside a chunk of the command's stderr.
-    A reader that went away (`depfence run ... | head`) stops that stream only;
-    the command keeps running and its output keeps being drained.
-    """
-
-    def __init__(self, plan: Plan) -> None:
-        self.method, self.quiet = firewall_method(plan.policy.kind), plan.quiet
-        self._lock = threading.Lock()
-        self._gone: set[int] = set()
-
-    def output(self, stream: str, chunk: bytes) -> None:
-        self._write(sys.stdout if stream == "stdout" else sys.stderr, chunk)
-
-    def event(self, event: EgressEvent) -> None:
-        if self.quiet and not event.forbidden:
-            return
-        self.log(log_line(event, self.method))
-
-    def log(self, line: str) -> None:
-        self._write(sys.stderr, line.encode() + b"\n")
-
-    def say(self, text: str) -> None:
-        """depfence's own results (the audit list) go to stdout."""
-        self._write(sys.stdout, text.encode())
-
-    def _write(self, stream: TextIO, data: bytes) -> None:
-        with self._lock:
-            if id(stream) in self._gone:
-                return
-            try:
-                stream.flush()  # what print() left in its text buffer goes first
-                stream.buffer.write(data)
-                stream.buffer.flush()
-            except BrokenPipeError:
-                self._gone.add(id(stream))
-                # Nothing more reaches it; keep interpreter shutdown from complaining too.
-                with contextlib.suppress(OSError, ValueError):
-                    devnull = os.open(os.devnull, os.O_WRONLY)
-                    os.dup2(devnull, stream.fileno())
-                    os.close(devnull)
-
-
 class _UsageError(DepfenceError):
     """Arguments that parse but do not make a command line (no command at all)."""
-
-
-class _Interrupted(BaseException):
-    """depfence got SIGINT/SIGTERM/SIGHUP: stop the run (its cgroup is killed) and exit."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """Turn the first terminating signal into _Interrupted, so every cleanup runs (the run's
-    cgroup killed and removed, the lab left); later ones are ignored until cleanup is done."""
-    caught: list[int] = []
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        if caught:
-            return
-        caught.append(signum)
-        raise _Interrupted(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {
-        sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    }
-    try:
-        yield
-    finally:
-        for sig, previous in saved.items():
-            signal.signal(sig, previous)
 
 
 # --------------------------------------------------------------------------- run and audit
@@ -369,7 +287,11 @@ def _stdin() -> int | None:
         return None  # no usable stdin: the command gets an empty one
 
 
-def _fenced_run(plan: Plan, console: _Console) -> FenceResult:
+def _console(plan: Plan) -> Console:
+    return Console(firewall_method(plan.policy.kind), plan.quiet)
+
+
+def _fenced_run(plan: Plan, console: Console) -> FenceResult:
     from .fence import Fence
     from .lab import Lab
 
@@ -403,7 +325,7 @@ def _run(args: argparse.Namespace) -> int:
         _writable(args.json, "--json")
     if not _found(run.cmd):
         return NOT_FOUND_EXIT
-    result = _fenced_run(run, _Console(run))
+    result = _fenced_run(run, _console(run))
     code = exit_code(result)
     if result.violations:
         headline = violation_headline(len(result.violations), result.command)
@@ -442,7 +364,7 @@ def _audit(args: argparse.Namespace) -> int:
             raise ConfigError(args.write_contract, "is a directory", "--write-contract")
     if not _found(run.cmd):
         return NOT_FOUND_EXIT
-    console = _Console(run)
+    console = _console(run)
     result = _fenced_run(run, console)
     code = command_exit(result)
     if target is None:
@@ -475,9 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return doctor.main()
     command = _run if args.command == "run" else _audit
     try:
-        with _interruptible():
+        with interruptible():
             return command(args)
-    except _Interrupted as exc:
+    except Interrupted as exc:
         name = signal.Signals(exc.signum).name
         stopped = f"depfence: stopped by {name}; everything the command started was killed"
         print(stopped, file=sys.stderr)
