@@ -153,3 +153,26 @@ def test_killed_by_a_signal_reports_a_negative_returncode(fenced: Fence, signum:
 def test_exit_status_and_output_are_reported(fenced: Fence) -> None:
     result = fenced.run("echo out; echo err >&2; exit 7", timeout=30)
     assert (result.returncode, result.stdout, result.stderr) == (7, "out\n", "err\n")
+
+
+@pytest.mark.no_egress("github.com")
+def test_a_failing_teardown_step_skips_none_of_the_others(
+    fenced: Fence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain that fails (as against a silent upstream) must still let every other step
+    run: the background job killed, the cgroup removed, the fence ready for the next run."""
+    fenced.open()
+    proxy = fenced._proxy
+    assert proxy is not None
+
+    def failing_drain(timeout: float = 5.0) -> None:  # stands in for a drain that times out
+        raise TimeoutError("the drain failed (stand-in)")
+
+    monkeypatch.setattr(proxy, "drain", failing_drain)
+    with pytest.raises(TimeoutError, match="stand-in"):
+        fenced.run(["sh", "-c", "sleep 1000 & echo started"])
+    assert session_runs() == []  # removed, so nothing ran in it any more
+    monkeypatch.undo()
+    result = fenced.run(["sh", "-c", "echo again"])
+    assert result.stdout == "again\n"
+    assert session_runs() == []
