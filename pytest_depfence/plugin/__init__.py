@@ -26,6 +26,7 @@ from .settings import (
     POLICY_KEY,
     RUNS_KEY,
     SETTINGS_KEY,
+    UNAVAILABLE_KEY,
     add_options,
     is_xdist_controller,
     load_settings,
@@ -91,11 +92,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         upstream += " (lab)"  # only when the lab's resolver is really the one in use
     try:
         state = preflight()
-    except FenceUnavailable as exc:
-        return [UNAVAILABLE.format(reason=exc), f"depfence: upstream {upstream}"]
     except Exception as exc:  # noqa: BLE001 - a header must never stop the session
-        reason = f"the machine check failed: {type(exc).__name__}: {exc}"
-        return [UNAVAILABLE.format(reason=reason), f"depfence: upstream {upstream}"]
+        reason = str(exc)
+        if not isinstance(exc, FenceUnavailable):
+            reason = f"the machine check failed: {type(exc).__name__}: {exc}"
+        settings = config.stash[SETTINGS_KEY]
+        fate = "fail" if settings.require else "are skipped"
+        why = f" ({settings.required_in_ci})" if settings.required_in_ci else ""
+        return [
+            UNAVAILABLE.format(reason=reason),
+            f"depfence: fenced tests {fate}{why}; upstream {upstream}",
+        ]
     return [f"depfence: {state.describe()}, upstream {upstream}"]
 
 
@@ -133,8 +140,10 @@ def fenced(request: pytest.FixtureRequest) -> Iterator[Fence]:
 
     def unavailable(exc: FenceUnavailable) -> NoReturn:
         message = UNAVAILABLE.format(reason=exc)
+        request.node.stash[UNAVAILABLE_KEY] = message
         if settings.require:
-            pytest.fail(message, pytrace=False)
+            why = f"\n{settings.required_in_ci}" if settings.required_in_ci else ""
+            pytest.fail(message + why, pytrace=False)
         pytest.skip(message)
 
     try:
@@ -183,6 +192,8 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    if call.when == "setup" and UNAVAILABLE_KEY in item.stash:
+        setattr(report, "depfence_unavailable", item.stash[UNAVAILABLE_KEY])  # noqa: B010
     recorded = item.stash.get(RUNS_KEY, None)
     if call.when == "call" and recorded is not None:
         # Plain data: pytest-xdist carries it from a worker to the controller as it is.

@@ -133,12 +133,18 @@ class Reporter:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         from ..report import TestRuns
 
-        runs = getattr(report, "depfence_runs", None)
-        if runs is None or self.worker:
+        if self.worker:
+            return
+        unavailable = getattr(report, "depfence_unavailable", None)
+        runs = [] if unavailable else getattr(report, "depfence_runs", None)
+        if runs is None:
             return
         path, line, _ = report.location
-        notes = list(getattr(report, "depfence_notes", []))
-        self.notes.extend(notes)
+        if unavailable:
+            notes = [unavailable]  # the report says why the test has no runs
+        else:
+            notes = list(getattr(report, "depfence_notes", []))
+            self.notes.extend(notes)
         self.report.add(
             TestRuns(
                 test_id=report.nodeid,

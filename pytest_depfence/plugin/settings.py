@@ -7,6 +7,8 @@ the flag or ini key it came from.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,17 @@ SETTINGS_KEY = pytest.StashKey["Settings"]()
 LAB_KEY: pytest.StashKey[Lab] = pytest.StashKey()
 FENCE_KEY: pytest.StashKey[Fence] = pytest.StashKey()
 RUNS_KEY: pytest.StashKey[tuple[list[dict[str, Any]], list[str]]] = pytest.StashKey()
+#: Why the test's fence could not be built (the skip or failure message).
+UNAVAILABLE_KEY = pytest.StashKey[str]()
+
+#: Variables that mark a CI job: there a fence that cannot be built fails the fenced tests
+#: (a skipped proof must not read as a green one) unless the user opts out.
+CI_VARIABLES = ("GITHUB_ACTIONS", "CI")
+#: Added to the failure when the requirement comes from the CI environment.
+REQUIRED_IN_CI = (
+    "fenced tests fail rather than skip in CI ({variable}={value}); "
+    "--depfence-no-require (ini: depfence_require = false) skips them instead"
+)
 
 _STORE_TRUE: dict[str, Any] = {"action": "store_true", "default": None}
 
@@ -49,8 +62,16 @@ FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     (
         "--depfence-require",
         "bool",
-        "fail fenced tests when the fence cannot be built, instead of skipping them",
+        "fail fenced tests when the fence cannot be built, instead of skipping them "
+        "(the default in CI: CI or GITHUB_ACTIONS set)",
         _STORE_TRUE,
+    ),
+    (
+        "--depfence-no-require",
+        "",
+        "skip fenced tests when the fence cannot be built, also in CI (where they fail by "
+        "default: CI or GITHUB_ACTIONS set)",
+        {"action": "store_false", "dest": "depfence_require", "default": None},
     ),
     (
         "--depfence-report",
@@ -78,6 +99,9 @@ FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("depfence", "dependency fence (pytest-depfence)")
     for flag, ini_type, help, kwargs in FLAGS:
+        if not ini_type:  # the opposite of another flag: its dest is that flag's
+            group.addoption(flag, help=help, **kwargs)
+            continue
         name = flag[2:].replace("-", "_")
         group.addoption(flag, dest=name, help=f"{help} (ini: {name})", **kwargs)
         parser.addini(name, help=help, type=ini_type, default=None)  # type: ignore[arg-type]
@@ -92,6 +116,8 @@ class Settings:
     policy: Policy | None
     mode: str
     require: bool
+    #: Why fenced tests fail when no fence can be built, when only the CI environment says so.
+    required_in_ci: str | None
     lab: bool
     report: str | None
     update_contracts: bool
@@ -153,18 +179,41 @@ def load_settings(config: pytest.Config) -> Settings:
         mode, mode_source = _setting(config, "depfence_mode")
         if mode is not None:
             options.validate("mode", mode, mode_source)
+        require, required_in_ci = _require(config)
         return Settings(
             upstream=upstream,
             upstream_source=upstream_source,
             policy=_configured_policy(config),
             mode=mode or "block",
-            require=_bool(_setting(config, "depfence_require")[0] or False),
+            require=require,
+            required_in_ci=required_in_ci,
             lab=_bool(_setting(config, "depfence_lab")[0] or False),
             report=_setting(config, "depfence_report")[0],
             update_contracts=_bool(_setting(config, "depfence_update_contracts")[0] or False),
         )
     except (PolicyError, ConfigError) as exc:
         raise pytest.UsageError(f"depfence: {exc}") from None
+
+
+def ci_variable(environ: Mapping[str, str] = os.environ) -> tuple[str, str] | None:
+    """The variable (and its value) that says this is a CI job, if one does."""
+    for name in CI_VARIABLES:
+        value = environ.get(name, "")
+        if value.strip().lower() not in ("", "0", "false", "no", "off"):
+            return name, value
+    return None
+
+
+def _require(config: pytest.Config) -> tuple[bool, str | None]:
+    """Whether a fence that cannot be built fails the fenced tests: the CLI flag or ini
+    key when set either way, else yes in CI; and the CI text when only CI says so."""
+    value, _ = _setting(config, "depfence_require")
+    if value is not None:
+        return _bool(value), None
+    ci = ci_variable()
+    if ci is None:
+        return False, None
+    return True, REQUIRED_IN_CI.format(variable=ci[0], value=ci[1])
 
 
 def is_xdist_controller(config: pytest.Config) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 
 import pytest
@@ -11,6 +12,7 @@ from pytest_depfence.cgroup import cgroup2_mount
 from pytest_depfence.errors import FenceUnavailable
 from pytest_depfence.kernel import BCC_INSTALL_HINT
 from pytest_depfence.plugin import UNAVAILABLE
+from pytest_depfence.plugin.settings import REQUIRED_IN_CI
 
 MIXED = """
     import pytest
@@ -68,6 +70,72 @@ def test_require_fails_with_the_same_reason(run, pytester, args, ini):
     assert "Traceback" not in result.stdout.str()  # pytrace=False: the reason, not our code
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"), [("CI", "true"), ("GITHUB_ACTIONS", "true"), ("CI", "1")]
+)
+def test_in_ci_a_fence_that_cannot_be_built_fails(run, pytester, monkeypatch, variable, value):
+    pytester.makepyfile(test_mixed=MIXED)
+    monkeypatch.setenv(variable, value)
+
+    result = run("--junitxml=junit.xml")
+
+    result.assert_outcomes(passed=2, errors=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    why = lit(REQUIRED_IN_CI.format(variable=variable, value=value))
+    result.stdout.fnmatch_lines(
+        [
+            f"depfence: fenced tests fail ({why}); upstream *",
+            "*ERROR at setup of test_fenced*",
+            NO_BCC,
+            why,
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "ini"),
+    [(("--depfence-no-require",), None), ((), "depfence_require = false")],
+    ids=["cli", "ini"],
+)
+def test_in_ci_the_user_can_opt_out_explicitly(run, pytester, monkeypatch, args, ini):
+    pytester.makepyfile(test_mixed=MIXED)
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    monkeypatch.setenv("CI", "true")
+
+    result = run("-rs", *args)
+
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines([f"SKIPPED [[]1[]] test_mixed.py:*: {NO_BCC}"])
+
+
+@pytest.mark.parametrize("value", ["", "false", "0"])
+def test_a_false_ci_variable_is_not_ci(run, pytester, monkeypatch, value):
+    pytester.makepyfile(test_mixed=MIXED)
+    monkeypatch.setenv("CI", value)
+
+    result = run()
+
+    result.assert_outcomes(passed=2, skipped=1)
+
+
+def test_the_json_report_lists_tests_that_had_no_fence_and_why(run, pytester, monkeypatch):
+    pytester.makepyfile(test_mixed=MIXED)
+
+    result = run("--depfence-report=report.json")
+
+    result.assert_outcomes(passed=2, skipped=1)
+    report = json.loads((pytester.path / "report.json").read_text())
+    [entry] = report["tests"]
+    assert (entry["test_id"], entry["outcome"], entry["runs"]) == (
+        "test_mixed.py::test_fenced",
+        "skipped",
+        [],
+    )
+    [note] = entry["notes"]
+    assert note.startswith(UNAVAILABLE.format(reason="bcc is not installed"))
+
+
 def test_require_false_in_ini_still_skips(run, pytester):
     pytester.makepyfile(test_mixed=MIXED)
     pytester.makeini("[pytest]\ndepfence_require = false\n")
@@ -90,7 +158,9 @@ def test_header_names_the_reason_when_bcc_is_hidden(run, pytester):
     result = run("--depfence-upstream", "127.0.0.1:5353")
 
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([NO_BCC, "depfence: upstream 127.0.0.1:5353"])
+    result.stdout.fnmatch_lines(
+        [NO_BCC, "depfence: fenced tests are skipped; upstream 127.0.0.1:5353"]
+    )
     assert len(depfence_header(result)) == 2
 
 
@@ -138,7 +208,7 @@ def test_header_names_the_ini_upstream(run, pytester):
     result = run()
 
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["depfence: upstream [[]::1[]]:5300"])
+    result.stdout.fnmatch_lines(["depfence: fenced tests are skipped; upstream [[]::1[]]:5300"])
 
 
 @pytest.mark.parametrize("require", [False, True], ids=["skip", "require"])
