@@ -139,6 +139,7 @@ def _add_fence_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--timeout", metavar="SECONDS", help=f"{options.TIMEOUT.help} (exit {TIMEOUT_EXIT})"
     )
+    cmd.add_argument("--raw-sockets", action="store_true", help=options.RAW_SOCKETS.help)
     cmd.add_argument(
         "--lab",
         action="store_true",
@@ -233,6 +234,7 @@ class Plan:
     outage: str
     lab: bool
     quiet: bool
+    raw_sockets: bool = False
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -258,6 +260,7 @@ def plan(args: argparse.Namespace) -> Plan:
         outage=outages.DEFAULT if audit else options.validate("outage", args.outage, "--outage"),
         lab=args.lab,
         quiet=args.quiet,
+        raw_sockets=options.validate("raw_sockets", args.raw_sockets, "--raw-sockets"),
     )
 
 
@@ -301,7 +304,12 @@ def _fenced_run(plan: Plan, console: Console) -> FenceResult:
             lab = stack.enter_context(Lab())
             upstream = upstream or lab.upstream
         fence = Fence(
-            plan.policy, upstream=upstream, mode=plan.mode, outage=plan.outage, timeout=plan.timeout
+            plan.policy,
+            upstream=upstream,
+            mode=plan.mode,
+            outage=plan.outage,
+            timeout=plan.timeout,
+            raw_sockets=plan.raw_sockets,
         )
         result = stack.enter_context(fence).run(
             plan.cmd, check=False, stdin=_stdin(), on_output=console.output, on_event=console.event
@@ -348,6 +356,8 @@ def regenerate_command(plan: Plan, contract: str) -> str:
         argv += [flag, rule.pattern]
     if plan.timeout is not None:
         argv += ["--timeout", f"{plan.timeout:g}"]
+    if plan.raw_sockets:
+        argv.append("--raw-sockets")
     argv += ["--write-contract", contract, "--", *plan.cmd]
     return shlex.join(argv)
 

@@ -3,16 +3,20 @@
 `Fence` owns, for its lifetime, one DNS proxy, one `Judge` (the policy and what
 has been learned of addresses) and a refuser port for the "reset" outage;
 each `run()` is a `Run` with a fresh cgroup, the shared eBPF programs attached,
-and a `Teardown` that kills everything the run started and removes the cgroup
-before `run()` returns.
+the command entering it as `confine` says (its own cgroup namespace, no
+CAP_NET_RAW unless `raw_sockets=True`), and a `Teardown` that kills everything
+the run started and removes the cgroup before `run()` returns, by its deadline
+even when a process outside the cgroup holds the command's pipes.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import itertools
 import os
+import select
 import shlex
 import shutil
 import socket
@@ -23,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import IO, Any
 
-from . import kernel, options
+from . import confine, kernel, options
 from .addresses import AddressBook, hosts_entries, resolve
 from .cgroup import CgroupTree, FenceCgroup
 from .dnsproxy import DnsProxy, Query
@@ -34,10 +38,15 @@ from .policy import Policy
 from .render import format_violations
 from .run import Member, Run, Teardown
 
-# The child moves itself into the fence cgroup, then becomes the command: nothing
-# the command runs is ever outside. A shell rather than preexec_fn, because
-# running Python in a forked child of a threaded process is not safe.
-_ENTER = ("/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"')
+#: Seconds the output pipes may stay open once everything in the run's cgroup is dead:
+#: a process outside the fence (escaped, or started through a service) that holds them
+#: must not hold run() past its deadline.
+OUTPUT_GRACE = 1.0
+#: Seconds the command's own process may live on after its cgroup was killed (it can
+#: only have left the cgroup) before it is killed by its pid: it is our child.
+REAP_GRACE = 1.0
+#: Bytes a stopped reader still takes from its pipe (what a holder keeps writing is cut).
+_DRAIN_LIMIT = 1 << 20
 
 _fence_ids = itertools.count(1)
 _tree_lock = threading.Lock()
@@ -118,18 +127,21 @@ class Fence:
         mode: str = "block",
         outage: str = "nxdomain",
         timeout: float | None = None,
+        raw_sockets: bool = False,
         label: str = "run",
     ) -> None:
         self.policy = policy
         self.mode = options.validate("mode", mode, "Fence(mode=)")
         self.outage = options.validate("outage", outage, "Fence(outage=)")
         self.timeout = options.validate("timeout", timeout, "Fence(timeout=)")
+        self.raw_sockets = options.validate("raw_sockets", raw_sockets, "Fence(raw_sockets=)")
         self.upstream = options.parse_upstream(
             upstream or options.default_upstream(), "Fence(upstream=)"
         )
         self.label = label
         self.id = next(_fence_ids)
         self._programs: kernel.Programs | None = None
+        self._tools: confine.Tools | None = None
         self._judge: Judge | None = None
         self._proxy: DnsProxy | None = None
         self._refuser: _Refuser | None = None
@@ -144,6 +156,7 @@ class Fence:
         if self._proxy is not None:
             return self
         programs = self._programs = kernel.load()
+        self._tools = confine.prepare()
         _session_tree()
         try:
             judge = Judge(self.policy, self.mode, self.outage, AddressBook(self.id, programs))
@@ -227,8 +240,8 @@ class Fence:
                     run, teardown, argv, cwd, env, subprocess.PIPE if data is not None else stdin
                 )
                 output = _Output(proc, data, on_output)
-                teardown.push(output.join)
-                teardown.push(proc.wait)
+                teardown.push(output.finish)
+                teardown.push(partial(_reap, proc))
                 # Whatever the script left behind (daemons, background jobs) dies with it.
                 teardown.push(cgroup.kill)
                 timed_out = _wait(proc, limit)
@@ -260,7 +273,7 @@ class Fence:
         each step's undo pushed on `teardown` (they run in reverse: rmdir last)."""
         programs, judge, proxy = self._programs, self._judge, self._proxy
         assert programs is not None and judge is not None and proxy is not None
-        assert self._refuser is not None
+        assert self._refuser is not None and self._tools is not None
         judge.learn_hosts(hosts_entries())
         cgroup = FenceCgroup(_session_tree().session, self.label)
         teardown.push(cgroup.close)
@@ -287,8 +300,11 @@ class Fence:
         teardown.push(lambda: setattr(self, "_current", None))
         teardown.push(programs.consume_events)
         teardown.push(proxy.drain)
+        entry = confine.entry_argv(
+            self._tools, cgroup.path / "cgroup.procs", argv, raw_sockets=self.raw_sockets
+        )
         proc = subprocess.Popen(
-            [*_ENTER, str(cgroup.path / "cgroup.procs"), *argv],
+            entry,
             cwd=cwd,
             env=dict(env) if env is not None else None,
             stdin=subprocess.DEVNULL if stdin is None else stdin,
@@ -342,13 +358,28 @@ def _wait(proc: subprocess.Popen[bytes], limit: float | None) -> bool:
     return False
 
 
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for the command once its cgroup was killed; if it outlives that, it left the
+    cgroup: kill it by its pid (our child, so the pid cannot have been reused)."""
+    try:
+        proc.wait(timeout=REAP_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
 
 
 class _Output:
-    """Feed stdin and drain stdout/stderr in threads, so a full pipe never blocks the script."""
+    """Feed stdin and drain stdout/stderr in threads, so a full pipe never blocks the script.
+
+    The threads wait in poll(), never in a read or write, on their pipe and on a stop
+    pipe: `finish` can always end them, even while a process outside the fence keeps
+    the command's pipes open.
+    """
 
     def __init__(
         self,
@@ -358,38 +389,71 @@ class _Output:
     ) -> None:
         self._chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         self._on_output = on_output
-        self._threads = [
-            threading.Thread(target=self._read, args=(proc.stdout, "stdout"), daemon=True),
-            threading.Thread(target=self._read, args=(proc.stderr, "stderr"), daemon=True),
-            threading.Thread(target=_write, args=(proc.stdin, data), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._stop_r, self._stop_w = os.pipe()
+        self._threads: list[threading.Thread] = []
+        for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            if stream is not None:
+                self._start(self._read, stream, name)
+        if proc.stdin is not None:  # a pipe only when there is input to give
+            self._start(self._write, proc.stdin, data or b"")
 
-    def _read(self, stream: IO[bytes] | None, name: str) -> None:
-        if stream is None:
-            return
+    def _start(self, target: Callable[..., None], stream: IO[bytes], arg: Any) -> None:
+        name = f"depfence-{arg if isinstance(arg, str) else 'stdin'}"
+        thread = threading.Thread(target=target, args=(stream, arg), name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _ready(self, fd: int, event: int) -> bool:
+        """Wait until `fd` is ready for `event` (or hung up); False once stopped."""
+        poller = select.poll()
+        poller.register(fd, event)
+        poller.register(self._stop_r, select.POLLIN)
+        return all(ready != self._stop_r for ready, _ in poller.poll())
+
+    def _read(self, stream: IO[bytes], name: str) -> None:
         with stream:
-            for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
+            fd = stream.fileno()
+            os.set_blocking(fd, False)
+            stopping, budget = False, _DRAIN_LIMIT
+            while budget > 0:
+                # Once stopped, take what is already in the pipe, then leave.
+                stopping = stopping or not self._ready(fd, select.POLLIN)
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    if stopping:
+                        return
+                    continue
+                if not chunk:
+                    return
                 self._chunks[name].append(chunk)
                 if self._on_output is not None:
                     self._on_output(name, chunk)
+                if stopping:
+                    budget -= len(chunk)
 
-    def join(self) -> None:
+    def _write(self, stream: IO[bytes], data: bytes) -> None:
+        view = memoryview(data)
+        with contextlib.suppress(BrokenPipeError), stream:  # the command stopped reading
+            fd = stream.fileno()
+            os.set_blocking(fd, False)
+            while view and self._ready(fd, select.POLLOUT):
+                with contextlib.suppress(BlockingIOError):
+                    view = view[os.write(fd, view) :]
+
+    def finish(self, grace: float = OUTPUT_GRACE) -> None:
+        """Give the pipes `grace` seconds to end, then stop reading and writing them."""
+        deadline = time.monotonic() + grace
         for thread in self._threads:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        os.write(self._stop_w, b"x")
+        for thread in self._threads:
+            thread.join(grace)  # at once, unless an on_output callback blocks
+        if not any(thread.is_alive() for thread in self._threads):
+            os.close(self._stop_r)
+            os.close(self._stop_w)
 
     def text(self) -> tuple[str, str]:
         """stdout and stderr, decoded."""
         out, err = (b"".join(self._chunks[name]) for name in ("stdout", "stderr"))
         return out.decode(errors="replace"), err.decode(errors="replace")
-
-
-def _write(stream: IO[bytes] | None, data: bytes | None) -> None:
-    if stream is None or data is None:
-        return
-    try:
-        with stream:
-            stream.write(data)
-    except BrokenPipeError:
-        pass

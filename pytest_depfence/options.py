@@ -50,6 +50,12 @@ def _timeout(value: Any, where: str) -> float | None:
     return float(value)
 
 
+def _raw_sockets(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(repr(value), "raw_sockets must be True or False", where)
+    return value
+
+
 def _contract(value: Any, where: str) -> str:
     from .contract import check_name
 
@@ -116,6 +122,12 @@ CONTRACT = Option(
     "pin the test's egress to depfence-contracts/NAME.contract beside the test file",
     _contract,
 )
+RAW_SOCKETS = Option(
+    "raw_sockets",
+    "keep CAP_NET_RAW for the fenced command (raw and packet sockets, ping over raw "
+    "sockets); off by default, because packet sockets bypass every hook of the fence",
+    _raw_sockets,
+)
 UPSTREAM = Option(
     "upstream",
     "DNS server the fence's proxy forwards allowed queries to, HOST[:PORT] (default: the "
@@ -124,7 +136,9 @@ UPSTREAM = Option(
 )
 
 #: The settings `fence(...)` takes, in the order help texts list them.
-FENCE_OPTIONS: dict[str, Option] = {o.name: o for o in (MODE, OUTAGE, TIMEOUT, CONTRACT)}
+FENCE_OPTIONS: dict[str, Option] = {
+    o.name: o for o in (MODE, OUTAGE, TIMEOUT, CONTRACT, RAW_SOCKETS)
+}
 
 
 def validate(name: str, value: Any, where: str) -> Any:

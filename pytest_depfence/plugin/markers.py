@@ -27,8 +27,9 @@ MARKERS = {
     + "|".join(f"'{mode}'" for mode in options.MODES)
     + ", outage="
     + "|".join(f"'{name}'" for name in outages.OUTAGES)
-    + ", timeout=SECONDS, contract=NAME): how the `fenced` fixture runs; "
-    "contract pins the test's egress to depfence-contracts/NAME.contract beside the test file",
+    + ", timeout=SECONDS, contract=NAME, raw_sockets=False|True): how the `fenced` fixture "
+    "runs; contract pins the test's egress to depfence-contracts/NAME.contract beside the "
+    "test file; raw_sockets=True keeps CAP_NET_RAW (raw and packet sockets) in the fence",
 }
 
 

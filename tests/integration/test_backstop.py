@@ -1,9 +1,11 @@
 """The packet backstop: raw and ICMP sockets, which the connect-time hooks never see.
 
-A raw or ICMP socket sends without connect() or a UDP sendmsg(), so the
-sock_addr programs never judge it nor record its owner. egress.c judges each
-of its packets by destination instead: a refused one is dropped and reported
-with no process (`blocked_at == "packet"`, pid None), an allowed one passes.
+A fenced command has no CAP_NET_RAW unless the test opts in (`fence(raw_sockets=True)`,
+test_escape.py checks the default); every test here opts in, to test what happens to
+raw sockets a fence allows. A raw or ICMP socket sends without connect() or a UDP
+sendmsg(), so the sock_addr programs never judge it nor record its owner. egress.c
+judges each of its packets by destination instead: a refused one is dropped and
+reported with no process (`blocked_at == "packet"`, pid None), an allowed one passes.
 The socket may live in a sub-cgroup the script made inside its own fence
 cgroup; its packets are judged all the same (egress.c walks the packet's
 cgroup up to the fence). Lab addresses: github.com 10.77.1.1 / fd77::1:1,
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import pytest
+from helpers_cgroup import OWN_CGROUP_SH
 
 if TYPE_CHECKING:
     from pytest_depfence import EgressEvent, Fence, FenceResult
@@ -33,6 +36,7 @@ if not shutil.which(PING[0]):
     pytest.skip("these tests need ping (apt-get install iputils-ping)", allow_module_level=True)
 
 NO_GITHUB = pytest.mark.no_egress("github.com")
+RAW = pytest.mark.fence(raw_sockets=True)
 GITHUB = {4: "10.77.1.1", 6: "fd77::1:1"}
 MIRROR = {4: "10.77.3.1", 6: "fd77::3:1"}
 PROTOCOL = {4: "icmp", 6: "icmpv6"}
@@ -74,17 +78,19 @@ while error is None and not replied and time.monotonic() < deadline:
 print(json.dumps({"error": error, "replied": replied}))
 """
 
-# Runs "$@" from a new cgroup made inside the script's own (fence) cgroup.
-IN_SUB_CGROUP = """\
-set -e
-own=$(sed -n 's/^0:://p' /proc/self/cgroup)
-mount=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/self/mounts)
-mkdir "$mount$own/sub"
-echo $$ > "$mount$own/sub/cgroup.procs"
-test "$(sed -n 's/^0:://p' /proc/self/cgroup)" = "$own/sub"
+# Runs "$@" from a new cgroup made inside the script's own (fence) cgroup; the fence's
+# cgroup namespace shows it as /sub.
+IN_SUB_CGROUP = (
+    "set -e\n"
+    + OWN_CGROUP_SH
+    + """\
+mkdir "$own/sub"
+echo $$ > "$own/sub/cgroup.procs"
+test "$(sed -n 's/^0:://p' /proc/self/cgroup)" = /sub
 echo "moved to $own/sub"
 exec "$@"
 """
+)
 
 
 def raw_client(tmp_path: Path, address: str, family: int) -> list[str]:
@@ -120,6 +126,7 @@ def place(request: pytest.FixtureRequest) -> Place:
     return in_sub_cgroup if request.param else list
 
 
+@RAW
 @NO_GITHUB
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_ping_to_a_blocked_address_is_dropped_and_reported(
@@ -133,6 +140,7 @@ def test_ping_to_a_blocked_address_is_dropped_and_reported(
     dropped_packets(result, GITHUB[family], family)
 
 
+@RAW
 @NO_GITHUB
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_raw_socket_to_a_blocked_address_is_dropped_and_reported(
@@ -148,6 +156,7 @@ def test_raw_socket_to_a_blocked_address_is_dropped_and_reported(
     assert len(events) == 1  # one report per destination and run
 
 
+@RAW
 @NO_GITHUB
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_ping_and_raw_socket_to_an_allowed_address_pass(
@@ -165,6 +174,7 @@ def test_ping_and_raw_socket_to_an_allowed_address_pass(
     assert raw.violations == [] and pinged.violations == []
 
 
+@RAW
 @pytest.mark.egress_only("mirror.internal")
 def test_egress_only_drops_a_ping_to_an_unlisted_address(fenced: Fence) -> None:
     result = fenced.run(in_sub_cgroup(ping(GITHUB[4], 4)), check=False, timeout=30)
@@ -175,7 +185,7 @@ def test_egress_only_drops_a_ping_to_an_unlisted_address(fenced: Fence) -> None:
     assert {(e.blocked_at, e.protocol, e.pid) for e in events} == {("packet", "icmp", None)}
 
 
-@pytest.mark.fence(mode="audit")
+@pytest.mark.fence(mode="audit", raw_sockets=True)
 @pytest.mark.filterwarnings("ignore::pytest_depfence.errors.EgressAuditWarning")
 @NO_GITHUB
 def test_audit_mode_lets_the_packet_go_and_records_it(fenced: Fence, tmp_path: Path) -> None:

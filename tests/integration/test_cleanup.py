@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers_cgroup import cgroup_of
 
 import pytest_depfence
 from pytest_depfence.cgroup import PARENT, cgroup2_mount, session_name, sweep_stale
@@ -47,8 +48,8 @@ import sys
 from pytest_depfence import Fence, Policy
 
 ready, upstream = sys.argv[1], sys.argv[2]
-# The fenced script reports its pid and cgroup, then becomes `sleep 1000`.
-script = 'echo "$$ $(sed -n "s/^0:://p" /proc/self/cgroup)" > "$0"; exec sleep 1000'
+# The fenced script reports its pid, then becomes `sleep 1000`.
+script = 'echo "$$" > "$0"; exec sleep 1000'
 with Fence(Policy.no_egress("github.com"), upstream=upstream) as fence:
     fence.run(["sh", "-c", script, ready])
 """
@@ -102,13 +103,13 @@ def test_crashed_session_leaves_nothing_attached_and_is_swept(
     pidfd = -1
     try:
         try:
-            sleeper_pid, cgroup_path = ready.read_line(timeout=120).split()
+            sleeper_pid = ready.read_line(timeout=120)
         except TimeoutError:
             session.kill()
             session.wait()
             pytest.fail(f"the session never became ready:\n{log.read_text()}")
         pidfd = os.pidfd_open(int(sleeper_pid))
-        run_cgroup = cgroup2_mount() / cgroup_path.lstrip("/")
+        run_cgroup = cgroup_of(int(sleeper_pid))  # read from outside the fence's namespace
         session_dir = run_cgroup.parent
         assert session_dir.name.startswith(f"{session.pid}-")
         names = {p["name"] for p in attached(run_cgroup)}

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from dnslib import QTYPE, DNSRecord
-
-from pytest_depfence.cgroup import cgroup2_mount
+from helpers_cgroup import OWN_CGROUP_SH
 
 if TYPE_CHECKING:
     from pytest_depfence import Fence, FenceResult
@@ -140,10 +139,9 @@ def test_the_test_process_resolves_normally_while_a_fence_runs(
 @pytest.mark.no_egress("github.com")
 def test_a_sub_cgroup_of_the_fence_is_still_fenced(fenced: Fence, lab: Lab) -> None:
     # A service the script starts in its own cgroup (as systemd-run or a container would).
-    mount = shlex.quote(str(cgroup2_mount()))
     argv = [*DIG, "+short", f"@{lab.RESOLVER4}", "github.com"]
     script = (
-        f"sub={mount}$(sed -n 's/^0:://p' /proc/self/cgroup)/service && mkdir \"$sub\" && "
+        f'{OWN_CGROUP_SH}sub=$own/service && mkdir "$sub" && '
         f'echo $$ > "$sub/cgroup.procs" && {shlex.join(argv)}; true'
     )
     result = fenced.run(["sh", "-c", script], check=False, timeout=30)

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers_cgroup import cgroup_of
 
-from pytest_depfence.cgroup import CgroupTree, cgroup2_mount
+from pytest_depfence.cgroup import CgroupTree
 
 if TYPE_CHECKING:
     from pytest_depfence import Fence
@@ -27,12 +28,6 @@ if os.geteuid() != 0:
 
 Fifo = Any  # conftest.Fifo
 SLACK = 3.0  # seconds a run may take beyond its timeout to kill, reap and clean up
-
-
-def run_cgroup(line: str) -> Path:
-    """The cgroup directory of a `0::/path` line from /proc/<pid>/cgroup."""
-    assert line.startswith("0::/"), line
-    return cgroup2_mount() / line[len("0::/") :]
 
 
 def session_runs() -> list[Path]:
@@ -49,8 +44,9 @@ def exited(pidfd: int, within: float = 5.0) -> bool:
     return bool(select.select([pidfd], [], [], within)[0])
 
 
-# Each prints its cgroup, starts a sleeper that leaves the script's process tree
-# (pid to the "pids" FIFO), waits for "go", then exits without waiting for it.
+# Each starts a sleeper that leaves the script's process tree (pid to the "pids"
+# FIFO), waits for "go", then exits without waiting for it. The test reads the
+# sleeper's cgroup from outside (the fence's cgroup namespace shows it as `/`).
 DAEMONISE = {
     "setsid": 'setsid sh -c \'echo $$ > "$0"; exec sleep 1000\' "$1" &',
     "double-fork": '( sh -c \'echo $$ > "$0"; exec sleep 1000\' "$1" & ) ;',
@@ -63,7 +59,7 @@ def test_daemonised_grandchild_dies_with_the_run(
     fenced: Fence, fifo: Callable[[str], Fifo], how: str
 ) -> None:
     pids, go = fifo("pids"), fifo("go")
-    script = f'grep "^0::" /proc/self/cgroup; {DAEMONISE[how]} read x < "$2"; exit 0'
+    script = f'{DAEMONISE[how]} read x < "$2"; exit 0'
     pidfd = -1
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -74,6 +70,7 @@ def test_daemonised_grandchild_dies_with_the_run(
                 daemon = int(pids.read_line())
                 pidfd = os.pidfd_open(daemon)
                 assert not exited(pidfd, within=0), "the daemon died before the run ended"
+                cgroup = cgroup_of(daemon)
             finally:
                 go.write_line()
             result = future.result(timeout=60)
@@ -83,7 +80,6 @@ def test_daemonised_grandchild_dies_with_the_run(
     finally:
         if pidfd >= 0:
             os.close(pidfd)
-    cgroup = run_cgroup(result.stdout.strip())
     assert cgroup.parent == CgroupTree().session
     assert not cgroup.exists()
 

@@ -6,9 +6,10 @@ for minutes. The run's timeout must kill everything in the run's cgroup, say
 it timed out, and still name the blocked egress attempt that caused the hang
 and the command line behind it.
 
-The script reports its pids and cgroup through a FIFO (`fifo` fixture); the
-test opens a pidfd for each while they run, so "it is dead afterwards" cannot
-be fooled by a reused pid.
+The script reports its pids through a FIFO (`fifo` fixture); the test opens a
+pidfd for each while they run, so "it is dead afterwards" cannot be fooled by a
+reused pid, and reads the run's cgroup from outside (inside the fence's cgroup
+namespace it is `/`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers_cgroup import cgroup_of
 
 from pytest_depfence import EgressViolation
-from pytest_depfence.cgroup import cgroup2_mount
 from pytest_depfence.render import TIMED_OUT
 
 if TYPE_CHECKING:
@@ -43,12 +44,9 @@ SLACK = 2.0  # seconds a run may take beyond its timeout to kill, reap and clean
 CURL = ["curl", "-sS", "http://github.com/"]  # no -m: it would wait for minutes
 GITHUB = ("10.77.1.1", "fd77::1:1")
 
-# Reports "<shell pid> <cgroup>", starts the hanging curl in the background,
-# reports its pid, and waits for it.
-HANGS = (
-    'echo "$$ $(sed -n "s/^0:://p" /proc/self/cgroup)" > "$0"; '
-    f'{shlex.join(CURL)} & echo "$!" > "$0"; wait'
-)
+# Reports the shell's pid, starts the hanging curl in the background, reports its
+# pid, and waits for it.
+HANGS = f'echo "$$" > "$0"; {shlex.join(CURL)} & echo "$!" > "$0"; wait'
 
 
 def exited(pidfd: int, within: float = 5.0) -> bool:
@@ -68,7 +66,8 @@ def test_hanging_dependency_is_killed_at_the_timeout(
         with ThreadPoolExecutor(max_workers=1) as pool:
             start = time.monotonic()
             future = pool.submit(fenced.run, argv, check=False, timeout=TIMEOUT)
-            shell, cgroup_path = pids.read_line().split(maxsplit=1)
+            shell = pids.read_line()
+            cgroup = cgroup_of(int(shell))
             curl = int(pids.read_line())
             for pid in (int(shell), curl):
                 pidfds[pid] = os.pidfd_open(pid)
@@ -84,7 +83,6 @@ def test_hanging_dependency_is_killed_at_the_timeout(
     finally:
         for pidfd in pidfds.values():
             os.close(pidfd)
-    cgroup = cgroup2_mount() / cgroup_path.lstrip("/")
     assert cgroup.name and not cgroup.exists(), f"the run's cgroup {cgroup} is still there"
 
     # What it hung on: github.com, resolved, then its packets dropped; asked by curl.

@@ -151,6 +151,7 @@ def test_memory():
         ("outage='drop'", "drop"),
         ("timeout=0", "0"),
         ("timeout='5'", "'5'"),
+        ("raw_sockets='yes'", "'yes'"),
     ],
 )
 def test_fence_marker_values_are_checked(run, pytester, kwargs, value):

@@ -1,0 +1,162 @@
+"""How a command enters its fence, and what keeps it there.
+
+A fenced command is started as `entry_argv(...)`, a chain of execs in one process:
+
+1. `/bin/sh -c 'echo 0 > "$0" && exec "$@"' PROCS ...` moves itself into the fence
+   cgroup (a shell rather than preexec_fn: running Python in a forked child of a
+   threaded process is not safe), so nothing the command runs is ever outside;
+2. `unshare --cgroup` gives it a cgroup namespace rooted at the fence cgroup
+   (/proc/self/cgroup reads `0::/`). With `nsdelegate` on the cgroup2 mount, the
+   kernel refuses to migrate a task of that namespace to a cgroup outside its root
+   (`cgroup_procs_write_permission`: ENOENT), whatever the mount it names it through
+   and even as root; `ensure_nsdelegate` turns that option on where it is off;
+3. unless `raw_sockets=True`, `setpriv` takes CAP_NET_RAW out of the bounding and
+   inheritable sets (so out of the ambient set, and out of the permitted and
+   effective sets the exec computes for the command, root or setuid): no raw or
+   packet socket, which the connect-time hooks never see.
+
+Both tools are util-linux's (on Debian 11 setpriv is its own package); their paths
+are found once, so a command's own PATH cannot change what enters the fence.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FenceUnavailable
+
+MOUNTINFO = "/proc/self/mountinfo"
+_MOVE_IN = ("/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"')
+_NO_NET_RAW = ("--bounding-set", "-net_raw", "--inh-caps", "-net_raw", "--ambient-caps", "-net_raw")
+
+# mount(2) flags for the per-mount and per-superblock options /proc/self/mountinfo
+# shows as words: a remount that does not repeat them would clear them.
+MS_RDONLY, MS_REMOUNT, MS_STRICTATIME = 1, 32, 1 << 24
+_FLAG_WORDS = {
+    "ro": MS_RDONLY,
+    "nosuid": 2,
+    "nodev": 4,
+    "noexec": 8,
+    "sync": 16,
+    "mand": 64,
+    "dirsync": 128,
+    "nosymfollow": 256,
+    "noatime": 1024,
+    "nodiratime": 2048,
+    "relatime": 1 << 21,
+    "lazytime": 1 << 25,
+}
+
+
+@dataclass(frozen=True)
+class Tools:
+    unshare: str
+    setpriv: str
+
+
+_lock = threading.Lock()
+_ready: Tools | None = None
+
+
+def prepare(mountinfo: str = MOUNTINFO) -> Tools:
+    """Once per process: the entry tools found and nsdelegate on; FenceUnavailable says
+    what is missing and the fix."""
+    global _ready
+    with _lock:
+        if _ready is None:
+            tools = find_tools()
+            ensure_nsdelegate(mountinfo)
+            _ready = tools
+        return _ready
+
+
+def find_tools() -> Tools:
+    found = {name: shutil.which(name) for name in ("unshare", "setpriv")}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        raise FenceUnavailable(
+            f"{' and '.join(missing)} not found: fenced commands start through util-linux's "
+            "unshare (a cgroup namespace) and setpriv (no CAP_NET_RAW)",
+            fix="apt-get install util-linux (Debian 11: apt-get install setpriv)",
+        )
+    return Tools(unshare=str(found["unshare"]), setpriv=str(found["setpriv"]))
+
+
+def entry_argv(tools: Tools, procs: Path, argv: list[str], *, raw_sockets: bool) -> list[str]:
+    """The command line that moves into the cgroup whose cgroup.procs is `procs`,
+    unshares the cgroup namespace, drops CAP_NET_RAW (unless raw_sockets), runs argv."""
+    caps = [] if raw_sockets else [tools.setpriv, *_NO_NET_RAW, "--"]
+    return [*_MOVE_IN, str(procs), tools.unshare, "--cgroup", "--", *caps, *argv]
+
+
+@dataclass(frozen=True)
+class Cgroup2Mount:
+    """The cgroup2 line of a mountinfo file: where, and its mount and superblock options."""
+
+    path: Path
+    mount_options: tuple[str, ...]
+    super_options: tuple[str, ...]
+
+    @property
+    def nsdelegate(self) -> bool:
+        return "nsdelegate" in self.super_options
+
+    def remount_request(self) -> tuple[int, str]:
+        """mount(2) flags and data that turn nsdelegate on and keep every other option."""
+        words = (*self.mount_options, *self.super_options)
+        flags = MS_REMOUNT
+        for word in words:
+            flags |= _FLAG_WORDS.get(word, 0)
+        if not {"noatime", "relatime"} & set(words):
+            flags |= MS_STRICTATIME  # else the kernel's default, relatime, replaces it
+        fs_options = [w for w in self.super_options if w not in ("rw", "nsdelegate", *_FLAG_WORDS)]
+        return flags, ",".join([*fs_options, "nsdelegate"])
+
+
+def read_cgroup2_mount(mountinfo: str = MOUNTINFO) -> Cgroup2Mount | None:
+    """The first cgroup2 mount in `mountinfo`, or None."""
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == "cgroup2":
+                super_options = fields[sep + 3] if len(fields) > sep + 3 else ""
+                return Cgroup2Mount(
+                    Path(fields[4]),
+                    tuple(fields[5].split(",")),
+                    tuple(o for o in super_options.split(",") if o),
+                )
+    return None
+
+
+def ensure_nsdelegate(mountinfo: str = MOUNTINFO) -> None:
+    """Make the cgroup2 hierarchy refuse migrations out of a cgroup namespace.
+
+    Without `nsdelegate` (a flag of the one cgroup2 hierarchy, set by remounting any
+    of its mounts) a root process in a cgroup namespace can still move itself to any
+    cgroup it can name. systemd mounts cgroup2 with it; hosts that mount it by hand
+    often do not, so the fence remounts it, keeping every other option. The kernel
+    takes the flag only from a process in the initial cgroup namespace.
+    """
+    mount = read_cgroup2_mount(mountinfo)
+    if mount is None or mount.nsdelegate:
+        return  # no cgroup2 at all: cgroup.py says so, with its fix
+    flags, data = mount.remount_request()
+    libc = ctypes.CDLL(None, use_errno=True)
+    text = ctypes.c_char_p
+    libc.mount.argtypes = [text, text, text, ctypes.c_ulong, text]
+    failed = libc.mount(b"cgroup2", os.fsencode(mount.path), b"cgroup2", flags, data.encode())
+    error = os.strerror(ctypes.get_errno()) if failed else None
+    after = read_cgroup2_mount(mountinfo)
+    if after is None or not after.nsdelegate:
+        raise FenceUnavailable(
+            f"cgroup2 at {mount.path} is mounted without nsdelegate, so a fenced root process "
+            "could move itself out of its fence, and turning it on failed"
+            + (f" ({error})" if error else " (not in the initial cgroup namespace?)"),
+            fix=f"on the host: mount -o remount,nsdelegate {mount.path}",
+        )

@@ -1,0 +1,121 @@
+"""How a command enters its fence: the exec chain, and the remount that turns nsdelegate on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_depfence import confine, options
+from pytest_depfence.errors import ConfigError
+
+TOOLS = confine.Tools(unshare="/usr/bin/unshare", setpriv="/usr/bin/setpriv")
+PROCS = Path("/sys/fs/cgroup/depfence/1-2/run-1/cgroup.procs")
+HYBRID = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+SYSTEMD = (
+    "35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 "
+    "rw,nsdelegate,memory_recursiveprot\n"
+)
+HAND = "50 24 0:30 / /cg ro,nosuid,noatime - cgroup2 none rw,memory_localevents,favordynmods\n"
+V1 = "30 24 0:26 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+
+
+def test_the_chain_moves_in_then_unshares_then_drops_cap_net_raw() -> None:
+    argv = confine.entry_argv(TOOLS, PROCS, ["./deploy.sh", "-x"], raw_sockets=False)
+
+    assert argv[:4] == ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', str(PROCS)]
+    assert argv[4:7] == ["/usr/bin/unshare", "--cgroup", "--"]
+    setpriv = argv[7:-2]
+    assert setpriv[0] == "/usr/bin/setpriv" and setpriv[-1] == "--"
+    for flag in ("--bounding-set", "--inh-caps", "--ambient-caps"):
+        assert setpriv[setpriv.index(flag) + 1] == "-net_raw"
+    assert argv[-2:] == ["./deploy.sh", "-x"]
+
+
+def test_raw_sockets_leave_setpriv_out() -> None:
+    argv = confine.entry_argv(TOOLS, PROCS, ["-dash-first"], raw_sockets=True)
+    assert argv[4:] == ["/usr/bin/unshare", "--cgroup", "--", "-dash-first"]
+
+
+def mountinfo(tmp_path: Path, *lines: str) -> str:
+    path = tmp_path / "mountinfo"
+    path.write_text("".join(lines))
+    return str(path)
+
+
+def test_the_cgroup2_line_is_found_among_v1_mounts(tmp_path: Path) -> None:
+    mount = confine.read_cgroup2_mount(mountinfo(tmp_path, V1, HYBRID))
+    assert mount == confine.Cgroup2Mount(
+        Path("/sys/fs/cgroup/unified"), ("rw", "relatime"), ("rw",)
+    )
+    assert not mount.nsdelegate
+    assert confine.read_cgroup2_mount(mountinfo(tmp_path, V1)) is None
+
+
+@pytest.mark.parametrize(
+    ("line", "flags", "data"),
+    [
+        (HYBRID, confine.MS_REMOUNT | 1 << 21, "nsdelegate"),
+        # nosuid, nodev, noexec, relatime kept; memory_recursiveprot kept; nsdelegate once
+        (SYSTEMD, confine.MS_REMOUNT | 2 | 4 | 8 | 1 << 21, "memory_recursiveprot,nsdelegate"),
+        # read-only, noatime; no atime word would mean strictatime
+        (
+            HAND,
+            confine.MS_REMOUNT | confine.MS_RDONLY | 2 | 1024,
+            "memory_localevents,favordynmods,nsdelegate",
+        ),
+    ],
+)
+def test_the_remount_keeps_every_other_option(
+    tmp_path: Path, line: str, flags: int, data: str
+) -> None:
+    mount = confine.read_cgroup2_mount(mountinfo(tmp_path, line))
+    assert mount is not None
+    assert mount.remount_request() == (flags, data)
+
+
+def test_without_an_atime_word_the_remount_keeps_strictatime(tmp_path: Path) -> None:
+    line = "50 24 0:30 / /cg rw - cgroup2 none rw\n"
+    mount = confine.read_cgroup2_mount(mountinfo(tmp_path, line))
+    assert mount is not None
+    assert mount.remount_request() == (confine.MS_REMOUNT | confine.MS_STRICTATIME, "nsdelegate")
+
+
+def test_nsdelegate_already_on_needs_no_remount(tmp_path: Path) -> None:
+    # A remount would fail without root; with the option on, none is tried.
+    confine.ensure_nsdelegate(mountinfo(tmp_path, V1, SYSTEMD))
+
+
+# --------------------------------------------------------------------------- the option
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_raw_sockets_takes_a_bool(value: bool) -> None:
+    assert options.validate("raw_sockets", value, "marker at t.py:3") is value
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, "True"])
+def test_raw_sockets_rejects_anything_else_naming_where(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        options.validate("raw_sockets", value, "marker at t.py:3")
+    expected = ConfigError(repr(value), "raw_sockets must be True or False", "marker at t.py:3")
+    assert str(info.value) == str(expected)
+
+
+def test_raw_sockets_is_a_fence_marker_setting() -> None:
+    assert "raw_sockets" in options.FENCE_OPTIONS
+    assert "CAP_NET_RAW" in options.RAW_SOCKETS.help
+
+
+def test_the_library_and_the_cli_check_it_too() -> None:
+    from pytest_depfence.cli import _parser, plan
+    from pytest_depfence.fence import Fence
+    from pytest_depfence.policy import Policy
+
+    with pytest.raises(ConfigError, match=r"'yes'\" from Fence\(raw_sockets=\)"):
+        Fence(Policy("no_egress", ()), upstream="10.0.0.53", raw_sockets="yes")  # type: ignore[arg-type]
+    assert Fence(Policy("no_egress", ()), upstream="10.0.0.53").raw_sockets is False
+
+    args = _parser().parse_args(["run", "--raw-sockets", "--", "true"])
+    assert plan(args).raw_sockets is True
+    assert plan(_parser().parse_args(["run", "--", "true"])).raw_sockets is False
