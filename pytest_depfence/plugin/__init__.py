@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 import pytest
 
 from ..errors import ConfigError, DepfenceError, FenceUnavailable, PolicyError
-from .markers import MARKERS, item_fence_kwargs, item_policy
+from .markers import MARKERS, check_fenced, item_fence_kwargs, item_policy
 from .results import AUDITED, Reporter, after_test
 from .settings import (
     FENCE_KEY,
@@ -91,7 +91,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if lab is not None and config.stash[SETTINGS_KEY].upstream is None:
         upstream += " (lab)"  # only when the lab's resolver is really the one in use
     try:
-        state = preflight()
+        state = preflight(load_bcc=False)  # found, not loaded: a session may build no fence
     except Exception as exc:  # noqa: BLE001 - a header must never stop the session
         reason = str(exc)
         if not isinstance(exc, FenceUnavailable):
@@ -114,6 +114,7 @@ def pytest_collection_modifyitems(
         try:
             policy = item_policy(item)
             kwargs = item_fence_kwargs(item)
+            check_fenced(item)
         except (PolicyError, ConfigError) as exc:
             errors.append(f"{item.nodeid}: {exc}")
             continue

@@ -131,6 +131,28 @@ def item_policy(item: pytest.Item) -> Policy | None:
     return None
 
 
+#: A marker that would protect nothing: on a test that never builds a fence.
+UNFENCED = (
+    "the test does not use the `fenced` fixture, so nothing it runs is fenced and the "
+    "marker protects nothing; add `fenced` to its arguments and run the script with "
+    "fenced.run(...)"
+)
+
+
+def check_fenced(item: pytest.Item) -> None:
+    """A fence marker written on the test itself needs the test to use `fenced`.
+
+    Markers of a class or module also reach tests that run nothing fenced (helpers,
+    unit tests beside the deploy tests); only the test's own markers must be used.
+    """
+    if "fenced" in getattr(item, "fixturenames", ()):
+        return
+    for name in MARKERS:
+        for node, _ in item.iter_markers_with_node(name):
+            if node is item:
+                raise ConfigError(f"{name}(...)", UNFENCED, _markers(item, name)[0][1])
+
+
 def item_fence_kwargs(item: pytest.Item) -> dict[str, Any]:
     """The test's `fence(...)` settings, each checked by its option's validator."""
     marker = item.get_closest_marker("fence")

@@ -6,6 +6,7 @@ import pytest
 from plugin_helpers import line_of, lit
 
 from pytest_depfence.errors import ConfigError, PolicyError
+from pytest_depfence.plugin.markers import UNFENCED
 
 #: Every test module here also has this test; it must never run.
 SIDE_EFFECT = """
@@ -284,4 +285,27 @@ def test_both_policy_kinds_on_the_command_line_are_rejected(run, pytester):
     assert_stopped_before_tests(result, pytester)
     result.stderr.fnmatch_lines(
         ["ERROR: depfence: *CLI flag --depfence-no-egress*CLI flag --depfence-egress-only*"]
+    )
+
+
+@pytest.mark.parametrize("marker", ['no_egress("github.com")', 'fence(mode="audit")'])
+def test_a_marker_on_a_test_that_is_not_fenced_is_an_error(run, pytester, marker):
+    path = pytester.makepyfile(
+        test_unfenced=SIDE_EFFECT
+        + f"""
+import pytest
+
+@pytest.mark.{marker}
+def test_deploy():
+    pass
+"""
+    )
+
+    result = run()
+
+    assert_stopped_before_tests(result, pytester)
+    name = marker.split("(")[0]
+    source = f"marker at test_unfenced.py:{line_of(path, '@pytest.mark.')}"
+    result.stderr.fnmatch_lines(
+        [f"test_unfenced.py::test_deploy: {message(ConfigError(f'{name}(...)', UNFENCED, source))}"]
     )

@@ -25,8 +25,9 @@ MIXED = """
         pass
 
     @pytest.mark.no_egress("github.com")
-    def test_marked_but_unfenced():
-        pass
+    class TestHelpers:
+        def test_marked_by_its_class_but_unfenced(self):
+            pass
 """
 
 #: The reason when bcc is hidden: what is missing, then the exact install command.
