@@ -35,11 +35,17 @@ __all__ = [
     "FenceUnavailable",
     "Policy",
     "PolicyError",
+    "__version__",
 ]
+
+#: The distribution whose metadata holds the version (pyproject.toml's, the one source).
+DISTRIBUTION = "pytest-depfence"
 
 
 def __getattr__(name: str) -> Any:
-    # Fence and Policy load on first use so that `pytest --help` never pays for them.
+    # Fence, Policy and the version load on first use so that `pytest --help` never pays.
+    if name == "__version__":
+        return _version()
     if name == "Fence":
         from .fence import Fence
 
@@ -49,3 +55,13 @@ def __getattr__(name: str) -> Any:
 
         return Policy
     raise AttributeError(name)
+
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml's, read from the metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"

@@ -157,6 +157,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Run commands inside a dependency fence and report their egress.",
         epilog=MAIN_EPILOG,
     )
+    from . import __version__  # pyproject's, from the package metadata
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",

@@ -5,12 +5,19 @@ the error: a `FenceUnavailable(reason, fix=...)` is shown as its reason and
 its fix; `_fallback_fix` is the one place for advice an error does not carry.
 The last check builds what a fence builds: it compiles the eBPF programs and
 attaches them to a temporary cgroup, then detaches them and removes it.
+
+Privileges come first: without them the cgroup tree is not writable and
+tracefs not readable, which says nothing about the machine. Those checks are
+then SKIPs that say they need root (with what can be seen without it), so the
+one failure shown is the true cause and its fix.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import shlex
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +34,8 @@ examples:
   sudo depfence doctor
   DEPFENCE_BCC_PATH=/opt/bcc/python depfence doctor   # look for bcc only there
 
-Each check prints OK, FAIL (with what to do) or SKIP (needs an earlier check).
+Each check prints OK, FAIL (with what to do) or SKIP (needs an earlier check,
+or root: run as another user, it checks what it can and says what needs root).
 The last check compiles the eBPF programs and attaches them to a temporary
 cgroup, then detaches them and removes it.
 
@@ -102,6 +110,13 @@ def _cgroup2() -> str:
     return f"mounted at {mount}"
 
 
+def _cgroup2_unprivileged() -> str:
+    from .cgroup import cgroup2_mount
+
+    # Whether it is mounted does not depend on privileges; whether it is writable does.
+    return f"mounted at {cgroup2_mount()}"
+
+
 def _bcc() -> str:
     from .kernel import import_bcc
 
@@ -123,10 +138,24 @@ def _headers() -> str:
 def _tracefs() -> str:
     from .kernel import tracefs_dir
 
-    where = tracefs_dir(mount=False)  # a check must not mount anything
+    try:
+        where = tracefs_dir(mount=False)  # a check must not mount anything
+    except PermissionError as exc:
+        raise FenceUnavailable(
+            f"tracefs is not readable here: {exc}",
+            fix="run it as root (tracefs is readable by root only on most systems)",
+        ) from exc
     if where is None:
         return "not mounted; mountable at /sys/kernel/tracing (a fence mounts it on first use)"
     return f"mounted at {where}"
+
+
+def _tracefs_unprivileged() -> str:
+    # Mounts are listed for everyone; the tracing directory is readable by root only.
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    where = [fields[4] for fields in mounts if "tracefs" in fields[fields.index("-") + 1 :][:1]]
+    return f"mounted at {where[0]}" if where else "not mounted (a fence mounts it as root)"
 
 
 def _compile_and_attach() -> str:
@@ -159,27 +188,67 @@ def _compile_and_attach() -> str:
     )
 
 
-PROBES: tuple[tuple[str, Callable[[], str]], ...] = (
-    ("privileges", _privileges),
-    ("kernel", _kernel),
-    ("cgroup v2", _cgroup2),
-    ("bcc", _bcc),
-    ("kernel headers", _headers),
-    ("tracefs", _tracefs),
+@dataclass(frozen=True)
+class Probe:
+    """One check: its name, its probe, and for a check that needs root, what it can
+    find without root and what the rest is (None: the check needs no privileges)."""
+
+    name: str
+    probe: Callable[[], str]
+    unprivileged: Callable[[], str] | None = None
+    needs_root_for: str = ""
+
+
+PROBES: tuple[Probe, ...] = (
+    Probe("privileges", _privileges),
+    Probe("kernel", _kernel),
+    Probe("cgroup v2", _cgroup2, _cgroup2_unprivileged, "making fence cgroups there"),
+    Probe("bcc", _bcc),
+    Probe("kernel headers", _headers),
+    Probe("tracefs", _tracefs, _tracefs_unprivileged, "reading its tracepoints"),
 )
+#: The detail of a check skipped for want of privileges.
+NEEDS_ROOT = "needs root (see privileges)"
+
+
+def _without_root(probe: Probe) -> Check:
+    """What a check that needs root can say without it: a SKIP, or a FAIL that root
+    would not fix (no cgroup v2 mount at all)."""
+    assert probe.unprivileged is not None
+    found = run_check(probe.name, probe.unprivileged)
+    if found.status != "OK":
+        return found
+    return Check(probe.name, "SKIP", f"{found.detail}; {probe.needs_root_for} {NEEDS_ROOT}")
 
 
 def doctor_checks() -> Iterator[Check]:
-    """Every check, in order; the compile-and-attach step runs only when the rest passed."""
+    """Every check, in order; the compile-and-attach step runs only when the rest passed.
+
+    Without privileges, the checks that need them are skipped rather than failed:
+    their failure would blame the cgroup tree or tracefs for what is only a lack of root.
+    """
     failed = False
-    for name, probe in PROBES:
-        found = run_check(name, probe)
+    privileged = True
+    for probe in PROBES:
+        if not privileged and probe.unprivileged is not None:
+            found = _without_root(probe)
+        else:
+            found = run_check(probe.name, probe.probe)
+        if probe.name == "privileges":
+            privileged = found.status == "OK"
         failed = failed or found.status != "OK"
         yield found
-    if failed:
+    if not privileged:
+        yield Check("compile+attach", "SKIP", NEEDS_ROOT)
+    elif failed:
         yield Check("compile+attach", "SKIP", "needs every check above to pass")
     else:
         yield run_check("compile+attach", _compile_and_attach)
+
+
+def as_root_command() -> str:
+    """This check again, as root, in a form sudo runs whatever its PATH (a virtualenv's too)."""
+    return f"sudo {shlex.quote(sys.executable)} -m pytest_depfence doctor"
 
 
 def format_check(check: Check) -> str:
@@ -203,9 +272,11 @@ def main() -> int:
     if not failed and not skipped:
         print(f"all {len(checks)} checks passed: fences can be built here")
         return 0
-    print(
-        f"{failed} of {len(checks)} checks failed"
-        + (f", {skipped} skipped" if skipped else "")
-        + "; fix them in order (later checks need the earlier ones)"
+    summary = f"{failed} of {len(checks)} checks failed" + (
+        f", {skipped} skipped" if skipped else ""
     )
+    if any(NEEDS_ROOT in c.detail for c in checks):
+        print(f"{summary}; the skipped ones need root: {as_root_command()}")
+    else:
+        print(f"{summary}; fix them in order (later checks need the earlier ones)")
     return FAILED_EXIT

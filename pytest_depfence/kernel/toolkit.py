@@ -130,6 +130,42 @@ def import_bcc() -> ModuleType:
     raise FenceUnavailable(f"bcc is not installed (looked in {where})", fix=BCC_INSTALL_HINT)
 
 
+def locate_bcc() -> tuple[Path, str]:
+    """Where `import_bcc` would load bcc from, and its version, without loading it.
+
+    Loading bcc costs a library load (libbcc and LLVM) and tens of milliseconds: too
+    much for pytest's header in a session that builds no fence. The version is read
+    from the package's `version.py`, which is what `bcc.__version__` holds.
+    """
+    loaded = sys.modules.get("bcc")
+    if loaded is not None:
+        init = getattr(loaded, "__file__", None)
+        return Path(init or "bcc").parent, bcc_version(loaded)
+    configured = os.environ.get(BCC_PATH_ENV)
+    dirs: list[str] = []
+    if configured is None:
+        spec = importlib.util.find_spec("bcc")  # finds a top-level package without running it
+        if spec is not None and spec.origin:
+            return Path(spec.origin).parent, _version_file(Path(spec.origin).parent)
+        dirs = list(_DISTRO_DIRS)
+    else:
+        dirs = [d for d in configured.split(os.pathsep) if d]
+    for d in dirs:
+        if (Path(d) / "bcc" / "__init__.py").is_file():
+            return Path(d) / "bcc", _version_file(Path(d) / "bcc")
+    where = f"{BCC_PATH_ENV}={configured!r}" if configured is not None else ", ".join(dirs)
+    raise FenceUnavailable(f"bcc is not installed (looked in {where})", fix=BCC_INSTALL_HINT)
+
+
+def _version_file(package: Path) -> str:
+    try:
+        text = (package / "version.py").read_text()
+    except OSError:
+        return "unknown"
+    found = re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", text, re.MULTILINE)
+    return found[1] if found else "unknown"
+
+
 def _import_bcc_from(init: Path) -> ModuleType | None:
     if not init.is_file():
         return None
@@ -219,14 +255,18 @@ class MachineState:
         return f"kernel {self.kernel}, cgroup2 at {self.cgroup2}, bcc {self.bcc_version}"
 
 
-def preflight() -> MachineState:
-    """Check every part a fence needs, without compiling; FenceUnavailable names the first gap."""
+def preflight(load_bcc: bool = True) -> MachineState:
+    """Check every part a fence needs, without compiling; FenceUnavailable names the first gap.
+
+    With `load_bcc=False` bcc is only found, not loaded (`locate_bcc`): cheap enough for
+    pytest's header in a session that may build no fence at all.
+    """
     check_privileges()
-    bcc = import_bcc()
+    version = bcc_version(import_bcc()) if load_bcc else locate_bcc()[1]
     check_kernel_headers()
     mount = cgroup2_mount()
     tracefs_dir(mount=False)  # a header or doctor check must not mount anything
-    return MachineState(platform.release(), mount, bcc_version(bcc))
+    return MachineState(platform.release(), mount, version)
 
 
 def bcc_version(bcc: ModuleType) -> str:
