@@ -4,6 +4,7 @@
  *   fence.h     maps, records and the event head every program shares
  *   procs.c     tracepoints: parent and argv of every fenced process
  *   mounts.c    tracepoints: pause a fenced process that changes its mounts
+ *   escape.c    tracepoint: kill and report a fenced process moved out of its fence
  *   sockaddr.c  connect4/6, sendmsg4/6, recvmsg4/6: DNS redirect, socket owners
  *   bypass.c    DNS queries that skip the proxy, judged by name in the packet
  *   egress.c    cgroup_skb egress: DNS message -> sending process, backstop, blackhole
@@ -15,6 +16,7 @@
 #include "fence.h"
 #include "procs.c"
 #include "mounts.c"
+#include "escape.c"
 #include "sockaddr.c"
 #include "bypass.c"
 #include "egress.c"
@@ -26,5 +28,6 @@ struct abi_check {
     struct conn_event conn;
     struct bypass_event bypass;
     struct view_event view;
+    struct escape_event escape;
 };
 BPF_ARRAY(abi_check, struct abi_check, 1);

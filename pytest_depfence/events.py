@@ -1,4 +1,19 @@
-"""What a fenced run observed: egress events and the run's result (their texts: render)."""
+"""What a fenced run observed: egress events and the run's result (their texts: render).
+
+An `EgressEvent` is a DNS query (`address` None), a connection or datagram
+(`address`, `port`, `protocol`), or a DNS query sent past the proxy (both).
+
+A fenced process moved to a cgroup outside its fence (by itself or by any
+other process) is an event too, and always a violation: out of the fence
+nothing it does could be judged, so it has been killed, in audit mode too.
+It has `protocol="cgroup"`, `blocked_at="cgroup"`, `verdict="blocked"`,
+`outage="killed"`, no domain and no port; `address` is the destination
+cgroup's path from the cgroup v2 root (`/`, `/system.slice`; `id:N`
+when the kernel could not say it); `rule` says who moved it (or started it
+there: clone3 with CLONE_INTO_CGROUP), and `moved_by` is that process's pid
+when it was another one.
+`pid`, `cmdline` and `ancestry` name the moved process, as for any event.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Verdict = Literal["allowed", "blocked"]
-BlockedAt = Literal["dns", "connect", "packet"]
+#: "cgroup": a process moved out of its fence (and killed).
+BlockedAt = Literal["dns", "connect", "packet", "cgroup"]
 
 
 @dataclass(frozen=True)
 class EgressEvent:
-    """One egress attempt seen inside a fence (a DNS query, later also a connect)."""
+    """One egress attempt seen inside a fence, or a process leaving it (module docstring)."""
 
     domain: str | None
     address: str | None
@@ -34,10 +50,18 @@ class EgressEvent:
     #: For a connection: where the address was learned to belong to `domain`
     #: (dns, upstream, hosts file, rule).
     learned_from: str | None = None
+    #: For a process moved out of its fence by another process (or started outside
+    #: it by its parent): that process's pid.
+    moved_by: int | None = None
 
     @property
     def is_violation(self) -> bool:
         return self.forbidden
+
+    @property
+    def is_escape(self) -> bool:
+        """A process moved out of its fence (module docstring), not an egress attempt."""
+        return self.protocol == "cgroup"
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 The judge turns (policy, mode, outage, what the fence has learned of
 addresses) plus a DNS query, an upstream answer, a connection the kernel
 reported, or a query the kernel caught past the proxy into a verdict and an
-`EgressEvent`. It is pure: no threads, no kernel, no sockets. What it learns
-of addresses goes to an `AddressBook`, whose sink (the kernel's address trie)
-is handed in; who did it (an `Attribution`) is handed in too.
+`EgressEvent`; a process moved out of its fence is an event too, always a
+violation. It is pure: no threads, no kernel, no sockets. What it learns of
+addresses goes to an `AddressBook`, whose sink (the kernel's address trie) is
+handed in; who did it (an `Attribution`) is handed in too.
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ from .procinfo import Attribution
 
 if TYPE_CHECKING:
     from .dnsproxy import Query
-    from .kernel import BypassEvent, ConnEvent
+    from .kernel import BypassEvent, ConnEvent, EscapeEvent
 
 #: Why a packet the backstop dropped names no process.
 OWNERLESS = "a raw or ICMP socket: the kernel records no process for its packets"
+#: An escape's rule: who moved the process out of its fence.
+MOVED_ITSELF = "moved itself out of the fence"
+MOVED_BY = "moved out of the fence by {mover}"
+STARTED_BY = "started outside the fence by {mover}"
 
 
 @dataclass(frozen=True)
@@ -228,4 +233,29 @@ class Judge:
             forbidden=True,
             outage=None if query.audited else "dropped",
             learned_from=None,
+        )
+
+    def escape(self, escape: EscapeEvent, who: Attribution, mover: str | None) -> EgressEvent:
+        """A fenced process moved to a cgroup outside its fence, and killed for it: a
+        violation in every mode (nothing it did out there could have been judged).
+
+        `mover`: the process that moved it as text ("pid N command"), when another did.
+        """
+        itself = escape.writer == escape.pid
+        by = STARTED_BY if escape.born else MOVED_BY
+        return EgressEvent(
+            domain=None,
+            address=escape.dst_path or f"id:{escape.dst_id}",
+            port=None,
+            protocol="cgroup",
+            verdict="blocked",
+            blocked_at="cgroup",
+            rule=MOVED_ITSELF if itself else by.format(mover=mover or f"pid {escape.writer}"),
+            pid=who.pid,
+            cmdline=who.cmdline,
+            ancestry=who.ancestry,
+            unattributed=who.unattributed,
+            forbidden=True,
+            outage="killed",
+            moved_by=None if itself else escape.writer,
         )

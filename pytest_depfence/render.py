@@ -6,7 +6,8 @@
 - destinations: `endpoint` ("ADDRESS:PORT/PROTO", an IPv6 address in
   brackets) is the one way an address and port are written; `target` (the
   terminal's), `report_target` (annotations, the step summary) and
-  `destination` (a contract line's key) are built on it.
+  `destination` (a contract line's key) are built on it. A process moved out
+  of its fence has no endpoint: its destination is a cgroup (`cgroup /`).
 
 Tests import the constants, so the texts and the tests cannot drift.
 """
@@ -29,6 +30,8 @@ TIMED_OUT = " (" + TIMED_OUT_TEXT + ")"
 UNATTRIBUTED = "not attributed: {reason}"
 #: The outages every event has unless it says otherwise; texts leave them unsaid.
 DEFAULT_OUTAGES = ("nxdomain", "refused")
+#: Where a process moved out of its fence went, in the terminal, annotations and summary.
+ESCAPE_TARGET = "cgroup {path}"
 
 
 # --------------------------------------------------------------------------- destinations
@@ -43,6 +46,8 @@ def endpoint(address: str, port: int | None, protocol: str) -> str:
 def target(event: EgressEvent) -> str:
     """What an event reached, as the terminal says it: a name (with its query type), an
     endpoint, or for DNS sent past the proxy both (`github.com (A) to 10.0.0.53:53/udp`)."""
+    if event.is_escape:
+        return ESCAPE_TARGET.format(path=event.address)
     if event.address is None:
         return f"{event.domain} ({event.qtype})" if event.qtype else str(event.domain)
     where = endpoint(event.address, event.port, event.protocol)
@@ -54,6 +59,8 @@ def target(event: EgressEvent) -> str:
 def report_target(event: EgressEvent) -> str:
     """What an event reached, as annotations and the step summary say it: the name, then
     the endpoint when there is one (`github.com 140.82.112.3:443/tcp`)."""
+    if event.is_escape:
+        return ESCAPE_TARGET.format(path=event.address)
     if event.address is None:
         return f"{event.domain} ({event.qtype})" if event.qtype else str(event.domain)
     name = f"{event.domain} " if event.domain else ""
@@ -61,7 +68,10 @@ def report_target(event: EgressEvent) -> str:
 
 
 def destination(event: EgressEvent) -> str:
-    """A contract line's key: the DNS name, or the endpoint contacted without one."""
+    """A contract line's key: the DNS name, or the endpoint contacted without one
+    (`cgroup:PATH` for a process moved out of its fence: a key has no spaces)."""
+    if event.is_escape:
+        return f"cgroup:{event.address}"
     if event.domain is not None or event.address is None:
         return str(event.domain)
     return endpoint(event.address, event.port, event.protocol)
@@ -77,13 +87,13 @@ def violation_headline(count: int, command: str) -> str:
 def format_event(event: EgressEvent) -> list[str]:
     """The lines one event takes in a report."""
     head = f"  {event.verdict:<8} {target(event):<22} at {event.blocked_at or '-':<8}"
-    if event.address is not None and not event.qtype:
+    if event.address is not None and not event.qtype and not event.is_escape:
         learned = f", learned from {event.learned_from}" if event.learned_from else ""
         head += f" ({event.domain or 'no name'}{learned})"
     if event.outage and event.outage not in DEFAULT_OUTAGES:
         head += f" [{event.outage}]"
-    if event.rule:
-        head += f" rule {event.rule}"
+    if event.rule:  # an escape's says who moved it
+        head += f" {event.rule}" if event.is_escape else f" rule {event.rule}"
     lines = [head.rstrip()]
     if event.pid is None:
         lines.append(" " * 11 + UNATTRIBUTED.format(reason=event.unattributed or "unknown"))
@@ -137,11 +147,15 @@ def log_line(event: EgressEvent, method: str) -> str:
     DNS through the proxy: `reason=FromDNSRequest`; a DNS query sent past the
     proxy and judged in the packet: `reason=FromDNSBypass` with the resolver's
     address; a connection or datagram: `reason=FromConnect` (at connect/sendmsg)
-    or `FromPacket` (the backstop). Fields that GitHub's line lacks come after
+    or `FromPacket` (the backstop); a process moved out of its fence:
+    `CGROUP BLOCKED reason=FromCgroupEscape` with `cgroup=PATH` and, when another
+    process moved it, `movedBy=PID`. Fields that GitHub's line lacks come after
     `firewallMethod`, so its shape stays a prefix.
     """
     level = "WARN" if event.forbidden else "INFO"
-    if event.address is None:
+    if event.is_escape:
+        kind, reason = "CGROUP", "FromCgroupEscape"
+    elif event.address is None:
         kind, reason = "DNS", "FromDNSRequest"
     elif event.qtype is not None:
         kind, reason = "DNS", "FromDNSBypass"
@@ -154,7 +168,9 @@ def log_line(event: EgressEvent, method: str) -> str:
     ]
     if event.domain:
         fields.append(f"domain={event.domain.rstrip('.')}.")
-    if event.address is not None:
+    if event.is_escape:
+        fields.append(f"cgroup={logfmt_value(event.address or '')}")
+    elif event.address is not None:
         fields += [f"address={event.address}", f"port={event.port}", f"protocol={event.protocol}"]
     fields.append(f"pid={event.pid if event.pid is not None else 'unknown'}")
     fields.append(f"cmd={quoted(event.cmdline or '')}")
@@ -165,6 +181,8 @@ def log_line(event: EgressEvent, method: str) -> str:
         fields.append(f"qtype={event.qtype}")
     if event.learned_from:
         fields.append(f"learnedFrom={logfmt_value(event.learned_from)}")
+    if event.moved_by is not None:
+        fields.append(f"movedBy={event.moved_by}")
     if event.pid is None:
         fields.append(f"unattributed={logfmt_value(event.unattributed or 'unknown')}")
     return f"{level} {kind} {verdict_word(event)} " + " ".join(fields)

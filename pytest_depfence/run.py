@@ -12,6 +12,7 @@ proxy or the kernel-event thread.
 from __future__ import annotations
 
 import queue
+import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -21,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 from .cgroup import FenceCgroup
 from .events import EgressEvent
 from .judge import OWNERLESS, DnsVerdict, Judge
-from .procinfo import Attribution, attribute
+from .procinfo import Attribution, attribute, cmdline_of, read_proc_cmdline
 
 if TYPE_CHECKING:
     from .dnsproxy import Query
-    from .kernel import BypassEvent, ConnEvent, Programs
+    from .kernel import BypassEvent, ConnEvent, EscapeEvent, Programs
 
 
 class Teardown:
@@ -155,6 +156,20 @@ class Run:
         if self.first_report(("bypass", *key)):
             who = self.who(query.pid, query.cgroup_id)
             self.add(query.time_ns, self.judge.bypass(query, who))
+
+    def on_escape(self, escape: EscapeEvent) -> None:
+        """A process of a member was moved out of the fence (and killed: kernel.Listener)."""
+        who = self.who(escape.pid, escape.cgroup_id)
+        mover = None if escape.writer == escape.pid else self.describe(escape.writer)
+        self.add(escape.time_ns, self.judge.escape(escape, who, mover))
+
+    def describe(self, pid: int) -> str:
+        """`pid N command` for any process: the kernel's record when it is a fenced one."""
+        record = self.programs.process(pid)
+        if record is not None and not record.exited and record.cgroup_id in self.members:
+            return f"pid {pid} {cmdline_of(record)}"
+        argv = read_proc_cmdline(pid)
+        return f"pid {pid} {shlex.join(argv)}" if argv else f"pid {pid}"
 
     # -- events ------------------------------------------------------------------------
     def add(self, when_ns: int, event: EgressEvent) -> None:

@@ -9,7 +9,7 @@ The rest of the package uses only the names below.
 
 from __future__ import annotations
 
-from .abi import BypassEvent, ConnEvent, Owner, ProcRecord
+from .abi import BypassEvent, ConnEvent, EscapeEvent, Owner, ProcRecord
 from .programs import KernelFence, Listener, Programs, load
 from .toolkit import (
     BCC_INSTALL_HINT,
@@ -30,6 +30,7 @@ __all__ = [
     "BCC_PATH_ENV",
     "BypassEvent",
     "ConnEvent",
+    "EscapeEvent",
     "KernelFence",
     "Listener",
     "MachineState",

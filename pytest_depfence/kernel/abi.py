@@ -37,6 +37,8 @@ DNS_NAME_MAX = 128
 DNS_LABELS_MAX = 32
 #: The multiplier of the name hash (the 64-bit FNV prime).
 NAME_HASH_MUL = 1099511628211
+#: Bytes kept of the destination path of a process moved out of its fence (escape.c).
+CGROUP_PATH_MAX = 256
 
 
 # -- codes (each family's C names are its prefix + the member's name) -------------------
@@ -117,6 +119,7 @@ def defines() -> list[tuple[str, str]]:
         ("DNS_NAME_MAX", str(DNS_NAME_MAX)),
         ("DNS_LABELS_MAX", str(DNS_LABELS_MAX)),
         ("NAME_HASH_MUL", f"{NAME_HASH_MUL}ULL"),
+        ("CGROUP_PATH_MAX", str(CGROUP_PATH_MAX)),
     ]
     for prefix, family in _FAMILIES:
         pairs.extend((prefix + name, str(int(m))) for name, m in family.__members__.items())
@@ -178,11 +181,29 @@ class ViewEventStruct(ctypes.Structure):
     _fields_ = [("cgid", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
+class EscapeEventStruct(ctypes.Structure):
+    """struct escape_event (escape.c)."""
+
+    _fields_ = [
+        ("ts", ctypes.c_uint64),  # bpf_ktime_get_ns: CLOCK_MONOTONIC
+        ("cgid", ctypes.c_uint64),  # the fence it left (the registered cgroup)
+        ("dst_id", ctypes.c_uint64),  # the cgroup it was moved to
+        ("pid", ctypes.c_uint32),  # the moved process
+        ("writer", ctypes.c_uint32),  # the process that wrote the pid into a cgroup.procs
+        ("path_len", ctypes.c_int32),  # bytes of path with its NUL; < 0: not read
+        ("killed", ctypes.c_uint8),  # the kernel sent it SIGKILL (it moved itself, or was born)
+        ("born", ctypes.c_uint8),  # not moved: started there by clone3(CLONE_INTO_CGROUP)
+        ("pad", ctypes.c_uint8 * 2),
+        ("path", ctypes.c_uint8 * CGROUP_PATH_MAX),  # from the v2 root, cut to fit
+    ]
+
+
 #: Ring buffer -> the struct of its events; also the fields of depfence.c's abi_check map.
 RINGS: dict[str, tuple[str, type[ctypes.Structure]]] = {
     "conn_events": ("conn", ConnEventStruct),
     "bypass_events": ("bypass", BypassEventStruct),
     "view_events": ("view", ViewEventStruct),
+    "escape_events": ("escape", EscapeEventStruct),
 }
 
 
@@ -288,6 +309,25 @@ class BypassEvent:
 
 
 @dataclass(frozen=True)
+class EscapeEvent:
+    """A fenced process moved to a cgroup outside its fence (it has been killed: see
+    `Listener.on_escape`)."""
+
+    time_ns: int
+    cgroup_id: int  # the fence it left
+    pid: int  # the moved process
+    writer: int  # the process that moved it: `pid` when it moved itself
+    dst_id: int
+    #: The destination's path from the cgroup v2 root ("" when the kernel could not
+    #: read it; ending in "…" when cut to CGROUP_PATH_MAX).
+    dst_path: str
+    #: The kernel killed it (it moved itself, or was born there); else userspace did, on receipt.
+    killed_in_kernel: bool
+    #: Not moved: started there by its parent (`writer`) with clone3(CLONE_INTO_CGROUP).
+    born: bool = False
+
+
+@dataclass(frozen=True)
 class Owner:
     """The process that owned a socket when it sent a message."""
 
@@ -342,6 +382,23 @@ def decode_bypass(raw: BypassEventStruct) -> BypassEvent:
         qtype=raw.qtype,
         txid=raw.txid,
         audited=bool(raw.audited),
+    )
+
+
+def decode_escape(raw: EscapeEventStruct) -> EscapeEvent:
+    size = min(raw.path_len, CGROUP_PATH_MAX)
+    path = bytes(raw.path)[: max(size - 1, 0)].decode(errors="replace")
+    if size == CGROUP_PATH_MAX:
+        path += "…"  # the kernel filled the buffer: the path may go on
+    return EscapeEvent(
+        time_ns=raw.ts,
+        cgroup_id=raw.cgid,
+        pid=raw.pid,
+        writer=raw.writer,
+        dst_id=raw.dst_id,
+        dst_path=path,
+        killed_in_kernel=bool(raw.killed),
+        born=bool(raw.born),
     )
 
 

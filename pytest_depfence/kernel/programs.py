@@ -5,6 +5,10 @@ in a process (`load()`); every later fence reuses the loaded programs and
 tells them apart by cgroup id. Programs are attached with bpf_link, so they
 are detached when this process exits, however it exits. One thread delivers
 ring-buffer events, to the listener subscribed for the event's fence cgroup.
+
+A fenced process moved out of its fence is killed here when the kernel could
+not kill it (another process moved it: bpf/escape.c), on the events thread,
+before any listener hears of it; so it is killed whoever listens.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Callable, Union
 
 from ..errors import FenceUnavailable
 from . import abi, toolkit
-from .abi import BypassEvent, ConnEvent, Owner, ProcRecord
+from .abi import BypassEvent, ConnEvent, EscapeEvent, Owner, ProcRecord
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -46,6 +50,26 @@ class Listener:
     on_bypass: Callable[[BypassEvent], None]
     #: A process of the fence changed its mounts and is stopped until this returns.
     on_view_change: Callable[[int], None]
+    #: A process of the fence was moved to a cgroup outside it; it has been killed
+    #: (moves within the fence are not reported).
+    on_escape: Callable[[EscapeEvent], None] | None = None
+
+
+def _in_tree(dir_fd: int, cgroup_id: int) -> bool:
+    """Whether the cgroup directory `dir_fd`, or one below it, is cgroup `cgroup_id`
+    (a cgroup's id is its directory's inode number)."""
+    if os.fstat(dir_fd).st_ino == cgroup_id:
+        return True
+    with os.scandir(dir_fd) as entries:
+        below = [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
+    for name in below:
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd)
+        try:
+            if _in_tree(child, cgroup_id):
+                return True
+        finally:
+            os.close(child)
+    return False
 
 
 def _delete_keys(table: Any, keys: list[Any]) -> None:
@@ -71,12 +95,15 @@ class Programs:
         self._names = bpf.get_table(b"names")
         self._events_lock = threading.Lock()
         self._listeners: dict[int, Listener] = {}
+        #: Fence cgroup id -> its directory (an fd of our own): what lies below it.
+        self._dirs: dict[int, int] = {}
         #: Ring buffer -> the sizes of the events received on it (the C's sizeof).
         self.event_sizes: dict[str, set[int]] = {ring: set() for ring in abi.RINGS}
         handlers = {
             "conn_events": self._on_conn_event,
             "bypass_events": self._on_bypass_event,
             "view_events": self._on_view_event,
+            "escape_events": self._on_escape_event,
         }
         self._rings = []
         for ring, handler in handlers.items():
@@ -110,6 +137,10 @@ class Programs:
             del self._fences[self._fences.Key(cgroup_id)]
         except KeyError:
             pass
+        with self._events_lock:  # not while the events thread walks it
+            fd = self._dirs.pop(cgroup_id, None)
+        if fd is not None:
+            os.close(fd)
         _delete_keys(self._procs, [k for k, leaf in self._procs.items() if leaf.cgid == cgroup_id])
 
     def attach(self, cgroup_fd: int) -> list[int]:
@@ -122,6 +153,13 @@ class Programs:
             for fd in links:
                 os.close(fd)
             raise
+        # Kept until unregister(): which cgroups are inside the fence (_on_escape_event).
+        own = os.dup(cgroup_fd)
+        with self._events_lock:
+            old = self._dirs.get(os.fstat(own).st_ino)
+            self._dirs[os.fstat(own).st_ino] = own
+        if old is not None:
+            os.close(old)
         return links
 
     # -- addresses ------------------------------------------------------------
@@ -217,6 +255,37 @@ class Programs:
                 os.kill(raw.pid, signal.SIGCONT)  # mounts.c stopped it until we had looked
             except ProcessLookupError:
                 pass
+
+    def _on_escape_event(self, _ctx: Any, data: Any, size: int) -> None:
+        raw = self._received("escape_events", data, size)
+        if raw is None:
+            return
+        event = abi.decode_escape(raw)
+        if not event.killed_in_kernel:
+            # Another process moved it: the kernel could not tell whether the
+            # destination is below the fence, nor signal the moved process.
+            if self._below(event.cgroup_id, event.dst_id):
+                return
+            try:
+                os.kill(event.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        listener = self._listeners.get(event.cgroup_id)
+        if listener is not None and listener.on_escape is not None:
+            listener.on_escape(event)
+
+    def _below(self, fence_id: int, cgroup_id: int) -> bool:
+        """Whether cgroup `cgroup_id` is fence `fence_id`'s or one below it (its directory tree).
+
+        Unknown fence (never attached here), unreadable tree: False, so the process is killed.
+        """
+        fd = self._dirs.get(fence_id)
+        if fd is None:
+            return False
+        try:
+            return _in_tree(fd, cgroup_id)
+        except OSError:
+            return False
 
     # -- attribution ----------------------------------------------------------
     def flow_owner(self, proto: str, proxy_port: int, client_port: int, txid: int) -> Owner | None:

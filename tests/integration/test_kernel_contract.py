@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from helpers_net import skip_or_fail
 
+from pytest_depfence.cgroup import PARENT, cgroup2_mount
 from pytest_depfence.kernel import abi
 
 if TYPE_CHECKING:
@@ -150,6 +151,8 @@ def test_sizes_passed_as_defines_reached_the_c(programs: Programs) -> None:
     assert c_type(programs, "addrs", "Key").ip6.size == 16
     bypass = dict(c_type(programs, "abi_check", "Leaf")._fields_)["bypass"]
     assert bypass.name.size == abi.DNS_NAME_MAX
+    escape = dict(c_type(programs, "abi_check", "Leaf")._fields_)["escape"]
+    assert escape.path.size == abi.CGROUP_PATH_MAX
 
 
 # --------------------------------------------------------------------------- the name hash
@@ -219,11 +222,18 @@ def test_every_event_the_kernel_sent_has_the_size_of_its_struct(
     fenced: Fence, tmp_path: Path, programs: Programs
 ) -> None:
     # A mount (unshare -m makes / private: a view event), a bypass query (a bypass
-    # event, and its datagram's first contact: a conn event).
+    # event, and its datagram's first contact: a conn event), a child moved by its
+    # parent into a sub-cgroup of the fence (an escape event, found inside the fence).
     if not shutil.which("unshare"):
         pytest.skip("needs unshare (util-linux)")
     run_queries(fenced, tmp_path, ["github.com"])
     fenced.run(["unshare", "-m", "true"], timeout=30)
+    procs = f"$(find {cgroup2_mount() / PARENT} -name cgroup.procs)"
+    fenced.run(
+        f'set -e; own=$(grep -lx "$$" {procs} | sed "s,/cgroup.procs$,,"); mkdir "$own/sub"; '
+        'sleep 1000 & echo $! > "$own/sub/cgroup.procs"; kill $!',
+        timeout=30,
+    )
 
     for ring, (_, struct) in abi.RINGS.items():
         assert programs.event_sizes[ring] == {ctypes.sizeof(struct)}, ring

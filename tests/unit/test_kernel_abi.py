@@ -41,6 +41,7 @@ def guarded_names() -> list[str]:
         (abi.ConnEventStruct, 56),
         (abi.BypassEventStruct, 192),
         (abi.ViewEventStruct, 16),
+        (abi.EscapeEventStruct, 296),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else str(v),
 )
@@ -68,7 +69,12 @@ def test_every_ring_struct_is_a_field_of_the_check_map():
     body = re.search(r"struct abi_check \{(.*?)\};", text, re.DOTALL)
     assert body is not None
     fields = re.findall(r"struct (\w+) (\w+);", body.group(1))
-    c_names = {"conn": "conn_event", "bypass": "bypass_event", "view": "view_event"}
+    c_names = {
+        "conn": "conn_event",
+        "bypass": "bypass_event",
+        "view": "view_event",
+        "escape": "escape_event",
+    }
     assert sorted(fields) == sorted((c_names[f], f) for f, _ in abi.RINGS.values())
 
 

@@ -1,0 +1,150 @@
+/* Tracepoint: a fenced process moved out of its fence is killed and reported.
+ *
+ * A root process in a fence can write a pid into any cgroup.procs it reaches
+ * (directly; after setns into the init cgroup namespace; or by asking systemd
+ * to do it), and the moved process leaves every cgroup hook: the sockets it
+ * makes next are not fenced. cgroup:cgroup_attach_task fires after every
+ * successful move, in the context of the process that WROTE the pid, which
+ * may be the moved process itself or any other one. So the moved process is
+ * found by the tracepoint's pid in `procs`, where procs.c recorded at fork
+ * and exec the fence of every fenced process: a live record of a registered
+ * fence makes it a fenced process, whoever moves it.
+ *
+ * Who stops it:
+ * - it moved itself (the writer is the moved process, and is now in the
+ *   destination): its own ancestors say whether it is still under its fence;
+ *   if not, bpf_send_signal(SIGKILL) kills it: the signal is taken on the
+ *   way back from its write(), so it runs nothing more (the event: killed = 1).
+ * - another process moved it: bpf_send_signal reaches only the writer, and no
+ *   helper gives another cgroup's ancestors. Every such move to a cgroup other
+ *   than the fence's own is reported (killed = 0), and userspace
+ *   (kernel/programs.py, on the event thread) kills the pid at once unless the
+ *   destination is a cgroup below the fence. Until then, a few milliseconds,
+ *   it runs unfenced.
+ *
+ * Only moves on the cgroup v2 hierarchy count (dst_root 0, as in the "0::"
+ * line of /proc/PID/cgroup; v1 hierarchies are numbered from 1): hybrid hosts
+ * also move processes on v1 hierarchies, which fences do not use. A single
+ * thread (cgroup.threads) can only move within its threaded domain, so a
+ * process cannot leave its fence that way; such a pid is a thread id and
+ * matches no record.
+ *
+ * A child that clone3(CLONE_INTO_CGROUP) starts in a cgroup outside the fence
+ * is not moved: it is born there. procs.c records it at the fork (from its
+ * fenced parent), and on x86-64 a new child returns from clone3 through the
+ * syscall-exit path, so sys_exit_clone3 runs in the child's own context with
+ * ret 0: its own cgroup says whether it is in its fence, and if not it is
+ * killed there, before its first instruction (born = 1, writer: its parent;
+ * no path: the event names the cgroup by id). Other architectures return a child
+ * through another path, where this tracepoint does not fire for it.
+ *
+ * Helpers (program type BPF_PROG_TYPE_TRACEPOINT), first kernel for this type:
+ *   bpf_send_signal             5.3
+ *   bpf_ringbuf_reserve/submit  5.8
+ *   bpf_probe_read_kernel_str   5.5
+ *   bpf_ktime_get_ns            4.1
+ *   bpf_get_current_pid_tgid    4.2
+ *   bpf_get_current_cgroup_id   4.18
+ *   bpf_map_lookup_elem         4.7
+ *   (fence_of_current: bpf_get_current_cgroup_id 4.18, ..._ancestor_cgroup_id 5.7)
+ * The tracepoint cgroup:cgroup_attach_task exists from 4.13; its dst_id is the
+ * 64-bit cgroup id (as bpf_get_current_cgroup_id gives it) from 5.5.
+ * syscalls:sys_exit_clone3 exists from 5.3, CLONE_INTO_CGROUP from 5.7.
+ */
+
+#define SIGKILL 9
+
+/* A fenced process moved to a cgroup outside its fence. No implicit padding. */
+struct escape_event {
+    __u64 ts;           /* bpf_ktime_get_ns: CLOCK_MONOTONIC */
+    __u64 cgid;         /* the fence it left: the registered cgroup */
+    __u64 dst_id;       /* the cgroup it was moved to */
+    __u32 pid;          /* the moved process */
+    __u32 writer;       /* the process that wrote the pid into a cgroup.procs */
+    __s32 path_len;     /* bytes of path, its NUL included; < 0: not read */
+    __u8 killed;        /* 1: the kernel sent it SIGKILL (it moved itself, or was born) */
+    __u8 born;          /* 1: not moved, started there by clone3(CLONE_INTO_CGROUP) */
+    __u8 pad[2];
+    char path[CGROUP_PATH_MAX]; /* the destination from the v2 root; cut to fit */
+};
+
+BPF_RINGBUF_OUTPUT(escape_events, 16);
+
+/* The record of `pid` when it is a fenced process: alive, of a registered fence. */
+static __always_inline struct proc *fenced_process(__u32 pid)
+{
+    struct proc *p = procs.lookup(&pid);
+    if (!p || (p->flags & PROC_EXITED))
+        return 0;  /* not a fenced process (or a reused pid of one) */
+    __u64 fence_id = p->cgid;
+    return fences.lookup(&fence_id) ? p : 0;
+}
+
+/* Whether the current task is in fence `fence_id`: its cgroup or one below. */
+static __always_inline int current_in(__u64 fence_id)
+{
+    __u64 now_in;
+    return fence_of_current(&now_in) && now_in == fence_id;
+}
+
+/* `path` 0: not known (the event names the cgroup by id). */
+static __always_inline void report_escape(__u64 fence_id, __u32 pid, __u32 writer,
+                                          __u64 dst_id, __u8 killed, __u8 born,
+                                          const char *path)
+{
+    struct escape_event *e = escape_events.ringbuf_reserve(sizeof(struct escape_event));
+    if (!e)
+        return;
+    e->ts = bpf_ktime_get_ns();
+    e->cgid = fence_id;
+    e->dst_id = dst_id;
+    e->pid = pid;
+    e->writer = writer;
+    e->killed = killed;
+    e->born = born;
+    e->pad[0] = e->pad[1] = 0;
+    e->path[0] = 0;
+    e->path_len = path ? bpf_probe_read_kernel_str(e->path, sizeof(e->path), path) : -1;
+    escape_events.ringbuf_submit(e, 0);
+}
+
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+    if (args->dst_root != 0)
+        return 0;  /* a v1 hierarchy */
+    __u32 pid = args->pid;
+    struct proc *p = fenced_process(pid);
+    if (!p)
+        return 0;
+    __u64 fence_id = p->cgid;
+    __u64 dst_id = args->dst_id;
+    if (dst_id == fence_id)
+        return 0;
+    __u32 writer = bpf_get_current_pid_tgid() >> 32;
+    __u8 killed = 0;
+    if (writer == pid) {
+        if (current_in(fence_id))
+            return 0;  /* into a cgroup below its fence */
+        killed = bpf_send_signal(SIGKILL) == 0;
+    }
+    /* __data_loc: the low 16 bits are the string's offset in the record. */
+    const char *path = (const char *)args + (args->data_loc_dst_path & 0xFFFF);
+    report_escape(fence_id, pid, writer, dst_id, killed, 0, path);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_clone3)
+{
+    if (args->ret != 0)
+        return 0;  /* the parent's return, or a failure: not a new child */
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u32 pid = pid_tgid >> 32;
+    if ((__u32)pid_tgid != pid)
+        return 0;  /* a new thread: in its process's cgroup */
+    struct proc *p = fenced_process(pid);
+    if (!p || current_in(p->cgid))
+        return 0;
+    __u8 killed = bpf_send_signal(SIGKILL) == 0;
+    report_escape(p->cgid, pid, p->ppid, bpf_get_current_cgroup_id(), killed, 1, 0);
+    return 0;
+}

@@ -1,0 +1,273 @@
+"""A fenced process moved out of its fence is an event, a violation, and killed.
+
+bpf/escape.c sees every cgroup move (cgroup:cgroup_attach_task), whoever makes it:
+
+- a fenced shell that writes its own pid into the root cgroup's cgroup.procs and
+  then curls github.com never gets a 200: either the move is refused (a fence whose
+  command runs in a cgroup namespace), or the kernel kills the shell in that write
+  and the run names it; the same after nsenter into this test's cgroup namespace
+  (as root may do from a fence's own: /proc/1/ns/cgroup, which a container may not
+  let us open);
+- a fenced `sleep 1000` moved to the root cgroup by this test process (outside the
+  fence) is dead within a second, and the run names it, its parent and this process,
+  in block mode (EgressViolation) and in audit mode (recorded) alike;
+- a child that a fenced process starts in the root cgroup with
+  clone3(CLONE_INTO_CGROUP) is killed before it runs (x86-64) and named, or the
+  clone is refused (the cgroup namespace): never a 200 either;
+- a move within the fence (the script into a sub-cgroup it made, or its child into
+  another one) is no event, and nothing is killed.
+
+Lab address: github.com 10.77.1.1.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_depfence.cgroup import PARENT, cgroup2_mount
+from pytest_depfence.errors import EgressViolation
+from pytest_depfence.judge import MOVED_ITSELF, STARTED_BY
+
+if TYPE_CHECKING:
+    from pytest_depfence import EgressEvent, Fence, FenceResult
+
+if os.geteuid() != 0:
+    pytest.skip("fenced runs need root (cgroups, eBPF)", allow_module_level=True)
+if shutil.which("curl") is None:
+    pytest.skip("these tests need curl (apt-get install curl)", allow_module_level=True)
+
+Fifo = Any  # conftest.Fifo
+GITHUB = "10.77.1.1"
+NO_GITHUB = pytest.mark.no_egress("github.com")
+CURL_ARGV = ["curl", "-s", "-m2", "-o", "/dev/null", "-w", "%{http_code}", f"http://{GITHUB}/"]
+CURL = f'curl -s -m2 -o /dev/null -w "%{{http_code}}" http://{GITHUB}/'
+
+
+def own_cgroup_sh() -> str:
+    """Shell: sets $own to the directory of the shell's cgroup (found by its pid in the
+    fence tree: inside a cgroup namespace /proc/self/cgroup reads `0::/`)."""
+    procs = f"$(find {cgroup2_mount() / PARENT} -name cgroup.procs)"
+    return f'own=$(grep -lx "$$" {procs} | sed "s,/cgroup.procs$,,")\n'
+
+
+def escapes(events: tuple[EgressEvent, ...] | list[EgressEvent]) -> list[EgressEvent]:
+    return [e for e in events if e.is_escape]
+
+
+def gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie its parent has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def dead_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def wait_exec(pid: int, argv: list[str], seconds: float = 10.0) -> None:
+    """Until `pid` runs `argv`: `$!` names the child before it has exec'd."""
+    deadline = time.monotonic() + seconds
+    want = "\0".join(argv).encode() + b"\0"
+    while True:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if f.read() == want:
+                return
+        assert time.monotonic() < deadline, f"pid {pid} never ran {argv}"
+        time.sleep(0.01)
+
+
+def kill_if_alive(pid: int) -> None:
+    """A process this test made must not outlive it, whatever the fence did."""
+    if pid and not gone(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- moved by itself
+
+
+NSENTER = pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs util-linux nsenter")
+
+
+@NO_GITHUB
+@pytest.mark.parametrize(
+    "way",
+    ["sh -c", pytest.param(f"nsenter --cgroup=/proc/{os.getpid()}/ns/cgroup sh -c", marks=NSENTER)],
+    ids=["plain", "from-the-outer-cgroup-namespace"],
+)
+def test_a_process_moving_itself_out_never_reaches_github(fenced: Fence, way: str) -> None:
+    move = f"echo $$ > {cgroup2_mount()}/cgroup.procs; {CURL}"
+    result = fenced.run(f"{way} '{move}'", check=False, timeout=30)
+
+    assert "200" not in result.stdout, "the shell left the fence and reached github.com"
+    moved = escapes(result.events)
+    if not moved:  # refused: the fence's cgroup namespace; curl ran fenced and was refused
+        assert result.stderr, "the shell says the move failed"
+        assert any(e.address == GITHUB for e in result.violations), result.violations
+        return
+    (event,) = moved
+    assert event in result.violations
+    assert (event.address, event.rule, event.moved_by) == ("/", MOVED_ITSELF, None)
+    assert (event.verdict, event.blocked_at, event.outage) == ("blocked", "cgroup", "killed")
+    assert event.cmdline is not None and "cgroup.procs" in event.cmdline, event
+    # Killed in its write to cgroup.procs: curl never ran.
+    assert result.stdout == "", result
+
+
+# --------------------------------------------------------------------------- born outside
+
+# clone3(CLONE_INTO_CGROUP) into the cgroup directory argv[1]; the child execs argv[2:]
+# and the parent prints its pid. Refused: says why and execs argv[2:] itself (fenced).
+CLONE_INTO = """\
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+# struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal (SIGCHLD), stack,
+# stack_size, tls, set_tid, set_tid_size, cgroup
+args = (ctypes.c_uint64 * 11)(0x200000000, 0, 0, 0, 17, 0, 0, 0, 0, 0, fd)
+pid = libc.syscall(435, args, ctypes.sizeof(args))
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+if pid < 0:
+    print("refused:", os.strerror(ctypes.get_errno()), file=sys.stderr, flush=True)
+    os.execvp(sys.argv[2], sys.argv[2:])
+os.waitpid(pid, 0)
+print(pid)
+"""
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64", reason="a child born outside is caught on x86-64 only"
+)
+@NO_GITHUB
+def test_a_child_started_outside_the_fence_never_reaches_github(
+    fenced: Fence, tmp_path: Path
+) -> None:
+    script = tmp_path / "clone_into.py"
+    script.write_text(CLONE_INTO)
+    root = cgroup2_mount()
+    argv = [sys.executable, str(script), str(root), *CURL_ARGV]
+    result = fenced.run(argv, check=False, timeout=30)
+
+    assert "200" not in result.stdout, "a child started outside the fence reached github.com"
+    born = escapes(result.events)
+    if not born:  # refused: the fence's cgroup namespace; curl ran fenced and was refused
+        assert "refused:" in result.stderr, result
+        assert any(e.address == GITHUB for e in result.violations), result.violations
+        return
+    (event,) = born
+    child, parent = int(result.stdout), event.moved_by
+    assert (event.pid, event.address) == (child, f"id:{os.stat(root).st_ino}")
+    assert (event.verdict, event.blocked_at, event.outage) == ("blocked", "cgroup", "killed")
+    assert event.rule is not None and event.rule.startswith(
+        STARTED_BY.format(mover=f"pid {parent} {sys.executable} {script}")
+    )
+    assert event.cmdline is not None and str(script) in event.cmdline  # it never ran curl
+    assert event in result.violations
+
+
+# --------------------------------------------------------------------------- moved by another
+
+
+def run_in_background(fenced: Fence, script: str, check: bool) -> Any:
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(fenced.run, script, check=check, timeout=30)
+    pool.shutdown(wait=False)
+    return future
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("block", marks=pytest.mark.fence(mode="block")),
+        pytest.param("audit", marks=pytest.mark.fence(mode="audit")),
+    ],
+)
+@NO_GITHUB
+def test_a_process_moved_out_by_another_is_killed_at_once_and_named(
+    fenced: Fence, fifo: Any, mode: str
+) -> None:
+    ready, go = fifo("ready"), fifo("go")
+    future = run_in_background(fenced, f"sleep 1000 & echo $! > {ready}; read x < {go}", check=True)
+    pid = 0
+    try:
+        pid = int(ready.read_line())
+        wait_exec(pid, ["sleep", "1000"])
+        (cgroup2_mount() / "cgroup.procs").write_text(str(pid))
+        assert dead_within(pid, 1.0), "the sleep moved out of the fence is still running"
+    finally:
+        go.write_line()
+        kill_if_alive(pid)
+
+    if mode == "block":
+        with pytest.raises(EgressViolation) as raised:
+            future.result()
+        violations = raised.value.violations
+        assert "cgroup /" in str(raised.value) and "sleep 1000" in str(raised.value)
+    else:
+        violations = future.result().violations
+    (event,) = escapes(violations)
+    assert (event.pid, event.cmdline, event.address) == (pid, "sleep 1000", "/")
+    assert (event.verdict, event.blocked_at, event.outage) == ("blocked", "cgroup", "killed")
+    assert event.moved_by == os.getpid()
+    assert event.rule is not None and f"by pid {os.getpid()} " in event.rule
+    assert [cmdline for _, cmdline in event.ancestry][:1] == [
+        f"/bin/sh -c 'sleep 1000 & echo $! > {ready}; read x < {go}'"
+    ]
+
+
+# --------------------------------------------------------------------------- within the fence
+
+
+@NO_GITHUB
+def test_a_move_within_the_fence_is_no_event(fenced: Fence, fifo: Any) -> None:
+    from pytest_depfence.kernel import load
+
+    ready, go = fifo("ready"), fifo("go")
+    script = (
+        "set -e\n"
+        + own_cgroup_sh()
+        + f"""\
+mkdir "$own/sub" "$own/sub2"
+echo $$ > "$own/sub/cgroup.procs"
+sleep 1000 &
+child=$!
+echo $child > "$own/sub2/cgroup.procs"
+echo $child > {ready}
+read x < {go}
+kill -0 $child && echo alive
+kill $child
+"""
+    )
+    future = run_in_background(fenced, script, check=True)
+    pid = 0
+    try:
+        pid = int(ready.read_line())
+        wait_exec(pid, ["sleep", "1000"])
+        load().consume_events()  # whatever the kernel reported of that move is handled now
+        assert not gone(pid), "a process moved within its fence was killed"
+    finally:
+        go.write_line()
+        kill_if_alive(pid)
+    result: FenceResult = future.result()
+
+    assert (result.returncode, result.stdout) == (0, "alive\n"), result
+    assert escapes(result.events) == []
