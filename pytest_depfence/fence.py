@@ -293,7 +293,9 @@ class Fence:
         teardown.push(lambda: programs.unregister(cgroup.id))
         links = programs.attach(cgroup.dir_fd)
         teardown.push(lambda: _close_all(links))
-        listener = kernel.Listener(run.on_connection, run.on_bypass, self._view_changed)
+        listener = kernel.Listener(
+            run.on_connection, run.on_bypass, self._view_changed, run.on_escape
+        )
         programs.subscribe(cgroup.id, listener)
         teardown.push(lambda: programs.unsubscribe(cgroup.id))
         self._current = run

@@ -12,13 +12,13 @@ before any test starts and names where it was written.
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import pytest
 
 from ..errors import ConfigError, DepfenceError, FenceUnavailable, PolicyError
 from .markers import MARKERS, check_fenced, item_fence_kwargs, item_policy
-from .results import AUDITED, Reporter, after_test
+from .results import AUDITED, Reporter, after_test, plain_failure
 from .settings import (
     FENCE_KEY,
     FENCE_KWARGS_KEY,
@@ -132,25 +132,35 @@ def fenced(request: pytest.FixtureRequest) -> Iterator[Fence]:
     `fenced.run(cmd)` runs the command inside the fence; a forbidden egress
     attempt raises EgressViolation naming the domain and the command line.
     """
+    settings = request.config.stash[SETTINGS_KEY]
+    fence = _open_fence(request)
+    if isinstance(fence, FenceUnavailable):
+        # Outside the `except` that caught it, so the reason is said once, unchained.
+        message = UNAVAILABLE.format(reason=fence)
+        request.node.stash[UNAVAILABLE_KEY] = message
+        if settings.require:
+            why = f"\n{settings.required_in_ci}" if settings.required_in_ci else ""
+            pytest.fail(message + why, pytrace=False)
+        pytest.skip(message)
+    request.node.stash[FENCE_KEY] = fence
+    try:
+        yield fence
+    finally:
+        fence.close()
+
+
+def _open_fence(request: pytest.FixtureRequest) -> Fence | FenceUnavailable:
+    """The test's fence, open; or why it cannot be built."""
     from ..fence import Fence
     from ..kernel import load
     from ..policy import Policy
 
     config = request.config
     settings = config.stash[SETTINGS_KEY]
-
-    def unavailable(exc: FenceUnavailable) -> NoReturn:
-        message = UNAVAILABLE.format(reason=exc)
-        request.node.stash[UNAVAILABLE_KEY] = message
-        if settings.require:
-            why = f"\n{settings.required_in_ci}" if settings.required_in_ci else ""
-            pytest.fail(message + why, pytrace=False)
-        pytest.skip(message)
-
     try:
         load()
     except FenceUnavailable as exc:
-        unavailable(exc)
+        return exc
     node = request.node
     policy = node.stash.get(POLICY_KEY, None) or settings.policy or Policy("no_egress", ())
     kwargs = {"mode": settings.mode, **node.stash.get(FENCE_KWARGS_KEY, {})}
@@ -165,12 +175,8 @@ def fenced(request: pytest.FixtureRequest) -> Iterator[Fence]:
         fence.open()
     except FenceUnavailable as exc:
         fence.close()
-        unavailable(exc)
-    node.stash[FENCE_KEY] = fence
-    try:
-        yield fence
-    finally:
-        fence.close()
+        return exc
+    return fence
 
 
 # -- after each fenced test: audit warnings, contract, what the reports need ----------
@@ -193,6 +199,8 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    if call.when == "call":
+        plain_failure(report, call)
     if call.when == "setup" and UNAVAILABLE_KEY in item.stash:
         setattr(report, "depfence_unavailable", item.stash[UNAVAILABLE_KEY])  # noqa: B010
     recorded = item.stash.get(RUNS_KEY, None)

@@ -27,6 +27,10 @@ REGENERATE = "pytest --depfence-update-contracts {nodeid}"
 #: Notes in the "depfence contracts" section and the JSON report.
 CONTRACT_WRITTEN = "contract {path} {verb}"
 CONTRACT_UNUSED = "contract {path}: {destination} is listed but was not contacted"
+#: The terminal summary of a fenced test that had no policy: what it contacted, unjudged.
+UNJUDGED = "{test_id}: no policy, so nothing was judged; it contacted {domains}"
+#: How a run without any policy describes its policy (`Policy("no_egress", ()).describe()`).
+NO_POLICY = "no_egress()"
 
 
 def after_test(item: pytest.Item, passed: bool) -> None:
@@ -48,9 +52,33 @@ def after_test(item: pytest.Item, passed: bool) -> None:
         except ContractError as exc:
             failure = exc
     _record(item, notes)
+    _attach_output(item, fence)
     _warn_audited(item, fence)
     if failure is not None:
         raise failure
+
+
+def _attach_output(item: pytest.Item, fence: Fence) -> None:
+    """Each fenced run's output, as report sections ("Captured fenced stdout call")."""
+    for stream in ("stdout", "stderr"):
+        parts = [
+            f"$ {result.command}\n{text}"
+            for result in fence.results
+            if (text := getattr(result, stream))
+        ]
+        if parts:
+            item.add_report_section("call", f"fenced {stream}", "\n".join(parts))
+
+
+#: Failures the plugin raises after the test: their message is the whole story.
+PLUGIN_FAILURES = (ContractError, EgressAuditWarning)
+
+
+def plain_failure(report: pytest.TestReport, call: pytest.CallInfo[None]) -> None:
+    """A contract failure or an audit warning made an error reads as its message alone,
+    not as the plugin's source lines that raised it."""
+    if call.excinfo is not None and call.excinfo.errisinstance(PLUGIN_FAILURES):
+        report.longrepr = f"{call.excinfo.typename}: {call.excinfo.value}"
 
 
 def _record(item: pytest.Item, notes: list[str]) -> None:
@@ -79,7 +107,7 @@ def _warn_audited(item: pytest.Item, fence: Fence) -> None:
         return
     path, line, _ = item.location
     for result in fence.results:
-        audited = [e for e in result.violations if e.verdict == "allowed"]
+        audited = result.violations  # in audit mode: let through, or (an escape) killed
         if audited:
             text = AUDITED.format(report=format_violations(audited, result.command))
             warnings.warn_explicit(text, EgressAuditWarning, path, (line or 0) + 1)
@@ -128,6 +156,7 @@ class Reporter:
         self.config = config
         self.report = SessionReport()
         self.notes: list[str] = []
+        self.unjudged: list[str] = []
         self.worker = hasattr(config, "workerinput")
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -145,6 +174,7 @@ class Reporter:
         else:
             notes = list(getattr(report, "depfence_notes", []))
             self.notes.extend(notes)
+            self._note_unjudged(report.nodeid, runs)
         self.report.add(
             TestRuns(
                 test_id=report.nodeid,
@@ -156,9 +186,21 @@ class Reporter:
             )
         )
 
+    def _note_unjudged(self, test_id: str, runs: list[dict[str, Any]]) -> None:
+        domains = sorted({d for run in runs if run["policy"] == NO_POLICY for d in run["domains"]})
+        if domains:
+            self.unjudged.append(UNJUDGED.format(test_id=test_id, domains=", ".join(domains)))
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.worker:
             return
+        if self.unjudged:
+            terminalreporter.section("depfence: fenced tests without a policy")
+            for line in self.unjudged:
+                terminalreporter.write_line(line)
+            terminalreporter.write_line(
+                "(give them no_egress(...) or egress_only(...) to judge what they contact)"
+            )
         if self.notes:
             terminalreporter.section("depfence contracts")
             for note in self.notes:

@@ -117,12 +117,13 @@ def test_audit_warning_as_error_fails_the_test(lab_run, pytester, deploy):
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            f"E   *pytest_depfence.errors.EgressAuditWarning: {audited_headline()}",
-            "E   *allowed  github.com (A*)*at -*",
-            f"E   *pid [0-9]*  {CURL}",
-            f"FAILED {TEST_ID} - pytest_depfence.errors.Egress*",  # the rest is cut to the width,
+            f"EgressAuditWarning: {audited_headline()}",
+            "  allowed  github.com (A*)*at -*",
+            f"*pid [0-9]*  {CURL}",
+            f"FAILED {TEST_ID} - EgressAuditWarning: *",  # the rest is cut to the width,
         ]
     )
+    result.stdout.no_fnmatch_line("*def _warn_audited(*")  # no plugin source before it
 
 
 def test_audit_warning_as_error_keeps_the_run_in_the_reports(lab_run, pytester, deploy):

@@ -67,11 +67,9 @@ def contract_text(*lines: str) -> str:
 
 
 def error_lines(text: str) -> list[str]:
-    """A multi-line ContractError message, as it appears in pytest's `E` lines."""
+    """A multi-line ContractError message as the failure shows it: the message alone."""
     first, *rest = text.splitlines()
-    return [f"E *pytest_depfence.errors.ContractError: {lit(first)}"] + [
-        f"E *{lit(line)}" for line in rest
-    ]
+    return [f"ContractError: {lit(first)}"] + [lit(line) for line in rest]
 
 
 def test_missing_contract_fails_with_the_command_that_creates_it(lab_run, pytester, project):
@@ -79,6 +77,9 @@ def test_missing_contract_fails_with_the_command_that_creates_it(lab_run, pytest
 
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(error_lines(missing_text(SHOWN, REGENERATE)))
+    result.stdout.no_fnmatch_line("*def _contract(*")  # no plugin source before the message
+    # What the script printed comes with the failure.
+    result.stdout.fnmatch_lines(["*Captured fenced stdout call*", "$ ./deploy.sh"])
     assert not project.exists()
 
 
