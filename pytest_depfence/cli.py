@@ -31,7 +31,7 @@ from . import doctor, options, outages
 from .console import Console, Interrupted, interruptible
 from .errors import ConfigError, DepfenceError
 from .events import FenceResult
-from .render import TIMED_OUT_TEXT, firewall_method, violation_headline
+from .render import TIMED_OUT_TEXT, attempts, firewall_method, violation_headline
 
 if TYPE_CHECKING:
     from .policy import Policy
@@ -339,7 +339,7 @@ def _run(args: argparse.Namespace) -> int:
     result = _fenced_run(run, _console(run))
     code = exit_code(result)
     if result.violations:
-        headline = violation_headline(len(result.violations), result.command)
+        headline = violation_headline(len(attempts(result.violations)), result.command)
         done = "recorded, not blocked: audit mode" if run.mode == "audit" else "blocked"
         print(f"depfence: {headline} ({done}); exit {code}", file=sys.stderr)
     if args.json:

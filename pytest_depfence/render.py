@@ -15,6 +15,7 @@ Tests import the constants, so the texts and the tests cannot drift.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -84,9 +85,33 @@ def violation_headline(count: int, command: str) -> str:
     return VIOLATION_HEADLINE.format(count=count, s="" if count == 1 else "s", command=command)
 
 
-def format_event(event: EgressEvent) -> list[str]:
-    """The lines one event takes in a report."""
-    head = f"  {event.verdict:<8} {target(event):<22} at {event.blocked_at or '-':<8}"
+def attempts(events: Sequence[EgressEvent]) -> list[list[EgressEvent]]:
+    """Events grouped into attempts, in order: one per process, destination and kind.
+
+    One `curl https://github.com/` asks A and AAAA, and glibc probes each address
+    with a UDP connect before the TCP one: each is an event (the detail stays in
+    `result.events`), but together they are one attempt to reach github.com.
+    """
+    groups: dict[tuple[object, ...], list[EgressEvent]] = {}
+    for event in events:
+        who = event.pid if event.pid is not None else event.unattributed
+        key = (who, event.domain or event.address, event.blocked_at, event.verdict)
+        groups.setdefault(key, []).append(event)
+    return list(groups.values())
+
+
+def _attempt_target(attempt: Sequence[EgressEvent]) -> str:
+    """What an attempt reached: `github.com (A, AAAA)`, or each endpoint once."""
+    first = attempt[0]
+    if all(e.address is None and e.qtype for e in attempt):
+        return f"{first.domain} ({', '.join(dict.fromkeys(str(e.qtype) for e in attempt))})"
+    return ", ".join(dict.fromkeys(target(e) for e in attempt))
+
+
+def format_event(event: EgressEvent, shown: str | None = None) -> list[str]:
+    """The lines one event (or an attempt it heads, `shown` as its target) takes in a report."""
+    shown = target(event) if shown is None else shown
+    head = f"  {event.verdict:<8} {shown:<22} at {event.blocked_at or '-':<8}"
     if event.address is not None and not event.qtype and not event.is_escape:
         learned = f", learned from {event.learned_from}" if event.learned_from else ""
         head += f" ({event.domain or 'no name'}{learned})"
@@ -107,11 +132,12 @@ def format_event(event: EgressEvent) -> list[str]:
 def format_violations(
     violations: list[EgressEvent], command: str, timed_out_after: float | None = None
 ) -> str:
-    lines = [violation_headline(len(violations), command)]
+    grouped = attempts(violations)
+    lines = [violation_headline(len(grouped), command)]
     if timed_out_after is not None:
         lines[0] += TIMED_OUT.format(seconds=timed_out_after)
-    for event in violations:
-        lines.extend(format_event(event))
+    for attempt in grouped:
+        lines.extend(format_event(attempt[0], _attempt_target(attempt)))
     return "\n".join(lines)
 
 

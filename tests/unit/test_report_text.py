@@ -6,7 +6,13 @@ from event_factory import ALLOWED, event
 
 from pytest_depfence import EgressViolation
 from pytest_depfence.events import FenceResult
-from pytest_depfence.render import TIMED_OUT, UNATTRIBUTED, VIOLATION_HEADLINE, format_violations
+from pytest_depfence.render import (
+    TIMED_OUT,
+    UNATTRIBUTED,
+    VIOLATION_HEADLINE,
+    attempts,
+    format_violations,
+)
 
 #: A query by a tool a deploy script runs, blocked by a marker's rule.
 DEPLOY = dict(
@@ -89,3 +95,22 @@ def test_timed_out_run_says_so_in_the_headline():
     assert text.splitlines()[0].endswith(
         "(timed out after 2.5 s; everything it started was killed)"
     )
+
+
+def test_one_process_asking_one_name_twice_is_one_attempt() -> None:
+    a, aaaa = deploy_event(), deploy_event(qtype="AAAA")
+    other = deploy_event(pid=7, ancestry=())
+    text = format_violations([a, aaaa, other], "x")
+    lines = text.splitlines()
+    assert lines[0] == VIOLATION_HEADLINE.format(count=2, s="s", command="x")
+    assert lines[1].startswith("  blocked  github.com (A, AAAA)")
+    assert sum("github.com (" in line for line in lines) == 2  # one head per attempt
+
+
+def test_a_probe_and_a_connect_to_one_address_are_one_attempt() -> None:
+    where = dict(qtype=None, domain="github.com", address="10.77.1.1", blocked_at="connect")
+    probe = deploy_event(**where, port=0, protocol="udp")
+    connect = deploy_event(**where, port=80, protocol="tcp")
+    assert attempts([probe, connect]) == [[probe, connect]]
+    head = format_violations([probe, connect], "x").splitlines()[1]
+    assert "10.77.1.1:0/udp, 10.77.1.1:80/tcp" in head
