@@ -64,7 +64,7 @@ class EgressEvent:
         return self.protocol == "cgroup"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class FenceResult:
     """What `Fence.run` returns: the process outcome plus everything the fence saw."""
 
@@ -84,3 +84,14 @@ class FenceResult:
     @property
     def domains(self) -> list[str]:
         return sorted({e.domain for e in self.events if e.domain is not None})
+
+    def __repr__(self) -> str:
+        # Short, so an assertion on a result stays readable: the output and events are
+        # attributes (and the test's report sections), not part of the repr.
+        timed_out = ", timed_out=True" if self.timed_out else ""
+        return (
+            f"FenceResult(command={self.command!r}, returncode={self.returncode}{timed_out}, "
+            f"events={len(self.events)}, violations={len(self.violations)}, "
+            f"domains={self.domains!r}, stdout={len(self.stdout)} chars, "
+            f"stderr={len(self.stderr)} chars)"
+        )

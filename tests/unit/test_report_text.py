@@ -114,3 +114,17 @@ def test_a_probe_and_a_connect_to_one_address_are_one_attempt() -> None:
     assert attempts([probe, connect]) == [[probe, connect]]
     head = format_violations([probe, connect], "x").splitlines()[1]
     assert "10.77.1.1:0/udp, 10.77.1.1:80/tcp" in head
+
+
+def test_a_result_repr_is_short_whatever_the_output() -> None:
+    result = FenceResult(
+        command="./deploy.sh",
+        returncode=1,
+        stdout="x" * 100_000,
+        stderr="",
+        events=(deploy_event(),),
+    )
+    assert repr(result) == (
+        "FenceResult(command='./deploy.sh', returncode=1, events=1, violations=1, "
+        "domains=['github.com'], stdout=100000 chars, stderr=0 chars)"
+    )
