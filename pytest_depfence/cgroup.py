@@ -3,15 +3,28 @@
 Layout: <cgroup2 mount>/depfence/<owner pid>-<owner start time>/<run>. The
 owner part lets a later process tell a crashed session's directories from a
 live one's, so `sweep_stale` can kill what was left running and remove them.
+
+Each owning process has a guardian (`pytest_depfence.guardian`, started with
+the session directory) that holds copies of the runs' bpf_links: when the owner
+dies, it kills the session's processes and removes the directories within a
+second, and only then lets the programs go, instead of leaving the processes
+running unfenced until some later sweep. The owner's side of that (starting
+it, handing it the links, restarting one that died) lives here.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import os
+import resource
 import select
 import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,24 +54,36 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path:
     )
 
 
-def _start_time(pid: int) -> str | None:
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces):
+    [0] is field 3 (state), [6] field 9 (flags), [19] field 22 (start time)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
-    # Field 22, counted after the parenthesised command name, which may hold spaces.
-    return stat.rsplit(")", 1)[1].split()[19]
+    return stat.rsplit(")", 1)[1].split()
+
+
+def start_time(pid: int) -> str | None:
+    fields = proc_stat(pid)
+    return None if fields is None else fields[19]  # start time, in clock ticks since boot
+
+
+def alive(pid: int, start: str) -> bool:
+    """Whether `pid` is still the process that started at `start`, and not yet a zombie."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[19] == start and fields[0] not in ("Z", "X")
 
 
 def session_name(pid: int | None = None) -> str:
     pid = os.getpid() if pid is None else pid
-    return f"{pid}-{_start_time(pid)}"
+    return f"{pid}-{start_time(pid)}"
 
 
 def _owner_alive(name: str) -> bool:
     pid, _, start = name.partition("-")
-    return pid.isdigit() and _start_time(int(pid)) == start
+    return pid.isdigit() and alive(int(pid), start)
 
 
 def kill_all(path: Path, timeout: float = 10.0) -> None:
@@ -129,6 +154,15 @@ def remove_tree(path: Path) -> None:
         pass
 
 
+def remove_if_unused(path: Path) -> None:
+    """rmdir a directory others may still use (or have removed already): then leave it."""
+    try:
+        path.rmdir()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+            raise
+
+
 class FenceCgroup:
     """One run's cgroup: processes enter it by writing to cgroup.procs; close() removes it."""
 
@@ -140,6 +174,10 @@ class FenceCgroup:
 
     def pids(self) -> list[int]:
         return _pids(self.path)
+
+    def hold(self, links: list[int]) -> None:
+        """Give the session's guardian copies of this cgroup's bpf_links (see `hold_links`)."""
+        hold_links(self.path.parent, links)
 
     def kill(self) -> None:
         if self.path.exists():
@@ -156,7 +194,7 @@ class FenceCgroup:
 
 
 class CgroupTree:
-    """This process's session directory under the shared depfence parent."""
+    """This process's session directory under the shared depfence parent, and its guardian."""
 
     def __init__(self, mount: Path | None = None) -> None:
         self.mount = mount or cgroup2_mount()
@@ -164,12 +202,19 @@ class CgroupTree:
         self.session = self.parent / session_name()
 
     def ensure(self) -> Path:
+        """Create this session's directory and start its guardian (see `sweep`)."""
+        self.sweep()
+        return self.session
+
+    def sweep(self) -> list[Path]:
+        """Run at every fence open: kill and remove the sessions of dead owners, and make
+        sure this session's directory exists and its guardian is running."""
         for _ in range(5):
             try:
                 self.parent.mkdir(exist_ok=True)
-                sweep_stale(self.parent)
+                removed = sweep_stale(self.parent)
                 self.session.mkdir(exist_ok=True)
-                return self.session
+                break
             except FileNotFoundError:
                 continue  # another session removed the empty parent in between; make it again
             except PermissionError as exc:
@@ -178,19 +223,18 @@ class CgroupTree:
                     fix="run as root (or with CAP_SYS_ADMIN) and with write access to the "
                     "cgroup v2 tree (in a container: a writable, delegated cgroup)",
                 ) from exc
-        raise FenceUnavailable(
-            f"cannot create {self.session}: its parent keeps disappearing",
-            fix="check what else removes cgroups under it, and report this output",
-        )
+        else:
+            raise FenceUnavailable(
+                f"cannot create {self.session}: its parent keeps disappearing",
+                fix="check what else removes cgroups under it, and report this output",
+            )
+        guard(self.session)
+        return removed
 
     def remove(self) -> None:
         """Remove this session's directory, and the shared parent when no other session uses it."""
         for path in (self.session, self.parent):
-            try:
-                path.rmdir()
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
-                    raise
+            remove_if_unused(path)
 
 
 def sweep_stale(parent: Path) -> list[Path]:
@@ -208,3 +252,164 @@ def sweep_stale(parent: Path) -> list[Path]:
             continue  # another process swept it first
         removed.append(session)
     return removed
+
+
+# ----------------------------------------------------------------------------- guardians
+#: The guardian's one line on stdout once it watches the owner: "ready PID START".
+READY = "ready"
+#: How long a guardian may take to start (a Python interpreter on a loaded CI machine).
+GUARDIAN_START_TIMEOUT = 30.0
+#: At most this many descriptors in one message on the lifeline (SCM_RIGHTS).
+MAX_FDS = 32
+_guardians: dict[Path, Guardian] = {}
+_guardians_lock = threading.Lock()
+
+
+class Guardian:
+    """The owner's handle on a running guardian: its pid, a pidfd to see it exit, and our end
+    of its lifeline (a unix socket: its stdin), closed by nothing but this process's exit."""
+
+    def __init__(self, pid: int, start: str, lifeline: socket.socket) -> None:
+        self.pid = pid
+        self.start = start
+        self.lifeline = lifeline
+        self._send_lock = threading.Lock()
+        self.pidfd: int | None = None
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            pass  # before 5.3 (or gone already): running() reads /proc instead
+        if self.pidfd is not None and start_time(pid) != start:
+            self.close()  # the pid was reused before we held it: that guardian is gone
+
+    def running(self) -> bool:
+        if self.lifeline.fileno() < 0:
+            return False
+        if self.pidfd is not None:
+            poller = select.poll()  # not select(): the pidfd may be above FD_SETSIZE
+            poller.register(self.pidfd, select.POLLIN)
+            return not poller.poll(0)
+        return alive(self.pid, self.start)
+
+    def hold(self, fds: list[int]) -> None:
+        """Give the guardian its own copies of `fds` (bpf_links of this session's cgroups)."""
+        with self._send_lock:
+            for at in range(0, len(fds), MAX_FDS):
+                socket.send_fds(self.lifeline, [b"L"], fds[at : at + MAX_FDS], socket.MSG_NOSIGNAL)
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.lifeline.close()
+
+
+def guard(session: Path) -> Guardian:
+    """Make sure this process's session has a running guardian; start one if not."""
+    with _guardians_lock:
+        current = _guardians.get(session)
+        if current is not None and current.running():
+            return current
+        if current is not None:
+            current.close()
+            del _guardians[session]
+        _guardians[session] = started = start_guardian(session)
+        return started
+
+
+def hold_links(session: Path, links: list[int]) -> None:
+    """Hand a run's bpf_links to the session's guardian: should this process die, they stay
+    attached until the guardian has killed the run. FenceUnavailable when no guardian takes them."""
+    for attempt in (1, 2):
+        current = guard(session)
+        try:
+            current.hold(links)
+            return
+        except OSError as exc:
+            current.close()  # it died since guard() looked: the next guard() starts another
+            if attempt == 2:
+                raise FenceUnavailable(
+                    f"the fence guardian of {session} does not take the run's programs: {exc}",
+                    fix="report this output; a run is not started without its guardian",
+                ) from exc
+
+
+def start_guardian(session: Path) -> Guardian:
+    """Start `python -m pytest_depfence.guardian` for `session` (named for this process)
+    and wait until it watches this process; FenceUnavailable when it cannot."""
+    owner, _, start = session.name.partition("-")
+    package_root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-S", "-m", "pytest_depfence.guardian", owner, start, str(session)]
+    fix = (
+        f"run `{' '.join(argv)}` by hand to see why; a fence is not built without "
+        "the guardian that removes it when this process dies"
+    )
+    if not sys.executable:
+        raise FenceUnavailable("no Python interpreter to start the fence guardian with", fix=fix)
+    # Ours is not inheritable: nothing this process starts keeps the lifeline open after it.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=theirs.fileno(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            start_new_session=True,
+            cwd="/",
+            env={"PYTHONPATH": str(package_root)},
+        )
+    except OSError as exc:
+        ours.close()
+        raise FenceUnavailable(f"cannot start the fence guardian: {exc}", fix=fix) from exc
+    finally:
+        theirs.close()
+    code, said = _handshake(proc)
+    words = said.split()
+    if code != 0 or len(words) != 3 or words[0] != READY or not words[1].isdigit():
+        ours.close()
+        shown = said.strip() or f"exit status {code}, nothing said"
+        raise FenceUnavailable(f"the fence guardian did not start: {shown}", fix=fix)
+    return Guardian(int(words[1]), words[2], _renumber_high(ours))
+
+
+def _renumber_high(sock: socket.socket) -> socket.socket:
+    """The same socket on a high descriptor number, so that it closes early when we die.
+
+    An exiting process's files are released highest descriptor first (its
+    task_work runs newest first; measured on 6.18). Closing the tracepoints bcc
+    opened takes up to a second: on a descriptor above theirs, the lifeline's
+    EOF reaches the guardian in tens of milliseconds instead of after them.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    floor = min(soft, 1024) - 16
+    if floor <= sock.fileno():
+        return sock
+    try:
+        high = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, floor)
+    except OSError:
+        return sock  # every high number is taken: the pidfd still tells, later
+    sock.close()
+    return socket.socket(fileno=high)
+
+
+def _handshake(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    """The starter's exit status and what the guardian said, once every writer closed the pipe."""
+    deadline = time.monotonic() + GUARDIAN_START_TIMEOUT
+    assert proc.stdout is not None
+    chunks: list[bytes] = []
+    with proc.stdout:
+        fd = proc.stdout.fileno()
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not select.select([fd], [], [], remaining)[0]:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    try:
+        code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    return code, b"".join(chunks).decode(errors="replace")

@@ -1,0 +1,317 @@
+"""The guardian: when the process that owns a fence dies, nothing of the fence keeps running.
+
+The problem. A fence's programs are attached with bpf_link, and the links are
+file descriptors of the owning process (a pytest session, `depfence run`, a
+library user). When the owner is SIGKILLed the kernel closes them and the
+programs detach, but the fenced script and everything it started live on in
+their cgroups, with the network open, until some later session sweeps them
+(possibly never).
+
+The choice: one small process per owner, started with the owner's session
+directory (`CgroupTree.sweep`), that holds copies of the session's links and,
+once the owner is gone, kills every process of the session (`cgroup.kill`,
+else SIGKILL by listing), removes its directories, and only then lets the
+links go. The programs therefore stay attached until nothing they fenced can
+run: there is no moment without a fence. Rejected:
+
+- only killing, without holding the links: the kernel releases the owner's
+  links while it exits, before anyone can notice; measured here, a fenced loop
+  reached the lab's github.com hundreds of times in the 0.1-0.9 s before the
+  owner's pidfd reported the exit (closing its tracepoints is slow), and still
+  some times in the ~1 ms between the owner's files closing and the kill;
+- legacy BPF_PROG_ATTACH (programs outlive the process): nothing would kill
+  the processes, and a crashed session must leave nothing attached;
+- PR_SET_PDEATHSIG on each fenced command: it reaches the command only, not
+  what it forks or daemonises, and fires when the spawning *thread* exits;
+- the sweep alone: it needs a later fence to open on the same machine.
+
+The lifeline. The guardian's stdin is a unix socket whose other end only the
+owner holds (not inheritable, so nothing the owner starts keeps it). The
+owner sends each run's links over it (`FenceCgroup.hold`, SCM_RIGHTS; fds in
+flight are held by the socket too). Its EOF comes as the kernel closes the
+owner's files, up to a second before the pidfd reports the exit; EOF counts
+only when the owner is exiting (PF_EXITING), else the pidfd alone tells. The
+pidfd (Linux 5.3+; else /proc/PID/stat every 0.1 s, a zombie counting as
+gone) is opened before the owner's start time is checked, so a reused pid is
+never mistaken for the owner. Links whose cgroup is not a directory of the
+session (a run that ended, an adopted service's cgroup) are closed at once.
+
+It must outlive what kills the owner, so it is in a session of its own
+(`setsid`: a terminal's SIGINT or SIGHUP to the owner's process group misses
+it, and it ignores both anyway), it forks once more so that it is no
+descendant of the owner (a kill of the owner's process tree misses it), and it
+moves itself to the cgroup that holds the `depfence` parent (the cgroup v2
+root, as a rule) so that killing the owner's cgroup or unit misses it and it is
+never inside a fence. Where that move is refused (a delegated cgroup in a
+container) it stays in the owner's cgroup, unless that is a fence: then it
+refuses to start and the owner gets FenceUnavailable. It holds nothing of the
+owner's but the lifeline: every other inherited descriptor is closed at exec,
+and once it has said "ready PID START" on the pipe the owner reads, stdout and
+stderr are /dev/null. Only the standard library and `cgroup` (which imports
+nothing else of this package) are loaded: it is ready in about 50 ms.
+
+After a normal exit the owner's atexit has removed its directory: the guardian
+only tries to remove the shared parent, and exits.
+
+Usage (started by the owner, not by hand)::
+
+    python -m pytest_depfence.guardian OWNER_PID OWNER_START SESSION_DIR
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .cgroup import (
+    MAX_FDS,
+    PARENT,
+    READY,
+    alive,
+    kill_all,
+    proc_stat,
+    remove_if_unused,
+    remove_tree,
+    start_time,
+)
+
+#: Where pidfd_open is missing: how often the owner's /proc entry is read.
+POLL_INTERVAL = 0.1
+#: How long the guardian keeps trying to empty and remove the session before giving up.
+PATIENCE = 30.0
+#: The task flag the kernel sets first thing in do_exit() (include/linux/sched.h).
+PF_EXITING = 0x00000004
+
+
+class GuardianError(Exception):
+    """The guardian cannot watch this owner; the text is what the owner reports."""
+
+
+def main(argv: list[str]) -> int:
+    try:
+        owner, start, session = _parse(argv)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        pidfd = _open_pidfd(owner)
+        _leave_owner_cgroup(session)
+    except (GuardianError, OSError) as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    if os.fork() != 0:
+        os._exit(0)  # the owner reaps this one; the guardian is no descendant of the owner
+    me = os.getpid()
+    try:
+        print(f"{READY} {me} {start_time(me)}", flush=True)
+    except BrokenPipeError:
+        os._exit(1)  # the owner stopped waiting for us and reports the failure
+    _detach_stdio()
+    links = Links(session)
+    try:
+        wait_gone(owner, start, pidfd, _lifeline(), links)
+        return 0 if clean(session) else 1
+    finally:
+        links.release()  # only now: until the kill, what ran in the session stayed fenced
+
+
+def _parse(argv: list[str]) -> tuple[int, str, Path]:
+    if len(argv) != 3 or not argv[0].isdigit() or not argv[1].isdigit():
+        raise GuardianError("usage: python -m pytest_depfence.guardian OWNER_PID OWNER_START DIR")
+    owner, start, session = int(argv[0]), argv[1], Path(argv[2])
+    # Only ever a session directory named for this owner: never kill an arbitrary cgroup.
+    if session.name != f"{owner}-{start}" or session.parent.name != PARENT:
+        raise GuardianError(f"{session} is not the fence session of pid {owner} (start {start})")
+    if not (session / "cgroup.procs").is_file():
+        raise GuardianError(f"{session} is not a cgroup directory")
+    return owner, start, session
+
+
+def _open_pidfd(owner: int) -> int | None:
+    """A pidfd of the owner, or None where the kernel (or Python) has none."""
+    try:
+        return os.pidfd_open(owner)
+    except AttributeError:
+        return None
+    except OSError as exc:
+        # ENOSYS: a kernel before 5.3; ESRCH: the owner is gone already (wait_gone returns).
+        if exc.errno in (errno.ENOSYS, errno.ESRCH):
+            return None
+        raise
+
+
+def _leave_owner_cgroup(session: Path) -> None:
+    """Move to the cgroup holding the depfence parent; never stay inside a fence."""
+    home = session.parent.parent
+    try:
+        fd = os.open(home / "cgroup.procs", os.O_WRONLY)  # never O_CREAT: a cgroup file or none
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        finally:
+            os.close(fd)
+        return
+    except OSError as exc:
+        refused = exc
+    here = _own_cgroup(home)
+    if here is None or here == session.parent or session.parent in here.parents:
+        raise GuardianError(f"cannot move out of the fence cgroup {here} into {home}: {refused}")
+
+
+def _own_cgroup(mount: Path) -> Path | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return mount / line[3:].strip().lstrip("/")
+    except OSError:
+        pass
+    return None
+
+
+def _detach_stdio() -> None:
+    """stdout and stderr on /dev/null: the owner's handshake pipe sees EOF."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _lifeline() -> socket.socket | None:
+    """stdin, when it is the owner's unix socket (not when run by hand)."""
+    try:
+        sock = socket.socket(fileno=0)
+    except OSError:
+        return None
+    if sock.family != socket.AF_UNIX:
+        sock.detach()
+        return None
+    return sock
+
+
+class Links:
+    """The bpf_links the owner handed over: held while their cgroup is one of the session's."""
+
+    def __init__(self, session: Path) -> None:
+        self.session = session
+        self.fds: list[int] = []
+
+    def receive(self, lifeline: socket.socket) -> bool:
+        """Take what the owner sent; False at EOF (or when the lifeline broke)."""
+        try:
+            data, fds, _, _ = socket.recv_fds(lifeline, 1024, MAX_FDS)
+        except OSError:
+            return False
+        self.fds += fds
+        self.prune()
+        return bool(data or fds)
+
+    def prune(self) -> None:
+        """Close every link whose cgroup is no directory of the session (any more)."""
+        live = _cgroup_ids(self.session)
+        kept = []
+        for fd in self.fds:
+            if _link_cgroup(fd) in live:
+                kept.append(fd)
+            else:
+                os.close(fd)
+        self.fds = kept
+
+    def release(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _cgroup_ids(session: Path) -> set[int]:
+    """The ids (inode numbers) of the session's cgroup directories, itself included."""
+    ids: set[int] = set()
+    for where, _, _ in os.walk(session):
+        try:
+            ids.add(os.stat(where).st_ino)
+        except OSError:
+            pass
+    return ids
+
+
+def _link_cgroup(fd: int) -> int | None:
+    """The cgroup id of a cgroup bpf_link (0 once that cgroup is gone); None for other fds."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("cgroup_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def wait_gone(
+    owner: int,
+    start: str,
+    pidfd: int | None,
+    lifeline: socket.socket | None = None,
+    links: Links | None = None,
+) -> None:
+    """Return once the owner is exiting or has exited (a zombie counts as exited),
+    taking the links it sends on the lifeline meanwhile."""
+    poller = select.poll()
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    if lifeline is not None:
+        poller.register(lifeline, select.POLLIN)
+    timeout = None if pidfd is not None else POLL_INTERVAL * 1000
+    held = links or Links(Path("/nonexistent"))
+    try:
+        while alive(owner, start):  # the pidfd was opened first: it is this very process
+            for fd, _ in poller.poll(timeout):
+                if fd == pidfd:
+                    return
+                if lifeline is not None and not held.receive(lifeline):
+                    if exiting(owner, start):
+                        return
+                    poller.unregister(lifeline)  # it closed the socket itself: pidfd only
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def exiting(owner: int, start: str) -> bool:
+    """Whether the owner is in exit (PF_EXITING, set as the kernel starts tearing it down)."""
+    fields = proc_stat(owner)
+    if fields is None or fields[19] != start:
+        return True
+    return fields[0] in ("Z", "X") or bool(int(fields[6]) & PF_EXITING)
+
+
+def clean(session: Path, patience: float = PATIENCE) -> bool:
+    """Kill everything in the session and remove it (and the shared parent, when unused).
+
+    Retried until `patience` runs out: a process the owner was starting can
+    enter a run cgroup after the kill, and then the rmdir fails with EBUSY.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            if session.exists():
+                kill_all(session, timeout=max(0.1, deadline - time.monotonic()))
+                remove_tree(session)
+            break
+        except FileNotFoundError:
+            break  # another process swept it meanwhile
+        except (OSError, RuntimeError):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+    try:
+        remove_if_unused(session.parent)
+    except OSError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
