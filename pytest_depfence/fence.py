@@ -157,7 +157,7 @@ class Fence:
             return self
         programs = self._programs = kernel.load()
         self._tools = confine.prepare()
-        _session_tree()
+        _session_tree().sweep()  # every open: sweep dead owners' sessions, keep the guardian
         try:
             judge = Judge(self.policy, self.mode, self.outage, AddressBook(self.id, programs))
             self._judge = judge
@@ -293,6 +293,7 @@ class Fence:
         teardown.push(lambda: programs.unregister(cgroup.id))
         links = programs.attach(cgroup.dir_fd)
         teardown.push(lambda: _close_all(links))
+        cgroup.hold(links)  # kept attached by the guardian should this process die
         listener = kernel.Listener(
             run.on_connection, run.on_bypass, self._view_changed, run.on_escape
         )
