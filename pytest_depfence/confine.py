@@ -60,19 +60,19 @@ class Tools:
 
 
 _lock = threading.Lock()
-_ready: Tools | None = None
+_tools: Tools | None = None
 
 
 def prepare(mountinfo: str = MOUNTINFO) -> Tools:
-    """Once per process: the entry tools found and nsdelegate on; FenceUnavailable says
-    what is missing and the fix."""
-    global _ready
+    """At each fence's open: the entry tools (found once) and nsdelegate on (checked
+    each time: a remount anywhere can turn it off); FenceUnavailable says what is
+    missing and the fix."""
+    global _tools
     with _lock:
-        if _ready is None:
-            tools = find_tools()
-            ensure_nsdelegate(mountinfo)
-            _ready = tools
-        return _ready
+        if _tools is None:
+            _tools = find_tools()
+        ensure_nsdelegate(mountinfo)
+        return _tools
 
 
 def find_tools() -> Tools:
