@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    CommandFailed,
     ConfigError,
     ContractError,
     DepfenceError,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .policy import Policy
 
 __all__ = [
+    "CommandFailed",
     "ConfigError",
     "ContractError",
     "DepfenceError",

@@ -68,6 +68,21 @@ class EgressViolation(DepfenceError, AssertionError):
         return (type(self), (self.args[0], self.violations))
 
 
+class CommandFailed(DepfenceError, AssertionError):
+    """A fenced run with `check=True` whose command failed (non-zero exit, a signal, the
+    timeout) without forbidden egress; like `subprocess.CalledProcessError`, it carries
+    the outcome and the output."""
+
+    def __init__(self, message: str, returncode: int, stdout: str = "", stderr: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.args[0], self.returncode, self.stdout, self.stderr))
+
+
 class ContractError(DepfenceError, AssertionError):
     """A fenced test's egress does not match its contract, or the contract is missing or bad."""
 

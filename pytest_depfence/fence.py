@@ -31,11 +31,11 @@ from . import confine, kernel, options
 from .addresses import AddressBook, hosts_entries, resolve
 from .cgroup import CgroupTree, FenceCgroup
 from .dnsproxy import DnsProxy, Query
-from .errors import ConfigError, EgressViolation
+from .errors import CommandFailed, ConfigError, EgressViolation
 from .events import EgressEvent, FenceResult
 from .judge import DnsVerdict, Judge
 from .policy import Policy
-from .render import format_violations
+from .render import failure_text, format_violations
 from .run import Member, Run, Teardown
 
 #: Seconds the output pipes may stay open once everything in the run's cgroup is dead:
@@ -217,7 +217,8 @@ class Fence:
 
         stdin is `input`, else the file or fd `stdin` (the CLI passes its own), else
         empty. After `timeout` seconds everything the command started is killed.
-        `check=True`: forbidden egress raises EgressViolation (block mode only).
+        `check=True`: forbidden egress raises EgressViolation (block mode only), a failed
+        command (non-zero exit, a signal, the timeout) CommandFailed.
         `on_output("stdout"|"stderr", chunk)` (output threads) and `on_event(event)`
         (a thread of its own, in order) see output and events as they happen.
         """
@@ -344,12 +345,20 @@ def _command(
 
 
 def _check(result: FenceResult, mode: str, limit: float | None) -> None:
-    """Raise EgressViolation for forbidden egress; audit mode leaves it to the caller."""
+    """`check=True`: forbidden egress raises EgressViolation (block mode; audit mode leaves
+    it to the caller), and a command that failed raises CommandFailed, as
+    `subprocess.run(check=True)` would."""
     __tracebackhide__ = True
+    timed_out_after = limit if result.timed_out else None
+    failed = result.returncode != 0 or result.timed_out
     if result.violations and mode == "block":
-        timed_out_after = limit if result.timed_out else None
         text = format_violations(result.violations, result.command, timed_out_after=timed_out_after)
+        if failed and not result.timed_out:
+            text += f"\n(and {failure_text(result.command, result.returncode, '', None)})"
         raise EgressViolation(text, result.violations)
+    if failed:
+        text = failure_text(result.command, result.returncode, result.stderr, timed_out_after)
+        raise CommandFailed(text, result.returncode, result.stdout, result.stderr)
 
 
 def _wait(proc: subprocess.Popen[bytes], limit: float | None) -> bool:

@@ -81,6 +81,28 @@ def destination(event: EgressEvent) -> str:
 # --------------------------------------------------------------------------- the terminal
 
 
+#: What `check=True` says of a command that failed (`how`: see `failure_text`).
+COMMAND_FAILED = "{command} {how}"
+#: How many of the last stderr lines a command failure shows.
+STDERR_TAIL = 20
+
+
+def failure_text(command: str, returncode: int, stderr: str, timed_out_after: float | None) -> str:
+    """A failed command, as `check=True` reports it: how it ended, then its stderr's tail."""
+    if timed_out_after is not None:
+        how = TIMED_OUT_TEXT.format(seconds=timed_out_after)
+    elif returncode < 0:
+        how = f"was killed by signal {-returncode}"
+    else:
+        how = f"exited with {returncode}"
+    lines = [COMMAND_FAILED.format(command=command, how=how)]
+    tail = stderr.rstrip("\n").splitlines()[-STDERR_TAIL:]
+    if tail:
+        lines.append(f"stderr (last {len(tail)} lines):")
+        lines.extend(f"  {line}" for line in tail)
+    return "\n".join(lines)
+
+
 def violation_headline(count: int, command: str) -> str:
     return VIOLATION_HEADLINE.format(count=count, s="" if count == 1 else "s", command=command)
 

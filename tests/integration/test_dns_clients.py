@@ -112,7 +112,10 @@ def test_check_raises_with_domain_and_command_line(fenced: Fence) -> None:
     text = str(error)
     violations = error.violations
     assert violations and {v.domain for v in violations} == {"github.com"}
-    assert text == format_violations(violations, shlex.join(argv))
+    # curl fails too (the name does not resolve): said after the violations.
+    assert text == format_violations(violations, shlex.join(argv)) + (
+        f"\n(and {shlex.join(argv)} exited with {fenced.results[-1].returncode})"
+    )
     # Its A and AAAA queries are one attempt of one process to reach one name.
     assert text.splitlines()[0] == VIOLATION_HEADLINE.format(
         count=1, s="", command=shlex.join(argv)

@@ -265,9 +265,11 @@ kill $child
         load().consume_events()  # whatever the kernel reported of that move is handled now
         assert not gone(pid), "a process moved within its fence was killed"
     finally:
-        go.write_line()
-        kill_if_alive(pid)
-    result: FenceResult = future.result()
+        go.write_line()  # the script checks its child is alive, then ends it
+    try:
+        result: FenceResult = future.result()
+    finally:
+        kill_if_alive(pid)  # only after the script is done with it
 
     assert (result.returncode, result.stdout) == (0, "alive\n"), result
     assert escapes(result.events) == []

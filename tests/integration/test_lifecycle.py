@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from helpers_cgroup import cgroup_of
 
+from pytest_depfence import CommandFailed
 from pytest_depfence.cgroup import CgroupTree
+from pytest_depfence.render import COMMAND_FAILED
 
 if TYPE_CHECKING:
     from pytest_depfence import Fence
@@ -88,7 +90,7 @@ def test_daemonised_grandchild_dies_with_the_run(
 def test_timeout_kills_the_run_and_leaves_nothing(fenced: Fence) -> None:
     timeout = 0.5
     start = time.monotonic()
-    result = fenced.run(["sleep", "1000"], timeout=timeout)
+    result = fenced.run(["sleep", "1000"], timeout=timeout, check=False)
     elapsed = time.monotonic() - start
 
     assert result.timed_out
@@ -104,7 +106,7 @@ def test_timeout_also_kills_what_the_script_started(
     pids = fifo("pids")
     script = 'sleep 1000 & echo $! > "$0"; wait'
     with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(fenced.run, ["sh", "-c", script, str(pids)], timeout=1.0)
+        future = pool.submit(fenced.run, ["sh", "-c", script, str(pids)], timeout=1.0, check=False)
         child = int(pids.read_line())
         pidfd = os.pidfd_open(child)
         try:
@@ -140,14 +142,14 @@ def test_stdin_is_empty_without_input(fenced: Fence) -> None:
     "signum", [signal.SIGTERM, signal.SIGKILL, signal.SIGHUP], ids=lambda s: s.name
 )
 def test_killed_by_a_signal_reports_a_negative_returncode(fenced: Fence, signum: int) -> None:
-    result = fenced.run(f"kill -{int(signum)} $$", timeout=30)
+    result = fenced.run(f"kill -{int(signum)} $$", timeout=30, check=False)
     assert result.returncode == -signum
     assert not result.timed_out
 
 
 @pytest.mark.no_egress("github.com")
 def test_exit_status_and_output_are_reported(fenced: Fence) -> None:
-    result = fenced.run("echo out; echo err >&2; exit 7", timeout=30)
+    result = fenced.run("echo out; echo err >&2; exit 7", timeout=30, check=False)
     assert (result.returncode, result.stdout, result.stderr) == (7, "out\n", "err\n")
 
 
@@ -171,4 +173,30 @@ def test_a_failing_teardown_step_skips_none_of_the_others(
     monkeypatch.undo()
     result = fenced.run(["sh", "-c", "echo again"])
     assert result.stdout == "again\n"
+    assert session_runs() == []
+
+
+@pytest.mark.no_egress("github.com")
+@pytest.mark.parametrize(
+    ("script", "how"),
+    [
+        ("echo doomed >&2; exit 3", "exited with 3"),
+        ("kill -TERM $$", f"was killed by signal {int(signal.SIGTERM)}"),
+    ],
+    ids=["exit", "signal"],
+)
+def test_check_raises_when_the_command_fails(fenced: Fence, script: str, how: str) -> None:
+    with pytest.raises(CommandFailed) as info:
+        fenced.run(script, timeout=30)
+    assert str(info.value).splitlines()[0] == COMMAND_FAILED.format(command=script, how=how)
+    assert info.value.returncode != 0
+    if "doomed" in script:
+        assert "  doomed" in str(info.value).splitlines()
+    assert fenced.results[-1].returncode == info.value.returncode  # still on record
+
+
+@pytest.mark.no_egress("github.com")
+def test_check_raises_at_the_timeout(fenced: Fence) -> None:
+    with pytest.raises(CommandFailed, match="timed out after 0.5 s"):
+        fenced.run(["sleep", "1000"], timeout=0.5)
     assert session_runs() == []

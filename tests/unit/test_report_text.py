@@ -4,13 +4,16 @@ import pickle
 
 from event_factory import ALLOWED, event
 
-from pytest_depfence import EgressViolation
+from pytest_depfence import CommandFailed, EgressViolation
 from pytest_depfence.events import FenceResult
 from pytest_depfence.render import (
+    COMMAND_FAILED,
     TIMED_OUT,
+    TIMED_OUT_TEXT,
     UNATTRIBUTED,
     VIOLATION_HEADLINE,
     attempts,
+    failure_text,
     format_violations,
 )
 
@@ -128,3 +131,26 @@ def test_a_result_repr_is_short_whatever_the_output() -> None:
         "FenceResult(command='./deploy.sh', returncode=1, events=1, violations=1, "
         "domains=['github.com'], stdout=100000 chars, stderr=0 chars)"
     )
+
+
+def test_a_failed_command_says_how_it_ended_and_the_tail_of_its_stderr() -> None:
+    stderr = "".join(f"line {n}\n" for n in range(30))
+    text = failure_text("./deploy.sh", 3, stderr, None)
+    lines = text.splitlines()
+    assert lines[0] == COMMAND_FAILED.format(command="./deploy.sh", how="exited with 3")
+    assert lines[1] == "stderr (last 20 lines):"
+    assert lines[2:] == [f"  line {n}" for n in range(10, 30)]
+    assert failure_text("x", -9, "", None) == "x was killed by signal 9"
+    assert failure_text("x", -9, "", 2.5) == "x " + TIMED_OUT_TEXT.format(seconds=2.5)
+
+
+def test_command_failed_survives_pickling_with_its_outcome() -> None:
+    exc = CommandFailed("x exited with 3", 3, "out", "err")
+    back = pickle.loads(pickle.dumps(exc))
+    assert (str(back), back.returncode, back.stdout, back.stderr) == (
+        "x exited with 3",
+        3,
+        "out",
+        "err",
+    )
+    assert isinstance(back, AssertionError)
