@@ -20,8 +20,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Union
 
-from ..addresses import as_address
 from ..outages import KERNEL_ACTIONS
+from ..policy import unmap
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -246,7 +246,7 @@ def mapped(address: IPAddress) -> bytes:
 
 def unmapped(raw: bytes) -> IPAddress:
     """An address as the programs store it, IPv4 again when it is v4-mapped."""
-    return as_address(ipaddress.IPv6Address(bytes(raw)))
+    return unmap(ipaddress.IPv6Address(bytes(raw)))
 
 
 def to_wire(name: str) -> bytes:

@@ -100,8 +100,6 @@ def item_policy(item: pytest.Item) -> Policy | None:
     Dropping all but the closest marker would silently unblock a name the
     author listed, so every no_egress (or egress_only) marker counts.
     """
-    from ..policy import Policy
-
     found = {kind: _markers(item, kind) for kind in ("no_egress", "egress_only")}
     if found["no_egress"] and found["egress_only"]:
         where = ", ".join(f"{kind} {source}" for kind in found for _, source in found[kind])
@@ -113,6 +111,8 @@ def item_policy(item: pytest.Item) -> Policy | None:
     for kind, marks in found.items():
         if not marks:
             continue
+        from ..policy import Policy  # only for tests that have a policy marker
+
         rules: list[Any] = []
         seen: set[Any] = set()
         for mark, source in marks:

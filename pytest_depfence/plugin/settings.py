@@ -146,8 +146,6 @@ def _bool(value: Any) -> bool:
 
 def _configured_policy(config: pytest.Config) -> Policy | None:
     """The session's default policy: CLI flags, else ini keys; one kind per level."""
-    from ..policy import Policy
-
     levels = (
         ("CLI flag --depfence-no-egress", "CLI flag --depfence-egress-only", config.getoption),
         ("ini key depfence_no_egress", "ini key depfence_egress_only", config.getini),
@@ -159,9 +157,11 @@ def _configured_policy(config: pytest.Config) -> Policy | None:
             raise pytest.UsageError(
                 f"depfence: both {ne_source} and {eo_source} are set; choose one policy kind"
             )
-        if no_egress:
-            return Policy.no_egress(*no_egress, source=ne_source)
-        if egress_only:
+        if no_egress or egress_only:
+            from ..policy import Policy  # only when a pattern is set
+
+            if no_egress:
+                return Policy.no_egress(*no_egress, source=ne_source)
             return Policy.egress_only(*egress_only, source=eo_source)
     return None
 

@@ -79,11 +79,6 @@ def test_a_session_without_fences_loads_no_fence_and_no_bcc(unfenced_modules):
         assert _imported(unfenced_modules, top) == [], f"{top} was imported"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pytest_depfence/kernel/__init__.py imports abi (-> addresses -> dnslib) and "
-    "programs eagerly; the header's preflight import then brings dnslib in",
-)
 def test_a_session_without_fences_loads_no_dns_library(unfenced_modules):
     assert _imported(unfenced_modules, DNS) == [], f"{DNS} was imported"
 
