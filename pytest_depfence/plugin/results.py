@@ -2,13 +2,18 @@
 
 The runs of a test are recorded before anything that can raise, so the JSON
 report, JUnit properties and GitHub annotations always have them; runs from
-pytest-xdist workers travel to the controller as plain data on the report.
+pytest-xdist workers travel to the controller as plain data on the report,
+with the line of each run's `fenced.run` call and a contract failure's message.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import threading
 import warnings
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +23,15 @@ from ..errors import ContractError, EgressAuditWarning
 from .settings import FENCE_KEY, FENCE_KWARGS_KEY, RUNS_KEY, SETTINGS_KEY
 
 if TYPE_CHECKING:
+    from types import FrameType
+
+    from ..events import FenceResult
     from ..fence import Fence
+
+#: The line in the test file of each run's `fenced.run` call (None: not called from it).
+RUN_LINES_KEY = pytest.StashKey[list["int | None"]]()
+#: JUnit families in which a <testcase> may hold <properties> (xunit2 forbids them).
+TESTCASE_PROPERTIES = ("xunit1", "legacy")
 
 #: The warning text for audited runs; tests import it.
 AUDITED = "depfence audit (recorded, not blocked): {report}"
@@ -93,10 +106,51 @@ def _record(item: pytest.Item, notes: list[str]) -> None:
         for r in fence.results
     ]
     item.stash[RUNS_KEY] = (runs, notes)
+    if _junit_family(item.config) not in TESTCASE_PROPERTIES:
+        return  # the session totals are <testsuite> properties (Reporter)
     violations = sum(len(r.violations) for r in fence.results)
     domains = sorted({d for r in fence.results for d in r.domains})
     item.user_properties.append(("depfence_violations", str(violations)))
     item.user_properties.append(("depfence_domains", " ".join(domains)))
+
+
+def _junit_family(config: pytest.Config) -> str | None:
+    try:
+        return str(config.getini("junit_family"))
+    except ValueError:  # the junitxml plugin is disabled (-p no:junitxml)
+        return None
+
+
+def _watch_runs(item: pytest.Item, fence: Fence) -> None:
+    """Note where in the test file each `fenced.run` was called, for the annotations."""
+    lines: list[int | None] = []
+    item.stash[RUN_LINES_KEY] = lines
+    test_file = os.path.normcase(os.path.abspath(item.path))
+    run = fence.run
+    lock = threading.Lock()  # runs are serialized by the fence anyway; this pairs the lines
+
+    @functools.wraps(run)
+    def watched(*args: Any, **kwargs: Any) -> FenceResult:
+        __tracebackhide__ = True
+        line = _caller_line(test_file)
+        with lock:
+            before = len(fence.results)
+            try:
+                return run(*args, **kwargs)
+            finally:
+                lines.extend([line] * (len(fence.results) - before))
+
+    fence.run = watched  # type: ignore[method-assign]
+
+
+def _caller_line(test_file: str) -> int | None:
+    """The line of the innermost frame in the test file, calling through helpers if any."""
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if os.path.normcase(os.path.abspath(frame.f_code.co_filename)) == test_file:
+            return frame.f_lineno
+        frame = frame.f_back
+    return None
 
 
 def _warn_audited(item: pytest.Item, fence: Fence) -> None:
@@ -159,6 +213,24 @@ class Reporter:
         self.unjudged: list[str] = []
         self.worker = hasattr(config, "workerinput")
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> None:
+        fence = item.stash.get(FENCE_KEY, None)
+        if fence is not None:
+            _watch_runs(item, fence)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        if call.when == "call" and RUN_LINES_KEY in item.stash:
+            # Plain data, as the runs: pytest-xdist carries it to the controller.
+            setattr(report, "depfence_run_lines", item.stash[RUN_LINES_KEY])  # noqa: B010
+        if call.excinfo is not None and call.excinfo.errisinstance(ContractError):
+            setattr(report, "depfence_contract", str(call.excinfo.value))  # noqa: B010
+        return report
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         from ..report import TestRuns
 
@@ -183,6 +255,10 @@ class Reporter:
                 outcome=report.outcome,
                 runs=runs,
                 notes=notes,
+                run_lines=list(getattr(report, "depfence_run_lines", [])),
+                xfailed=hasattr(report, "wasxfail") and report.outcome == "skipped",
+                contract_failure=getattr(report, "depfence_contract", None),
+                unavailable=_reason(unavailable) if unavailable else None,
             )
         )
 
@@ -206,16 +282,39 @@ class Reporter:
             for note in self.notes:
                 terminalreporter.write_line(note)
         if os.environ.get("GITHUB_ACTIONS") == "true":
-            for line in self.report.github_annotations():
+            workspace = os.environ.get("GITHUB_WORKSPACE")
+            for line in self.report.github_annotations(self.config.rootpath, workspace):
                 terminalreporter.write_line(line)
 
+    @pytest.hookimpl(tryfirst=True)  # before junitxml writes its file
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         settings = self.config.stash.get(SETTINGS_KEY, None)
         if self.worker or settings is None:
             return
         if settings.report:
             self.report.write(settings.report)
+        if self.report.tests:
+            _junit_totals(self.config, self.report.totals())
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if os.environ.get("GITHUB_ACTIONS") == "true" and summary:
+        text = self.report.step_summary()
+        if os.environ.get("GITHUB_ACTIONS") == "true" and summary and text:
             with open(summary, "a", encoding="utf-8") as f:
-                f.write(self.report.step_summary())
+                f.write(text)
+
+
+def _reason(unavailable: str) -> str:
+    """The reason alone, without the "depfence: the fence cannot be built: " of the message."""
+    from . import UNAVAILABLE
+
+    prefix = UNAVAILABLE.format(reason="")
+    return unavailable.removeprefix(prefix)
+
+
+def _junit_totals(config: pytest.Config, totals: dict[str, str]) -> None:
+    """Session totals as <testsuite> properties: what `record_testsuite_property` writes, but
+    from the controller, where pytest-xdist workers' reports arrive (the fixture cannot)."""
+    for plugin in config.pluginmanager.get_plugins():
+        add = getattr(plugin, "add_global_property", None)
+        if callable(add):  # junitxml's LogXML, registered only with --junitxml
+            for name, value in totals.items():
+                add(name, value)

@@ -1,5 +1,6 @@
 """Helpers for the audit, contract and report tests: deploy scripts, and reading what an
-inner session wrote (the JSON report, checked against its schema; JUnit properties).
+inner session wrote (the JSON report, checked against its schema; JUnit XML, checked
+against an xunit2 schema; GitHub workflow commands).
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
+import xmlschema
 
 from pytest_depfence.report import FORMAT, SCHEMA_PATH
 
-#: The environment that switches GitHub output on; inner runs inherit ours.
+#: JUnit XML as pytest's default junit_family (xunit2) must be: no <properties> in a
+#: <testcase>. Our own schema (data/junit-xunit2.xsd, see its header).
+JUNIT_XSD = Path(__file__).with_name("data") / "junit-xunit2.xsd"
 
 
 def write_script(path: Path, *lines: str) -> Path:
@@ -59,3 +64,21 @@ def junit_properties(path: Path) -> dict[str, dict[str, str]]:
         props = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
         cases[case.get("name", "")] = props
     return cases
+
+
+def junit_errors(path: Path) -> list[str]:
+    """Why the JUnit XML at `path` is not valid xunit2 ([] when it is)."""
+    schema = xmlschema.XMLSchema(JUNIT_XSD)
+    return [f"{e.path}: {e.reason}" for e in schema.iter_errors(str(path))]
+
+
+def junit_suite_properties(path: Path) -> dict[str, str]:
+    """The <property> elements of the <testsuite> itself (record_testsuite_property)."""
+    suite = ET.parse(path).getroot().find("testsuite")
+    assert suite is not None, f"no <testsuite> in {path}"
+    return {p.get("name", ""): p.get("value", "") for p in suite.findall("properties/property")}
+
+
+def workflow_commands(result: pytest.RunResult) -> list[str]:
+    """The GitHub workflow commands (`::error ...`, `::notice ...`) an inner session printed."""
+    return [line for line in result.stdout.lines if line.startswith("::")]

@@ -256,7 +256,8 @@ def test_annotation_and_step_summary() -> None:
     session = session_report(MOVED)
     assert session.github_annotations() == [
         "::error file=test_x.py,line=3,title=depfence%3A test_x.py%3A%3Atest_escape::"
-        f"cgroup /system.slice blocked at cgroup: sleep 1000 (while running {COMMAND})"
+        "cgroup /system.slice: 1 escape by sleep (blocked at cgroup)%0A"
+        f"  sleep 1000: cgroup /system.slice%0Awhile running {COMMAND}"
     ]
     row = "| `test_x.py::test_escape` | `cgroup /system.slice` | `sleep 1000` | blocked |"
     assert row in session.step_summary().splitlines()

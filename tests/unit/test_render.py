@@ -16,7 +16,7 @@ from event_factory import ALLOWED, connection, event
 
 from pytest_depfence import render
 from pytest_depfence import report as reports
-from pytest_depfence.contract import Contract
+from pytest_depfence.contract import Contract, program_of
 from pytest_depfence.events import EgressEvent, FenceResult
 from pytest_depfence.report import SessionReport, event_from_record, run_record
 
@@ -155,8 +155,12 @@ def test_every_text_form(kind: str, texts: Texts) -> None:
     assert render.destination(event) == texts.contract
 
     report = session_report(event)
-    message = f"{texts.report} blocked at {event.blocked_at}: "
-    message += f"{event.cmdline or 'unattributed'} (while running {COMMAND})"
+    # One annotation per destination: the name (else the endpoint), then who reached what.
+    who = event.cmdline or f"(unattributed: {event.unattributed})"
+    message = (
+        f"{event.domain or texts.report}: 1 attempt by {program_of(event.cmdline)} "
+        f"(blocked at {event.blocked_at})%0A  {who}: {texts.report}%0Awhile running {COMMAND}"
+    )
     assert report.github_annotations() == [
         "::error file=test_deploy.py,line=12,title=depfence%3A test_deploy.py%3A%3Atest_mysql::"
         + message
