@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from ..events import FenceResult
     from ..fence import Fence
+    from ..report import SessionReport
 
 #: The line in the test file of each run's `fenced.run` call (None: not called from it).
 RUN_LINES_KEY = pytest.StashKey[list["int | None"]]()
@@ -205,13 +206,20 @@ class Reporter:
     """Collects every fenced run (also from xdist workers) and writes the session's reports."""
 
     def __init__(self, config: pytest.Config) -> None:
-        from ..report import SessionReport
-
         self.config = config
-        self.report = SessionReport()
+        self._report: SessionReport | None = None
         self.notes: list[str] = []
         self.unjudged: list[str] = []
         self.worker = hasattr(config, "workerinput")
+
+    @property
+    def report(self) -> SessionReport:
+        """Made at the first fenced test: a session without one never imports it."""
+        if self._report is None:
+            from ..report import SessionReport
+
+            self._report = SessionReport()
+        return self._report
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_call(self, item: pytest.Item) -> None:
@@ -232,14 +240,13 @@ class Reporter:
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        from ..report import TestRuns
-
         if self.worker:
             return
         unavailable = getattr(report, "depfence_unavailable", None)
         runs = [] if unavailable else getattr(report, "depfence_runs", None)
         if runs is None:
             return
+        from ..report import TestRuns
         path, line, _ = report.location
         if unavailable:
             notes = [unavailable]  # the report says why the test has no runs
@@ -281,7 +288,7 @@ class Reporter:
             terminalreporter.section("depfence contracts")
             for note in self.notes:
                 terminalreporter.write_line(note)
-        if os.environ.get("GITHUB_ACTIONS") == "true":
+        if os.environ.get("GITHUB_ACTIONS") == "true" and self._report is not None:
             workspace = os.environ.get("GITHUB_WORKSPACE")
             for line in self.report.github_annotations(self.config.rootpath, workspace):
                 terminalreporter.write_line(line)
@@ -293,6 +300,8 @@ class Reporter:
             return
         if settings.report:
             self.report.write(settings.report)
+        if self._report is None:
+            return  # no fenced test: nothing to total or summarise
         if self.report.tests:
             _junit_totals(self.config, self.report.totals())
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
