@@ -195,11 +195,19 @@ fi
 
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
-if [[ "$want" == "$have" ]] && compgen -G "$VENV/lib/python3*/site-packages/pytest_depfence-*.dist-info" >/dev/null; then
+if [[ "$want" == "$have" ]] && [[ -d "$VENV/wheelhouse" ]] \
+    && compgen -G "$VENV/lib/python3*/site-packages/pytest_depfence-*.dist-info" >/dev/null; then
     say "python packages: up to date (pyproject.toml unchanged since the last install)"
 else
     say "pip install -e '.[test]' (pyproject.toml is new or changed since the last install)"
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e '.[test]'
+    # The project's dependencies as wheels, so a test can install the built wheel into a
+    # fresh virtualenv offline (tests/integration/test_wheel_project.py).
+    say "pip download: the project's dependencies into $VENV/wheelhouse"
+    rm -rf "$VENV/wheelhouse"
+    "$VENV/bin/python" -m pip download --disable-pip-version-check -q --no-build-isolation \
+        -d "$VENV/wheelhouse" "$REPO"
+    rm -f "$VENV/wheelhouse"/pytest_depfence-*
     echo "$want" >"$STAMP"
 fi
 
