@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from ..errors import ConfigError, DepfenceError, FenceUnavailable, PolicyError
-from .markers import MARKERS, check_fenced, item_fence_kwargs, item_policy
+from .markers import MARKERS, check_fenced, check_spelling, item_fence_kwargs, item_policy
 from .results import AUDITED, Reporter, after_test, plain_failure
 from .settings import (
     FENCE_KEY,
@@ -110,8 +110,10 @@ def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
     errors: list[str] = []
+    registered = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
     for item in items:
         try:
+            check_spelling(item, registered)
             policy = item_policy(item)
             kwargs = item_fence_kwargs(item)
             check_fenced(item)

@@ -6,6 +6,7 @@ pattern or value stops the run before any test starts and names its marker.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 from pathlib import Path
@@ -151,6 +152,22 @@ def check_fenced(item: pytest.Item) -> None:
         for node, _ in item.iter_markers_with_node(name):
             if node is item:
                 raise ConfigError(f"{name}(...)", UNFENCED, _markers(item, name)[0][1])
+
+
+def check_spelling(item: pytest.Item, registered: set[str]) -> None:
+    """A mark that is not registered and reads like one of ours is a typo that would
+    leave the test unfenced or unjudged (`no_egres("github.com")`): an error, not a
+    warning pytest prints and the run ignores."""
+    for node, mark in item.iter_markers_with_node():
+        if mark.name in registered:
+            continue
+        near = difflib.get_close_matches(mark.name, MARKERS, n=1, cutoff=0.75)
+        if near:
+            raise ConfigError(
+                f"{mark.name}(...)",
+                f"no such marker; did you mean {near[0]}?",
+                _marker_source(item, mark.name, 0, node),
+            )
 
 
 def item_fence_kwargs(item: pytest.Item) -> dict[str, Any]:

@@ -247,6 +247,7 @@ class Reporter:
         if runs is None:
             return
         from ..report import TestRuns
+
         path, line, _ = report.location
         if unavailable:
             notes = [unavailable]  # the report says why the test has no runs

@@ -309,3 +309,42 @@ def test_deploy():
     result.stderr.fnmatch_lines(
         [f"test_unfenced.py::test_deploy: {message(ConfigError(f'{name}(...)', UNFENCED, source))}"]
     )
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [("no_egres", "no_egress"), ("egress_onyl", "egress_only"), ("fences", "fence")],
+)
+def test_a_misspelt_marker_is_an_error_naming_the_intended_one(run, pytester, typo, meant):
+    path = pytester.makepyfile(
+        test_typo=SIDE_EFFECT
+        + f"""
+import pytest
+
+@pytest.mark.{typo}("github.com")
+def test_deploy(fenced):
+    pass
+"""
+    )
+
+    result = run()
+
+    assert_stopped_before_tests(result, pytester)
+    source = f"marker at test_typo.py:{line_of(path, '@pytest.mark.')}"
+    error = ConfigError(f"{typo}(...)", f"no such marker; did you mean {meant}?", source)
+    result.stderr.fnmatch_lines([f"test_typo.py::test_deploy: {message(error)}"])
+
+
+def test_a_registered_marker_that_looks_like_ours_is_left_alone(run, pytester):
+    pytester.makeini("[pytest]\nmarkers =\n    fences: the project's own marker\n")
+    pytester.makepyfile(
+        test_own="""
+import pytest
+
+@pytest.mark.fences
+def test_deploy():
+    pass
+"""
+    )
+
+    run().assert_outcomes(passed=1)
