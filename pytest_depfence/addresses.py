@@ -10,12 +10,14 @@ each address keeps the names it belongs to and the origin, for the report.
 from __future__ import annotations
 
 import ipaddress
+import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, Union
 
 from dnslib import QTYPE, DNSRecord
+from dnslib.label import DNSBuffer
 
 from .policy import normalize_name, unmap
 
@@ -99,19 +101,58 @@ class Answer:
     addresses: tuple[IPAddress, ...]
 
 
+class UnreadableAnswer(ValueError):
+    """An answer whose CNAME chain cannot be known: framing, question or a CNAME unreadable."""
+
+
+_HEADER = struct.Struct("!6H")
+_RR = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+_ADDRESS_SIZES = {QTYPE.A: 4, QTYPE.AAAA: 16}
+
+
 def parse_answer(reply: bytes) -> Answer:
-    """The question's name, every CNAME target, and every A/AAAA address of an answer."""
-    record = DNSRecord.parse(reply)
-    names = [normalize_name(str(record.q.qname))]
+    """The question's name, every CNAME target, and every A/AAAA address of an answer.
+
+    Read record by record, not with `DNSRecord.parse`: one record whose rdata does
+    not fit its type (an A that is not 4 bytes) is skipped and every other CNAME and
+    address still read, so a bad record cannot hide a CNAME into a blocked name.
+    Raises `UnreadableAnswer` when the chain itself cannot be known: a short header,
+    not one question, a name or a record running past the end, an unreadable CNAME.
+    """
+    try:
+        return _parse_answer(bytes(reply))
+    except UnreadableAnswer:
+        raise
+    except Exception as exc:  # noqa: BLE001 - dnslib's BufferError and friends: unreadable
+        raise UnreadableAnswer(f"unreadable DNS answer: {exc}") from exc
+
+
+def _parse_answer(reply: bytes) -> Answer:
+    if len(reply) < _HEADER.size:
+        raise UnreadableAnswer(f"a DNS answer of {len(reply)} bytes has no header")
+    _, _, qdcount, ancount, _, _ = _HEADER.unpack_from(reply)
+    if qdcount != 1:
+        raise UnreadableAnswer(f"a DNS answer with {qdcount} questions")
+    buffer = DNSBuffer(reply)
+    buffer.offset = _HEADER.size
+    names = [normalize_name(str(buffer.decode_name()))]
+    buffer.unpack("!HH")
     addresses: list[IPAddress] = []
-    for rr in record.rr:
-        rtype = QTYPE[rr.rtype]
-        if rtype == "CNAME":
-            target = normalize_name(str(rr.rdata))
+    for _ in range(ancount):
+        buffer.decode_name()  # the owner: the chain is read from the targets
+        rtype, _, _, rdlength = buffer.unpack(_RR.format)
+        start, end = buffer.offset, buffer.offset + rdlength
+        if end > len(reply):
+            raise UnreadableAnswer("a DNS answer record runs past the end of the message")
+        if rtype == QTYPE.CNAME:
+            target = normalize_name(str(buffer.decode_name()))
+            if buffer.offset != end:
+                raise UnreadableAnswer(f"a CNAME to {target} does not fill its rdata")
             if target not in names:
                 names.append(target)
-        elif rtype in ("A", "AAAA"):
-            addresses.append(as_address(str(rr.rdata)))
+        elif _ADDRESS_SIZES.get(rtype) == rdlength:
+            addresses.append(as_address(ipaddress.ip_address(reply[start:end])))
+        buffer.offset = end  # any other record, or an address of the wrong size: skipped
     return Answer(tuple(names), tuple(addresses))
 
 

@@ -26,6 +26,7 @@ from .addresses import (
     AddressBook,
     IPAddress,
     Learned,
+    UnreadableAnswer,
     parse_answer,
 )
 from .events import BlockedAt, EgressEvent
@@ -42,6 +43,10 @@ OWNERLESS = "a raw or ICMP socket: the kernel records no process for its packets
 MOVED_ITSELF = "moved itself out of the fence"
 MOVED_BY = "moved out of the fence by {mover}"
 STARTED_BY = "started outside the fence by {mover}"
+#: An upstream answer the fence could not read: the client got SERVFAIL instead.
+UNJUDGED = "the upstream's answer could not be read, so the client got SERVFAIL instead"
+#: The outage an unjudged answer meets.
+UNJUDGED_OUTAGE = "servfail"
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class DnsVerdict:
     rule: Rule | None = None
     #: The CNAME target that made an allowed name forbidden.
     via_cname: str | None = None
+    #: The upstream's answer could not be read: replaced by SERVFAIL (see `Judge.answer`).
+    unjudged: bool = False
 
 
 ALLOWED = DnsVerdict(blocked=False, forbidden=False)
@@ -122,11 +129,22 @@ class Judge:
         Its addresses are learned first (so a connection can be judged the moment
         the client has them); a CNAME chain through a forbidden name forbids the
         query. Returns the verdict that stands.
+
+        An answer whose chain cannot be read (`UnreadableAnswer`; a single bad
+        address record is skipped, not that) is never passed on, in any mode: the
+        client gets SERVFAIL and the event says so (`UNJUDGED`, blocked at dns).
+        Under no_egress it is not a violation: nothing showed a blocked name, and an
+        upstream's fault must not fail a deploy test; the user still sees the event.
+        Under egress_only it is one: nothing showed the chain stays on the allowlist,
+        and what cannot be shown allowed is forbidden there.
         """
         try:
             answer = parse_answer(reply)
-        except Exception:  # noqa: BLE001 - an answer dnslib cannot read passes unchanged
-            return verdict
+        except UnreadableAnswer:
+            forbidden = verdict.forbidden or self.policy.kind == "egress_only"
+            return DnsVerdict(
+                True, forbidden, outages.OUTAGES[UNJUDGED_OUTAGE].rcode, verdict.rule, unjudged=True
+            )
         for cname in answer.names:
             decision = self.policy.check_name(cname)
             if not decision.blocked:
@@ -148,7 +166,10 @@ class Judge:
 
     def dns_event(self, query: Query, verdict: DnsVerdict, who: Attribution) -> EgressEvent:
         rule = None
-        if verdict.forbidden:
+        outage = self.outage.name if verdict.forbidden and self.mode == "block" else None
+        if verdict.unjudged:
+            rule, outage = UNJUDGED, UNJUDGED_OUTAGE
+        elif verdict.forbidden:
             rule = self.policy.explain(verdict.rule)
             if verdict.via_cname:
                 rule += f" via CNAME {verdict.via_cname}"
@@ -166,7 +187,7 @@ class Judge:
             qtype=query.qtype,
             unattributed=who.unattributed,
             forbidden=verdict.forbidden,
-            outage=self.outage.name if verdict.forbidden and self.mode == "block" else None,
+            outage=outage,
         )
 
     # -- what the kernel reports --------------------------------------------------------

@@ -4,12 +4,16 @@ The eBPF programs redirect every port-53 query of a fence (UDP connected and
 unconnected, TCP, IPv4 and IPv6) to this proxy on loopback. It reads each
 query's question, asks its judge (`DnsJudge`) for a verdict, answers a blocked
 name with the verdict's outage rcode itself, forwards the rest upstream byte for
-byte, and turns anything that goes wrong upstream into SERVFAIL, never silence.
+byte, hands the answer to the judge before the client sees it, and turns
+anything that goes wrong upstream into SERVFAIL, never silence. Judging never
+waits for the upstream, nor does `drain()`.
 It knows nothing of policies, BPF maps or pytest.
 
 - `types`: `Query` and the `DnsJudge` interface;
 - `wire`: reading questions and building replies;
-- `listeners`: the loopback sockets;
+- `listeners`: the loopback sockets; `connection`: one TCP client;
+- `upstream`: forwarding a query;
+- `tickets`: each query's progress, what `drain()` waits for; `barrier`: its start;
 - `proxy`: `DnsProxy`, its threads and `drain()`.
 """
 

@@ -1,57 +1,52 @@
 """`DnsProxy`: the listeners' threads, answering each query, forwarding, and `drain()`.
 
 ``drain()`` is the barrier a fence uses to know every query of a finished run
-has been observed.
+has been observed. Judging (and observing what needs no upstream) happens on
+the threads that read queries; forwarding on a pool of its own, so that a
+silent upstream delays answers, never a judgement, an observation or `drain()`.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import select
 import selectors
 import socket
 import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
+from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable
 
-from . import listeners, wire
+from . import listeners, upstream, wire
+from .barrier import Barriers
+from .connection import Connection
+from .tickets import Ticket, Tickets
 from .types import DnsJudge, Query, Transport
 
 __all__ = ["DnsProxy"]
 
 _UDP_WORKERS = 8
+# Queries waiting for the upstream at once; more wait their turn (drain() never does).
+_UPSTREAM_WORKERS = 32
 # A client that stops reading its replies must not hold a handler thread forever.
 _TCP_SEND_TIMEOUT = 10.0
 # drain() cannot be woken by bytes arriving on a client connection, so it re-checks
 # the connections at this interval while it waits.
 _DRAIN_POLL = 0.005
-_BARRIER_PREFIX = b"depfence-drain-barrier:"
 
-
-class _Connection:
-    """Book-keeping for one accepted TCP client connection, shared with drain()."""
-
-    def __init__(self, seq: int, sock: socket.socket, client: tuple[str, int], listen_port: int):
-        self.seq = seq
-        self.sock = sock
-        self.client = client
-        self.listen_port = listen_port
-        # True from the moment the handler is about to consume bytes until every
-        # complete query in them is answered; drain() relies on that ordering.
-        self.busy = False
-        self.done = False
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
+Send = Callable[[bytes | None], None]  # called once per query; None: send nothing
 
 
 class DnsProxy:
     """A loopback DNS proxy that answers blocked names itself and forwards the rest.
 
-    Every verdict comes from `judge` (see `DnsJudge`). Anything unexpected in a
+    Every verdict comes from `judge` (see `DnsJudge`): a blocked query is observed
+    and answered at once; an allowed one is forwarded, its answer judged, then
+    observed and passed on. Anything unexpected in a
     proxy thread, including an exception from the judge, is appended to
     ``errors`` and the proxy keeps serving (a query whose judging failed gets
     SERVFAIL); ``raise_errors()`` re-raises the first one in the caller's thread.
@@ -91,19 +86,16 @@ class DnsProxy:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._upstream_pool: ThreadPoolExecutor | None = None
         self._observer_lock = threading.Lock()
         self._errors_lock = threading.Lock()
-        # Guards the sequence numbers, pending UDP tasks, connections and barriers;
-        # drain() waits on it.
+        # Guards the tickets and connections; drain() waits on it.
         self._state = threading.Condition()
-        self._udp_seq = itertools.count(1)
-        self._udp_last = 0
-        self._udp_pending: set[int] = set()
+        self._tickets = Tickets(self._state)
         self._conn_seq = itertools.count(1)
         self._conn_last = 0
-        self._connections: dict[int, _Connection] = {}
-        self._udp_barriers: dict[bytes, threading.Event] = {}
-        self._tcp_barriers: dict[tuple[str, int], threading.Event] = {}
+        self._connections: dict[int, Connection] = {}
+        self._barriers = Barriers()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -124,6 +116,9 @@ class DnsProxy:
         self._wake_r.setblocking(False)
         self._pool = ThreadPoolExecutor(
             max_workers=_UDP_WORKERS, thread_name_prefix="depfence-dns-udp"
+        )
+        self._upstream_pool = ThreadPoolExecutor(
+            max_workers=_UPSTREAM_WORKERS, thread_name_prefix="depfence-dns-upstream"
         )
         self._loop_thread = threading.Thread(
             target=self._loop, name="depfence-dns-loop", daemon=True
@@ -160,8 +155,10 @@ class DnsProxy:
         for conn in connections:
             if conn.thread is not None:
                 conn.thread.join()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        # The reader pool first: it may still hand queries to the upstream pool.
+        for pool in (self._pool, self._upstream_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
@@ -232,44 +229,33 @@ class DnsProxy:
             except ConnectionRefusedError:
                 # A stale ICMP error for an earlier reply; the listener is fine.
                 continue
-            if data.startswith(_BARRIER_PREFIX):
-                with self._state:
-                    barrier = self._udp_barriers.pop(data, None)
-                # A barrier whose drain() already gave up is dropped, not answered.
-                if barrier is not None:
-                    barrier.set()
+            if self._barriers.udp_arrived(data):
                 continue
-            with self._state:
-                seq = next(self._udp_seq)
-                self._udp_last = seq
-                self._udp_pending.add(seq)
+            ticket = self._tickets.open("udp")
             try:
-                self._pool.submit(self._serve_udp, seq, sock, data, addr, listen_port)
+                self._pool.submit(self._serve_udp, ticket, sock, data, addr, listen_port)
             except RuntimeError:
                 # The pool is shutting down with the proxy.
-                self._udp_done(seq)
+                self._tickets.close(ticket)
                 return
 
-    def _udp_done(self, seq: int) -> None:
-        with self._state:
-            self._udp_pending.discard(seq)
-            self._state.notify_all()
-
     def _serve_udp(
-        self, seq: int, sock: socket.socket, data: bytes, addr: tuple[Any, ...], listen_port: int
+        self, ticket: Ticket, sock: socket.socket, data: bytes, addr: tuple[Any, ...], port: int
     ) -> None:
         try:
-            reply = self._handle(data, "udp", (addr[0], addr[1]), listen_port)
-            if reply is not None:
-                try:
-                    sock.sendto(reply, addr)
-                except OSError:
-                    if not self._stopping.is_set():
-                        raise
+            send = partial(self._send_udp, sock, addr)
+            self._handle(ticket, data, "udp", (addr[0], addr[1]), port, send)
         except Exception as exc:
             self._record(exc)
-        finally:
-            self._udp_done(seq)
+
+    def _send_udp(self, sock: socket.socket, addr: tuple[Any, ...], reply: bytes | None) -> None:
+        if reply is None:
+            return
+        try:
+            sock.sendto(reply, addr)
+        except OSError as exc:
+            if not self._stopping.is_set():
+                self._record(exc)
 
     def _accept(self, listener: socket.socket) -> None:
         listen_port = listener.getsockname()[1]
@@ -281,27 +267,25 @@ class DnsProxy:
             except (ConnectionAbortedError, ConnectionResetError):
                 continue
             client = (addr[0], addr[1])
-            with self._state:
-                barrier = self._tcp_barriers.pop(client, None)
-            if barrier is not None:
+            if self._barriers.tcp_arrived(client):
                 sock.close()
-                barrier.set()
                 continue
             sock.settimeout(_TCP_SEND_TIMEOUT)
             with self._state:
                 seq = next(self._conn_seq)
                 self._conn_last = seq
-                conn = _Connection(seq, sock, client, listen_port)
+                conn = Connection(seq, sock, client, listen_port)
                 self._connections[seq] = conn
             conn.thread = threading.Thread(
                 target=self._serve_tcp, args=(conn,), name=f"depfence-dns-tcp-{seq}", daemon=True
             )
             conn.thread.start()
 
-    def _serve_tcp(self, conn: _Connection) -> None:
+    def _serve_tcp(self, conn: Connection) -> None:
         buffer = b""
         poller = select.poll()
         poller.register(conn.sock, select.POLLIN)
+        forwarded: list[Future[None]] = []
         try:
             while not self._stopping.is_set():
                 self._set_busy(conn, False)
@@ -318,9 +302,14 @@ class DnsProxy:
                     if len(buffer) < 2 + length:
                         break
                     message, buffer = buffer[2 : 2 + length], buffer[2 + length :]
-                    reply = self._handle(message, "tcp", conn.client, conn.listen_port)
-                    if reply is not None:
-                        conn.sock.sendall(struct.pack("!H", len(reply)) + reply)
+                    ticket = self._tickets.open("tcp")
+                    send = partial(self._send_tcp, conn, conn.slot())
+                    future = self._handle(
+                        ticket, message, "tcp", conn.client, conn.listen_port, send
+                    )
+                    forwarded = [f for f in forwarded if not f.done()]
+                    if future is not None:
+                        forwarded.append(future)
         except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, socket.timeout):
             # The client went away or stopped reading: its business, not an error.
             pass
@@ -330,14 +319,34 @@ class DnsProxy:
         except Exception as exc:
             self._record(exc)
         finally:
-            with conn.lock:
-                conn.done = True
-                conn.sock.close()
-            with self._state:
-                self._connections.pop(conn.seq, None)
-                self._state.notify_all()
+            self._end_tcp(conn, forwarded)
 
-    def _set_busy(self, conn: _Connection, busy: bool) -> None:
+    def _end_tcp(self, conn: Connection, forwarded: list[Future[None]]) -> None:
+        with conn.lock:
+            conn.done = True
+        with self._state:
+            self._state.notify_all()
+        # The answers still coming from the upstream go out before the socket closes.
+        wait_all(forwarded)
+        with conn.lock:
+            conn.sock.close()
+        with self._state:
+            self._connections.pop(conn.seq, None)
+            self._state.notify_all()
+
+    def _send_tcp(self, conn: Connection, slot: int, reply: bytes | None) -> None:
+        try:
+            conn.send(slot, reply)
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, socket.timeout):
+            try:  # a client that stopped reading: the reader sees the end
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        except OSError as exc:
+            if not self._stopping.is_set():
+                self._record(exc)
+
+    def _set_busy(self, conn: Connection, busy: bool) -> None:
         with self._state:
             conn.busy = busy
             self._state.notify_all()
@@ -345,155 +354,143 @@ class DnsProxy:
     # -- answering -----------------------------------------------------------
 
     def _handle(
-        self, data: bytes, transport: Transport, client: tuple[str, int], listen_port: int
-    ) -> bytes | None:
-        """Answer one DNS message; None means send nothing."""
+        self,
+        ticket: Ticket,
+        data: bytes,
+        transport: Transport,
+        client: tuple[str, int],
+        listen_port: int,
+        send: Send,
+    ) -> Future[None] | None:
+        """Answer one DNS message now, or (the future) once the upstream has."""
+        reply, forwarded = None, None
+        try:
+            reply, forwarded = self._decide(ticket, data, transport, client, listen_port, send)
+        except Exception as exc:
+            self._record(exc)
+        finally:
+            if forwarded is None:
+                self._tickets.close(ticket)
+                send(reply)
+        return forwarded
+
+    def _decide(
+        self,
+        ticket: Ticket,
+        data: bytes,
+        transport: Transport,
+        client: tuple[str, int],
+        listen_port: int,
+        send: Send,
+    ) -> tuple[bytes | None, Future[None] | None]:
+        """(the reply to send now, None: nothing) or (None, the forward under way)."""
         question = wire.read_question(data)
         if not isinstance(question, wire.Question):
-            return question  # an error reply, or nothing
+            return question, None  # an error reply, or nothing
         query = Query(question.name, question.qtype, transport, client, listen_port, question.txid)
-        servfail = wire.answer(question.txid, question.flags, question.raw, wire.SERVFAIL)
         try:
             verdict = self._judge.query(query)
         except Exception as exc:
             self._record(exc)
-            return servfail
-        reply = None
-        if not verdict.blocked:
+            return wire.servfail(question), None
+        if verdict.blocked:
+            # Never forwarded: observed now, whatever the upstream is doing.
+            self._observe(query, verdict)
+            return wire.outage(question, verdict.rcode), None
+        self._tickets.upstream(ticket, query, verdict)
+        assert self._upstream_pool is not None
+        try:
+            future = self._upstream_pool.submit(self._complete, ticket, question, data, send)
+        except RuntimeError:  # the proxy is stopping
+            self._settle(ticket, verdict)
+            return wire.servfail(question), None
+        return None, future
+
+    def _complete(self, ticket: Ticket, question: wire.Question, data: bytes, send: Send) -> None:
+        """Forward a query, judge the answer, observe the query (unless drain() did), reply."""
+        reply: bytes | None = None
+        try:
+            query, verdict = ticket.query, ticket.verdict
+            assert query is not None
             try:
-                reply = self._forward(data, question.txid, transport)
+                reply = upstream.forward(
+                    data,
+                    question.txid,
+                    query.transport,
+                    self._upstream_family,
+                    self._upstream_addr,
+                    self.upstream_timeout,
+                )
             except (wire.UpstreamFailure, OSError):
-                reply = servfail
+                reply = wire.servfail(question)
             else:
                 try:
                     verdict = self._judge.answer(query, reply, verdict)
                 except Exception as exc:
                     self._record(exc)  # an answer nobody could check is not passed on
-                    reply = servfail
+                    reply = wire.servfail(question)
+            self._settle(ticket, verdict)
+            if verdict.blocked:
+                reply = wire.outage(question, verdict.rcode)
+        except Exception as exc:
+            self._record(exc)
+            reply = None
+        finally:
+            self._tickets.close(ticket)
+            send(reply)
+
+    def _settle(self, ticket: Ticket, verdict: Any) -> None:
+        """Observe a forwarded query, if nobody has: the upstream's thread or drain()."""
+        if self._tickets.claim(ticket):
+            try:
+                assert ticket.query is not None
+                self._observe(ticket.query, verdict)
+            finally:
+                self._tickets.close(ticket)
+
+    def _observe(self, query: Query, verdict: Any) -> None:
         try:
             with self._observer_lock:
                 self._judge.observe(query, verdict)
         except Exception as exc:
             self._record(exc)
-        if not verdict.blocked:
-            return reply
-        if verdict.rcode is None:
-            return None  # the outage is a query never answered
-        return wire.answer(question.txid, question.flags, question.raw, verdict.rcode)
-
-    def _forward(self, data: bytes, txid: int, transport: Transport) -> bytes:
-        if transport == "udp":
-            return self._forward_udp(data, txid)
-        return self._forward_tcp(data, txid)
-
-    def _forward_udp(self, data: bytes, txid: int) -> bytes:
-        with socket.socket(self._upstream_family, socket.SOCK_DGRAM) as sock:
-            sock.settimeout(self.upstream_timeout)
-            # Connected, so an ICMP port-unreachable from a dead upstream comes
-            # back at once as ConnectionRefusedError instead of a timeout.
-            sock.connect(self._upstream_addr)
-            sock.send(data)
-            reply = sock.recv(wire.MAX_MESSAGE)
-        wire.check_reply(reply, txid)
-        return reply
-
-    def _forward_tcp(self, data: bytes, txid: int) -> bytes:
-        deadline = time.monotonic() + self.upstream_timeout
-        with socket.socket(self._upstream_family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(self.upstream_timeout)
-            sock.connect(self._upstream_addr)
-            sock.sendall(struct.pack("!H", len(data)) + data)
-            (length,) = struct.unpack("!H", wire.recv_exactly(sock, 2, deadline))
-            reply = wire.recv_exactly(sock, length, deadline)
-        wire.check_reply(reply, txid)
-        return reply
 
     # -- drain ---------------------------------------------------------------
 
     def drain(self, timeout: float = 5.0) -> None:
-        """Return once every query that reached the proxy before this call is handled.
+        """Return once every query that reached the proxy before this call is observed.
 
-        Handled means observed and answered (or deliberately left unanswered).
+        Observing is all it waits for, never the upstream: a query still waiting
+        for its upstream answer is observed here, with the verdict `query` gave
+        it (its client, killed with its run, would not see the answer anyway).
         Raises TimeoutError if that takes longer than ``timeout`` seconds.
         """
         if not self._started or self._stopped:
             return
         deadline = time.monotonic() + timeout
-        self._barrier_udp(deadline)
-        self._barrier_tcp(deadline)
+        assert self._listeners is not None
+        self._barriers.pass_udp(self._listeners.udp, deadline)
+        self._barriers.pass_tcp(self._listeners.tcp, deadline)
         with self._state:
-            udp_cutoff = self._udp_last
             conn_cutoff = self._conn_last
+        cutoff: int | None = None
         while True:
             with self._state:
-                udp_left = sum(1 for seq in self._udp_pending if seq <= udp_cutoff)
                 conns = [c for seq, c in self._connections.items() if seq <= conn_cutoff]
-            tcp_left = sum(1 for conn in conns if not self._tcp_idle(conn))
-            if udp_left == 0 and tcp_left == 0:
-                return
+            tcp_left = sum(1 for conn in conns if not conn.idle())
+            if tcp_left == 0 and cutoff is None:
+                cutoff = self._tickets.last  # every query read so far has its ticket
+            busy = self._tickets.busy(self._tickets.last if cutoff is None else cutoff)
+            if cutoff is not None and not busy:
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
-                    f"DNS proxy drain timed out after {timeout}s: "
-                    f"{udp_left} UDP queries and {tcp_left} TCP connections still being handled"
+                    f"DNS proxy drain timed out after {timeout}s: {busy['udp']} UDP queries, "
+                    f"{busy['tcp']} TCP queries and {tcp_left} TCP connections still being "
+                    "judged or observed"
                 )
             with self._state:
                 self._state.wait(min(remaining, _DRAIN_POLL))
-
-    @staticmethod
-    def _tcp_idle(conn: _Connection) -> bool:
-        with conn.lock:
-            if conn.done:
-                return True
-            # Readable means unread bytes (or EOF the handler has not seen yet),
-            # so the handler still has work; check before reading busy, see _serve_tcp.
-            poller = select.poll()
-            poller.register(conn.sock, select.POLLIN)
-            readable = bool(poller.poll(0))
-            return not readable and not conn.busy
-
-    def _barrier_udp(self, deadline: float) -> None:
-        assert self._listeners is not None
-        for listener in self._listeners.udp:
-            address = listener.getsockname()
-            token = _BARRIER_PREFIX + os.urandom(16)
-            event = threading.Event()
-            with self._state:
-                self._udp_barriers[token] = event
-            try:
-                with socket.socket(listener.family, socket.SOCK_DGRAM) as sock:
-                    sock.sendto(token, address)
-                self._wait_barrier(event, deadline, "UDP", address)
-            finally:
-                with self._state:
-                    self._udp_barriers.pop(token, None)
-
-    def _barrier_tcp(self, deadline: float) -> None:
-        assert self._listeners is not None
-        for listener in self._listeners.tcp:
-            address = listener.getsockname()
-            event = threading.Event()
-            with socket.socket(listener.family, socket.SOCK_STREAM) as sock:
-                # Bound before connecting so the loop can recognise the barrier
-                # connection however quickly it accepts it.
-                sock.bind((address[0], 0))
-                local = sock.getsockname()
-                key = (local[0], local[1])
-                with self._state:
-                    self._tcp_barriers[key] = event
-                try:
-                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                    sock.connect(address)
-                    self._wait_barrier(event, deadline, "TCP", address)
-                finally:
-                    with self._state:
-                        self._tcp_barriers.pop(key, None)
-
-    @staticmethod
-    def _wait_barrier(
-        event: threading.Event, deadline: float, kind: str, address: tuple[Any, ...]
-    ) -> None:
-        if not event.wait(max(deadline - time.monotonic(), 0)):
-            raise TimeoutError(
-                f"DNS proxy drain: the {kind} listener {address[0]}:{address[1]} did not catch up"
-            )
+        for ticket in self._tickets.forwarded(cutoff):
+            self._settle(ticket, ticket.verdict)

@@ -36,10 +36,18 @@ V = TypeVar("V", bound=Verdict)
 class DnsJudge(Protocol[V]):
     """Who decides for the proxy. Calls come from proxy threads, `observe` serialized.
 
-    `query` judges the question before anything is forwarded; `answer` sees the
-    upstream's answer to a query `query` let through, before the client does,
-    and returns the verdict that stands; `observe` is told every query with a
-    question exactly once, with its final verdict, before the client is answered.
+    `query` judges the question before anything is forwarded. A blocked verdict
+    is final: the query is never forwarded, and `observe` is told at once, before
+    the outage answer and whatever the upstream is doing. Otherwise the query is
+    forwarded and `answer` sees the upstream's answer before the client does and
+    returns the verdict that stands (blocked: the client gets the verdict's rcode,
+    not the answer; an answer the judge cannot read must come back blocked, and
+    an exception from `answer` gives the client SERVFAIL); then `observe` is told,
+    before the client is answered. An upstream that fails gives SERVFAIL, observed
+    with `query`'s verdict. A query still waiting for the upstream when
+    `DnsProxy.drain()` is called is observed by drain() with `query`'s verdict,
+    and not again when its answer comes. So `observe` is told every query with a
+    question exactly once, and never later than the drain() that follows it.
     """
 
     def query(self, query: Query) -> V: ...

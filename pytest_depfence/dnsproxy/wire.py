@@ -116,3 +116,14 @@ def recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
             raise UpstreamFailure("upstream closed the connection mid-answer")
         data += chunk
     return data
+
+
+def servfail(question: Question) -> bytes:
+    return answer(question.txid, question.flags, question.raw, SERVFAIL)
+
+
+def outage(question: Question, rcode: int | None) -> bytes | None:
+    """A blocked query's answer; None: the outage is a query never answered."""
+    if rcode is None:
+        return None
+    return answer(question.txid, question.flags, question.raw, rcode)

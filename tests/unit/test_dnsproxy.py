@@ -368,7 +368,9 @@ def test_two_queries_on_one_tcp_connection(
         answers.append(read_framed(sock))
     assert answers[:2] == expected
     _check_cname_chain(DNSRecord.parse(answers[2]))
-    assert [q.txid for q, _ in seen.queries] == [1, 2, 3]
+    # Pipelined queries are forwarded side by side and each observed as its answer
+    # comes (issue 10): replies keep the queries' order, observations need not.
+    assert sorted(q.txid for q, _ in seen.queries) == [1, 2, 3]
     assert len({q.client for q, _ in seen.queries}) == 1
 
 
@@ -755,6 +757,31 @@ def test_drain_times_out_while_a_query_is_still_being_handled(make_proxy: ProxyF
         release.set()
         dns.drain()
         assert txid(sock.recv(65535)) == 66
+
+
+def test_drain_never_waits_for_a_silent_upstream(make_proxy: ProxyFactory) -> None:
+    # Issue 10: 20 queries held by a silent upstream used to fill the pool, so the
+    # blocked github.com behind them was never observed and drain() timed out.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        dns, seen = make_proxy(upstream=silent.getsockname(), upstream_timeout=0.5)
+        sent = [f"n{i}.{ZONE}" for i in range(20)] + ["github.com"]
+        for i, name in enumerate(sent):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.sendto(question(name, txid=i), ("127.0.0.1", dns.port))
+        tcp_packet = question(f"tcp.{ZONE}", txid=99)
+        with socket.create_connection(("127.0.0.1", dns.port)) as sock:
+            sock.sendall(struct.pack("!H", len(tcp_packet)) + tcp_packet)
+            started = time.monotonic()
+            dns.drain(timeout=2)
+            assert time.monotonic() - started < 0.4
+        # Every query observed once, by drain() when its answer was still due...
+        assert sorted(seen.names) == sorted([*sent, f"tcp.{ZONE}"])
+        assert [d.blocked for q, d in seen.queries if q.name == "github.com"] == [True]
+        # ...and not again when the upstream timed out.
+        time.sleep(1.2)
+        assert sorted(seen.names) == sorted([*sent, f"tcp.{ZONE}"])
+        assert dns.errors == []
 
 
 # -- IPv6, binding, lifecycle -----------------------------------------------------------

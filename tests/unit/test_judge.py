@@ -4,20 +4,22 @@ addresses, connections and queries past the proxy, in block and audit mode."""
 from __future__ import annotations
 
 import ipaddress
+import struct
 from dataclasses import dataclass
 
 import pytest
-from dnslib import CNAME, QTYPE, RR, A, DNSRecord
+from dnslib import CNAME, QTYPE, RCODE, RR, A, DNSRecord
 
 from pytest_depfence.addresses import FROM_DNS, FROM_HOSTS, FROM_RULE, AddressBook, IPAddress
 from pytest_depfence.dnsproxy import Query
-from pytest_depfence.judge import OWNERLESS, Judge
+from pytest_depfence.judge import OWNERLESS, UNJUDGED, Judge
 from pytest_depfence.outages import OUTAGES
 from pytest_depfence.policy import Policy
 from pytest_depfence.procinfo import Attribution
 
 GITHUB = ipaddress.ip_address("10.77.1.1")
 MIRROR = ipaddress.ip_address("10.77.2.1")
+GITHUB6 = ipaddress.ip_address("fd77::1:1")
 WHO = Attribution(4312, "curl -s http://github.com/", ((4301, "sh deploy.sh"),))
 
 
@@ -203,10 +205,72 @@ def test_audited_query_keeps_its_verdict_after_the_answer() -> None:
     assert trie.verdicts == {f"{GITHUB}/32": "block"}
 
 
-def test_an_answer_that_cannot_be_read_keeps_the_verdict() -> None:
-    j, _ = judge(NO_GITHUB)
-    before = j.query("mirror.internal")
-    assert j.answer("mirror.internal", b"\x12\x34garbage", before) is before
+def _rr(owner: bytes, rtype: int, rdata: bytes) -> bytes:
+    return owner + struct.pack("!HHIH", rtype, 1, 60, len(rdata)) + rdata
+
+
+def bad_a_after_cname(name: str, target: str) -> bytes:
+    """A CNAME `name` -> `target`, an A record of 6 bytes, then a good AAAA, by hand."""
+    head = bytes(DNSRecord.question(name).reply().pack())
+    header, question = head[:12], head[12:]
+    ancount_3 = header[:6] + struct.pack("!H", 3) + header[8:]
+    target_wire = b"".join(bytes([len(x)]) + x.encode() for x in target.split(".")) + b"\0"
+    return (
+        ancount_3
+        + question
+        + _rr(b"\xc0\x0c", QTYPE.CNAME, target_wire)
+        + _rr(b"\xc0\x0c", QTYPE.A, GITHUB.packed + b"\0\0")
+        + _rr(b"\xc0\x0c", QTYPE.AAAA, GITHUB6.packed)
+    )
+
+
+def test_a_bad_address_record_does_not_hide_a_cname_into_a_blocked_name() -> None:
+    j, trie = judge(NO_GITHUB)
+    name = "downloads.mirror.internal"
+    answer = bad_a_after_cname(name, "github.com")
+    with pytest.raises(Exception):  # noqa: B017 - what dnslib does with it: give up
+        DNSRecord.parse(answer)
+    verdict = j.answer(name, answer, j.query(name))
+    assert (verdict.blocked, verdict.forbidden, verdict.via_cname) == (True, True, "github.com")
+    assert not verdict.unjudged
+    # The bad A is skipped; the AAAA after it is still read and learned.
+    assert trie.verdicts == {f"{GITHUB6}/128": "block"}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"\x12\x34garbage", id="garbage"),
+        pytest.param(b"\x12\x34\x81\x80" + bytes(8), id="no-question"),
+        pytest.param(bad_a_after_cname("mirror.internal", "github.com")[:-30], id="cut-short"),
+        pytest.param(
+            bad_a_after_cname("mirror.internal", "github.com").replace(
+                b"\x06github", b"\x3fgithub"
+            ),
+            id="cname-past-its-rdata",
+        ),
+    ],
+)
+@pytest.mark.parametrize("mode", ["block", "audit"])
+def test_an_answer_that_cannot_be_read_is_servfail_and_on_record(answer: bytes, mode: str) -> None:
+    j, trie = judge(NO_GITHUB, mode=mode)
+    verdict = j.answer("mirror.internal", answer, j.query("mirror.internal"))
+    assert (verdict.blocked, verdict.rcode, verdict.unjudged) == (True, RCODE.SERVFAIL, True)
+    # Under no_egress nothing showed a blocked name: visible, not a violation.
+    assert not verdict.forbidden
+    event = j.dns_event(query("mirror.internal"), verdict, WHO)
+    assert (event.verdict, event.blocked_at, event.outage) == ("blocked", "dns", "servfail")
+    assert event.rule == UNJUDGED
+    assert not event.forbidden
+    assert trie.verdicts == {}
+
+
+def test_an_unreadable_answer_is_a_violation_under_egress_only() -> None:
+    j, _ = judge(ONLY_MIRROR)
+    verdict = j.answer("mirror.internal", b"\x12\x34garbage", j.query("mirror.internal"))
+    assert (verdict.blocked, verdict.forbidden, verdict.unjudged) == (True, True, True)
+    event = j.dns_event(query("mirror.internal"), verdict, WHO)
+    assert (event.forbidden, event.rule, event.outage) == (True, UNJUDGED, "servfail")
 
 
 # -- learning ------------------------------------------------------------------------
