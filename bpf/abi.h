@@ -27,6 +27,10 @@
 #ifndef DNS_LABELS_MAX
 #error "DNS_LABELS_MAX is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif
+/* Questions bypass.c judges per packet (TCP: over all its messages). */
+#ifndef DNS_QUESTIONS_MAX
+#error "DNS_QUESTIONS_MAX is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
 #ifndef NAME_HASH_MUL
 #error "NAME_HASH_MUL is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif
@@ -97,6 +101,29 @@
 #endif
 #ifndef PROC_EXECED
 #error "PROC_EXECED is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+
+/* bypass_event.unjudged: why a DNS-shaped message past the proxy was not judged */
+#ifndef UNJUDGED_POINTER
+#error "UNJUDGED_POINTER is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+#ifndef UNJUDGED_TOO_LONG
+#error "UNJUDGED_TOO_LONG is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+#ifndef UNJUDGED_TOO_MANY_LABELS
+#error "UNJUDGED_TOO_MANY_LABELS is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+#ifndef UNJUDGED_TRUNCATED
+#error "UNJUDGED_TRUNCATED is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+#ifndef UNJUDGED_TOO_MANY_QUESTIONS
+#error "UNJUDGED_TOO_MANY_QUESTIONS is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+#ifndef UNJUDGED_SPLIT
+#error "UNJUDGED_SPLIT is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+#ifndef UNJUDGED_NOT_A_QUERY
+#error "UNJUDGED_NOT_A_QUERY is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif
 
 /* name_rule.kind */

@@ -2,7 +2,7 @@
  *
  * The proxy sees a query arrive from (loopback, client port) with a DNS id.
  * This program sees the same packet leave the fenced socket, reads those
- * fields from the headers (IPv4 options and all) and files the socket's owner
+ * fields from the headers (IPv4 options, IPv6 extension headers and all) and files the socket's owner
  * -- recorded by the sock_addr programs in syscall context -- under them,
  * before the packet can reach the proxy. So attribution needs no helper that
  * reads the current task here (bpf_get_current_pid_tgid() in cgroup_skb only
@@ -35,6 +35,64 @@
 #define IP6_NEXTHDR_OFF 6
 #define IP6_DADDR_OFF 24
 #define IP6_HDR_LEN 40
+/* Extension headers walked before the L4 header; more of them and the packet
+ * is judged by its address only (its L4 header unread, as for any protocol). */
+#define IP6_EXT_MAX 8
+#define IP6_FRAG_LEN 8
+
+/* The IPv6 extension headers before the L4 one (hop-by-hop, routing, fragment,
+ * destination options): *proto and *l4 move past each, up to IP6_EXT_MAX of
+ * them. A fragment that is not the first has no L4 header: *proto stays
+ * NEXTHDR_FRAGMENT. Branch-free (0/1 flags kept opaque to the compiler, so it
+ * makes no jumps of them): one verifier state comes out, not one per path,
+ * and everything judged after it is verified once. */
+static __always_inline void skip_ip6_ext(struct __sk_buff *skb, __u8 *proto, __u32 *l4)
+{
+    __u32 p = *proto, off = *l4;
+    for (int i = 0; i < IP6_EXT_MAX; i++) {
+        __u8 ext[4] = {};
+        bpf_skb_load_bytes(skb, off, ext, sizeof(ext));  /* zeroes ext when past the end */
+        __u32 next = ext[0], len8 = ext[1], frag_off = ((__u32)ext[2] << 8) | ext[3];
+        OPAQUE(p);
+        OPAQUE(next);
+        OPAQUE(len8);
+        OPAQUE(frag_off);
+        __u32 frag = EQ(p, IPPROTO_FRAGMENT);
+        __u32 walk = EQ(p, IPPROTO_HOPOPTS) | EQ(p, IPPROTO_ROUTING) | EQ(p, IPPROTO_DSTOPTS) | frag;
+        __u32 later = frag & NONZERO(frag_off & 0xfff8);
+        __u32 go = walk & (later ^ 1);
+        OPAQUE(frag);
+        OPAQUE(go);
+        __u32 len = frag * IP6_FRAG_LEN + (frag ^ 1) * (len8 + 1) * 8;
+        off += go * len;
+        p = go * next + (go ^ 1) * p;
+    }
+    *proto = p;
+    *l4 = off;
+}
+
+/* Where the L4 header starts (0: not IP, or unreadable); *proto gets its protocol
+ * (IPv6: past the extension headers), daddr the destination. */
+static __always_inline __u32 l4_of(struct __sk_buff *skb, __u8 *proto, __u32 *daddr)
+{
+    __u32 l4 = 0;
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        __u8 vihl;
+        if (bpf_skb_load_bytes(skb, 0, &vihl, 1) ||
+            bpf_skb_load_bytes(skb, IP_PROTO_OFF, proto, 1) ||
+            bpf_skb_load_bytes(skb, IP_DADDR_OFF, &daddr[3], 4))
+            return 0;
+        l4 = (vihl & 0xf) * 4;
+        return l4 < 20 ? 0 : l4;
+    }
+    if (skb->protocol != bpf_htons(ETH_P_IPV6) ||
+        bpf_skb_load_bytes(skb, IP6_NEXTHDR_OFF, proto, 1) ||
+        bpf_skb_load_bytes(skb, IP6_DADDR_OFF, daddr, 16))
+        return 0;
+    l4 = IP6_HDR_LEN;
+    skip_ip6_ext(skb, proto, &l4);
+    return l4;
+}
 
 /* The fence of a packet's socket: its cgroup when registered, else the
  * registered ancestor closest to the root -- the walk fence_of_current() does
@@ -93,25 +151,10 @@ int egress(struct __sk_buff *skb)
         return 1;
 
     __u8 proto = 0;
-    __u32 l4 = 0;
     __u32 daddr[4] = {0, 0, bpf_htonl(0xffff), 0};  /* IPv4 as v4-mapped */
-    if (skb->protocol == bpf_htons(ETH_P_IP)) {
-        __u8 vihl;
-        if (bpf_skb_load_bytes(skb, 0, &vihl, 1) ||
-            bpf_skb_load_bytes(skb, IP_PROTO_OFF, &proto, 1) ||
-            bpf_skb_load_bytes(skb, IP_DADDR_OFF, &daddr[3], 4))
-            return 1;
-        l4 = (vihl & 0xf) * 4;
-        if (l4 < 20)
-            return 1;
-    } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-        if (bpf_skb_load_bytes(skb, IP6_NEXTHDR_OFF, &proto, 1) ||
-            bpf_skb_load_bytes(skb, IP6_DADDR_OFF, daddr, 16))
-            return 1;
-        l4 = IP6_HDR_LEN;
-    } else {
+    __u32 l4 = l4_of(skb, &proto, daddr);
+    if (!l4)
         return 1;
-    }
     if (!o)
         return judge_ownerless(cgid, fence, daddr, proto);
     if (fence->outage == OUTAGE_BLACKHOLE && !(fence->flags & FENCE_AUDIT) &&

@@ -43,6 +43,9 @@ OWNERLESS = "a raw or ICMP socket: the kernel records no process for its packets
 MOVED_ITSELF = "moved itself out of the fence"
 MOVED_BY = "moved out of the fence by {mover}"
 STARTED_BY = "started outside the fence by {mover}"
+#: The rule of a DNS query past the proxy that the kernel could not judge (dropped, or
+#: let through in audit mode): `reason` is kernel.abi.UNJUDGED_TEXTS's.
+UNJUDGED_QUERY = "a DNS query the fence cannot judge ({reason})"
 #: An upstream answer the fence could not read: the client got SERVFAIL instead.
 UNJUDGED = "the upstream's answer could not be read, so the client got SERVFAIL instead"
 #: The outage an unjudged answer meets.
@@ -237,19 +240,26 @@ class Judge:
         )
 
     def bypass(self, query: BypassEvent, who: Attribution) -> EgressEvent:
-        """A query for a forbidden name sent past the proxy, dropped (or audited) in the kernel."""
+        """A query sent past the proxy, dropped (or audited) in the kernel: for a forbidden
+        name, or one the kernel could not judge (fail closed; `domain`: what it read)."""
+        if query.unjudged is not None:
+            domain = query.name.lower() or None
+            rule = UNJUDGED_QUERY.format(reason=query.unjudged)
+        else:
+            domain = query.name
+            rule = self.policy.explain(self.policy.check_name(query.name).rule)
         return EgressEvent(
-            domain=query.name,
+            domain=domain,
             address=str(query.address),
             port=query.port,
             protocol=query.protocol,
             verdict="allowed" if query.audited else "blocked",
             blocked_at=None if query.audited else "packet",
-            rule=self.policy.explain(self.policy.check_name(query.name).rule),
+            rule=rule,
             pid=who.pid,
             cmdline=who.cmdline,
             ancestry=who.ancestry,
-            qtype=str(QTYPE.get(query.qtype, f"TYPE{query.qtype}")),
+            qtype=str(QTYPE.get(query.qtype, f"TYPE{query.qtype}")) if query.qtype else "?",
             unattributed=who.unattributed,
             forbidden=True,
             outage=None if query.audited else "dropped",

@@ -31,6 +31,8 @@ TIMED_OUT = " (" + TIMED_OUT_TEXT + ")"
 UNATTRIBUTED = "not attributed: {reason}"
 #: The outages every event has unless it says otherwise; texts leave them unsaid.
 DEFAULT_OUTAGES = ("nxdomain", "refused")
+#: The name of a DNS query past the proxy the kernel could not read (its event's rule says why).
+UNREAD_NAME = "(name not read)"
 #: Where a process moved out of its fence went, in the terminal, annotations and summary.
 ESCAPE_TARGET = "cgroup {path}"
 
@@ -52,8 +54,8 @@ def target(event: EgressEvent) -> str:
     if event.address is None:
         return f"{event.domain} ({event.qtype})" if event.qtype else str(event.domain)
     where = endpoint(event.address, event.port, event.protocol)
-    if event.qtype:
-        return f"{event.domain} ({event.qtype}) to {where}"
+    if event.qtype:  # a query the kernel could not judge may have no name read
+        return f"{event.domain or UNREAD_NAME} ({event.qtype}) to {where}"
     return where
 
 

@@ -35,6 +35,8 @@ MAX_PROCS = 4096
 #: Longest DNS name (wire form) and most labels bypass.c judges; powers of two (masks).
 DNS_NAME_MAX = 128
 DNS_LABELS_MAX = 32
+#: Questions bypass.c judges in one packet (a TCP segment's messages together); more: unjudged.
+DNS_QUESTIONS_MAX = 4
 #: The multiplier of the name hash (the 64-bit FNV prime).
 NAME_HASH_MUL = 1099511628211
 #: Bytes kept of the destination path of a process moved out of its fence (escape.c).
@@ -91,6 +93,31 @@ class NameKind(enum.IntEnum):
     BELOW_ONLY = 2  # *.github.com: names below it only
 
 
+class Unjudged(enum.IntEnum):
+    """bypass_event.unjudged: why a DNS-shaped message past the proxy could not be judged
+    (it is dropped, or reported and let through in audit mode); 0: it was judged."""
+
+    POINTER = 1  # a compression pointer in a question
+    TOO_LONG = 2  # a name longer than DNS_NAME_MAX bytes
+    TOO_MANY_LABELS = 3  # a name of more than DNS_LABELS_MAX labels
+    TRUNCATED = 4  # the message ends inside its header or a question
+    TOO_MANY_QUESTIONS = 5  # more than DNS_QUESTIONS_MAX questions in the packet
+    SPLIT = 6  # a TCP segment not holding whole messages (length prefix and header)
+    NOT_A_QUERY = 7  # sent to port 53 but not a query
+
+
+#: Why a DNS query was not judged, as the report says it (Unjudged -> text).
+UNJUDGED_TEXTS: dict[int, str] = {
+    Unjudged.POINTER: "compression pointer in the question",
+    Unjudged.TOO_LONG: f"name longer than {DNS_NAME_MAX} bytes",
+    Unjudged.TOO_MANY_LABELS: f"name of more than {DNS_LABELS_MAX} labels",
+    Unjudged.TRUNCATED: "message cut short",
+    Unjudged.TOO_MANY_QUESTIONS: f"more than {DNS_QUESTIONS_MAX} questions",
+    Unjudged.SPLIT: "TCP segment without a whole length prefix and header",
+    Unjudged.NOT_A_QUERY: "not a query",
+}
+
+
 #: What a refused connection meets (fence_cfg.outage): OUTAGE_<NAME>, code = index.
 OUTAGE_CODES: dict[str, int] = {name: code for code, name in enumerate(KERNEL_ACTIONS)}
 #: Policy rule kinds (policy.Rule.kind) as the kernel stores them.
@@ -107,6 +134,7 @@ _FAMILIES: tuple[tuple[str, type[enum.IntEnum] | type[enum.IntFlag]], ...] = (
     ("AT_", At),
     ("PROC_", ProcFlag),
     ("", NameKind),
+    ("UNJUDGED_", Unjudged),
 )
 
 
@@ -118,6 +146,7 @@ def defines() -> list[tuple[str, str]]:
         ("DEPFENCE_MAX_PROCS", str(MAX_PROCS)),
         ("DNS_NAME_MAX", str(DNS_NAME_MAX)),
         ("DNS_LABELS_MAX", str(DNS_LABELS_MAX)),
+        ("DNS_QUESTIONS_MAX", str(DNS_QUESTIONS_MAX)),
         ("NAME_HASH_MUL", f"{NAME_HASH_MUL}ULL"),
         ("CGROUP_PATH_MAX", str(CGROUP_PATH_MAX)),
     ]
@@ -170,7 +199,8 @@ class BypassEventStruct(ctypes.Structure):
         ("txid", ctypes.c_uint16),
         ("qtype", ctypes.c_uint16),
         ("audited", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 7),
+        ("unjudged", ctypes.c_uint8),  # 0: a forbidden name; else Unjudged: dropped unjudged
+        ("pad", ctypes.c_uint8 * 6),
         ("name", ctypes.c_uint8 * DNS_NAME_MAX),  # wire form, lowercased
     ]
 
@@ -293,7 +323,8 @@ class ConnEvent:
 
 @dataclass(frozen=True)
 class BypassEvent:
-    """A DNS query sent past the proxy (another resolver or port) for a forbidden name."""
+    """A DNS query sent past the proxy (another resolver or port) for a forbidden name,
+    or one the kernel could not judge (`unjudged`: why, and `name` is what it read)."""
 
     time_ns: int
     cgroup_id: int
@@ -306,6 +337,8 @@ class BypassEvent:
     qtype: int
     txid: int
     audited: bool
+    #: Why it could not be judged (UNJUDGED_TEXTS); None: judged, the name is forbidden.
+    unjudged: str | None = None
 
 
 @dataclass(frozen=True)
@@ -382,6 +415,9 @@ def decode_bypass(raw: BypassEventStruct) -> BypassEvent:
         qtype=raw.qtype,
         txid=raw.txid,
         audited=bool(raw.audited),
+        unjudged=UNJUDGED_TEXTS.get(raw.unjudged, f"reason {raw.unjudged}")
+        if raw.unjudged
+        else None,
     )
 
 

@@ -12,7 +12,7 @@ from dnslib import CNAME, QTYPE, RCODE, RR, A, DNSRecord
 
 from pytest_depfence.addresses import FROM_DNS, FROM_HOSTS, FROM_RULE, AddressBook, IPAddress
 from pytest_depfence.dnsproxy import Query
-from pytest_depfence.judge import OWNERLESS, UNJUDGED, Judge
+from pytest_depfence.judge import OWNERLESS, UNJUDGED, UNJUDGED_QUERY, Judge
 from pytest_depfence.outages import OUTAGES
 from pytest_depfence.policy import Policy
 from pytest_depfence.procinfo import Attribution
@@ -58,6 +58,7 @@ class Bypass:
     port: int = 5300
     protocol: str = "udp"
     qtype: int = 1
+    unjudged: str | None = None
 
 
 def judge(policy: Policy, mode: str = "block", outage: str = "nxdomain") -> tuple[Judge, Trie]:
@@ -102,6 +103,17 @@ def test_a_blocked_name_gets_each_dns_outage(outage: str) -> None:
     event = j.dns_event(query("api.github.com"), verdict, WHO)
     assert (event.verdict, event.blocked_at, event.outage) == ("blocked", "dns", outage)
     assert event.rule == 'no_egress("github.com") [marker at test_x.py:3]'
+
+
+@pytest.mark.parametrize("policy", [NO_GITHUB, Policy.egress_only("mirror.internal")])
+def test_a_query_past_the_proxy_the_kernel_could_not_judge(policy: Policy) -> None:
+    j, _ = judge(policy)
+    event = j.bypass(Bypass("API", qtype=0, unjudged="compression pointer in the question"), WHO)
+    assert (event.domain, event.qtype, event.forbidden) == ("api", "?", True)
+    assert (event.verdict, event.blocked_at, event.outage) == ("blocked", "packet", "dropped")
+    assert event.rule == UNJUDGED_QUERY.format(reason="compression pointer in the question")
+    nameless = j.bypass(Bypass("", unjudged="message cut short"), WHO)
+    assert (nameless.domain, nameless.qtype) == (None, "A")
     assert (event.pid, event.cmdline, event.ancestry) == (WHO.pid, WHO.cmdline, WHO.ancestry)
 
 

@@ -119,7 +119,9 @@ def test_the_c_gives_no_contract_name_a_value_of_its_own():
         assert not own & defined, f"{file} defines {sorted(own & defined)} itself"
 
 
-@pytest.mark.parametrize("family", [abi.FenceFlag, abi.Verdict, abi.Action, abi.At, abi.ProcFlag])
+@pytest.mark.parametrize(
+    "family", [abi.FenceFlag, abi.Verdict, abi.Action, abi.At, abi.ProcFlag, abi.Unjudged]
+)
 def test_codes_within_a_family_are_distinct(family):
     values = [int(m) for m in family.__members__.values()]
     assert len(values) == len(set(values)) and 0 not in values
@@ -214,6 +216,31 @@ def test_addresses_round_trip_through_the_mapped_form():
     assert abi.mapped(v4) == bytes(10) + b"\xff\xff" + v4.packed
     assert abi.unmapped(abi.mapped(v4)) == v4
     assert abi.unmapped(abi.mapped(v6)) == v6
+
+
+def test_every_unjudged_reason_has_a_text_and_fits_below_the_walks_own_stop():
+    assert set(abi.UNJUDGED_TEXTS) == set(abi.Unjudged)
+    # bypass.c's label walk stops with STOP_END (0x80) or a reason, read back as stop & 0x7f.
+    assert all(0 < int(reason) < 0x80 for reason in abi.Unjudged)
+
+
+def test_decode_bypass_says_why_a_query_was_not_judged():
+    raw = abi.BypassEventStruct()
+    ctypes.memmove(raw.head.ip6, abi.mapped(ipaddress.ip_address("10.77.0.53")), 16)
+    raw.head.port, raw.head.proto, raw.qtype, raw.txid = 5300, 17, 1, 7
+    wire = abi.to_wire("api.github.com")
+    ctypes.memmove(raw.name, wire, len(wire))
+    raw.name_len = len(wire)
+    judged = abi.decode_bypass(raw)
+    assert (judged.name, judged.unjudged, judged.qtype, judged.txid) == (
+        "api.github.com",
+        None,
+        1,
+        7,
+    )
+    raw.unjudged, raw.name_len = abi.Unjudged.POINTER, 4  # read up to the pointer: "api"
+    unjudged = abi.decode_bypass(raw)
+    assert (unjudged.name, unjudged.unjudged) == ("api", abi.UNJUDGED_TEXTS[abi.Unjudged.POINTER])
 
 
 def test_decode_conn_reads_every_field():

@@ -1,0 +1,239 @@
+"""DNS sent past the proxy is judged in the kernel, or dropped and reported: never let
+through unjudged (bpf/bypass.c; issue 10, item 4).
+
+Real packets from a fenced Python client (and dig) to the lab resolver's second port,
+10.77.0.53:5300 / [fd77::53]:5300, which is never redirected to the proxy. Each case
+is checked twice: the kernel's report (the run's events) and what reached the client
+(no answer for a dropped query: a dropped datagram fails its sendto() with EPERM, a
+dropped TCP segment is retransmitted until the client gives up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_depfence.judge import UNJUDGED_QUERY
+from pytest_depfence.kernel import abi
+
+if TYPE_CHECKING:
+    from pytest_depfence import EgressEvent, Fence, FenceResult
+
+if os.geteuid() != 0:
+    pytest.skip("the fence tests need root", allow_module_level=True)
+
+V4, V6, PORT = "10.77.0.53", "fd77::53", 5300
+NO_GITHUB = pytest.mark.no_egress("github.com")
+#: The resolver's address allowed too: else egress_only refuses the connection itself.
+ONLY_MIRROR = pytest.mark.egress_only("mirror.internal", V4)
+
+# Sends each hex chunk as its own send() (UDP: datagrams; TCP: segments, TCP_NODELAY and a
+# pause between), then waits for an answer; prints JSON {"answered": bool, "error": str}.
+CLIENT = """\
+import json, select, socket, sys, time
+family, transport, host, port, *chunks = sys.argv[1:]
+fam = socket.AF_INET6 if family == "6" else socket.AF_INET
+kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
+sock = socket.socket(fam, kind)
+if family == "6dst":  # a destination-options header before UDP (needs CAP_NET_RAW)
+    sock.close()
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+error = ""
+try:
+    sock.connect((host, int(port)))
+    if kind == socket.SOCK_STREAM:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for chunk in chunks:
+        sock.send(bytes.fromhex(chunk))
+        time.sleep(0.2)
+    answered = bool(select.select([sock], [], [], 1.5)[0]) and bool(sock.recv(4096))
+except OSError as exc:
+    answered, error = False, type(exc).__name__
+print(json.dumps({"answered": answered, "error": error}))
+"""
+
+
+def wire(name: str) -> bytes:
+    return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p) + b"\0"
+
+
+def question(name: str | bytes, qtype: int = 1) -> bytes:
+    raw = wire(name) if isinstance(name, str) else name
+    return raw + struct.pack("!HH", qtype, 1)
+
+
+def query(*questions: bytes, txid: int = 0x4242) -> bytes:
+    return struct.pack("!HHHHHH", txid, 0x0100, len(questions), 0, 0, 0) + b"".join(questions)
+
+
+def framed(message: bytes) -> bytes:
+    return struct.pack("!H", len(message)) + message
+
+
+def send(
+    fenced: Fence, tmp_path: Path, chunks: list[bytes], *, transport: str = "udp", family: str = "4"
+) -> tuple[FenceResult, dict[str, Any]]:
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    host = V4 if family == "4" else V6
+    argv = [sys.executable, str(script), family, transport, host, str(PORT)]
+    result = fenced.run([*argv, *(c.hex() for c in chunks)], check=False, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result, json.loads(result.stdout.splitlines()[-1])
+
+
+def bypasses(result: FenceResult) -> list[EgressEvent]:
+    return [e for e in result.events if e.address in (V4, V6) and e.qtype is not None]
+
+
+def assert_dropped(result: FenceResult, got: dict[str, Any], rule_part: str) -> EgressEvent:
+    assert not got["answered"], f"an answer reached the client; events: {result.events}"
+    events = bypasses(result)
+    assert events, f"the kernel reported nothing; events: {result.events}"
+    for event in events:
+        assert (event.verdict, event.blocked_at, event.outage) == ("blocked", "packet", "dropped")
+        assert event.forbidden and event.port == PORT
+        assert event.rule is not None and rule_part in event.rule, event.rule
+        assert event.pid is not None
+    return events[0]
+
+
+def unjudged(reason: abi.Unjudged) -> str:
+    return UNJUDGED_QUERY.format(reason=abi.UNJUDGED_TEXTS[reason])
+
+
+LONG_ALLOWED = ".".join(["a" * 49] * 4) + ".mirror.internal"  # wire form: 217 bytes
+LONG_BLOCKED = ".".join(["a" * 49] * 4) + ".github.com"
+MANY_ALLOWED = "x." * 40 + "mirror.internal"  # 42 labels
+MANY_BLOCKED = "x." * 40 + "github.com"
+POLICIES = pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param("no_egress", marks=NO_GITHUB),
+        pytest.param("egress_only", marks=ONLY_MIRROR),
+    ],
+)
+
+
+# --------------------------------------------------------------------------- every question
+
+
+@NO_GITHUB
+def test_a_second_question_for_a_blocked_name_is_judged(fenced: Fence, tmp_path: Path) -> None:
+    message = query(question("mirror.internal"), question("api.GitHub.com"))
+    result, got = send(fenced, tmp_path, [message])
+    event = assert_dropped(result, got, 'no_egress("github.com")')
+    assert event.domain == "api.github.com"
+
+
+@NO_GITHUB
+def test_more_questions_than_judged_is_dropped(fenced: Fence, tmp_path: Path) -> None:
+    names = [f"q{i}.mirror.internal" for i in range(abi.DNS_QUESTIONS_MAX + 1)]
+    result, got = send(fenced, tmp_path, [query(*(question(n) for n in names))])
+    assert_dropped(result, got, unjudged(abi.Unjudged.TOO_MANY_QUESTIONS))
+
+
+# --------------------------------------------------------------------------- unjudgeable names
+
+
+@pytest.mark.parametrize(
+    ("qname", "reason"),
+    [
+        (b"\x03api\xc0\x0c", abi.Unjudged.POINTER),
+        (wire(LONG_BLOCKED), abi.Unjudged.TOO_LONG),
+        (wire(LONG_ALLOWED), abi.Unjudged.TOO_LONG),
+        (wire(MANY_BLOCKED), abi.Unjudged.TOO_MANY_LABELS),
+        (wire(MANY_ALLOWED), abi.Unjudged.TOO_MANY_LABELS),
+        (wire("github.com")[:-3], abi.Unjudged.TRUNCATED),
+    ],
+    ids=["pointer", "long-blocked", "long-allowed", "labels-blocked", "labels-allowed", "cut"],
+)
+@POLICIES
+def test_a_question_the_fence_cannot_judge_is_dropped(
+    fenced: Fence, tmp_path: Path, qname: bytes, reason: abi.Unjudged, policy: str
+) -> None:
+    message = query(question(qname)) if reason != abi.Unjudged.TRUNCATED else query(qname)
+    result, got = send(fenced, tmp_path, [message])
+    assert_dropped(result, got, unjudged(reason))
+
+
+# --------------------------------------------------------------------------- TCP
+
+
+@NO_GITHUB
+def test_tcp_length_prefix_sent_alone_is_never_passed_unjudged(
+    fenced: Fence, tmp_path: Path
+) -> None:
+    message = query(question("github.com"))
+    result, got = send(fenced, tmp_path, [framed(message)[:2], message], transport="tcp")
+    assert not got["answered"]
+    rules = {e.rule for e in bypasses(result)}
+    assert rules, f"the kernel reported nothing; events: {result.events}"
+    # Dropped as split, or judged when a retransmission joined prefix and message.
+    for rule in rules:
+        assert rule is not None
+        assert rule == unjudged(abi.Unjudged.SPLIT) or rule.startswith('no_egress("github.com")')
+
+
+@NO_GITHUB
+def test_second_pipelined_tcp_query_is_judged(fenced: Fence, tmp_path: Path) -> None:
+    segment = framed(query(question("mirror.internal"), txid=1)) + framed(
+        query(question("github.com"), txid=2)
+    )
+    result, got = send(fenced, tmp_path, [segment], transport="tcp")
+    event = assert_dropped(result, got, 'no_egress("github.com")')
+    assert (event.domain, event.protocol) == ("github.com", "tcp")
+
+
+@NO_GITHUB
+def test_dig_over_tcp_still_works_for_an_allowed_name(fenced: Fence) -> None:
+    argv = ["dig", f"@{V4}", "-p", str(PORT), "+time=1", "+tries=1", "+tcp", "mirror.internal"]
+    result = fenced.run(argv, timeout=30)
+    assert "10.77.3.1" in result.stdout
+    assert not result.violations
+
+
+# --------------------------------------------------------------------------- IPv6, audit, allowed
+
+
+@NO_GITHUB
+@pytest.mark.fence(raw_sockets=True)  # IPV6_DSTOPTS needs CAP_NET_RAW
+def test_ipv6_destination_options_before_udp_are_walked(fenced: Fence, tmp_path: Path) -> None:
+    result, got = send(fenced, tmp_path, [query(question("github.com"))], family="6dst")
+    event = assert_dropped(result, got, 'no_egress("github.com")')
+    assert (event.domain, event.address) == ("github.com", V6)
+
+    allowed, got = send(fenced, tmp_path, [query(question("mirror.internal"))], family="6dst")
+    assert got["answered"], allowed.events
+    assert not bypasses(allowed)
+
+
+@NO_GITHUB
+@pytest.mark.fence(mode="audit")
+def test_audit_mode_reports_an_unjudged_query_and_lets_it_go(fenced: Fence, tmp_path: Path) -> None:
+    result, got = send(fenced, tmp_path, [query(question(b"\x03api\xc0\x0c"))])
+    assert got["error"] == "", got  # sent: nothing dropped it
+    events = bypasses(result)
+    assert [(e.verdict, e.outage, e.rule) for e in events] == [
+        ("allowed", None, unjudged(abi.Unjudged.POINTER))
+    ]
+    assert events[0].domain == "api"
+
+
+@POLICIES
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_an_ordinary_allowed_query_past_the_proxy_passes(
+    fenced: Fence, tmp_path: Path, policy: str, transport: str
+) -> None:
+    message = query(question("mirror.internal"))
+    chunks = [framed(message) if transport == "tcp" else message]
+    result, got = send(fenced, tmp_path, chunks, transport=transport)
+    assert got["answered"], result.events
+    assert not bypasses(result)
