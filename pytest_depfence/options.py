@@ -139,11 +139,13 @@ UPSTREAM = Option(
 FENCE_OPTIONS: dict[str, Option] = {
     o.name: o for o in (MODE, OUTAGE, TIMEOUT, CONTRACT, RAW_SOCKETS)
 }
+#: Every setting `validate` knows: those of `fence(...)` and the session's upstream.
+OPTIONS: dict[str, Option] = {**FENCE_OPTIONS, UPSTREAM.name: UPSTREAM}
 
 
 def validate(name: str, value: Any, where: str) -> Any:
     """The value of setting `name`, checked; ConfigError names the value and `where`."""
-    option = FENCE_OPTIONS.get(name) or {"upstream": UPSTREAM}.get(name)
+    option = OPTIONS.get(name)
     if option is None:
-        raise ConfigError(name, f"unknown setting; known: {', '.join(FENCE_OPTIONS)}", where)
+        raise ConfigError(name, f"unknown setting; known: {', '.join(OPTIONS)}", where)
     return option.validate(value, where)
