@@ -54,11 +54,11 @@ _tree: CgroupTree | None = None
 
 
 def _session_tree() -> CgroupTree:
-    """This process's session tree; `Fence.open` makes it (its `sweep`) at every open."""
     global _tree
     with _tree_lock:
         if _tree is None:
             tree = CgroupTree()
+            tree.ensure()
             atexit.register(tree.remove)
             _tree = tree
         return _tree
@@ -157,9 +157,7 @@ class Fence:
             return self
         programs = self._programs = kernel.load()
         self._tools = confine.prepare()
-        # Every open (the first makes the session directory): sweep dead owners' sessions,
-        # keep the guardian.
-        _session_tree().sweep()
+        _session_tree().sweep()  # every open: sweep dead owners' sessions, keep the guardian
         try:
             judge = Judge(self.policy, self.mode, self.outage, AddressBook(self.id, programs))
             self._judge = judge
