@@ -69,7 +69,7 @@ def gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped before, or while, reading
         return True
 
 
@@ -97,7 +97,10 @@ def wait_exec(pid: int, argv: list[str], seconds: float = 10.0) -> None:
 def kill_if_alive(pid: int) -> None:
     """A process this test made must not outlive it, whatever the fence did."""
     if pid and not gone(pid):
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it died on its own in between
 
 
 # --------------------------------------------------------------------------- moved by itself
