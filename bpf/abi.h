@@ -38,6 +38,11 @@
 #ifndef CGROUP_PATH_MAX
 #error "CGROUP_PATH_MAX is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif
+/* Bytes kept of a unix socket's path (unix.c): sun_path's 108, rounded up to a power
+ * of two (used as a mask). */
+#ifndef UNIX_PATH_LEN
+#error "UNIX_PATH_LEN is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
 
 /* fence_cfg.flags */
 #ifndef FENCE_EGRESS_ONLY
@@ -45,6 +50,9 @@
 #endif
 #ifndef FENCE_AUDIT
 #error "FENCE_AUDIT is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+#ifndef FENCE_ADOPTED
+#error "FENCE_ADOPTED is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif
 
 /* fence_cfg.outage: what a refused connection meets (outages.KERNEL_ACTIONS) */

@@ -5,6 +5,7 @@
  *   procs.c     tracepoints: parent and argv of every fenced process
  *   mounts.c    tracepoints: pause a fenced process that changes its mounts
  *   escape.c    tracepoint: kill and report a fenced process moved out of its fence
+ *   unix.c      tracepoints: a fenced process's connects to unix sockets
  *   sockaddr.c  connect4/6, sendmsg4/6, recvmsg4/6: DNS redirect, socket owners
  *   bypass.c    DNS queries that skip the proxy, judged by name in the packet
  *   egress.c    cgroup_skb egress: DNS message -> sending process, backstop, blackhole
@@ -17,6 +18,7 @@
 #include "procs.c"
 #include "mounts.c"
 #include "escape.c"
+#include "unix.c"
 #include "sockaddr.c"
 #include "bypass.c"
 #include "egress.c"
@@ -29,5 +31,6 @@ struct abi_check {
     struct bypass_event bypass;
     struct view_event view;
     struct escape_event escape;
+    struct unix_event unix_connect;
 };
 BPF_ARRAY(abi_check, struct abi_check, 1);

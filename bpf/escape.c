@@ -70,14 +70,16 @@ struct escape_event {
 
 BPF_RINGBUF_OUTPUT(escape_events, 16);
 
-/* The record of `pid` when it is a fenced process: alive, of a registered fence. */
+/* The record of `pid` when it is a fenced process: alive, of a registered fence the
+ * fence owns (an adopted service's processes come and go as its manager says). */
 static __always_inline struct proc *fenced_process(__u32 pid)
 {
     struct proc *p = procs.lookup(&pid);
     if (!p || (p->flags & PROC_EXITED))
         return 0;  /* not a fenced process (or a reused pid of one) */
     __u64 fence_id = p->cgid;
-    return fences.lookup(&fence_id) ? p : 0;
+    struct fence_cfg *fence = fences.lookup(&fence_id);
+    return fence && !(fence->flags & FENCE_ADOPTED) ? p : 0;
 }
 
 /* Whether the current task is in fence `fence_id`: its cgroup or one below. */

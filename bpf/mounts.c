@@ -29,8 +29,11 @@ BPF_RINGBUF_OUTPUT(view_events, 16);
 static __always_inline int view_changed(long ret)
 {
     __u64 cgid;
-    if (ret != 0 || !fence_of_current(&cgid))
+    if (ret != 0)
         return 0;
+    struct fence_cfg *fence = fence_of_current(&cgid);
+    if (!fence || (fence->flags & FENCE_ADOPTED))
+        return 0;  /* an adopted service is never paused: its hosts file is the machine's */
     struct view_event e = {};
     e.cgid = cgid;
     e.pid = bpf_get_current_pid_tgid() >> 32;

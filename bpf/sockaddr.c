@@ -10,7 +10,8 @@
  * DNS answers, the upstream and the hosts file, plus address rules). A refused
  * one fails at once -- EPERM, or ECONNREFUSED for outage "reset" -- never by a
  * silent drop that leaves connect() hanging; only outage "blackhole" drops, on
- * purpose, in egress.c. Loopback is always reachable.
+ * purpose, in egress.c. Loopback is always reachable, and on record like every
+ * permitted destination: the first message of each socket to it is reported.
  *
  * Helpers (program type BPF_PROG_TYPE_CGROUP_SOCK_ADDR), with the first kernel
  * that offers each to this program type:
@@ -113,7 +114,8 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, struct fence_cfg *fe
                                  __u64 cookie, __u32 *ip6, __u8 where)
 {
     if (!refused(fence, ip6)) {
-        if (!is_loopback(ip6) && first_contact(ctx, cookie, ip6))
+        /* Loopback too: a local service may fetch for the caller (local.py names it). */
+        if (first_contact(ctx, cookie, ip6))
             report(ctx, cgid, ip6, ACTION_ALLOWED, where);
         return PASS;
     }

@@ -17,6 +17,7 @@ from .errors import (
     EgressViolation,
     FenceUnavailable,
     PolicyError,
+    ServiceNotReady,
 )
 from .events import EgressEvent, FenceResult
 
@@ -37,6 +38,7 @@ __all__ = [
     "FenceUnavailable",
     "Policy",
     "PolicyError",
+    "ServiceNotReady",
     "__version__",
 ]
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FenceUnavailable
@@ -100,7 +101,7 @@ def kill_all(path: Path, timeout: float = 10.0) -> None:
 def _kill_by_listing(path: Path) -> None:
     # Without cgroup.kill, a fork between reading and killing escapes one round; repeat.
     for _ in range(100):
-        pids = _pids(path)
+        pids = pids_of(path)
         if not pids:
             return
         for pid in pids:
@@ -110,7 +111,8 @@ def _kill_by_listing(path: Path) -> None:
                 pass
 
 
-def _pids(path: Path) -> list[int]:
+def pids_of(path: Path) -> list[int]:
+    """Every process in the cgroup directory `path` and below it."""
     pids: list[int] = []
     for procs in path.rglob("cgroup.procs"):
         try:
@@ -118,6 +120,50 @@ def _pids(path: Path) -> list[int]:
         except OSError:
             pass
     return pids
+
+
+#: Systemd unit suffixes a service to adopt may be named by.
+UNIT_SUFFIXES = (".service", ".scope", ".socket", ".slice")
+#: How deep below the cgroup root a unit's cgroup is looked for (user.slice/user-0.slice/...).
+UNIT_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """An existing cgroup a fence adopts for each run: a running service, never killed."""
+
+    #: As the user wrote it: a unit name or a cgroup path.
+    name: str
+    dir: Path
+
+
+def find_cgroup(spec: str, mount: Path | None = None) -> Path | None:
+    """The cgroup directory of a systemd unit (`docker.service`: found by name up to
+    UNIT_DEPTH levels down) or of a cgroup path (from the v2 root, or under its mount)."""
+    root = mount or cgroup2_mount()
+    if "/" not in spec and spec.endswith(UNIT_SUFFIXES):
+        level = [root]
+        for _ in range(UNIT_DEPTH):
+            found = [p / spec for p in level if (p / spec).is_dir()]
+            if found:
+                return found[0]
+            level = [c for p in level for c in _subdirs(p)]
+        return None
+    path = Path(spec)
+    if not path.is_absolute():
+        return None
+    for candidate in (path, root / str(path).lstrip("/")):
+        if candidate.is_dir() and (candidate / "cgroup.procs").exists():
+            if candidate.resolve().is_relative_to(root.resolve()):
+                return candidate
+    return None
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
 
 
 def wait_empty(path: Path, timeout: float) -> bool:
@@ -173,7 +219,7 @@ class FenceCgroup:
         self.dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
 
     def pids(self) -> list[int]:
-        return _pids(self.path)
+        return pids_of(self.path)
 
     def hold(self, links: list[int]) -> None:
         """Give the session's guardian copies of this cgroup's bpf_links (see `hold_links`)."""
@@ -230,6 +276,10 @@ class CgroupTree:
             )
         guard(self.session)
         return removed
+
+    def v2_path(self, path: Path) -> str:
+        """A cgroup directory's path from the v2 root, as /proc/PID/cgroup says it."""
+        return "/" + str(path.relative_to(self.mount)) if path != self.mount else "/"
 
     def remove(self) -> None:
         """Remove this session's directory, and the shared parent when no other session uses it."""

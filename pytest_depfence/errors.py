@@ -83,6 +83,10 @@ class CommandFailed(DepfenceError, AssertionError):
         return (type(self), (self.args[0], self.returncode, self.stdout, self.stderr))
 
 
+class ServiceNotReady(DepfenceError, RuntimeError):
+    """A fenced service did not accept connections at its `ready=` address in time."""
+
+
 class ContractError(DepfenceError, AssertionError):
     """A fenced test's egress does not match its contract, or the contract is missing or bad."""
 

@@ -3,6 +3,15 @@
 An `EgressEvent` is a DNS query (`address` None), a connection or datagram
 (`address`, `port`, `protocol`), or a DNS query sent past the proxy (both).
 
+A contact with a local service -- a loopback or local address, or a unix
+socket (`protocol="unix"`, `address` its path, no port) -- names the process
+listening there in `listener` ("pid 812 squid -f /etc/squid.conf (unit
+squid.service)"); when that process belongs to a fenced or adopted service,
+`listener` starts with "service NAME:". Events of a service's own processes
+carry its name in `service`, and, within a run, `called_by`: the fenced
+process of the run that contacted the service last before it (pid and
+command line, then that process's ancestry), as `ancestry` is for `pid`.
+
 A fenced process moved to a cgroup outside its fence (by itself or by any
 other process) is an event too, and always a violation: out of the fence
 nothing it does could be judged, so it has been killed, in audit mode too.
@@ -53,10 +62,22 @@ class EgressEvent:
     #: For a process moved out of its fence by another process (or started outside
     #: it by its parent): that process's pid.
     moved_by: int | None = None
+    #: For a contact with a local service: who listens there (module docstring).
+    listener: str | None = None
+    #: The fenced or adopted service whose process this event comes from.
+    service: str | None = None
+    #: For a service's event in a run: the run's process that called the service, then
+    #: its ancestry ((pid, command line), ...); empty when nothing of the run called it.
+    called_by: tuple[tuple[int, str], ...] = ()
 
     @property
     def is_violation(self) -> bool:
         return self.forbidden
+
+    @property
+    def is_local(self) -> bool:
+        """A contact with a local service (a listener was found, or a unix socket)."""
+        return self.listener is not None or self.protocol == "unix"
 
     @property
     def is_escape(self) -> bool:

@@ -1,22 +1,24 @@
 """The fence: run commands in their own cgroup, DNS through a policy proxy, and report.
 
 `Fence` owns, for its lifetime, one DNS proxy, one `Judge` (the policy and what
-has been learned of addresses) and a refuser port for the "reset" outage;
-each `run()` is a `Run` with a fresh cgroup, the shared eBPF programs attached,
-the command entering it as `confine` says (its own cgroup namespace, no
+has been learned of addresses), a refuser port for the "reset" outage, and its
+fenced services (`service()`: each in a cgroup of its own, for the fence's
+life); each `run()` is a `Run` with a fresh cgroup, the shared eBPF programs
+attached (to the adopted services' cgroups too, for the run's duration), the
+command entering it as `confine` says (its own cgroup namespace, no
 CAP_NET_RAW unless `raw_sockets=True`), and a `Teardown` that kills everything
 the run started and removes the cgroup before `run()` returns, by its deadline
-even when a process outside the cgroup holds the command's pipes.
+even when a process outside the cgroup holds the command's pipes. What the
+services do outside any run is recorded by an idle `Run` of their own.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import errno
 import itertools
 import os
-import select
+import re
 import shlex
 import shutil
 import socket
@@ -29,24 +31,22 @@ from typing import IO, Any
 
 from . import confine, kernel, options
 from .addresses import AddressBook, hosts_entries, resolve
-from .cgroup import CgroupTree, FenceCgroup
+from .cgroup import Adopted, CgroupTree, FenceCgroup
+from .contract import check_name, program_of
 from .dnsproxy import DnsProxy, Query
 from .errors import CommandFailed, ConfigError, EgressViolation
 from .events import EgressEvent, FenceResult
 from .judge import DnsVerdict, Judge
+from .local import LocalPeers
+from .output import Output
 from .policy import Policy
 from .render import failure_text, format_violations
 from .run import Member, Run, Teardown
+from .service import READY_TIMEOUT, Service, ready_check
 
-#: Seconds the output pipes may stay open once everything in the run's cgroup is dead:
-#: a process outside the fence (escaped, or started through a service) that holds them
-#: must not hold run() past its deadline.
-OUTPUT_GRACE = 1.0
 #: Seconds the command's own process may live on after its cgroup was killed (it can
 #: only have left the cgroup) before it is killed by its pid: it is our child.
 REAP_GRACE = 1.0
-#: Bytes a stopped reader still takes from its pipe (what a holder keeps writing is cut).
-_DRAIN_LIMIT = 1 << 20
 
 _fence_ids = itertools.count(1)
 _tree_lock = threading.Lock()
@@ -100,9 +100,9 @@ class _Refuser:
 class _ProxyJudge:
     """The proxy's `DnsJudge`: the fence's judge, and the run that records the query."""
 
-    def __init__(self, judge: Judge, current: Callable[[], Run | None]) -> None:
+    def __init__(self, judge: Judge, recorder: Callable[[], Run]) -> None:
         self._judge = judge
-        self._current = current
+        self._recorder = recorder
 
     def query(self, query: Query) -> DnsVerdict:
         return self._judge.query(query.name)
@@ -111,9 +111,7 @@ class _ProxyJudge:
         return self._judge.answer(query.name, reply, verdict)
 
     def observe(self, query: Query, verdict: DnsVerdict) -> None:
-        run = self._current()
-        if run is not None:
-            run.on_query(query, verdict)
+        self._recorder().on_query(query, verdict)
 
 
 class Fence:
@@ -128,6 +126,7 @@ class Fence:
         outage: str = "nxdomain",
         timeout: float | None = None,
         raw_sockets: bool = False,
+        services: Sequence[str | Adopted] = (),
         label: str = "run",
     ) -> None:
         self.policy = policy
@@ -135,6 +134,10 @@ class Fence:
         self.outage = options.validate("outage", outage, "Fence(outage=)")
         self.timeout = options.validate("timeout", timeout, "Fence(timeout=)")
         self.raw_sockets = options.validate("raw_sockets", raw_sockets, "Fence(raw_sockets=)")
+        #: Running services adopted for each run (their cgroups; never killed).
+        self.adopted: tuple[Adopted, ...] = options.validate(
+            "services", list(services), "Fence(services=)"
+        )
         self.upstream = options.parse_upstream(
             upstream or options.default_upstream(), "Fence(upstream=)"
         )
@@ -145,10 +148,16 @@ class Fence:
         self._judge: Judge | None = None
         self._proxy: DnsProxy | None = None
         self._refuser: _Refuser | None = None
+        self._peers = LocalPeers()
         self._run_lock = threading.Lock()
         self._current: Run | None = None
+        #: Records what services do outside any run.
+        self._idle: Run | None = None
         #: Every result this fence returned, in order (the plugin reports them).
         self.results: list[FenceResult] = []
+        #: Every service started, running or stopped, in order.
+        self.services: list[Service] = []
+        self._service_members: dict[str, Member] = {}
 
     # -- lifecycle ----------------------------------------------------------------
     def open(self) -> Fence:
@@ -162,8 +171,9 @@ class Fence:
             judge = Judge(self.policy, self.mode, self.outage, AddressBook(self.id, programs))
             self._judge = judge
             self._refuser = _Refuser()
+            self._idle = Run(programs, judge, self._peers)
             self._proxy = DnsProxy(
-                upstream=self.upstream, judge=_ProxyJudge(judge, lambda: self._current)
+                upstream=self.upstream, judge=_ProxyJudge(judge, self._recorder)
             ).start()
             self._learn_rules(programs, judge)
         except BaseException:
@@ -191,7 +201,15 @@ class Fence:
                 teardown.push(self._refuser.close)
             if self._proxy is not None:
                 teardown.push(self._proxy.stop)
+            for service in self.services:  # first: they may use the proxy to the end
+                teardown.push(service.stop)
             self._proxy, self._refuser, self._judge = None, None, None
+
+    def _recorder(self) -> Run:
+        """Where events of the fence's services go: the current run, else the idle one."""
+        run = self._current or self._idle
+        assert run is not None, "the fence is not open"
+        return run
 
     def __enter__(self) -> Fence:
         return self.open()
@@ -234,13 +252,13 @@ class Fence:
         started = time.monotonic()
         with self._run_lock:
             assert self._programs is not None and self._judge is not None
-            run = Run(self._programs, self._judge, on_event)
+            run = Run(self._programs, self._judge, self._peers, on_event=on_event)
             with Teardown() as teardown:
                 teardown.push(run.finish_delivery)
                 proc, cgroup = self._start(
                     run, teardown, argv, cwd, env, subprocess.PIPE if data is not None else stdin
                 )
-                output = _Output(proc, data, on_output)
+                output = Output(proc, data, on_output)
                 teardown.push(output.finish)
                 teardown.push(partial(_reap, proc))
                 # Whatever the script left behind (daemons, background jobs) dies with it.
@@ -276,30 +294,19 @@ class Fence:
         assert programs is not None and judge is not None and proxy is not None
         assert self._refuser is not None and self._tools is not None
         judge.learn_hosts(hosts_entries())
-        cgroup = FenceCgroup(_session_tree().session, self.label)
+        tree = _session_tree()
+        cgroup = FenceCgroup(tree.session, self.label)
         teardown.push(cgroup.close)
-        member = Member("command", cgroup)
+        member = Member("command", cgroup.id, cgroup.path, tree.v2_path(cgroup.path))
         run.add_member(member)
-        programs.register(
-            cgroup.id,
-            kernel.KernelFence(
-                fence_id=self.id,
-                proxy_port=proxy.port,
-                refuser_port=self._refuser.port,
-                egress_only=self.policy.kind == "egress_only",
-                audit=self.mode == "audit",
-                outage=judge.outage.kernel,
-            ),
-        )
-        teardown.push(lambda: programs.unregister(cgroup.id))
-        links = programs.attach(cgroup.dir_fd)
-        teardown.push(lambda: _close_all(links))
-        cgroup.hold(links)  # kept attached by the guardian should this process die
         listener = kernel.Listener(
-            run.on_connection, run.on_bypass, self._view_changed, run.on_escape
+            run.on_connection, run.on_bypass, self._view_changed, run.on_escape, run.on_unix
         )
-        programs.subscribe(cgroup.id, listener)
-        teardown.push(lambda: programs.unsubscribe(cgroup.id))
+        cgroup.hold(self._enclose(teardown, cgroup.id, cgroup.dir_fd, listener))
+        for service in self._service_members.values():
+            run.add_member(service)
+        for adopted in self.adopted:
+            self._adopt(run, teardown, adopted, listener)
         self._current = run
         teardown.push(lambda: setattr(self, "_current", None))
         teardown.push(programs.consume_events)
@@ -317,6 +324,139 @@ class Fence:
         )
         member.root_pid = proc.pid
         return proc, cgroup
+
+    def _enclose(
+        self,
+        teardown: Teardown,
+        cgroup_id: int,
+        dir_fd: int,
+        listener: kernel.Listener,
+        *,
+        adopted: bool = False,
+    ) -> list[int]:
+        """Put a cgroup inside the fence: registered, the programs attached, its events to
+        `listener`; undone by `teardown`. Returns the bpf_link fds."""
+        programs, judge, proxy, refuser = self._programs, self._judge, self._proxy, self._refuser
+        assert programs is not None and judge is not None
+        assert proxy is not None and refuser is not None
+        config = kernel.KernelFence(
+            fence_id=self.id,
+            proxy_port=proxy.port,
+            refuser_port=refuser.port,
+            egress_only=self.policy.kind == "egress_only",
+            audit=self.mode == "audit",
+            outage=judge.outage.kernel,
+            adopted=adopted,
+        )
+        programs.register(cgroup_id, config)
+        teardown.push(lambda: programs.unregister(cgroup_id))
+        links = programs.attach(dir_fd)
+        teardown.push(lambda: _close_all(links))
+        programs.subscribe(cgroup_id, listener)
+        teardown.push(lambda: programs.unsubscribe(cgroup_id))
+        return links
+
+    def _adopt(
+        self, run: Run, teardown: Teardown, adopted: Adopted, listener: kernel.Listener
+    ) -> None:
+        """An adopted service's cgroup, fenced for this run: judged and named, never killed
+        (its links are not given to the guardian: if this process dies, they just go)."""
+        fd = os.open(adopted.dir, os.O_RDONLY | os.O_DIRECTORY)
+        teardown.push(partial(os.close, fd))
+        cgroup_id = os.fstat(fd).st_ino
+        path = _session_tree().v2_path(adopted.dir)
+        run.add_member(Member(adopted.name, cgroup_id, adopted.dir, path, service=True))
+        self._enclose(teardown, cgroup_id, fd, listener, adopted=True)
+
+    # -- services ---------------------------------------------------------------------
+    def service(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        name: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        ready: int | str | None = None,
+        ready_timeout: float = READY_TIMEOUT,
+    ) -> Service:
+        """Start `cmd` fenced, in a cgroup of its own, for the rest of the fence's life (or
+        until `Service.stop()`); see `service.py`. `ready`: wait until it accepts
+        connections there (a port of 127.0.0.1, HOST:PORT, unix:PATH)."""
+        self.open()
+        argv, shown = _command(cmd, cwd, env)
+        if name is None:  # the program's name: `python3 tools/migrations-service` -> its script
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", program_of(shown).split()[-1]).strip("-.")
+        name = check_name(name or "service", "Fence.service(name=)")
+        if name in self._service_members:
+            raise ConfigError(name, "a service of this name is running already", "Fence.service()")
+        check = ready_check(ready, "Fence.service(ready=)") if ready is not None else None
+        teardown = Teardown()
+        try:
+            service = self._start_service(teardown, name, argv, shown, cwd, env)
+        except BaseException:
+            teardown.close()
+            raise
+        if check is not None:
+            service.wait_ready(check, ready_timeout)
+        return service
+
+    def _start_service(
+        self,
+        teardown: Teardown,
+        name: str,
+        argv: list[str],
+        shown: str,
+        cwd: str | os.PathLike[str] | None,
+        env: Mapping[str, str] | None,
+    ) -> Service:
+        assert self._tools is not None
+        tree = _session_tree()
+        cgroup = FenceCgroup(tree.session, f"{self.label}.{name}")
+        teardown.push(cgroup.close)
+        member = Member(name, cgroup.id, cgroup.path, tree.v2_path(cgroup.path), service=True)
+        recorder = self._recorder
+        listener = kernel.Listener(
+            lambda e: recorder().on_connection(e),
+            lambda e: recorder().on_bypass(e),
+            self._view_changed,
+            lambda e: recorder().on_escape(e),
+            lambda e: recorder().on_unix(e),
+        )
+        cgroup.hold(self._enclose(teardown, cgroup.id, cgroup.dir_fd, listener))
+        for run in (self._idle, self._current):
+            if run is not None:
+                run.add_member(member)
+        self._service_members[name] = member
+        teardown.push(lambda: self._service_members.pop(name, None))
+        entry = confine.entry_argv(
+            self._tools, cgroup.path / "cgroup.procs", argv, raw_sockets=self.raw_sockets
+        )
+        proc = subprocess.Popen(
+            entry,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        member.root_pid = proc.pid
+        output = Output(proc, None, None)
+        assert self._programs is not None
+        teardown.push(self._programs.consume_events)  # what it did last, recorded
+        teardown.push(output.finish)
+        teardown.push(partial(_reap, proc))
+        teardown.push(cgroup.kill)
+        idle = self._idle
+        service = Service(
+            name,
+            shown,
+            proc,
+            output,
+            teardown.close,
+            lambda: [e for e in (idle.in_order() if idle else ()) if e.service == name],
+        )
+        self.services.append(service)
+        return service
 
     def _view_changed(self, pid: int) -> None:
         """A fenced process changed its mounts: learn the hosts file it now sees."""
@@ -383,89 +523,3 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
-
-
-class _Output:
-    """Feed stdin and drain stdout/stderr in threads, so a full pipe never blocks the script.
-
-    The threads wait in poll(), never in a read or write, on their pipe and on a stop
-    pipe: `finish` can always end them, even while a process outside the fence keeps
-    the command's pipes open.
-    """
-
-    def __init__(
-        self,
-        proc: subprocess.Popen[bytes],
-        data: bytes | None,
-        on_output: Callable[[str, bytes], None] | None,
-    ) -> None:
-        self._chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        self._on_output = on_output
-        self._stop_r, self._stop_w = os.pipe()
-        self._threads: list[threading.Thread] = []
-        for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-            if stream is not None:
-                self._start(self._read, stream, name)
-        if proc.stdin is not None:  # a pipe only when there is input to give
-            self._start(self._write, proc.stdin, data or b"")
-
-    def _start(self, target: Callable[..., None], stream: IO[bytes], arg: Any) -> None:
-        name = f"depfence-{arg if isinstance(arg, str) else 'stdin'}"
-        thread = threading.Thread(target=target, args=(stream, arg), name=name, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _ready(self, fd: int, event: int) -> bool:
-        """Wait until `fd` is ready for `event` (or hung up); False once stopped."""
-        poller = select.poll()
-        poller.register(fd, event)
-        poller.register(self._stop_r, select.POLLIN)
-        return all(ready != self._stop_r for ready, _ in poller.poll())
-
-    def _read(self, stream: IO[bytes], name: str) -> None:
-        with stream:
-            fd = stream.fileno()
-            os.set_blocking(fd, False)
-            stopping, budget = False, _DRAIN_LIMIT
-            while budget > 0:
-                # Once stopped, take what is already in the pipe, then leave.
-                stopping = stopping or not self._ready(fd, select.POLLIN)
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    if stopping:
-                        return
-                    continue
-                if not chunk:
-                    return
-                self._chunks[name].append(chunk)
-                if self._on_output is not None:
-                    self._on_output(name, chunk)
-                if stopping:
-                    budget -= len(chunk)
-
-    def _write(self, stream: IO[bytes], data: bytes) -> None:
-        view = memoryview(data)
-        with contextlib.suppress(BrokenPipeError), stream:  # the command stopped reading
-            fd = stream.fileno()
-            os.set_blocking(fd, False)
-            while view and self._ready(fd, select.POLLOUT):
-                with contextlib.suppress(BlockingIOError):
-                    view = view[os.write(fd, view) :]
-
-    def finish(self, grace: float = OUTPUT_GRACE) -> None:
-        """Give the pipes `grace` seconds to end, then stop reading and writing them."""
-        deadline = time.monotonic() + grace
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        os.write(self._stop_w, b"x")
-        for thread in self._threads:
-            thread.join(grace)  # at once, unless an on_output callback blocks
-        if not any(thread.is_alive() for thread in self._threads):
-            os.close(self._stop_r)
-            os.close(self._stop_w)
-
-    def text(self) -> tuple[str, str]:
-        """stdout and stderr, decoded."""
-        out, err = (b"".join(self._chunks[name]) for name in ("stdout", "stderr"))
-        return out.decode(errors="replace"), err.decode(errors="replace")

@@ -50,6 +50,11 @@ UNJUDGED_QUERY = "a DNS query the fence cannot judge ({reason})"
 UNJUDGED = "the upstream's answer could not be read, so the client got SERVFAIL instead"
 #: The outage an unjudged answer meets.
 UNJUDGED_OUTAGE = "servfail"
+#: The rule of a contact with a local service outside the fence that egress_only forbids:
+#: `pattern` is the local:/unix: pattern that would allow it.
+LOCAL_OUTSIDE = (
+    '{policy}: a local service outside the fence (fence or adopt it, or allow "{pattern}")'
+)
 
 
 @dataclass(frozen=True)
@@ -264,6 +269,47 @@ class Judge:
             forbidden=True,
             outage=None if query.audited else "dropped",
             learned_from=None,
+        )
+
+    def local_contact(
+        self,
+        who: Attribution,
+        *,
+        address: str,
+        port: int | None,
+        protocol: str,
+        listener: str,
+        service: str | None,
+    ) -> EgressEvent:
+        """A contact with a local service (a loopback or local address, or a unix socket
+        at `address`), always on record, never refused: the kernel let it through.
+
+        Forbidden when a local:/unix: rule of a no_egress policy names it, or, under
+        egress_only, when it reached a service outside the fence (`service` None: not a
+        fenced or adopted one, whose own egress is judged instead) that no rule allows.
+        """
+        decision = self.policy.check_local(protocol, port, address)
+        forbidden = decision.blocked and (self.policy.kind == "no_egress" or service is None)
+        rule = None
+        if forbidden and decision.rule is not None:
+            rule = self.policy.explain(decision.rule)
+        elif forbidden:
+            pattern = f"unix:{address}" if protocol == "unix" else f"local:{port}"
+            rule = LOCAL_OUTSIDE.format(policy=self.policy.explain(None), pattern=pattern)
+        return EgressEvent(
+            domain=None,
+            address=address,
+            port=port,
+            protocol=protocol,
+            verdict="allowed",
+            blocked_at=None,
+            rule=rule,
+            pid=who.pid,
+            cmdline=who.cmdline,
+            ancestry=who.ancestry,
+            unattributed=who.unattributed,
+            forbidden=forbidden,
+            listener=listener,
         )
 
     def escape(self, escape: EscapeEvent, who: Attribution, mover: str | None) -> EgressEvent:

@@ -56,6 +56,31 @@ def _raw_sockets(value: Any, where: str) -> bool:
     return value
 
 
+def _services(value: Any, where: str) -> tuple[Any, ...]:
+    """Units or cgroup paths, each resolved to its cgroup now (cgroup.Adopted)."""
+    from .cgroup import Adopted, cgroup2_mount, find_cgroup
+
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(repr(value), "services is a list of systemd units or cgroup paths", where)
+    adopted = []
+    for spec in value:
+        if isinstance(spec, Adopted):
+            adopted.append(spec)
+            continue
+        if not isinstance(spec, str) or not spec:
+            raise ConfigError(repr(spec), "a service is a unit name or a cgroup path", where)
+        found = find_cgroup(spec)
+        if found is None:
+            raise ConfigError(
+                spec,
+                f"no such systemd unit or cgroup under {cgroup2_mount()} (a unit is found by "
+                "its name, e.g. docker.service; a path is from the cgroup v2 root)",
+                where,
+            )
+        adopted.append(Adopted(spec, found))
+    return tuple(adopted)
+
+
 def _contract(value: Any, where: str) -> str:
     from .contract import check_name
 
@@ -128,6 +153,12 @@ RAW_SOCKETS = Option(
     "sockets); off by default, because packet sockets bypass every hook of the fence",
     _raw_sockets,
 )
+SERVICES = Option(
+    "services",
+    "running services to fence for each run: systemd units (docker.service) or cgroup "
+    "paths; their egress is judged and named while the run lasts, and they are never killed",
+    _services,
+)
 UPSTREAM = Option(
     "upstream",
     "DNS server the fence's proxy forwards allowed queries to, HOST[:PORT] (default: the "
@@ -137,7 +168,7 @@ UPSTREAM = Option(
 
 #: The settings `fence(...)` takes, in the order help texts list them.
 FENCE_OPTIONS: dict[str, Option] = {
-    o.name: o for o in (MODE, OUTAGE, TIMEOUT, CONTRACT, RAW_SOCKETS)
+    o.name: o for o in (MODE, OUTAGE, TIMEOUT, CONTRACT, RAW_SOCKETS, SERVICES)
 }
 #: Every setting `validate` knows: those of `fence(...)` and the session's upstream.
 OPTIONS: dict[str, Option] = {**FENCE_OPTIONS, UPSTREAM.name: UPSTREAM}

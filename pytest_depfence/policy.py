@@ -1,10 +1,11 @@
 """The policy language: egress patterns, name normalization, and allow/block decisions.
 
-This module owns what a pattern such as ``github.com``, ``*.github.com`` or
-``140.82.112.0/20`` means, how names off the wire are normalized before they
-are compared, and the allow/block decision of a ``no_egress`` or
-``egress_only`` policy. It knows nothing about DNS packets, BPF maps or
-pytest; the judge asks it, and it answers.
+This module owns what a pattern such as ``github.com``, ``*.github.com``,
+``140.82.112.0/20``, ``local:3128`` or ``unix:/run/docker.sock`` means, how
+names off the wire are normalized before they are compared, and the
+allow/block decision of a ``no_egress`` or ``egress_only`` policy. It knows
+nothing about DNS packets, BPF maps or pytest; the judge asks it, and it
+answers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ __all__ = [
     "unmap",
 ]
 
-RuleKind = Literal["name", "subdomains", "network"]
+#: "local": a port of any local address (``local:3128``); "unix": a unix socket's path
+#: (``unix:/run/docker.sock``, ``unix:@abstract``). Both judge contacts with local
+#: services, never a name or an address.
+RuleKind = Literal["name", "subdomains", "network", "local", "unix"]
 PolicyKind = Literal["no_egress", "egress_only"]
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -112,6 +116,13 @@ class Rule:
     name: str | None
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     source: str | None = None
+    #: The local service a "local" rule (its port, as text) or a "unix" rule (its path) names.
+    endpoint: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str | None, _Network | None]:
+        """What makes two rules the same rule ("GitHub.com" and "github.com.")."""
+        return (self.kind, self.name or self.endpoint, self.network)
 
     def matches_name(self, name: str) -> bool:
         """Whether a DNS name (as received, any case, trailing dot or not) falls under this rule.
@@ -200,6 +211,20 @@ class Policy:
                 return Decision(blocked=self.kind == "no_egress", rule=rule)
         return Decision(blocked=self.kind == "egress_only", rule=None)
 
+    def check_local(self, protocol: str, port: int | None, path: str | None) -> Decision:
+        """Decide a contact with a local service: a TCP/UDP `port` of a local address, or
+        (protocol "unix") the socket at `path`, against the local:/unix: rules only.
+
+        A matching rule blocks it under no_egress and allows it under egress_only; with
+        none, egress_only blocks it (the judge lets a fenced service through first).
+        """
+        for rule in self.rules:
+            if rule.kind == "unix" and protocol == "unix" and rule.endpoint == path:
+                return Decision(blocked=self.kind == "no_egress", rule=rule)
+            if rule.kind == "local" and protocol != "unix" and rule.endpoint == str(port):
+                return Decision(blocked=self.kind == "no_egress", rule=rule)
+        return Decision(blocked=self.kind == "egress_only", rule=None)
+
     def describe(self) -> str:
         """The policy as it would be written, e.g. ``no_egress("github.com", "*.example.org")``."""
         return f"{self.kind}({', '.join(_quote(rule.pattern) for rule in self.rules)})"
@@ -231,9 +256,8 @@ def _parse_all(patterns: tuple[object, ...], source: str | None) -> tuple[Rule, 
     for pattern in patterns:
         rule = parse_pattern(pattern, source)
         # "GitHub.com" and "github.com." are the same rule; the first spelling is kept for messages.
-        key = (rule.kind, rule.name, rule.network)
-        if key not in seen:
-            seen.add(key)
+        if rule.key not in seen:
+            seen.add(rule.key)
             rules.append(rule)
     return tuple(rules)
 
@@ -264,6 +288,8 @@ def parse_pattern(pattern: object, source: str | None = None) -> Rule:
         raise fail(f"a URL is not a pattern{hint}")
     if "%" in pattern:
         raise fail("zone ids ('%eth0') are not part of a pattern")
+    if pattern.startswith(("local:", "unix:")):
+        return _local_rule(pattern, source, fail)
 
     if "/" in pattern:
         return _parse_network(pattern, source)
@@ -294,6 +320,22 @@ def parse_pattern(pattern: object, source: str | None = None) -> Rule:
         return Rule(pattern, "subdomains", _strict_name(rest, fail), None, source)
 
     return Rule(pattern, "name", _strict_name(pattern, fail), None, source)
+
+
+def _local_rule(pattern: str, source: str | None, fail: _Fail) -> Rule:
+    """``local:PORT`` (1-65535, TCP or UDP, any local address) or ``unix:PATH`` (an
+    absolute path, or ``@name`` for an abstract socket)."""
+    kind, _, rest = pattern.partition(":")
+    if kind == "local":
+        if not rest.isdigit() or not 0 < int(rest) < 65536:
+            raise fail("'local:' takes a port number, 1-65535, as in 'local:3128'")
+        return Rule(pattern, "local", None, None, source, endpoint=str(int(rest)))
+    if not rest.startswith(("/", "@")) or rest in ("/", "@"):
+        raise fail(
+            "'unix:' takes a socket's absolute path, or '@name' for an abstract socket, "
+            "as in 'unix:/run/docker.sock'"
+        )
+    return Rule(pattern, "unix", None, None, source, endpoint=rest)
 
 
 def _parse_network(pattern: str, source: str | None) -> Rule:

@@ -35,13 +35,22 @@ DEFAULT_OUTAGES = ("nxdomain", "refused")
 UNREAD_NAME = "(name not read)"
 #: Where a process moved out of its fence went, in the terminal, annotations and summary.
 ESCAPE_TARGET = "cgroup {path}"
+#: Before the process of a service's event (a fenced or adopted service).
+SERVICE = "in service {name}: "
+#: The run's process that called the service whose event this is.
+CALLED_BY = "called by pid {pid} {cmdline}"
+#: Who listens at a local destination (a loopback or local address, a unix socket).
+LISTENER = "listening there: {listener}"
 
 
 # --------------------------------------------------------------------------- destinations
 
 
 def endpoint(address: str, port: int | None, protocol: str) -> str:
-    """`ADDRESS:PORT/PROTO`; an IPv6 address in brackets, so its port stays readable."""
+    """`ADDRESS:PORT/PROTO`; an IPv6 address in brackets, so its port stays readable;
+    `unix:PATH` for a unix socket."""
+    if protocol == "unix":
+        return f"unix:{address}"
     host = f"[{address}]" if ":" in address else address
     return f"{host}:{port}/{protocol}"
 
@@ -136,7 +145,9 @@ def format_event(event: EgressEvent, shown: str | None = None) -> list[str]:
     """The lines one event (or an attempt it heads, `shown` as its target) takes in a report."""
     shown = target(event) if shown is None else shown
     head = f"  {event.verdict:<8} {shown:<22} at {event.blocked_at or '-':<8}"
-    if event.address is not None and not event.qtype and not event.is_escape:
+    if event.is_local:
+        head += " (local service)"
+    elif event.address is not None and not event.qtype and not event.is_escape:
         learned = f", learned from {event.learned_from}" if event.learned_from else ""
         head += f" ({event.domain or 'no name'}{learned})"
     if event.outage and event.outage not in DEFAULT_OUTAGES:
@@ -144,12 +155,19 @@ def format_event(event: EgressEvent, shown: str | None = None) -> list[str]:
     if event.rule:  # an escape's says who moved it
         head += f" {event.rule}" if event.is_escape else f" rule {event.rule}"
     lines = [head.rstrip()]
+    service = SERVICE.format(name=event.service) if event.service else ""
     if event.pid is None:
-        lines.append(" " * 11 + UNATTRIBUTED.format(reason=event.unattributed or "unknown"))
+        reason = UNATTRIBUTED.format(reason=event.unattributed or "unknown")
+        lines.append(f"{'':11}{service}{reason}")
     else:
-        lines.append(f"{'':11}pid {event.pid}  {event.cmdline or '?'}")
-    for pid, cmdline in event.ancestry:
-        lines.append(f"{'':11}via pid {pid} {cmdline}")
+        lines.append(f"{'':11}{service}pid {event.pid}  {event.cmdline or '?'}")
+    lines.extend(f"{'':11}via pid {pid} {cmdline}" for pid, cmdline in event.ancestry)
+    if event.called_by:
+        (pid, cmdline), *chain = event.called_by
+        lines.append(f"{'':11}{CALLED_BY.format(pid=pid, cmdline=cmdline)}")
+        lines.extend(f"{'':11}via pid {pid} {cmdline}" for pid, cmdline in chain)
+    if event.listener:
+        lines.append(f"{'':11}{LISTENER.format(listener=event.listener)}")
     return lines
 
 
@@ -197,7 +215,8 @@ def log_line(event: EgressEvent, method: str) -> str:
     DNS through the proxy: `reason=FromDNSRequest`; a DNS query sent past the
     proxy and judged in the packet: `reason=FromDNSBypass` with the resolver's
     address; a connection or datagram: `reason=FromConnect` (at connect/sendmsg)
-    or `FromPacket` (the backstop); a process moved out of its fence:
+    or `FromPacket` (the backstop); a contact with a local service:
+    `LOCAL ... reason=FromLocalContact` with `listener=`; a process moved out of its fence:
     `CGROUP BLOCKED reason=FromCgroupEscape` with `cgroup=PATH` and, when another
     process moved it, `movedBy=PID`. Fields that GitHub's line lacks come after
     `firewallMethod`, so its shape stays a prefix.
@@ -205,6 +224,8 @@ def log_line(event: EgressEvent, method: str) -> str:
     level = "WARN" if event.forbidden else "INFO"
     if event.is_escape:
         kind, reason = "CGROUP", "FromCgroupEscape"
+    elif event.is_local:
+        kind, reason = "LOCAL", "FromLocalContact"
     elif event.address is None:
         kind, reason = "DNS", "FromDNSRequest"
     elif event.qtype is not None:
@@ -233,6 +254,12 @@ def log_line(event: EgressEvent, method: str) -> str:
         fields.append(f"learnedFrom={logfmt_value(event.learned_from)}")
     if event.moved_by is not None:
         fields.append(f"movedBy={event.moved_by}")
+    if event.listener:
+        fields.append(f"listener={quoted(event.listener)}")
+    if event.service:
+        fields.append(f"service={logfmt_value(event.service)}")
+    if event.called_by:
+        fields.append(f"calledBy={event.called_by[0][0]}")
     if event.pid is None:
         fields.append(f"unattributed={logfmt_value(event.unattributed or 'unknown')}")
     return f"{level} {kind} {verdict_word(event)} " + " ".join(fields)

@@ -31,14 +31,18 @@ FORMAT = "pytest-depfence-report/1"
 
 def event_record(event: EgressEvent) -> dict[str, Any]:
     record = dataclasses.asdict(event)
-    record["ancestry"] = [{"pid": pid, "cmdline": cmdline} for pid, cmdline in event.ancestry]
+    for chain in ("ancestry", "called_by"):
+        record[chain] = [{"pid": pid, "cmdline": cmdline} for pid, cmdline in getattr(event, chain)]
     return record
 
 
 def event_from_record(record: dict[str, Any]) -> EgressEvent:
     """The event an `event_record` was made from (runs travel as dicts, e.g. from xdist)."""
-    ancestry = tuple((a["pid"], a["cmdline"]) for a in record["ancestry"])
-    return EgressEvent(**{**record, "ancestry": ancestry})
+    chains = {
+        chain: tuple((a["pid"], a["cmdline"]) for a in record.get(chain, ()))
+        for chain in ("ancestry", "called_by")
+    }
+    return EgressEvent(**{**record, **chains})
 
 
 def run_record(result: FenceResult, *, policy: str, mode: str, outage: str) -> dict[str, Any]:

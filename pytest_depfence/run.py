@@ -1,8 +1,15 @@
 """One fenced run: its members, what the kernel and the proxy report about them, its teardown.
 
-A run has **members**, each a cgroup keyed by its id: the command's cgroup
-today, fenced services later. Events from the kernel and the proxy are
-attributed to the member they came from and judged by the fence's `Judge`.
+A run has **members**, each a cgroup keyed by its id: the command's cgroup,
+the fence's services (`service.py`) and the cgroups adopted for the run.
+Events from the kernel and the proxy are attributed to the member they came
+from and judged by the fence's `Judge`. A contact with a local service
+(loopback, a local address, a unix socket) names the process listening there
+(`local.LocalPeers`); when that is a service of the fence, the contact is a
+call, and the service's own events in the run name the run's process that
+called it last before them (`EgressEvent.called_by`), so the chain reads
+script -> curl -> service -> github.com.
+
 Everything a run sets up is undone by a `Teardown` stack in which every step
 runs even when an earlier one raised. User callbacks (`on_event`) run on a
 thread of their own, fed by a queue, so a slow reader never stalls the DNS
@@ -11,22 +18,25 @@ proxy or the kernel-event thread.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import shlex
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cgroup import FenceCgroup
+from .cgroup import pids_of
 from .events import EgressEvent
 from .judge import OWNERLESS, DnsVerdict, Judge
+from .local import LocalListener, LocalPeers
 from .procinfo import Attribution, attribute, cmdline_of, read_proc_cmdline
 
 if TYPE_CHECKING:
     from .dnsproxy import Query
-    from .kernel import BypassEvent, ConnEvent, EscapeEvent, Programs
+    from .kernel import BypassEvent, ConnEvent, EscapeEvent, Programs, UnixEvent
 
 
 class Teardown:
@@ -92,12 +102,24 @@ class Delivery:
 
 @dataclass
 class Member:
-    """A cgroup whose processes belong to the run: the command's, or a service's."""
+    """A cgroup whose processes belong to the run: the command's, a service's, an adopted one."""
 
     name: str
-    cgroup: FenceCgroup
+    cgroup_id: int
+    #: The cgroup's directory.
+    dir: Path
+    #: Its path from the cgroup v2 root ("/depfence/..."), as /proc/PID/cgroup says it.
+    path: str
     #: Where ancestry stops: the member's first process.
     root_pid: int | None = None
+    #: A service (fenced or adopted): its events carry its name, its callers are traced.
+    service: bool = False
+
+    def holds(self, cgroup_path: str | None) -> bool:
+        """Whether a process in cgroup `cgroup_path` is in this member (or below it)."""
+        return cgroup_path is not None and (
+            cgroup_path == self.path or cgroup_path.startswith(self.path.rstrip("/") + "/")
+        )
 
 
 @dataclass
@@ -106,9 +128,13 @@ class Run:
 
     programs: Programs
     judge: Judge
+    #: Who listens at local destinations (the fence's, shared by its runs).
+    peers: LocalPeers = field(default_factory=LocalPeers)
     on_event: Callable[[EgressEvent], None] | None = None
     members: dict[int, Member] = field(default_factory=dict)
     _events: list[tuple[int, EgressEvent]] = field(default_factory=list)  # (monotonic ns, event)
+    #: Calls of services: (monotonic ns, service name, who called).
+    _calls: list[tuple[int, str, Attribution]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     #: Packet-level reports already made: TCP retransmits a dropped segment, and an
     #: ownerless socket's every packet would repeat the same event.
@@ -120,7 +146,14 @@ class Run:
             self._delivery = Delivery(self.on_event)
 
     def add_member(self, member: Member) -> None:
-        self.members[member.cgroup.id] = member
+        self.members[member.cgroup_id] = member
+
+    def member_holding(self, listener: LocalListener) -> Member | None:
+        return next((m for m in self.members.values() if m.holds(listener.cgroup)), None)
+
+    def service_pids(self) -> list[int]:
+        """Where a local listener is looked for first: the services' processes."""
+        return [pid for m in self.members.values() if m.service for pid in pids_of(m.dir)]
 
     # -- attribution -----------------------------------------------------------------
     def who(self, pid: int, cgroup_id: int) -> Attribution:
@@ -130,17 +163,17 @@ class Run:
             return Attribution(None, None, (), f"sent from another cgroup (id {cgroup_id})")
         return attribute(self.programs, pid, cgroup_id, member.root_pid)
 
-    def who_asked(self, query: Query) -> Attribution:
+    # -- what the proxy and the kernel report ------------------------------------------
+    def on_query(self, query: Query, verdict: DnsVerdict) -> None:
         owner = self.programs.flow_owner(
             query.transport, query.listen_port, query.client[1], query.txid
         )
         if owner is None:
-            return Attribution(None, None, (), "no fenced socket sent this message")
-        return self.who(owner.pid, owner.cgroup_id)
-
-    # -- what the proxy and the kernel report ------------------------------------------
-    def on_query(self, query: Query, verdict: DnsVerdict) -> None:
-        self.add(time.monotonic_ns(), self.judge.dns_event(query, verdict, self.who_asked(query)))
+            who = Attribution(None, None, (), "no fenced socket sent this message")
+        else:
+            who = self.who(owner.pid, owner.cgroup_id)
+        event = self.judge.dns_event(query, verdict, who)
+        self.add(time.monotonic_ns(), event, owner.cgroup_id if owner else None)
 
     def on_connection(self, conn: ConnEvent) -> None:
         if conn.pid:
@@ -149,19 +182,69 @@ class Run:
             who = Attribution(None, None, (), OWNERLESS)
         else:
             return
-        self.add(conn.time_ns, self.judge.connection(conn, who))
+        if conn.action == "allowed" and self.peers.is_local(conn.address):
+            where = self.peers.listener(
+                conn.protocol, conn.address, conn.port, candidates=self.service_pids()
+            )
+            if where is not None:  # else nothing listened there: nothing was reached
+                address = str(conn.address)
+                self._local(
+                    conn.time_ns, conn.cgroup_id, who, where, address, conn.port, conn.protocol
+                )
+            return
+        self.add(conn.time_ns, self.judge.connection(conn, who), conn.cgroup_id)
+
+    def on_unix(self, contact: UnixEvent) -> None:
+        """A connect() to a unix socket: on record when it reached a listener."""
+        if not contact.reached or not self.first_report(("unix", contact.pid, contact.path)):
+            return
+        who = self.who(contact.pid, contact.cgroup_id)
+        where = self.peers.listener("unix", contact.path, candidates=self.service_pids())
+        if where is None:  # it reached one that is gone already: name the socket alone
+            where = LocalListener(None, None, None, None, 0)
+        self._local(contact.time_ns, contact.cgroup_id, who, where, contact.path, None, "unix")
+
+    def _local(
+        self,
+        when_ns: int,
+        cgroup_id: int,
+        who: Attribution,
+        where: LocalListener,
+        address: str,
+        port: int | None,
+        protocol: str,
+    ) -> None:
+        """A contact with a local service: a call when a service of the fence listens there;
+        nothing when the listener is in the run itself (its own traffic)."""
+        member = self.member_holding(where)
+        if member is not None and not member.service:
+            return
+        listener = where.describe()
+        if member is not None:
+            listener = f"service {member.name}: {listener}"
+            with self._lock:
+                self._calls.append((when_ns, member.name, who))
+        event = self.judge.local_contact(
+            who,
+            address=address,
+            port=port,
+            protocol=protocol,
+            listener=listener,
+            service=member.name if member is not None else None,
+        )
+        self.add(when_ns, event, cgroup_id)
 
     def on_bypass(self, query: BypassEvent) -> None:
         key = (query.pid, query.name, query.address, query.port, query.protocol, query.txid)
         if self.first_report(("bypass", *key)):
             who = self.who(query.pid, query.cgroup_id)
-            self.add(query.time_ns, self.judge.bypass(query, who))
+            self.add(query.time_ns, self.judge.bypass(query, who), query.cgroup_id)
 
     def on_escape(self, escape: EscapeEvent) -> None:
         """A process of a member was moved out of the fence (and killed: kernel.Listener)."""
         who = self.who(escape.pid, escape.cgroup_id)
         mover = None if escape.writer == escape.pid else self.describe(escape.writer)
-        self.add(escape.time_ns, self.judge.escape(escape, who, mover))
+        self.add(escape.time_ns, self.judge.escape(escape, who, mover), escape.cgroup_id)
 
     def describe(self, pid: int) -> str:
         """`pid N command` for any process: the kernel's record when it is a fenced one."""
@@ -172,7 +255,11 @@ class Run:
         return f"pid {pid} {shlex.join(argv)}" if argv else f"pid {pid}"
 
     # -- events ------------------------------------------------------------------------
-    def add(self, when_ns: int, event: EgressEvent) -> None:
+    def add(self, when_ns: int, event: EgressEvent, cgroup_id: int | None = None) -> None:
+        """Record an event of member `cgroup_id` (a service's carries its name)."""
+        member = self.members.get(cgroup_id) if cgroup_id is not None else None
+        if member is not None and member.service:
+            event = dataclasses.replace(event, service=member.name)
         with self._lock:
             self._events.append((when_ns, event))
         if self._delivery is not None:
@@ -186,8 +273,27 @@ class Run:
             return True
 
     def in_order(self) -> tuple[EgressEvent, ...]:
+        """Every event by time; a service's names the run's process that called it last
+        before it (the call is a connect, so it comes before what the service does)."""
         with self._lock:
-            return tuple(e for _, e in sorted(self._events, key=lambda pair: pair[0]))
+            events = sorted(self._events, key=lambda pair: pair[0])
+            calls = sorted(self._calls, key=lambda call: call[0])
+        return tuple(self._chained(when, event, calls) for when, event in events)
+
+    @staticmethod
+    def _chained(
+        when: int, event: EgressEvent, calls: list[tuple[int, str, Attribution]]
+    ) -> EgressEvent:
+        if event.service is None:
+            return event
+        callers = [who for at, name, who in calls if name == event.service and at <= when]
+        if not callers:
+            return event
+        caller = callers[-1]
+        if caller.pid is None or caller.cmdline is None:
+            return event
+        chain = ((caller.pid, caller.cmdline), *caller.ancestry)
+        return dataclasses.replace(event, called_by=chain)
 
     def finish_delivery(self) -> None:
         """Every event delivered to `on_event`; its first exception raised here."""

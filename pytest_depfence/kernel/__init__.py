@@ -9,7 +9,7 @@ The rest of the package uses only the names below.
 
 from __future__ import annotations
 
-from .abi import BypassEvent, ConnEvent, EscapeEvent, Owner, ProcRecord
+from .abi import BypassEvent, ConnEvent, EscapeEvent, Owner, ProcRecord, UnixEvent
 from .programs import KernelFence, Listener, Programs, load
 from .toolkit import (
     BCC_INSTALL_HINT,
@@ -37,6 +37,7 @@ __all__ = [
     "Owner",
     "ProcRecord",
     "Programs",
+    "UnixEvent",
     "bpf_source_dir",
     "check_kernel_headers",
     "check_privileges",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import errno
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Union
@@ -41,6 +42,8 @@ DNS_QUESTIONS_MAX = 4
 NAME_HASH_MUL = 1099511628211
 #: Bytes kept of the destination path of a process moved out of its fence (escape.c).
 CGROUP_PATH_MAX = 256
+#: Bytes kept of a unix socket's path (unix.c): sun_path's 108, rounded up to a power of two.
+UNIX_PATH_LEN = 128
 
 
 # -- codes (each family's C names are its prefix + the member's name) -------------------
@@ -51,6 +54,7 @@ class FenceFlag(enum.IntFlag):
 
     EGRESS_ONLY = 1  # addresses not allowed explicitly are refused
     AUDIT = 2  # record what would be refused, refuse nothing
+    ADOPTED = 4  # a cgroup the fence does not own (a running service): never killed or paused
 
 
 class Verdict(enum.IntEnum):
@@ -149,6 +153,7 @@ def defines() -> list[tuple[str, str]]:
         ("DNS_QUESTIONS_MAX", str(DNS_QUESTIONS_MAX)),
         ("NAME_HASH_MUL", f"{NAME_HASH_MUL}ULL"),
         ("CGROUP_PATH_MAX", str(CGROUP_PATH_MAX)),
+        ("UNIX_PATH_LEN", str(UNIX_PATH_LEN)),
     ]
     for prefix, family in _FAMILIES:
         pairs.extend((prefix + name, str(int(m))) for name, m in family.__members__.items())
@@ -228,12 +233,24 @@ class EscapeEventStruct(ctypes.Structure):
     ]
 
 
+class UnixEventStruct(ctypes.Structure):
+    """struct unix_event (unix.c)."""
+
+    _fields_ = [
+        ("head", EventHead),  # no address, port or protocol
+        ("ret", ctypes.c_int32),  # the connect's result: 0 or -errno
+        ("path_len", ctypes.c_uint32),
+        ("path", ctypes.c_uint8 * UNIX_PATH_LEN),  # sun_path as given; abstract: a NUL first
+    ]
+
+
 #: Ring buffer -> the struct of its events; also the fields of depfence.c's abi_check map.
 RINGS: dict[str, tuple[str, type[ctypes.Structure]]] = {
     "conn_events": ("conn", ConnEventStruct),
     "bypass_events": ("bypass", BypassEventStruct),
     "view_events": ("view", ViewEventStruct),
     "escape_events": ("escape", EscapeEventStruct),
+    "unix_events": ("unix_connect", UnixEventStruct),
 }
 
 
@@ -361,6 +378,24 @@ class EscapeEvent:
 
 
 @dataclass(frozen=True)
+class UnixEvent:
+    """A fenced process's connect() to a unix socket."""
+
+    time_ns: int
+    cgroup_id: int
+    pid: int
+    tid: int
+    #: The socket's path; an abstract name is written "@name", as /proc/net/unix shows it.
+    path: str
+    #: The connect's result: 0 (or -EINPROGRESS), else -errno: nothing was reached.
+    ret: int
+
+    @property
+    def reached(self) -> bool:
+        return self.ret in (0, -errno.EINPROGRESS)
+
+
+@dataclass(frozen=True)
 class Owner:
     """The process that owned a socket when it sent a message."""
 
@@ -435,6 +470,22 @@ def decode_escape(raw: EscapeEventStruct) -> EscapeEvent:
         dst_path=path,
         killed_in_kernel=bool(raw.killed),
         born=bool(raw.born),
+    )
+
+
+def decode_unix(raw: UnixEventStruct) -> UnixEvent:
+    path = bytes(raw.path)[: min(raw.path_len, UNIX_PATH_LEN)]
+    if path[:1] == b"\0":  # abstract: the name is every byte given (NULs included)
+        text = "@" + path[1:].decode(errors="replace")
+    else:  # a filesystem path ends at its first NUL
+        text = path.split(b"\0", 1)[0].decode(errors="replace")
+    return UnixEvent(
+        time_ns=raw.head.ts,
+        cgroup_id=raw.head.cgid,
+        pid=raw.head.pid,
+        tid=raw.head.tid,
+        path=text,
+        ret=raw.ret,
     )
 
 

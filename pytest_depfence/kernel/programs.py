@@ -25,7 +25,7 @@ from typing import Any, Callable, Union
 
 from ..errors import FenceUnavailable
 from . import abi, toolkit
-from .abi import BypassEvent, ConnEvent, EscapeEvent, Owner, ProcRecord
+from .abi import BypassEvent, ConnEvent, EscapeEvent, Owner, ProcRecord, UnixEvent
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -40,6 +40,9 @@ class KernelFence:
     egress_only: bool
     audit: bool
     outage: str  # an outages.KERNEL_ACTIONS entry: what a refused connection meets
+    #: A cgroup the fence does not own (an adopted service): its processes are never
+    #: killed for leaving it, nor paused when they change their mounts.
+    adopted: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class Listener:
     #: A process of the fence was moved to a cgroup outside it; it has been killed
     #: (moves within the fence are not reported).
     on_escape: Callable[[EscapeEvent], None] | None = None
+    #: A process of the fence connected to a unix socket (reached or not: `UnixEvent.ret`).
+    on_unix: Callable[[UnixEvent], None] | None = None
 
 
 def _in_tree(dir_fd: int, cgroup_id: int) -> bool:
@@ -104,6 +109,7 @@ class Programs:
             "bypass_events": self._on_bypass_event,
             "view_events": self._on_view_event,
             "escape_events": self._on_escape_event,
+            "unix_events": self._on_unix_event,
         }
         self._rings = []
         for ring, handler in handlers.items():
@@ -125,8 +131,10 @@ class Programs:
         leaf.fence_id = fence.fence_id
         leaf.proxy_port = fence.proxy_port
         leaf.refuser_port = fence.refuser_port
-        leaf.flags = (abi.FenceFlag.EGRESS_ONLY if fence.egress_only else 0) | (
-            abi.FenceFlag.AUDIT if fence.audit else 0
+        leaf.flags = (
+            (abi.FenceFlag.EGRESS_ONLY if fence.egress_only else 0)
+            | (abi.FenceFlag.AUDIT if fence.audit else 0)
+            | (abi.FenceFlag.ADOPTED if fence.adopted else 0)
         )
         leaf.outage = abi.OUTAGE_CODES[fence.outage]
         self._fences[self._fences.Key(cgroup_id)] = leaf
@@ -273,6 +281,15 @@ class Programs:
         listener = self._listeners.get(event.cgroup_id)
         if listener is not None and listener.on_escape is not None:
             listener.on_escape(event)
+
+    def _on_unix_event(self, _ctx: Any, data: Any, size: int) -> None:
+        raw = self._received("unix_events", data, size)
+        if raw is None:
+            return
+        event = abi.decode_unix(raw)
+        listener = self._listeners.get(event.cgroup_id)
+        if listener is not None and listener.on_unix is not None:
+            listener.on_unix(event)
 
     def _below(self, fence_id: int, cgroup_id: int) -> bool:
         """Whether cgroup `cgroup_id` is fence `fence_id`'s or one below it (its directory tree).

@@ -124,9 +124,8 @@ def item_policy(item: pytest.Item) -> Policy | None:
             else:
                 policy = Policy.egress_only(*mark.args, source=source)
             for rule in policy.rules:
-                key = (rule.kind, rule.name, rule.network)
-                if key not in seen:
-                    seen.add(key)
+                if rule.key not in seen:
+                    seen.add(rule.key)
                     rules.append(rule)
         return Policy(kind, tuple(rules))  # type: ignore[arg-type]
     return None

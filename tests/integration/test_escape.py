@@ -35,7 +35,7 @@ from helpers_net import skip_or_fail
 
 from pytest_depfence import Fence, Policy
 from pytest_depfence.cgroup import CgroupTree, cgroup2_mount
-from pytest_depfence.fence import OUTPUT_GRACE
+from pytest_depfence.output import OUTPUT_GRACE
 
 if TYPE_CHECKING:
     from pytest_depfence.lab import Lab

@@ -11,7 +11,6 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
@@ -161,7 +160,7 @@ def record(pid: int, ppid: int, *argv: str, exited: bool = False) -> ProcRecord:
 def run_with(*records: ProcRecord) -> Run:
     programs = Records({r.pid: r for r in records})
     run = Run(programs, judge())  # type: ignore[arg-type]
-    run.add_member(Member("command", SimpleNamespace(id=FENCE), root_pid=4301))  # type: ignore[arg-type]
+    run.add_member(Member("command", FENCE, Path("/x"), "/x", root_pid=4301))
     return run
 
 

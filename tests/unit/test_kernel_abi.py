@@ -42,6 +42,7 @@ def guarded_names() -> list[str]:
         (abi.BypassEventStruct, 192),
         (abi.ViewEventStruct, 16),
         (abi.EscapeEventStruct, 296),
+        (abi.UnixEventStruct, 184),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else str(v),
 )
@@ -74,6 +75,7 @@ def test_every_ring_struct_is_a_field_of_the_check_map():
         "bypass": "bypass_event",
         "view": "view_event",
         "escape": "escape_event",
+        "unix_connect": "unix_event",
     }
     assert sorted(fields) == sorted((c_names[f], f) for f, _ in abi.RINGS.values())
 

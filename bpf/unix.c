@@ -1,0 +1,94 @@
+/* Tracepoints: a fenced process connecting to a unix socket is on record.
+ *
+ * A daemon's unix socket (/run/docker.sock, a package manager's socket) is a
+ * way out of the fence no cgroup hook sees: whatever the daemon fetches, it
+ * fetches from its own cgroup. So every connect() of a fenced process to a
+ * unix socket is reported with the socket's path and the connect's result;
+ * userspace names the process listening there (pytest_depfence/local.py) and
+ * judges the contact (judge.py).
+ *
+ * The path is read at syscall entry (the caller's sockaddr, in user memory)
+ * and reported at syscall exit with the result, so a connect that failed
+ * (nothing listens: glibc tries nscd's socket on every lookup) is told apart
+ * from one that reached a listener. A process that is not fenced costs one
+ * cgroup lookup per connect, and only AF_UNIX ones are kept.
+ *
+ * cgroup/connect_unix (6.7+) would see the path too, but only on new kernels;
+ * the syscall tracepoints exist on every kernel this project supports, so they
+ * are used everywhere. Not seen: sendto()/sendmsg() naming a unix datagram
+ * socket without connect(), and connects made through io_uring.
+ *
+ * Helpers (program type BPF_PROG_TYPE_TRACEPOINT), first kernel for this type:
+ *   bpf_probe_read_user         5.5
+ *   bpf_get_current_pid_tgid    4.2
+ *   bpf_ktime_get_ns            4.1
+ *   bpf_ringbuf_output          5.8
+ *   bpf_map_lookup/update/delete_elem  4.7
+ *   (fence_of_current: bpf_get_current_cgroup_id 4.18, ..._ancestor_cgroup_id 5.7)
+ */
+
+#define AF_UNIX_FAMILY 1
+/* sizeof(sun_path) */
+#define UNIX_SUN_PATH 108
+
+/* A connect() to a unix socket in progress, by thread. */
+struct unix_pending {
+    __u64 cgid;
+    __u32 path_len;     /* bytes of sun_path the caller gave (addrlen - 2, at most 108) */
+    __u32 pad;
+    char path[UNIX_PATH_LEN];
+};
+
+/* A fenced process's connect() to a unix socket, with its result. No implicit padding. */
+struct unix_event {
+    struct event_head head;  /* ip6, port and proto are zero */
+    __s32 ret;          /* the connect's return: 0, or -errno */
+    __u32 path_len;
+    char path[UNIX_PATH_LEN];  /* sun_path as given (an abstract name starts with a NUL) */
+};
+
+BPF_TABLE("lru_hash", __u64, struct unix_pending, unix_pending, 1024);
+BPF_RINGBUF_OUTPUT(unix_events, 16);
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    __u64 cgid;
+    if (!fence_of_current(&cgid))
+        return 0;
+    const char *addr = (const char *)args->uservaddr;
+    __u16 family = 0;
+    if (bpf_probe_read_user(&family, sizeof(family), addr) != 0 || family != AF_UNIX_FAMILY)
+        return 0;
+    struct unix_pending pending = {};
+    pending.cgid = cgid;
+    int addrlen = args->addrlen;
+    __u32 len = addrlen > 2 ? addrlen - 2 : 0;
+    if (len > UNIX_SUN_PATH)
+        len = UNIX_SUN_PATH;
+    pending.path_len = len;
+    /* Exactly what the caller gave: reading past it could fault (a short sockaddr
+     * at the end of a page) and lose the whole path. Read back through volatile so
+     * the mask the verifier needs is applied to the register passed. */
+    __u32 size = *(volatile __u32 *)&pending.path_len & (UNIX_PATH_LEN - 1);
+    bpf_probe_read_user(pending.path, size, addr + 2);
+    __u64 tid = bpf_get_current_pid_tgid();
+    unix_pending.update(&tid, &pending);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct unix_pending *pending = unix_pending.lookup(&pid_tgid);
+    if (!pending)
+        return 0;
+    struct unix_event e = {};
+    __u32 zero[4] = {};
+    fill_head(&e.head, pending->cgid, pid_tgid, zero, 0, 0);
+    e.ret = args->ret;
+    e.path_len = pending->path_len;
+    __builtin_memcpy(e.path, pending->path, sizeof(e.path));
+    unix_pending.delete(&pid_tgid);
+    unix_events.ringbuf_output(&e, sizeof(e), 0);
+    return 0;
+}

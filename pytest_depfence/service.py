@@ -1,0 +1,143 @@
+"""Fenced services: long-running processes a test starts inside its fence.
+
+`Fence.service(cmd, name=..., ready=...)` starts a process in a cgroup of its
+own (named after it, registered with the fence like a run's cgroup), where it
+stays for the rest of the fence's life or until `Service.stop()`. The policy
+applies to it: its egress during a run is part of that run's result, named
+`in service NAME` with the run's process that called it (`run.py`); its
+egress outside any run (start-up, between runs) is in `Service.events`, and
+the plugin fails the test at teardown when one of those is forbidden.
+
+`ready=` waits until the service accepts connections: a TCP port on
+127.0.0.1 (`8080`), `HOST:PORT` (`[V6]:PORT`), or `unix:PATH`.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import ConfigError, ServiceNotReady
+from .events import EgressEvent
+from .output import Output
+from .render import failure_text
+
+#: Seconds `ready=` waits for a service by default.
+READY_TIMEOUT = 10.0
+#: Seconds between two connection attempts while waiting for `ready=`.
+READY_POLL = 0.02
+
+
+@dataclass(frozen=True)
+class ReadyCheck:
+    """Where a service accepts connections once it is ready."""
+
+    family: int
+    address: str | tuple[str, int]
+
+    def __str__(self) -> str:
+        if isinstance(self.address, str):
+            return f"unix:{self.address}"
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def accepts(self) -> bool:
+        with socket.socket(self.family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.address)
+            except OSError:
+                return False
+            return True
+
+
+def ready_check(ready: int | str, where: str) -> ReadyCheck:
+    """`ready=`: a port of 127.0.0.1, HOST:PORT, [V6]:PORT, or unix:PATH."""
+    if isinstance(ready, int) and not isinstance(ready, bool):
+        host, port = "127.0.0.1", str(ready)
+    elif isinstance(ready, str) and ready.startswith("unix:") and len(ready) > 5:
+        return ReadyCheck(socket.AF_UNIX, ready[5:])
+    elif isinstance(ready, str) and ":" in ready:
+        host, _, port = ready.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    else:
+        raise ConfigError(repr(ready), "ready= is a port, HOST:PORT or unix:PATH", where)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(repr(ready), f"port {port!r} is not in 1..65535", where)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return ReadyCheck(family, (host, int(port)))
+
+
+class Service:
+    """A process fenced for the rest of the test (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        command: str,
+        proc: subprocess.Popen[bytes],
+        output: Output,
+        stop: Callable[[], None],
+        events: Callable[[], list[EgressEvent]],
+    ) -> None:
+        self.name = name
+        self.command = command
+        self.pid = proc.pid
+        self._proc = proc
+        self._output = output
+        self._stop = stop
+        self._events = events
+        self.stopped = False
+
+    @property
+    def events(self) -> list[EgressEvent]:
+        """What the service did outside any run (start-up, between runs), in order."""
+        return self._events()
+
+    @property
+    def violations(self) -> list[EgressEvent]:
+        return [e for e in self.events if e.is_violation]
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll()
+
+    def output(self) -> tuple[str, str]:
+        """What it wrote so far to stdout and stderr."""
+        return self._output.text()
+
+    def stop(self) -> None:
+        """Kill the service and everything it started, and forget its cgroup. Idempotent."""
+        if not self.stopped:
+            self.stopped = True
+            self._stop()
+
+    def wait_ready(self, check: ReadyCheck, timeout: float) -> None:
+        """Return once `check` accepts a connection; ServiceNotReady when the service
+        exits first or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while not check.accepts():
+            if self._proc.poll() is not None:
+                self._not_ready(check, f"it exited first ({self._exit()})")
+            if time.monotonic() >= deadline:
+                self._not_ready(check, f"not within {timeout:g} s")
+            time.sleep(READY_POLL)  # polling a port with a deadline: nothing to wait on
+
+    def _exit(self) -> str:
+        return failure_text(self.command, self._proc.returncode or 0, "", None)
+
+    def _not_ready(self, check: ReadyCheck, why: str) -> None:
+        stderr = self.output()[1].rstrip("\n").splitlines()[-10:]
+        tail = "".join(f"\n  {line}" for line in stderr)
+        self.stop()
+        raise ServiceNotReady(
+            f"service {self.name} did not accept connections on {check}: {why}"
+            + (f"\nits stderr (last {len(stderr)} lines):{tail}" if stderr else "")
+        )
+
+    def __repr__(self) -> str:
+        state = "stopped" if self.stopped else "running"
+        return f"Service(name={self.name!r}, pid={self.pid}, {state}, command={self.command!r})"

@@ -1,0 +1,279 @@
+"""Transient dependencies: the services a fenced script calls are on record, and can be fenced.
+
+Real services (examples/tools/migrations-service, examples/tools/forward-proxy,
+a unix-socket daemon) in the lab, called by real clients (curl) from a fence:
+- outside the fence, the contact names the listener (pid, command line, cgroup);
+  under egress_only it is a violation unless allowed (`local:PORT`, `unix:PATH`);
+- started with `fence.service(...)`, the service's own egress is judged and named
+  with the call chain (script -> curl -> service -> github.com);
+- adopted for a run (`Fence(services=[cgroup])`), its egress is judged during the
+  run, and only then.
+Services are synchronised on their "listening on" line, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pytest_depfence import EgressViolation, Fence, Policy, ServiceNotReady
+from pytest_depfence.cgroup import cgroup2_mount, kill_all
+
+if TYPE_CHECKING:
+    from pytest_depfence.lab import Lab
+
+if os.geteuid() != 0:
+    pytest.skip("fenced clients need root (cgroups, eBPF)", allow_module_level=True)
+if not shutil.which("curl"):
+    pytest.skip("these tests need curl", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+MIGRATIONS = ROOT / "examples" / "tools" / "migrations-service"
+PROXY = ROOT / "examples" / "tools" / "forward-proxy"
+TRANSIENT = ROOT / "examples" / "deploy" / "transient.sh"
+LISTENING = re.compile(rb"listening on (\S+)")
+
+
+def _listening(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> str:
+    """The address a service prints once it accepts connections (with a deadline)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+        found = LISTENING.search(seen)
+        if found:
+            return found.group(1).decode()
+    raise AssertionError(f"the service did not say where it listens: {seen!r}")
+
+
+@pytest.fixture
+def outside(lab: Lab) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], str]]]:
+    """Start a service outside any fence; it is stopped by its pid at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*argv: object, cgroup: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+        def enter() -> None:
+            if cgroup is not None:
+                (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+        proc = subprocess.Popen(
+            [sys.executable, *map(str, argv)], stdout=subprocess.PIPE, preexec_fn=enter
+        )
+        started.append(proc)
+        return proc, _listening(proc)
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _local_events(result, protocol: str | None = None) -> list:  # noqa: ANN001
+    return [e for e in result.events if e.is_local and protocol in (None, e.protocol)]
+
+
+# --------------------------------------------------------------------------- outside the fence
+
+
+def test_forward_proxy_outside_the_fence_is_named(fences, outside) -> None:
+    proxy, address = outside(PROXY, "--listen", "127.0.0.1:0")
+    port = int(address.rsplit(":", 1)[1])
+    fence = fences(Policy.no_egress("github.com"))
+    result = fence.run(["curl", "-sS", "-m", "10", "-x", f"http://{address}", "http://github.com/"])
+    assert result.returncode == 0, result.stderr
+    [contact] = _local_events(result, "tcp")
+    assert (contact.address, contact.port, contact.verdict) == ("127.0.0.1", port, "allowed")
+    assert not contact.forbidden, "no_egress puts a local contact on record, it does not forbid it"
+    assert contact.listener is not None and f"pid {proxy.pid} " in contact.listener
+    assert "forward-proxy" in contact.listener
+    assert contact.cmdline is not None and contact.cmdline.startswith("curl ")
+
+
+def test_forward_proxy_outside_is_a_violation_under_egress_only(fences, outside) -> None:
+    _, address = outside(PROXY, "--listen", "127.0.0.1:0")
+    port = int(address.rsplit(":", 1)[1])
+    fence = fences(Policy.egress_only("mirror.internal"))
+    with pytest.raises(EgressViolation) as caught:
+        fence.run(["curl", "-sS", "-m", "10", "-x", f"http://{address}", "http://github.com/"])
+    text = str(caught.value)
+    assert f"127.0.0.1:{port}/tcp" in text
+    assert f'allow "local:{port}"' in text
+    # Allowed explicitly: on record, not a violation.
+    allowed = fences(Policy.egress_only("mirror.internal", f"local:{port}"))
+    result = allowed.run(["curl", "-sS", "-m", "10", "-x", f"http://{address}", "http://x/"])
+    [contact] = _local_events(result, "tcp")
+    assert not contact.forbidden
+
+
+def test_unix_socket_daemon_outside_the_fence_is_named(fences, outside, tmp_path) -> None:
+    sock = tmp_path / "daemon.sock"
+    daemon, _ = outside(MIGRATIONS, "--unix", sock)
+    fence = fences(Policy.no_egress("github.com"))
+    result = fence.run(
+        ["curl", "-sS", "-m", "10", "--unix-socket", str(sock), "-X", "POST", "http://d/migrate"]
+    )
+    assert result.returncode == 0, result.stderr
+    [contact] = _local_events(result, "unix")
+    assert contact.address == str(sock) and contact.port is None
+    assert contact.listener is not None and f"pid {daemon.pid} " in contact.listener
+    assert "migrations-service" in contact.listener
+    assert contact.cmdline is not None and "--unix-socket" in contact.cmdline
+    # The daemon fetched github.com from outside the fence: no event can show that.
+    assert not [e for e in result.events if e.domain == "github.com"]
+    # egress_only: a violation naming the socket and how to allow it.
+    strict = fences(Policy.egress_only())
+    with pytest.raises(EgressViolation, match=re.escape(f'allow "unix:{sock}"')):
+        strict.run(["curl", "-sS", "-m", "10", "--unix-socket", str(sock), "http://d/migrate"])
+
+
+def test_nothing_listening_is_no_contact(fences, tmp_path) -> None:
+    fence = fences(Policy.egress_only())
+    result = fence.run(
+        ["curl", "-sS", "-m", "5", "--unix-socket", str(tmp_path / "none.sock"), "http://d/"],
+        check=False,
+    )
+    assert result.returncode != 0
+    assert not _local_events(result), result.events
+
+
+# --------------------------------------------------------------------------- fenced services
+
+
+def _migrations(fence: Fence, port_file: Path, *extra: str):  # noqa: ANN202
+    return fence.service(
+        [sys.executable, str(MIGRATIONS), "--listen", "127.0.0.1:18080", *extra],
+        name="migrations",
+        ready=18080,
+    )
+
+
+def test_fenced_service_violation_names_the_chain(fences, tmp_path) -> None:
+    fence = fences(Policy.no_egress("github.com"))
+    service = _migrations(fence, tmp_path)
+    env = {**os.environ, "MIGRATIONS_URL": "http://127.0.0.1:18080"}
+    with pytest.raises(EgressViolation) as caught:
+        fence.run([str(TRANSIENT)], env=env)
+    github, *_ = [v for v in caught.value.violations if v.domain == "github.com"]
+    assert github.service == "migrations"
+    assert github.cmdline is not None and "migrations-service" in github.cmdline
+    caller_pid, caller = github.called_by[0]
+    assert caller.startswith("curl ") and "/migrate" in caller
+    assert any("transient.sh" in cmd for _, cmd in github.called_by[1:])
+    text = str(caught.value)
+    assert "in service migrations" in text
+    assert f"called by pid {caller_pid} curl" in text
+    assert service.events == [], "nothing happened outside the run"
+    # check=False: the same, as a result.
+    result = fence.run([str(TRANSIENT)], env=env, check=False)
+    assert result.returncode != 0  # the service answered 502: its fetch was blocked
+    assert {v.service for v in result.violations if v.domain == "github.com"} == {"migrations"}
+
+
+def test_fenced_service_violating_at_start_up(fences) -> None:
+    fence = fences(Policy.no_egress("github.com"))
+    service = fence.service(
+        [sys.executable, str(MIGRATIONS), "--listen", "127.0.0.1:18081", "--fetch-at-start"],
+        name="starts-with-github",
+    )
+    service_exit = _wait_exit(service)
+    assert service_exit == 1  # it could not start without GitHub
+    violation, *_ = [v for v in service.violations if v.domain == "github.com"]
+    assert violation.service == "starts-with-github" and violation.called_by == ()
+
+
+def _wait_exit(service, timeout: float = 20.0) -> int:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while service.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.returncode is not None, "the service did not exit"
+    return service.returncode
+
+
+def test_service_not_ready_is_a_clear_error(fences) -> None:
+    fence = fences(Policy.no_egress("github.com"))
+    with pytest.raises(ServiceNotReady, match="service never did not accept connections on"):
+        fence.service(["sh", "-c", "echo starting >&2; exit 3"], name="never", ready=18082)
+
+
+def test_egress_only_with_the_service_fenced_judges_its_own_egress(fences) -> None:
+    fence = fences(Policy.egress_only())
+    fence.service(
+        [sys.executable, str(MIGRATIONS), "--listen", "127.0.0.1:18083"],
+        name="migrations",
+        ready=18083,
+    )
+    result = fence.run(
+        ["curl", "-sS", "-m", "10", "-X", "POST", "http://127.0.0.1:18083/migrate"], check=False
+    )
+    contacts = _local_events(result, "tcp")
+    assert contacts and not any(c.forbidden for c in contacts), contacts
+    assert contacts[0].listener is not None and contacts[0].listener.startswith(
+        "service migrations:"
+    )
+    github = [v for v in result.violations if v.domain == "github.com"]
+    assert github and github[0].service == "migrations"
+
+
+# --------------------------------------------------------------------------- adopted cgroups
+
+
+@pytest.fixture
+def service_cgroup(lab: Lab) -> Iterator[Path]:
+    path = cgroup2_mount() / f"depfence-test-adopted-{os.getpid()}"
+    path.mkdir()
+    yield path
+    kill_all(path)
+    path.rmdir()
+
+
+def test_adopted_cgroup_is_judged_during_the_run_only(lab, fences, outside, service_cgroup) -> None:
+    daemon, address = outside(MIGRATIONS, "--listen", "127.0.0.1:0", cgroup=service_cgroup)
+    fences(Policy.no_egress("github.com"))  # skips (or fails) when no fence can be built
+    fence = Fence(
+        Policy.no_egress("github.com"), upstream=lab.upstream, services=[str(service_cgroup)]
+    )
+    with fence:
+        result = fence.run(
+            ["curl", "-sS", "-m", "10", "-X", "POST", f"http://{address}/migrate"], check=False
+        )
+    github = [v for v in result.violations if v.domain == "github.com"]
+    assert github, result.events
+    assert github[0].service == str(service_cgroup)
+    assert github[0].called_by and github[0].called_by[0][1].startswith("curl ")
+    # After the run: the daemon is untouched, and nothing of the fence is on its cgroup.
+    assert daemon.poll() is None
+    attached = subprocess.run(
+        ["bpftool", "cgroup", "show", str(service_cgroup)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert attached.stdout.strip() == "", attached.stdout
+
+
+def test_unknown_service_is_a_clear_error(lab) -> None:
+    from pytest_depfence import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no-such\.service.*Fence\(services=\)"):
+        Fence(Policy.no_egress("github.com"), upstream=lab.upstream, services=["no-such.service"])
