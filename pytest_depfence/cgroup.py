@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FenceUnavailable
+from .errors import ConfigError, FenceUnavailable
 
 PARENT = "depfence"
 _counter = itertools.count(1)
@@ -130,11 +130,24 @@ UNIT_DEPTH = 4
 
 @dataclass(frozen=True)
 class Adopted:
-    """An existing cgroup a fence adopts for each run: a running service, never killed."""
+    """A running service a fence adopts for each run, as the user named it: a systemd unit
+    or a cgroup path. Its cgroup is found at each run (a restarted unit may have a new one)."""
 
-    #: As the user wrote it: a unit name or a cgroup path.
     name: str
-    dir: Path
+    #: Where it was written (marker at file:line, Fence(services=), CLI flag).
+    source: str
+
+    def directory(self) -> Path:
+        """Its cgroup directory now; ConfigError naming it and where it was written."""
+        found = find_cgroup(self.name)
+        if found is None:
+            raise ConfigError(
+                self.name,
+                f"no such systemd unit or cgroup under {cgroup2_mount()} (a unit is found by "
+                "its name, e.g. docker.service; a path is from the cgroup v2 root)",
+                self.source,
+            )
+        return found
 
 
 def find_cgroup(spec: str, mount: Path | None = None) -> Path | None:

@@ -15,13 +15,11 @@ services do outside any run is recorded by an idle `Run` of their own.
 from __future__ import annotations
 
 import atexit
-import errno
 import itertools
 import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -40,6 +38,7 @@ from .judge import DnsVerdict, Judge
 from .local import LocalPeers
 from .output import Output
 from .policy import Policy
+from .refuser import Refuser
 from .render import failure_text, format_violations
 from .run import Member, Run, Teardown
 from .service import READY_TIMEOUT, Service, ready_check
@@ -47,6 +46,9 @@ from .service import READY_TIMEOUT, Service, ready_check
 #: Seconds the command's own process may live on after its cgroup was killed (it can
 #: only have left the cgroup) before it is killed by its pid: it is our child.
 REAP_GRACE = 1.0
+
+#: The command of a service's result: what it did outside any run (`Fence.results`).
+SERVICE_RESULT = "service {name} (outside any run): {command}"
 
 _fence_ids = itertools.count(1)
 _tree_lock = threading.Lock()
@@ -62,39 +64,6 @@ def _session_tree() -> CgroupTree:
             atexit.register(tree.remove)
             _tree = tree
         return _tree
-
-
-class _Refuser:
-    """A loopback port bound but never listening: connecting to it is refused at once."""
-
-    def __init__(self) -> None:
-        self.sockets: list[socket.socket] = []
-        for _ in range(32):
-            first = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            first.bind(("127.0.0.1", 0))
-            self.port = first.getsockname()[1]
-            self.sockets = [first]
-            try:
-                v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            except OSError:
-                return  # no IPv6 here: nothing to refuse on
-            try:
-                v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                v6.bind(("::1", self.port))
-            except OSError as exc:
-                v6.close()
-                if exc.errno == errno.EADDRINUSE:
-                    self.close()
-                    continue
-                return  # no IPv6 loopback here: nothing to refuse on
-            self.sockets.append(v6)
-            return
-        raise OSError(errno.EADDRINUSE, "no free loopback port for refusing connections")
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            sock.close()
-        self.sockets = []
 
 
 class _ProxyJudge:
@@ -138,6 +107,8 @@ class Fence:
         self.adopted: tuple[Adopted, ...] = options.validate(
             "services", list(services), "Fence(services=)"
         )
+        for adopted in self.adopted:
+            adopted.directory()  # a unit or path that is not there: said now
         self.upstream = options.parse_upstream(
             upstream or options.default_upstream(), "Fence(upstream=)"
         )
@@ -147,7 +118,7 @@ class Fence:
         self._tools: confine.Tools | None = None
         self._judge: Judge | None = None
         self._proxy: DnsProxy | None = None
-        self._refuser: _Refuser | None = None
+        self._refuser: Refuser | None = None
         self._peers = LocalPeers()
         self._run_lock = threading.Lock()
         self._current: Run | None = None
@@ -170,7 +141,7 @@ class Fence:
         try:
             judge = Judge(self.policy, self.mode, self.outage, AddressBook(self.id, programs))
             self._judge = judge
-            self._refuser = _Refuser()
+            self._refuser = Refuser()
             self._idle = Run(programs, judge, self._peers)
             self._proxy = DnsProxy(
                 upstream=self.upstream, judge=_ProxyJudge(judge, self._recorder)
@@ -201,8 +172,7 @@ class Fence:
                 teardown.push(self._refuser.close)
             if self._proxy is not None:
                 teardown.push(self._proxy.stop)
-            for service in self.services:  # first: they may use the proxy to the end
-                teardown.push(service.stop)
+            teardown.push(self.stop_services)  # first: they may use the proxy to the end
             self._proxy, self._refuser, self._judge = None, None, None
 
     def _recorder(self) -> Run:
@@ -361,11 +331,12 @@ class Fence:
     ) -> None:
         """An adopted service's cgroup, fenced for this run: judged and named, never killed
         (its links are not given to the guardian: if this process dies, they just go)."""
-        fd = os.open(adopted.dir, os.O_RDONLY | os.O_DIRECTORY)
+        directory = adopted.directory()
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         teardown.push(partial(os.close, fd))
         cgroup_id = os.fstat(fd).st_ino
-        path = _session_tree().v2_path(adopted.dir)
-        run.add_member(Member(adopted.name, cgroup_id, adopted.dir, path, service=True))
+        path = _session_tree().v2_path(directory)
+        run.add_member(Member(adopted.name, cgroup_id, directory, path, service=True))
         self._enclose(teardown, cgroup_id, fd, listener, adopted=True)
 
     # -- services ---------------------------------------------------------------------
@@ -447,16 +418,36 @@ class Fence:
         teardown.push(partial(_reap, proc))
         teardown.push(cgroup.kill)
         idle = self._idle
-        service = Service(
-            name,
-            shown,
-            proc,
-            output,
-            teardown.close,
-            lambda: [e for e in (idle.in_order() if idle else ()) if e.service == name],
-        )
+        started = time.monotonic()
+
+        def events() -> list[EgressEvent]:
+            return [e for e in (idle.in_order() if idle else ()) if e.service == name]
+
+        def stop() -> None:
+            try:
+                teardown.close()
+            finally:  # what it did outside any run is reported like a run's result
+                if events():
+                    out, err = output.text()
+                    service.result = FenceResult(
+                        SERVICE_RESULT.format(name=name, command=shown),
+                        proc.returncode if proc.returncode is not None else -9,
+                        out,
+                        err,
+                        events=tuple(events()),
+                        duration=time.monotonic() - started,
+                    )
+                    self.results.append(service.result)
+
+        service = Service(name, shown, proc, output, stop, events)
         self.services.append(service)
         return service
+
+    def stop_services(self) -> None:
+        """Stop every service the fence started (each records what it did outside runs)."""
+        with Teardown() as teardown:
+            for service in self.services:
+                teardown.push(service.stop)
 
     def _view_changed(self, pid: int) -> None:
         """A fenced process changed its mounts: learn the hosts file it now sees."""

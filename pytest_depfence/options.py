@@ -57,8 +57,8 @@ def _raw_sockets(value: Any, where: str) -> bool:
 
 
 def _services(value: Any, where: str) -> tuple[Any, ...]:
-    """Units or cgroup paths, each resolved to its cgroup now (cgroup.Adopted)."""
-    from .cgroup import Adopted, cgroup2_mount, find_cgroup
+    """Units or cgroup paths (cgroup.Adopted): each is looked for when a fence is built."""
+    from .cgroup import Adopted
 
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise ConfigError(repr(value), "services is a list of systemd units or cgroup paths", where)
@@ -66,18 +66,10 @@ def _services(value: Any, where: str) -> tuple[Any, ...]:
     for spec in value:
         if isinstance(spec, Adopted):
             adopted.append(spec)
-            continue
-        if not isinstance(spec, str) or not spec:
+        elif isinstance(spec, str) and spec:
+            adopted.append(Adopted(spec, where))
+        else:
             raise ConfigError(repr(spec), "a service is a unit name or a cgroup path", where)
-        found = find_cgroup(spec)
-        if found is None:
-            raise ConfigError(
-                spec,
-                f"no such systemd unit or cgroup under {cgroup2_mount()} (a unit is found by "
-                "its name, e.g. docker.service; a path is from the cgroup v2 root)",
-                where,
-            )
-        adopted.append(Adopted(spec, found))
     return tuple(adopted)
 
 

@@ -161,7 +161,14 @@ class Run:
         member = self.members.get(cgroup_id)
         if member is None:
             return Attribution(None, None, (), f"sent from another cgroup (id {cgroup_id})")
-        return attribute(self.programs, pid, cgroup_id, member.root_pid)
+        who = attribute(self.programs, pid, cgroup_id, member.root_pid)
+        if who.pid is None and member.service:
+            # An adopted service's processes started before the run: the kernel never saw
+            # their exec, but they are alive (the event is theirs): /proc names them.
+            argv = read_proc_cmdline(pid)
+            if argv:
+                return Attribution(pid, shlex.join(argv), ())
+        return who
 
     # -- what the proxy and the kernel report ------------------------------------------
     def on_query(self, query: Query, verdict: DnsVerdict) -> None:

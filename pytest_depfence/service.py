@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import ConfigError, ServiceNotReady
-from .events import EgressEvent
+from .events import EgressEvent, FenceResult
 from .output import Output
 from .render import failure_text
 
@@ -91,6 +91,9 @@ class Service:
         self._stop = stop
         self._events = events
         self.stopped = False
+        #: Once stopped: what it did outside any run, as a result (None: nothing), also
+        #: in `Fence.results`, so reports and contracts have it.
+        self.result: FenceResult | None = None
 
     @property
     def events(self) -> list[EgressEvent]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..errors import ContractError, EgressAuditWarning
+from ..errors import ContractError, EgressAuditWarning, EgressViolation
 from .settings import FENCE_KEY, FENCE_KWARGS_KEY, RUNS_KEY, SETTINGS_KEY
 
 if TYPE_CHECKING:
@@ -58,9 +58,12 @@ def after_test(item: pytest.Item, passed: bool) -> None:
     if fence is None:
         return
     notes: list[str] = []
-    failure: ContractError | None = None
+    failure: Exception | None = None
+    fence.stop_services()  # the test is over: what they did outside runs is now known
+    if passed:
+        failure = _service_violations(fence)
     contract = item.stash.get(FENCE_KWARGS_KEY, {}).get("contract")
-    if passed and contract is not None:
+    if passed and failure is None and contract is not None:
         try:
             notes = _contract(item, fence, contract)
         except ContractError as exc:
@@ -70,6 +73,21 @@ def after_test(item: pytest.Item, passed: bool) -> None:
     _warn_audited(item, fence)
     if failure is not None:
         raise failure
+
+
+def _service_violations(fence: Fence) -> EgressViolation | None:
+    """Forbidden egress of fenced services outside any run (start-up, between runs):
+    no `run()` raised it, so the test fails with it (block mode)."""
+    from ..render import format_violations
+
+    if fence.mode != "block":
+        return None
+    texts, violations = [], []
+    for service in fence.services:
+        if service.result is not None and service.result.violations:
+            texts.append(format_violations(service.result.violations, service.result.command))
+            violations.extend(service.result.violations)
+    return EgressViolation("\n".join(texts), violations) if violations else None
 
 
 def _attach_output(item: pytest.Item, fence: Fence) -> None:
