@@ -5,9 +5,11 @@ A listener outside the fence (a subprocess in the lab: a TCP server on
 that opens N connections to one of them, one after another (connect + close),
 run fenced (`Fence.run`) and, as the baseline measured in the same run,
 unfenced (`subprocess.run` in the same lab). Fenced, each TCP socket's first
-message is reported by the kernel and the fence's event thread names the
-listener (`Run.on_connection` -> `LocalPeers.listener`); each unix connect is
-reported too, and named once per process and path (`Run.on_unix`).
+message and each unix connect is reported by the kernel; the fence's event
+thread keeps one contact per process and endpoint and names its listener
+once (`Run.on_connection`/`Run.on_unix` -> `LocalPeers.listener`), so a
+client that reconnects is one contact: N connections cost N kernel events
+and one lookup.
 
 Three figures per kind, each the median over interleaved rounds (the order
 alternates each round; a warm-up round is dropped) with the min-max:

@@ -141,6 +141,13 @@ def _add_fence_options(cmd: argparse.ArgumentParser) -> None:
     )
     cmd.add_argument("--raw-sockets", action="store_true", help=options.RAW_SOCKETS.help)
     cmd.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="UNIT|CGROUP",
+        help=options.SERVICES.help + " (repeatable)",
+    )
+    cmd.add_argument(
         "--lab",
         action="store_true",
         help="run inside the built-in test lab (private network namespace, fake github.com)",
@@ -238,6 +245,7 @@ class Plan:
     lab: bool
     quiet: bool
     raw_sockets: bool = False
+    services: tuple[Any, ...] = ()
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -264,6 +272,7 @@ def plan(args: argparse.Namespace) -> Plan:
         lab=args.lab,
         quiet=args.quiet,
         raw_sockets=options.validate("raw_sockets", args.raw_sockets, "--raw-sockets"),
+        services=options.validate("services", args.service, "CLI flag --service"),
     )
 
 
@@ -313,6 +322,7 @@ def _fenced_run(plan: Plan, console: Console) -> FenceResult:
             outage=plan.outage,
             timeout=plan.timeout,
             raw_sockets=plan.raw_sockets,
+            services=plan.services,
         )
         result = stack.enter_context(fence).run(
             plan.cmd, check=False, stdin=_stdin(), on_output=console.output, on_event=console.event

@@ -190,6 +190,10 @@ class Run:
         else:
             return
         if conn.action == "allowed" and self.peers.is_local(conn.address):
+            # One record per process and local endpoint, as for unix sockets: a client
+            # that reconnects a thousand times is one contact, and one listener lookup.
+            if not self.first_report(("local", conn.pid, conn.protocol, conn.address, conn.port)):
+                return
             where = self.peers.listener(
                 conn.protocol, conn.address, conn.port, candidates=self.service_pids()
             )

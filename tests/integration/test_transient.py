@@ -277,3 +277,100 @@ def test_unknown_service_is_a_clear_error(lab) -> None:
 
     with pytest.raises(ConfigError, match=r"no-such\.service.*Fence\(services=\)"):
         Fence(Policy.no_egress("github.com"), upstream=lab.upstream, services=["no-such.service"])
+
+
+@pytest.fixture
+def two_service_cgroups(lab: Lab) -> Iterator[tuple[Path, Path]]:
+    paths = tuple(cgroup2_mount() / f"depfence-test-adopted-{os.getpid()}-{n}" for n in (1, 2))
+    for path in paths:
+        path.mkdir()
+    yield paths  # type: ignore[misc]
+    for path in paths:
+        kill_all(path)
+        path.rmdir()
+
+
+def test_two_fences_adopt_different_services_at_once(
+    lab, fences, outside, two_service_cgroups
+) -> None:
+    import threading
+
+    fences(Policy.no_egress("github.com"))  # skips (or fails) when no fence can be built
+    addresses = [
+        outside(MIGRATIONS, "--listen", "127.0.0.1:0", cgroup=cgroup)[1]
+        for cgroup in two_service_cgroups
+    ]
+    results: dict[int, object] = {}
+
+    def deploy(n: int) -> None:
+        cgroup = two_service_cgroups[n]
+        with Fence(
+            Policy.no_egress("github.com"), upstream=lab.upstream, services=[str(cgroup)]
+        ) as f:
+            results[n] = f.run(
+                ["curl", "-sS", "-m", "10", "-X", "POST", f"http://{addresses[n]}/migrate"],
+                check=False,
+            )
+
+    threads = [threading.Thread(target=deploy, args=(n,)) for n in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for n, cgroup in enumerate(two_service_cgroups):
+        result = results[n]
+        github = [v for v in result.violations if v.domain == "github.com"]  # type: ignore[attr-defined]
+        assert github, result
+        assert {v.service for v in github} == {str(cgroup)}
+        assert {v.called_by[0][1] for v in github} == {
+            f"curl -sS -m 10 -X POST http://{addresses[n]}/migrate"
+        }
+
+
+def test_an_adopted_process_leaving_its_cgroup_is_not_killed(
+    lab, fences, service_cgroup, tmp_path
+) -> None:
+    """Adopted services belong to their manager, which moves their processes as it likes:
+    the fence's escape detection (which kills a fenced process that leaves) spares them.
+    The fenced command asks the adopted process to move and waits (a FIFO) until it has."""
+    fences(Policy.no_egress("github.com"))
+    away = service_cgroup.parent / f"{service_cgroup.name}-away"
+    away.mkdir()
+    moved = tmp_path / "moved"
+    os.mkfifo(moved)
+    # The child that moves is started during the run: a process the fence has a record of.
+    child = f"echo $$ > {away}/cgroup.procs && echo $$ > {moved}; exec sleep 60"
+    mover = subprocess.Popen(
+        ["sh", "-c", f"read go; sh -c '{child}'"],
+        stdin=subprocess.PIPE,
+        preexec_fn=lambda: (service_cgroup / "cgroup.procs").write_text(str(os.getpid())),
+    )
+    try:
+        services = [str(service_cgroup)]
+        with Fence(Policy.no_egress("github.com"), upstream=lab.upstream, services=services) as f:
+            result = f.run(
+                ["sh", "-c", f"echo go > /proc/{mover.pid}/fd/0; read x < {moved}; echo $x"],
+                timeout=20,
+            )
+        moved_pid = int(result.stdout)
+        assert (away / "cgroup.procs").read_text().split() == [str(moved_pid)], (
+            "the adopted process was killed for leaving its cgroup"
+        )
+        assert not [e for e in result.events if e.is_escape]
+    finally:
+        mover.kill()
+        mover.wait()
+        kill_all(away)
+        away.rmdir()
+
+
+def test_cli_names_a_service_that_does_not_exist(lab) -> None:
+    depfence = Path(sys.executable).with_name("depfence")
+    done = subprocess.run(
+        [depfence, "run", "--lab", "--service", "no-such.service", "--", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 125
+    assert "'no-such.service' from CLI flag --service: no such systemd unit" in done.stderr
