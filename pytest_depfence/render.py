@@ -185,9 +185,10 @@ def format_violations(
 
 def annotation_message(event: EgressEvent, command: str) -> str:
     """A GitHub annotation's message for one violation (before workflow-command escaping)."""
+    service = SERVICE.format(name=event.service) if event.service else ""
     return (
         f"{report_target(event)} {event.verdict} at {event.blocked_at or '-'}: "
-        f"{event.cmdline or 'unattributed'} (while running {command})"
+        f"{service}{event.cmdline or 'unattributed'} (while running {command})"
     )
 
 

@@ -6,7 +6,9 @@ addresses (on the namespace's ``lo``, so no kernel module is needed), the
 authoritative DNS server for the lab names (dnslib; UDP and TCP, IPv4 and
 IPv6, ports 53 and ``Lab.ALT_PORT``) and the HTTP servers on port 80 of every
 lab host (fake GitHub with a dumb-HTTP git repository and release assets, an
-internal mirror, an internal migrations service, a plain-HTTP ``dns.google``).
+internal mirror, a plain-HTTP ``dns.google``; ``migrations.internal`` serves only
+its index page: the migrations service itself is ``examples/tools/migrations-service``,
+which tests start on loopback, fenced or not).
 
 Nothing the lab runs can reach the machine's network or resolver: the
 namespace has only its own addresses and no route to anywhere else, so a
