@@ -18,6 +18,7 @@ from .errors import (
     FenceUnavailable,
     PolicyError,
     ServiceNotReady,
+    ServiceViolation,
 )
 from .events import EgressEvent, FenceResult
 
@@ -39,6 +40,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "ServiceNotReady",
+    "ServiceViolation",
     "__version__",
 ]
 

@@ -68,6 +68,11 @@ class EgressViolation(DepfenceError, AssertionError):
         return (type(self), (self.args[0], self.violations))
 
 
+class ServiceViolation(EgressViolation):
+    """Forbidden egress of a fenced service outside any run (at start-up, between runs):
+    raised by the plugin after the test's body, since no `run()` could raise it."""
+
+
 class CommandFailed(DepfenceError, AssertionError):
     """A fenced run with `check=True` whose command failed (non-zero exit, a signal, the
     timeout) without forbidden egress; like `subprocess.CalledProcessError`, it carries

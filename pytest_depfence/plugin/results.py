@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..errors import ContractError, EgressAuditWarning, EgressViolation
+from ..errors import ContractError, EgressAuditWarning, ServiceViolation
 from .settings import FENCE_KEY, FENCE_KWARGS_KEY, RUNS_KEY, SETTINGS_KEY
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def after_test(item: pytest.Item, passed: bool) -> None:
         raise failure
 
 
-def _service_violations(fence: Fence) -> EgressViolation | None:
+def _service_violations(fence: Fence) -> ServiceViolation | None:
     """Forbidden egress of fenced services outside any run (start-up, between runs):
     no `run()` raised it, so the test fails with it (block mode)."""
     from ..render import format_violations
@@ -87,7 +87,7 @@ def _service_violations(fence: Fence) -> EgressViolation | None:
         if service.result is not None and service.result.violations:
             texts.append(format_violations(service.result.violations, service.result.command))
             violations.extend(service.result.violations)
-    return EgressViolation("\n".join(texts), violations) if violations else None
+    return ServiceViolation("\n".join(texts), violations) if violations else None
 
 
 def _attach_output(item: pytest.Item, fence: Fence) -> None:
@@ -103,12 +103,12 @@ def _attach_output(item: pytest.Item, fence: Fence) -> None:
 
 
 #: Failures the plugin raises after the test: their message is the whole story.
-PLUGIN_FAILURES = (ContractError, EgressAuditWarning)
+PLUGIN_FAILURES = (ContractError, EgressAuditWarning, ServiceViolation)
 
 
 def plain_failure(report: pytest.TestReport, call: pytest.CallInfo[None]) -> None:
-    """A contract failure or an audit warning made an error reads as its message alone,
-    not as the plugin's source lines that raised it."""
+    """A contract failure, a service's violation outside any run, or an audit warning made
+    an error, reads as its message alone, not as the plugin's source lines that raised it."""
     if call.excinfo is not None and call.excinfo.errisinstance(PLUGIN_FAILURES):
         report.longrepr = f"{call.excinfo.typename}: {call.excinfo.value}"
 
