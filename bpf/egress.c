@@ -155,8 +155,14 @@ int egress(struct __sk_buff *skb)
     __u32 l4 = l4_of(skb, &proto, daddr);
     if (!l4)
         return 1;
-    if (!o)
+    if (!o) {
+        /* An adopted service's ownerless packets are its replies on connections it
+         * accepted and what its sockets from before the run send: its own business,
+         * never cut (its new connections were judged at connect). */
+        if (fence->flags & FENCE_ADOPTED)
+            return 1;
         return judge_ownerless(cgid, fence, daddr, proto);
+    }
     if (fence->outage == OUTAGE_BLACKHOLE && !(fence->flags & FENCE_AUDIT) &&
         refused(fence, daddr))
         return 0;

@@ -8,10 +8,12 @@
  * judges the contact (judge.py).
  *
  * The path is read at syscall entry (the caller's sockaddr, in user memory)
- * and reported at syscall exit with the result, so a connect that failed
- * (nothing listens: glibc tries nscd's socket on every lookup) is told apart
- * from one that reached a listener. A process that is not fenced costs one
- * cgroup lookup per connect, and only AF_UNIX ones are kept.
+ * and reported at syscall exit only when the connect reached a listener (0,
+ * or EINPROGRESS): one that failed (nothing listens: glibc tries nscd's socket
+ * on every lookup) is dropped here. A process that is not fenced costs one
+ * cgroup lookup per connect, and only AF_UNIX ones are kept. The path is the
+ * one the caller passed: a thread that rewrites it between our read and the
+ * kernel's copy is named with the path it first gave (a deploy tool does not).
  *
  * cgroup/connect_unix (6.7+) would see the path too, but only on new kernels;
  * the syscall tracepoints exist on every kernel this project supports, so they
@@ -28,6 +30,7 @@
  */
 
 #define AF_UNIX_FAMILY 1
+#define EINPROGRESS_ERRNO 115
 /* sizeof(sun_path) */
 #define UNIX_SUN_PATH 108
 
@@ -48,7 +51,7 @@ struct unix_event {
 };
 
 BPF_TABLE("lru_hash", __u64, struct unix_pending, unix_pending, 1024);
-BPF_RINGBUF_OUTPUT(unix_events, 16);
+BPF_RINGBUF_OUTPUT(unix_events, 64);
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 {
@@ -57,8 +60,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
         return 0;
     const char *addr = (const char *)args->uservaddr;
     __u16 family = 0;
-    if (bpf_probe_read_user(&family, sizeof(family), addr) != 0 || family != AF_UNIX_FAMILY)
+    __u64 tid = bpf_get_current_pid_tgid();
+    if (bpf_probe_read_user(&family, sizeof(family), addr) != 0 || family != AF_UNIX_FAMILY) {
+        unix_pending.delete(&tid);  /* an exit this thread never reached (signal): stale */
         return 0;
+    }
     struct unix_pending pending = {};
     pending.cgid = cgid;
     int addrlen = args->addrlen;
@@ -71,7 +77,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
      * the mask the verifier needs is applied to the register passed. */
     __u32 size = *(volatile __u32 *)&pending.path_len & (UNIX_PATH_LEN - 1);
     bpf_probe_read_user(pending.path, size, addr + 2);
-    __u64 tid = bpf_get_current_pid_tgid();
     unix_pending.update(&tid, &pending);
     return 0;
 }
@@ -82,10 +87,15 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     struct unix_pending *pending = unix_pending.lookup(&pid_tgid);
     if (!pending)
         return 0;
+    long ret = args->ret;
+    if (ret != 0 && ret != -EINPROGRESS_ERRNO) {
+        unix_pending.delete(&pid_tgid);  /* nothing was reached (nscd's socket, mostly) */
+        return 0;
+    }
     struct unix_event e = {};
     __u32 zero[4] = {};
     fill_head(&e.head, pending->cgid, pid_tgid, zero, 0, 0);
-    e.ret = args->ret;
+    e.ret = ret;
     e.path_len = pending->path_len;
     __builtin_memcpy(e.path, pending->path, sizeof(e.path));
     unix_pending.delete(&pid_tgid);

@@ -26,10 +26,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, FenceUnavailable
+from .errors import FenceUnavailable
 
 PARENT = "depfence"
 _counter = itertools.count(1)
@@ -120,63 +119,6 @@ def pids_of(path: Path) -> list[int]:
         except OSError:
             pass
     return pids
-
-
-#: Systemd unit suffixes a service to adopt may be named by.
-UNIT_SUFFIXES = (".service", ".scope", ".socket", ".slice")
-#: How deep below the cgroup root a unit's cgroup is looked for (user.slice/user-0.slice/...).
-UNIT_DEPTH = 4
-
-
-@dataclass(frozen=True)
-class Adopted:
-    """A running service a fence adopts for each run, as the user named it: a systemd unit
-    or a cgroup path. Its cgroup is found at each run (a restarted unit may have a new one)."""
-
-    name: str
-    #: Where it was written (marker at file:line, Fence(services=), CLI flag).
-    source: str
-
-    def directory(self) -> Path:
-        """Its cgroup directory now; ConfigError naming it and where it was written."""
-        found = find_cgroup(self.name)
-        if found is None:
-            raise ConfigError(
-                self.name,
-                f"no such systemd unit or cgroup under {cgroup2_mount()} (a unit is found by "
-                "its name, e.g. docker.service; a path is from the cgroup v2 root)",
-                self.source,
-            )
-        return found
-
-
-def find_cgroup(spec: str, mount: Path | None = None) -> Path | None:
-    """The cgroup directory of a systemd unit (`docker.service`: found by name up to
-    UNIT_DEPTH levels down) or of a cgroup path (from the v2 root, or under its mount)."""
-    root = mount or cgroup2_mount()
-    if "/" not in spec and spec.endswith(UNIT_SUFFIXES):
-        level = [root]
-        for _ in range(UNIT_DEPTH):
-            found = [p / spec for p in level if (p / spec).is_dir()]
-            if found:
-                return found[0]
-            level = [c for p in level for c in _subdirs(p)]
-        return None
-    path = Path(spec)
-    if not path.is_absolute():
-        return None
-    for candidate in (path, root / str(path).lstrip("/")):
-        if candidate.is_dir() and (candidate / "cgroup.procs").exists():
-            if candidate.resolve().is_relative_to(root.resolve()):
-                return candidate
-    return None
-
-
-def _subdirs(path: Path) -> list[Path]:
-    try:
-        return [p for p in path.iterdir() if p.is_dir() and not p.is_symlink()]
-    except OSError:
-        return []
 
 
 def wait_empty(path: Path, timeout: float) -> bool:

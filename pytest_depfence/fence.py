@@ -9,7 +9,7 @@ command entering it as `confine` says (its own cgroup namespace, no
 CAP_NET_RAW unless `raw_sockets=True`), and a `Teardown` that kills everything
 the run started and removes the cgroup before `run()` returns, by its deadline
 even when a process outside the cgroup holds the command's pipes. What the
-services do outside any run is recorded by an idle `Run` of their own.
+services do outside any run is recorded by a `Run` of their own that never ends.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from typing import IO, Any
 
 from . import confine, kernel, options
 from .addresses import AddressBook, hosts_entries, resolve
-from .cgroup import Adopted, CgroupTree, FenceCgroup
+from .adopt import Adopted
+from .cgroup import CgroupTree, FenceCgroup
 from .contract import check_name, program_of
 from .dnsproxy import DnsProxy, Query
 from .errors import CommandFailed, ConfigError, EgressViolation
@@ -46,9 +47,6 @@ from .service import READY_TIMEOUT, Service, ready_check
 #: Seconds the command's own process may live on after its cgroup was killed (it can
 #: only have left the cgroup) before it is killed by its pid: it is our child.
 REAP_GRACE = 1.0
-
-#: The command of a service's result: what it did outside any run (`Fence.results`).
-SERVICE_RESULT = "service {name} (outside any run): {command}"
 
 _fence_ids = itertools.count(1)
 _tree_lock = threading.Lock()
@@ -122,8 +120,8 @@ class Fence:
         self._peers = LocalPeers()
         self._run_lock = threading.Lock()
         self._current: Run | None = None
-        #: Records what services do outside any run.
-        self._idle: Run | None = None
+        #: Records what services do outside any run (a `Run` that never finishes).
+        self._outside_runs: Run | None = None
         #: Every result this fence returned, in order (the plugin reports them).
         self.results: list[FenceResult] = []
         #: Every service started, running or stopped, in order.
@@ -142,7 +140,7 @@ class Fence:
             judge = Judge(self.policy, self.mode, self.outage, AddressBook(self.id, programs))
             self._judge = judge
             self._refuser = Refuser()
-            self._idle = Run(programs, judge, self._peers)
+            self._outside_runs = Run(programs, judge, self._peers)
             self._proxy = DnsProxy(
                 upstream=self.upstream, judge=_ProxyJudge(judge, self._recorder)
             ).start()
@@ -176,8 +174,9 @@ class Fence:
             self._proxy, self._refuser, self._judge = None, None, None
 
     def _recorder(self) -> Run:
-        """Where events of the fence's services go: the current run, else the idle one."""
-        run = self._current or self._idle
+        """Where events of the fence's services go: the current run, else the one that
+        records what they do outside runs."""
+        run = self._current or self._outside_runs
         assert run is not None, "the fence is not open"
         return run
 
@@ -236,12 +235,13 @@ class Fence:
                 timed_out = _wait(proc, limit)
         assert self._proxy is not None
         self._proxy.raise_errors()
+        run.raise_errors()
         result = FenceResult(
             shown,
             proc.returncode,
             *output.text(),
             timed_out,
-            run.in_order(),
+            run.finish(after=self._outside_runs),
             time.monotonic() - started,
         )
         self.results.append(result)
@@ -264,15 +264,11 @@ class Fence:
         assert programs is not None and judge is not None and proxy is not None
         assert self._refuser is not None and self._tools is not None
         judge.learn_hosts(hosts_entries())
-        tree = _session_tree()
-        cgroup = FenceCgroup(tree.session, self.label)
-        teardown.push(cgroup.close)
-        member = Member("command", cgroup.id, cgroup.path, tree.v2_path(cgroup.path))
-        run.add_member(member)
         listener = kernel.Listener(
             run.on_connection, run.on_bypass, self._view_changed, run.on_escape, run.on_unix
         )
-        cgroup.hold(self._enclose(teardown, cgroup.id, cgroup.dir_fd, listener))
+        cgroup, member = self._fence_cgroup(teardown, self.label, "command", listener)
+        run.add_member(member)
         for service in self._service_members.values():
             run.add_member(service)
         for adopted in self.adopted:
@@ -281,10 +277,36 @@ class Fence:
         teardown.push(lambda: setattr(self, "_current", None))
         teardown.push(programs.consume_events)
         teardown.push(proxy.drain)
+        proc = self._spawn(cgroup, argv, cwd, env, stdin)
+        member.root_pid = proc.pid
+        return proc, cgroup
+
+    def _fence_cgroup(
+        self, teardown: Teardown, label: str, name: str, listener: kernel.Listener
+    ) -> tuple[FenceCgroup, Member]:
+        """A new cgroup of the session, inside the fence, its links held by the guardian
+        (should this process die, it is killed before they go)."""
+        tree = _session_tree()
+        cgroup = FenceCgroup(tree.session, label)
+        teardown.push(cgroup.close)
+        member = Member(name, cgroup.id, cgroup.path, tree.v2_path(cgroup.path))
+        cgroup.hold(self._enclose(teardown, cgroup.id, cgroup.dir_fd, listener))
+        return cgroup, member
+
+    def _spawn(
+        self,
+        cgroup: FenceCgroup,
+        argv: list[str],
+        cwd: str | os.PathLike[str] | None,
+        env: Mapping[str, str] | None,
+        stdin: int | IO[Any] | None,
+    ) -> subprocess.Popen[bytes]:
+        """Start `argv` in `cgroup`, entering it as `confine` says; output to pipes."""
+        assert self._tools is not None
         entry = confine.entry_argv(
             self._tools, cgroup.path / "cgroup.procs", argv, raw_sockets=self.raw_sockets
         )
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             entry,
             cwd=cwd,
             env=dict(env) if env is not None else None,
@@ -292,8 +314,6 @@ class Fence:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        member.root_pid = proc.pid
-        return proc, cgroup
 
     def _enclose(
         self,
@@ -334,6 +354,7 @@ class Fence:
         directory = adopted.directory()
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         teardown.push(partial(os.close, fd))
+        adopted.take_turn(fd)
         cgroup_id = os.fstat(fd).st_ino
         path = _session_tree().v2_path(directory)
         run.add_member(Member(adopted.name, cgroup_id, directory, path, service=True))
@@ -361,30 +382,7 @@ class Fence:
         if name in self._service_members:
             raise ConfigError(name, "a service of this name is running already", "Fence.service()")
         check = ready_check(ready, "Fence.service(ready=)") if ready is not None else None
-        teardown = Teardown()
-        try:
-            service = self._start_service(teardown, name, argv, shown, cwd, env)
-        except BaseException:
-            teardown.close()
-            raise
-        if check is not None:
-            service.wait_ready(check, ready_timeout)
-        return service
-
-    def _start_service(
-        self,
-        teardown: Teardown,
-        name: str,
-        argv: list[str],
-        shown: str,
-        cwd: str | os.PathLike[str] | None,
-        env: Mapping[str, str] | None,
-    ) -> Service:
-        assert self._tools is not None
-        tree = _session_tree()
-        cgroup = FenceCgroup(tree.session, f"{self.label}.{name}")
-        teardown.push(cgroup.close)
-        member = Member(name, cgroup.id, cgroup.path, tree.v2_path(cgroup.path), service=True)
+        # Events of a service go to the run in progress, else to what runs outside runs.
         recorder = self._recorder
         listener = kernel.Listener(
             lambda e: recorder().on_connection(e),
@@ -393,54 +391,33 @@ class Fence:
             lambda e: recorder().on_escape(e),
             lambda e: recorder().on_unix(e),
         )
-        cgroup.hold(self._enclose(teardown, cgroup.id, cgroup.dir_fd, listener))
-        for run in (self._idle, self._current):
-            if run is not None:
-                run.add_member(member)
-        self._service_members[name] = member
-        teardown.push(lambda: self._service_members.pop(name, None))
-        entry = confine.entry_argv(
-            self._tools, cgroup.path / "cgroup.procs", argv, raw_sockets=self.raw_sockets
+        teardown = Teardown()
+        try:
+            cgroup, member = self._fence_cgroup(teardown, f"{self.label}.{name}", name, listener)
+            member.service = True
+            for run in (self._outside_runs, self._current):
+                if run is not None:
+                    run.add_member(member)
+            self._service_members[name] = member
+            teardown.push(lambda: self._service_members.pop(name, None))
+            proc = self._spawn(cgroup, argv, cwd, env, None)
+            member.root_pid = proc.pid
+            output = Output(proc, None, None)
+            assert self._programs is not None
+            teardown.push(self._programs.consume_events)  # what it did last, recorded
+            teardown.push(output.finish)
+            teardown.push(partial(_reap, proc))
+            teardown.push(cgroup.kill)
+        except BaseException:
+            teardown.close()
+            raise
+        assert self._outside_runs is not None
+        service = Service(
+            name, shown, proc, output, member, teardown, self._outside_runs, self.results.append
         )
-        proc = subprocess.Popen(
-            entry,
-            cwd=cwd,
-            env=dict(env) if env is not None else None,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        member.root_pid = proc.pid
-        output = Output(proc, None, None)
-        assert self._programs is not None
-        teardown.push(self._programs.consume_events)  # what it did last, recorded
-        teardown.push(output.finish)
-        teardown.push(partial(_reap, proc))
-        teardown.push(cgroup.kill)
-        idle = self._idle
-        started = time.monotonic()
-
-        def events() -> list[EgressEvent]:
-            return [e for e in (idle.in_order() if idle else ()) if e.service == name]
-
-        def stop() -> None:
-            try:
-                teardown.close()
-            finally:  # what it did outside any run is reported like a run's result
-                if events():
-                    out, err = output.text()
-                    service.result = FenceResult(
-                        SERVICE_RESULT.format(name=name, command=shown),
-                        proc.returncode if proc.returncode is not None else -9,
-                        out,
-                        err,
-                        events=tuple(events()),
-                        duration=time.monotonic() - started,
-                    )
-                    self.results.append(service.result)
-
-        service = Service(name, shown, proc, output, stop, events)
         self.services.append(service)
+        if check is not None:
+            service.wait_ready(check, ready_timeout, self._peers)
         return service
 
     def stop_services(self) -> None:

@@ -54,6 +54,10 @@ _UNIT_SUFFIXES = (".service", ".scope", ".socket")
 #: /proc/net/{tcp,udp}[6]: the files, and the state that means "takes connections or
 #: datagrams from anyone" (include/net/tcp_states.h).
 _TCP_LISTEN = 10
+#: The server side of a connection a listener accepted, as long as it is open:
+#: ESTABLISHED, SYN_RECV, FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING (not SYN_SENT,
+#: TIME_WAIT: no process holds those; not LISTEN).
+_TCP_SERVED = sum(1 << state for state in (1, 3, 4, 5, 8, 9, 11))
 _TCP_CLOSE = 7  # a UDP socket bound and not connected to one peer
 _PROC_NET = {"tcp": (("tcp", "tcp6"), _TCP_LISTEN), "udp": (("udp", "udp6"), _TCP_CLOSE)}
 _SO_ACCEPTCON = 0x10000  # /proc/net/unix flags of a listening socket
@@ -164,8 +168,10 @@ class LocalPeers:
 
         "tcp": a socket in LISTEN state on that address or a wildcard (a v6
         wildcard also takes v4 unless it is v6only, which the kernel does not
-        show). "udp": an unconnected socket bound there. 0.0.0.0 and :: are
-        looked up as loopback, where Linux connects them. "unix": `address` is
+        show); with none, the server side of a connection accepted there that is
+        still open (a one-shot server closed its listener after accepting). "udp":
+        an unconnected socket bound there. 0.0.0.0 and :: are looked up as
+        loopback, where Linux connects them. "unix": `address` is
         the path, "@name" for an abstract socket; a listening or a bound
         datagram socket at that path as given or through os.path.realpath.
 
@@ -206,7 +212,15 @@ class LocalPeers:
                 exact.append(inode)
             elif bound.is_unspecified and bound.version in (address.version, 6):
                 wildcard.append(inode)
-        return exact + wildcard
+        if exact or wildcard or protocol != "tcp":
+            return exact + wildcard
+        # No listener (any more): a one-shot server (`nc -l`) closes it after accepting,
+        # but the connection it accepted is still open, at this address and port.
+        try:
+            served = list(_tcp_listeners(_TCP_SERVED))
+        except OSError:
+            return []
+        return [i for bound, p, i in served if p == port and unmap(bound) == address and i]
 
     def _bound(self, protocol: str) -> Iterable[tuple[IPAddress, int, int]]:
         """(address, port, inode) of each socket that takes connections or datagrams."""
@@ -333,10 +347,11 @@ def _netlink_dump(protocol: int, kind: int, request: bytes) -> Iterator[bytes]:
                 offset += (length + 3) & ~3
 
 
-def _tcp_listeners() -> Iterator[tuple[IPAddress, int, int]]:
-    """(address, port, inode) of each TCP socket in LISTEN state, from sock_diag."""
+def _tcp_listeners(states: int = 1 << _TCP_LISTEN) -> Iterator[tuple[IPAddress, int, int]]:
+    """(local address, port, inode) of each TCP socket in `states` (a mask; default:
+    LISTEN), from sock_diag."""
     for family, size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
-        request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN)
+        request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, states)
         for msg in _netlink_dump(_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, request):
             port, address, inode = _DIAG_MSG.unpack_from(msg)
             yield ipaddress.ip_address(address[:size]), socket.ntohs(port), inode

@@ -58,7 +58,7 @@ def _raw_sockets(value: Any, where: str) -> bool:
 
 def _services(value: Any, where: str) -> tuple[Any, ...]:
     """Units or cgroup paths (cgroup.Adopted): each is looked for when a fence is built."""
-    from .cgroup import Adopted
+    from .adopt import Adopted
 
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise ConfigError(repr(value), "services is a list of systemd units or cgroup paths", where)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import encodings.idna
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Union
@@ -217,9 +218,11 @@ class Policy:
 
         A matching rule blocks it under no_egress and allows it under egress_only; with
         none, egress_only blocks it (the judge lets a fenced service through first).
+        `path` is the socket's real path (symlinks resolved: /var/run/docker.sock is
+        /run/docker.sock); a rule matches it as written or resolved alike.
         """
         for rule in self.rules:
-            if rule.kind == "unix" and protocol == "unix" and rule.endpoint == path:
+            if rule.kind == "unix" and protocol == "unix" and path in _socket_paths(rule):
                 return Decision(blocked=self.kind == "no_egress", rule=rule)
             if rule.kind == "local" and protocol != "unix" and rule.endpoint == str(port):
                 return Decision(blocked=self.kind == "no_egress", rule=rule)
@@ -243,6 +246,15 @@ class Policy:
         if len(sources) == 1 and None not in sources:
             return f"{self.describe()} [{sources.pop()}]"
         return self.describe()
+
+
+def _socket_paths(rule: Rule) -> set[str | None]:
+    """A unix rule's path as written and, for a filesystem path, as the machine resolves
+    it now (the one place the policy looks at files: a socket path is only comparable
+    once its symlinks are resolved)."""
+    if rule.endpoint is None or rule.endpoint.startswith("@"):
+        return {rule.endpoint}
+    return {rule.endpoint, os.path.realpath(rule.endpoint)}
 
 
 def _quote(pattern: str) -> str:

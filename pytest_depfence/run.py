@@ -19,6 +19,8 @@ proxy or the kernel-event thread.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import queue
 import shlex
 import threading
@@ -37,6 +39,9 @@ from .procinfo import Attribution, attribute, cmdline_of, read_proc_cmdline
 if TYPE_CHECKING:
     from .dnsproxy import Query
     from .kernel import BypassEvent, ConnEvent, EscapeEvent, Programs, UnixEvent
+
+#: The listener of a local contact when nothing listens there by the time it is looked up.
+NO_LISTENER = "nothing listens there now (the connection was refused, or its listener closed)"
 
 
 class Teardown:
@@ -122,6 +127,39 @@ class Member:
         )
 
 
+def socket_path(pid: int, path: str) -> str:
+    """A unix socket's path as the process `pid` meant it, symlinks resolved: relative to
+    its working directory, under its root (/var/run/docker.sock is /run/docker.sock).
+    An abstract name (@name) is a name; a process already gone: the path resolved here."""
+    if path.startswith("@"):
+        return path
+    try:
+        base = os.readlink(f"/proc/{pid}/cwd")
+        root = f"/proc/{pid}/root"
+        os.stat(root)
+    except OSError:
+        return os.path.realpath(path)
+    absolute = os.path.join(base, path)  # unchanged when `path` is absolute
+    resolved = os.path.realpath(root + absolute)
+    prefix = os.path.realpath(root)
+    return "/" + os.path.relpath(resolved, prefix) if resolved.startswith(prefix) else resolved
+
+
+def _guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """A callback of the kernel's or the proxy's thread: an error in it is kept (and raised
+    by the run in the caller's thread), never lost in a thread that prints and goes on."""
+
+    @functools.wraps(method)
+    def call(self: Run, *args: Any) -> None:
+        try:
+            method(self, *args)
+        except Exception as exc:  # noqa: BLE001 - raised by raise_errors, in the run's thread
+            with self._lock:
+                self.errors.append(exc)
+
+    return call
+
+
 @dataclass
 class Run:
     """What one run saw, attributed to its members and judged."""
@@ -132,7 +170,8 @@ class Run:
     peers: LocalPeers = field(default_factory=LocalPeers)
     on_event: Callable[[EgressEvent], None] | None = None
     members: dict[int, Member] = field(default_factory=dict)
-    _events: list[tuple[int, EgressEvent]] = field(default_factory=list)  # (monotonic ns, event)
+    #: (monotonic ns, member cgroup id or None, event)
+    _events: list[tuple[int, int | None, EgressEvent]] = field(default_factory=list)
     #: Calls of services: (monotonic ns, service name, who called).
     _calls: list[tuple[int, str, Attribution]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -140,13 +179,26 @@ class Run:
     #: ownerless socket's every packet would repeat the same event.
     _reported: set[tuple[object, ...]] = field(default_factory=set)
     _delivery: Delivery | None = None
+    #: Errors of the callbacks the kernel's and the proxy's threads call (`raise_errors`).
+    errors: list[Exception] = field(default_factory=list)
+    #: Once finished: where events that still come go (the fence's recorder of its
+    #: services, which runs outside any run).
+    _after: Run | None = None
+    _finished: bool = False
 
     def __post_init__(self) -> None:
         if self.on_event is not None:
             self._delivery = Delivery(self.on_event)
 
     def add_member(self, member: Member) -> None:
-        self.members[member.cgroup_id] = member
+        with self._lock:
+            self.members = {**self.members, member.cgroup_id: member}  # readers hold the old
+
+    def remove_member(self, cgroup_id: int) -> None:
+        """Forget a member and the events recorded of it (a stopped service's)."""
+        with self._lock:
+            self.members = {k: m for k, m in self.members.items() if k != cgroup_id}
+            self._events = [e for e in self._events if e[1] != cgroup_id]
 
     def member_holding(self, listener: LocalListener) -> Member | None:
         return next((m for m in self.members.values() if m.holds(listener.cgroup)), None)
@@ -171,6 +223,7 @@ class Run:
         return who
 
     # -- what the proxy and the kernel report ------------------------------------------
+    @_guarded
     def on_query(self, query: Query, verdict: DnsVerdict) -> None:
         owner = self.programs.flow_owner(
             query.transport, query.listen_port, query.client[1], query.txid
@@ -182,6 +235,7 @@ class Run:
         event = self.judge.dns_event(query, verdict, who)
         self.add(time.monotonic_ns(), event, owner.cgroup_id if owner else None)
 
+    @_guarded
     def on_connection(self, conn: ConnEvent) -> None:
         if conn.pid:
             who = self.who(conn.pid, conn.cgroup_id)
@@ -197,40 +251,41 @@ class Run:
             where = self.peers.listener(
                 conn.protocol, conn.address, conn.port, candidates=self.service_pids()
             )
-            if where is not None:  # else nothing listened there: nothing was reached
-                address = str(conn.address)
-                self._local(
-                    conn.time_ns, conn.cgroup_id, who, where, address, conn.port, conn.protocol
-                )
+            if where is None and conn.protocol != "tcp":
+                return  # no UDP socket there (glibc's address-sorting probe sends nothing)
+            address = str(conn.address)
+            self._local(conn.time_ns, conn.cgroup_id, who, where, address, conn.port, conn.protocol)
             return
         self.add(conn.time_ns, self.judge.connection(conn, who), conn.cgroup_id)
 
+    @_guarded
     def on_unix(self, contact: UnixEvent) -> None:
         """A connect() to a unix socket: on record when it reached a listener."""
         if not contact.reached or not self.first_report(("unix", contact.pid, contact.path)):
             return
         who = self.who(contact.pid, contact.cgroup_id)
-        where = self.peers.listener("unix", contact.path, candidates=self.service_pids())
-        if where is None:  # it reached one that is gone already: name the socket alone
-            where = LocalListener(None, None, None, None, 0)
-        self._local(contact.time_ns, contact.cgroup_id, who, where, contact.path, None, "unix")
+        path = socket_path(contact.pid, contact.path)
+        where = self.peers.listener("unix", path, candidates=self.service_pids())
+        self._local(contact.time_ns, contact.cgroup_id, who, where, path, None, "unix")
 
     def _local(
         self,
         when_ns: int,
         cgroup_id: int,
         who: Attribution,
-        where: LocalListener,
+        where: LocalListener | None,
         address: str,
         port: int | None,
         protocol: str,
     ) -> None:
         """A contact with a local service: a call when a service of the fence listens there;
-        nothing when the listener is in the run itself (its own traffic)."""
-        member = self.member_holding(where)
+        nothing when the listener is in the run itself (its own traffic). `where` None:
+        nothing listens there by the time we look (the connection was refused, or the
+        listener closed at once): on record all the same, judged as an outside service."""
+        member = self.member_holding(where) if where is not None else None
         if member is not None and not member.service:
             return
-        listener = where.describe()
+        listener = where.describe() if where is not None else NO_LISTENER
         if member is not None:
             listener = f"service {member.name}: {listener}"
             with self._lock:
@@ -245,12 +300,14 @@ class Run:
         )
         self.add(when_ns, event, cgroup_id)
 
+    @_guarded
     def on_bypass(self, query: BypassEvent) -> None:
         key = (query.pid, query.name, query.address, query.port, query.protocol, query.txid)
         if self.first_report(("bypass", *key)):
             who = self.who(query.pid, query.cgroup_id)
             self.add(query.time_ns, self.judge.bypass(query, who), query.cgroup_id)
 
+    @_guarded
     def on_escape(self, escape: EscapeEvent) -> None:
         """A process of a member was moved out of the fence (and killed: kernel.Listener)."""
         who = self.who(escape.pid, escape.cgroup_id)
@@ -267,13 +324,18 @@ class Run:
 
     # -- events ------------------------------------------------------------------------
     def add(self, when_ns: int, event: EgressEvent, cgroup_id: int | None = None) -> None:
-        """Record an event of member `cgroup_id` (a service's carries its name)."""
+        """Record an event of member `cgroup_id` (a service's carries its name). Once the
+        run has finished, a service's event goes where `finish` said."""
         member = self.members.get(cgroup_id) if cgroup_id is not None else None
         if member is not None and member.service:
             event = dataclasses.replace(event, service=member.name)
         with self._lock:
-            self._events.append((when_ns, event))
-        if self._delivery is not None:
+            late = self._after if self._finished else None
+            if not self._finished:
+                self._events.append((when_ns, cgroup_id, event))
+        if late is not None:
+            late.add(when_ns, event, cgroup_id)
+        elif self._delivery is not None and not self._finished:
             self._delivery.put(event)
 
     def first_report(self, key: tuple[object, ...]) -> bool:
@@ -283,13 +345,31 @@ class Run:
             self._reported.add(key)
             return True
 
-    def in_order(self) -> tuple[EgressEvent, ...]:
-        """Every event by time; a service's names the run's process that called it last
-        before it (the call is a connect, so it comes before what the service does)."""
+    def in_order(self, cgroup_id: int | None = None) -> tuple[EgressEvent, ...]:
+        """Every event by time (of member `cgroup_id` only, if given); a service's names
+        the run's process that called it last before it (the call is a connect, so it
+        comes before what the service does)."""
         with self._lock:
-            events = sorted(self._events, key=lambda pair: pair[0])
+            events = sorted(self._events, key=lambda entry: entry[0])
             calls = sorted(self._calls, key=lambda call: call[0])
-        return tuple(self._chained(when, event, calls) for when, event in events)
+        return tuple(
+            self._chained(when, event, calls)
+            for when, member, event in events
+            if cgroup_id is None or member == cgroup_id
+        )
+
+    def finish(self, after: Run | None) -> tuple[EgressEvent, ...]:
+        """The run's events, final: what its services do from now on goes to `after`."""
+        with self._lock:
+            self._finished, self._after = True, after
+        return self.in_order()
+
+    def raise_errors(self) -> None:
+        """The first error a callback of this run raised on another thread, raised here."""
+        with self._lock:
+            errors = list(self.errors)
+        if errors:
+            raise errors[0]
 
     @staticmethod
     def _chained(

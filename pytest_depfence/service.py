@@ -20,15 +20,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .cgroup import pids_of
 from .errors import ConfigError, ServiceNotReady
 from .events import EgressEvent, FenceResult
+from .local import LocalPeers
 from .output import Output
 from .render import failure_text
+from .run import Member, Run, Teardown
 
 #: Seconds `ready=` waits for a service by default.
 READY_TIMEOUT = 10.0
 #: Seconds between two connection attempts while waiting for `ready=`.
 READY_POLL = 0.02
+#: The command of a service's result: what it did outside any run (`Fence.results`).
+SERVICE_RESULT = "service {name} (outside any run): {command}"
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,12 @@ def ready_check(ready: int | str, where: str) -> ReadyCheck:
 
 
 class Service:
-    """A process fenced for the rest of the test (see the module docstring)."""
+    """A process fenced for the rest of the test (see the module docstring).
+
+    `teardown` undoes its start (kills its cgroup, detaches the programs);
+    `recorder` is the fence's record of what its services do outside runs, and
+    `on_result` takes what this one did there once it is stopped.
+    """
 
     def __init__(
         self,
@@ -80,16 +90,21 @@ class Service:
         command: str,
         proc: subprocess.Popen[bytes],
         output: Output,
-        stop: Callable[[], None],
-        events: Callable[[], list[EgressEvent]],
+        member: Member,
+        teardown: Teardown,
+        recorder: Run,
+        on_result: Callable[[FenceResult], None],
     ) -> None:
         self.name = name
         self.command = command
         self.pid = proc.pid
         self._proc = proc
         self._output = output
-        self._stop = stop
-        self._events = events
+        self._member = member
+        self._teardown = teardown
+        self._recorder = recorder
+        self._on_result = on_result
+        self._started = time.monotonic()
         self.stopped = False
         #: Once stopped: what it did outside any run, as a result (None: nothing), also
         #: in `Fence.results`, so reports and contracts have it.
@@ -98,7 +113,9 @@ class Service:
     @property
     def events(self) -> list[EgressEvent]:
         """What the service did outside any run (start-up, between runs), in order."""
-        return self._events()
+        if self.result is not None:
+            return list(self.result.events)
+        return list(self._recorder.in_order(self._member.cgroup_id))
 
     @property
     def violations(self) -> list[EgressEvent]:
@@ -114,27 +131,62 @@ class Service:
 
     def stop(self) -> None:
         """Kill the service and everything it started, and forget its cgroup. Idempotent."""
-        if not self.stopped:
-            self.stopped = True
-            self._stop()
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            self._teardown.close()
+        finally:  # what it did outside any run is reported like a run's result
+            events = self._recorder.in_order(self._member.cgroup_id)
+            self._recorder.remove_member(self._member.cgroup_id)
+            if events:
+                out, err = self._output.text()
+                code = self._proc.returncode
+                self.result = FenceResult(
+                    SERVICE_RESULT.format(name=self.name, command=self.command),
+                    code if code is not None else -9,
+                    out,
+                    err,
+                    events=events,
+                    duration=time.monotonic() - self._started,
+                )
+                self._on_result(self.result)
 
-    def wait_ready(self, check: ReadyCheck, timeout: float) -> None:
-        """Return once `check` accepts a connection; ServiceNotReady when the service
-        exits first or `timeout` seconds pass."""
+    def wait_ready(self, check: ReadyCheck, timeout: float, peers: LocalPeers) -> None:
+        """Return once the service itself accepts connections at `check` (not something
+        else listening there); ServiceNotReady when it exits first or `timeout` passes."""
         deadline = time.monotonic() + timeout
-        while not check.accepts():
+        stranger = None
+        while True:
+            if check.accepts():
+                stranger = self._stranger(check, peers)
+                if stranger is None:
+                    return
             if self._proc.poll() is not None:
-                self._not_ready(check, f"it exited first ({self._exit()})")
+                self._not_ready(check, f"it exited first ({self._exit()})", stranger)
             if time.monotonic() >= deadline:
-                self._not_ready(check, f"not within {timeout:g} s")
+                self._not_ready(check, f"not within {timeout:g} s", stranger)
             time.sleep(READY_POLL)  # polling a port with a deadline: nothing to wait on
+
+    def _stranger(self, check: ReadyCheck, peers: LocalPeers) -> str | None:
+        """Who else accepts at `check`, when that is not a process of this service."""
+        if isinstance(check.address, str):
+            found = peers.listener("unix", check.address, candidates=pids_of(self._member.dir))
+        else:
+            host, port = check.address
+            found = peers.listener("tcp", host, port, candidates=pids_of(self._member.dir))
+        if found is None or self._member.holds(found.cgroup):
+            return None
+        return found.describe()
 
     def _exit(self) -> str:
         return failure_text(self.command, self._proc.returncode or 0, "", None)
 
-    def _not_ready(self, check: ReadyCheck, why: str) -> None:
+    def _not_ready(self, check: ReadyCheck, why: str, stranger: str | None) -> None:
         stderr = self.output()[1].rstrip("\n").splitlines()[-10:]
         tail = "".join(f"\n  {line}" for line in stderr)
+        if stranger is not None:
+            why += f"; another process listens there: {stranger}"
         self.stop()
         raise ServiceNotReady(
             f"service {self.name} did not accept connections on {check}: {why}"

@@ -48,10 +48,12 @@ NO_POLICY = "no_egress()"
 
 
 def after_test(item: pytest.Item, passed: bool) -> None:
-    """Check the contract (of a passing test), record the runs, then warn about audited ones.
+    """Stop the fence's services, check them and the contract (of a passing test), record
+    the runs, then warn about audited ones.
 
-    Recording comes before anything that can raise (a contract failure, an audit
-    warning turned into an error), so the reports always have the test's runs.
+    Recording comes before anything that can raise (a service that would not stop, a
+    contract failure, an audit warning turned into an error), so the reports always
+    have the test's runs; a failing test keeps its own exception.
     """
     __tracebackhide__ = True
     fence = item.stash.get(FENCE_KEY, None)
@@ -59,8 +61,11 @@ def after_test(item: pytest.Item, passed: bool) -> None:
         return
     notes: list[str] = []
     failure: Exception | None = None
-    fence.stop_services()  # the test is over: what they did outside runs is now known
-    if passed:
+    try:
+        fence.stop_services()  # the test is over: what they did outside runs is known now
+    except Exception as exc:  # noqa: BLE001 - raised below, after the runs are recorded
+        failure = exc
+    if passed and failure is None:
         failure = _service_violations(fence)
     contract = item.stash.get(FENCE_KWARGS_KEY, {}).get("contract")
     if passed and failure is None and contract is not None:
@@ -71,7 +76,7 @@ def after_test(item: pytest.Item, passed: bool) -> None:
     _record(item, notes)
     _attach_output(item, fence)
     _warn_audited(item, fence)
-    if failure is not None:
+    if failure is not None and passed:
         raise failure
 
 

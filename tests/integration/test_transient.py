@@ -17,6 +17,7 @@ import os
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ import pytest
 
 from pytest_depfence import EgressViolation, Fence, Policy, ServiceNotReady
 from pytest_depfence.cgroup import cgroup2_mount, kill_all
+from pytest_depfence.run import NO_LISTENER
 
 if TYPE_CHECKING:
     from pytest_depfence.lab import Lab
@@ -160,7 +162,7 @@ def test_nothing_listening_is_no_contact(fences, tmp_path) -> None:
 # --------------------------------------------------------------------------- fenced services
 
 
-def _migrations(fence: Fence, port_file: Path, *extra: str):  # noqa: ANN202
+def _migrations(fence: Fence, *extra: str):  # noqa: ANN202
     return fence.service(
         [sys.executable, str(MIGRATIONS), "--listen", "127.0.0.1:18080", *extra],
         name="migrations",
@@ -170,7 +172,7 @@ def _migrations(fence: Fence, port_file: Path, *extra: str):  # noqa: ANN202
 
 def test_fenced_service_violation_names_the_chain(fences, tmp_path) -> None:
     fence = fences(Policy.no_egress("github.com"))
-    service = _migrations(fence, tmp_path)
+    service = _migrations(fence)
     env = {**os.environ, "MIGRATIONS_URL": "http://127.0.0.1:18080"}
     with pytest.raises(EgressViolation) as caught:
         fence.run([str(TRANSIENT)], env=env)
@@ -263,6 +265,8 @@ def test_adopted_cgroup_is_judged_during_the_run_only(lab, fences, outside, serv
     assert github[0].called_by and github[0].called_by[0][1].startswith("curl ")
     # After the run: the daemon is untouched, and nothing of the fence is on its cgroup.
     assert daemon.poll() is None
+    if not shutil.which("bpftool"):
+        pytest.skip("bpftool is needed to see what is attached to a cgroup")
     attached = subprocess.run(
         ["bpftool", "cgroup", "show", str(service_cgroup)],
         capture_output=True,
@@ -301,8 +305,15 @@ def test_two_fences_adopt_different_services_at_once(
         for cgroup in two_service_cgroups
     ]
     results: dict[int, object] = {}
+    errors: list[BaseException] = []
 
     def deploy(n: int) -> None:
+        try:
+            run_one(n)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    def run_one(n: int) -> None:
         cgroup = two_service_cgroups[n]
         with Fence(
             Policy.no_egress("github.com"), upstream=lab.upstream, services=[str(cgroup)]
@@ -317,6 +328,7 @@ def test_two_fences_adopt_different_services_at_once(
         thread.start()
     for thread in threads:
         thread.join(60)
+    assert not errors, errors
     for n, cgroup in enumerate(two_service_cgroups):
         result = results[n]
         github = [v for v in result.violations if v.domain == "github.com"]  # type: ignore[attr-defined]
@@ -374,3 +386,124 @@ def test_cli_names_a_service_that_does_not_exist(lab) -> None:
     )
     assert done.returncode == 125
     assert "'no-such.service' from CLI flag --service: no such systemd unit" in done.stderr
+
+
+# --------------------------------------------------------------------------- what must not pass
+
+ONE_SHOT = """
+import socket, sys
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+print("listening on 127.0.0.1:%d" % server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+server.close()  # like `nc -l`: nobody listens any more, the connection lives on
+conn.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nhi")
+conn.recv(1)
+"""
+
+
+def test_a_one_shot_listener_is_named_and_judged(fences, outside, tmp_path) -> None:
+    script = tmp_path / "one_shot.py"
+    script.write_text(ONE_SHOT)
+    server, address = outside(script)
+    fence = fences(Policy.egress_only())
+    result = fence.run(["curl", "-sS", "-m", "10", f"http://{address}/"], check=False)
+    [found] = _local_events(result, "tcp")
+    assert found.forbidden, "a one-shot service outside the fence passed egress_only"
+    assert found.listener is not None and f"pid {server.pid} " in found.listener
+
+
+def test_a_refused_local_connection_is_on_record(fences) -> None:
+    with socket.socket() as taken:  # a port nobody listens on
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        fence = fences(Policy.egress_only())
+        result = fence.run(["curl", "-sS", "-m", "5", f"http://127.0.0.1:{port}/"], check=False)
+    assert result.returncode != 0
+    [found] = _local_events(result, "tcp")
+    assert found.listener == NO_LISTENER and found.forbidden  # fail closed
+
+
+def test_unix_rules_match_through_symlinks(fences, outside, tmp_path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    _, _ = outside(MIGRATIONS, "--unix", real / "d.sock")
+    fence = fences(Policy.no_egress(f"unix:{real / 'd.sock'}"))
+    result = fence.run(
+        [
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            "--unix-socket",
+            str(tmp_path / "link" / "d.sock"),
+            "http://d/",
+        ],
+        check=False,
+    )
+    [found] = _local_events(result, "unix")
+    assert found.address == str(real / "d.sock") and found.forbidden
+
+
+def test_a_service_name_used_again_starts_with_no_events(fences) -> None:
+    fence = fences(Policy.no_egress("github.com"))
+    first = fence.service(["getent", "hosts", "github.com"], name="m")
+    _wait_exit(first)
+    first.stop()
+    assert first.violations
+    second = fence.service(["sleep", "30"], name="m")
+    assert second.events == []
+    second.stop()
+
+
+def test_ready_does_not_trust_another_listener(fences, outside) -> None:
+    stranger, address = outside(PROXY, "--listen", "127.0.0.1:0")
+    port = int(address.rsplit(":", 1)[1])
+    fence = fences(Policy.no_egress("github.com"))
+    with pytest.raises(
+        ServiceNotReady, match=rf"another process listens there: pid {stranger.pid} "
+    ):
+        fence.service(["sleep", "30"], name="late", ready=port, ready_timeout=1.0)
+
+
+@pytest.mark.parametrize("spec", ["/", "own"])
+def test_the_fence_cannot_adopt_its_own_cgroup(lab, spec) -> None:
+    from pytest_depfence import ConfigError
+    from pytest_depfence.adopt import own_cgroup
+
+    name = own_cgroup() if spec == "own" else spec
+    with pytest.raises(ConfigError, match="cannot adopt"):
+        Fence(Policy.no_egress("github.com"), upstream=lab.upstream, services=[name])
+
+
+def test_two_fences_adopting_one_service_take_turns(lab, fences, outside, service_cgroup) -> None:
+    import threading
+
+    fences(Policy.no_egress("github.com"))
+    _, address = outside(MIGRATIONS, "--listen", "127.0.0.1:0", cgroup=service_cgroup)
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def deploy(n: int) -> None:
+        try:
+            policy = Policy.no_egress("github.com")
+            services = [str(service_cgroup)]
+            with Fence(policy, upstream=lab.upstream, services=services) as fence:
+                results[n] = fence.run(
+                    ["curl", "-sS", "-m", "10", "-X", "POST", f"http://{address}/migrate"],
+                    check=False,
+                )
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deploy, args=(n,)) for n in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not errors, errors
+    for n in (0, 1):
+        github = [v for v in results[n].violations if v.domain == "github.com"]  # type: ignore[attr-defined]
+        assert github and {v.service for v in github} == {str(service_cgroup)}
