@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -223,11 +224,18 @@ def test_every_event_the_kernel_sent_has_the_size_of_its_struct(
 ) -> None:
     # A mount (unshare -m makes / private: a view event), a bypass query (a bypass
     # event, and its datagram's first contact: a conn event), a child moved by its
-    # parent into a sub-cgroup of the fence (an escape event, found inside the fence).
+    # parent into a sub-cgroup of the fence (an escape event, found inside the fence),
+    # a connect to a unix socket that listens (a unix event).
     if not shutil.which("unshare"):
         pytest.skip("needs unshare (util-linux)")
     run_queries(fenced, tmp_path, ["github.com"])
     fenced.run(["unshare", "-m", "true"], timeout=30)
+    path = str(tmp_path / "contract.sock")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(path)
+        listening.listen()
+        connect = f"import socket; socket.socket(socket.AF_UNIX).connect({path!r})"
+        fenced.run([sys.executable, "-c", connect], timeout=30)
     procs = f"$(find {cgroup2_mount() / PARENT} -name cgroup.procs)"
     fenced.run(
         f'set -e; own=$(grep -lx "$$" {procs} | sed "s,/cgroup.procs$,,"); mkdir "$own/sub"; '

@@ -400,13 +400,15 @@ conn, _ = server.accept()
 server.close()  # like `nc -l`: nobody listens any more, the connection lives on
 conn.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nhi")
 conn.recv(1)
+open(sys.argv[1]).read()  # holds the connection until the fixture stops it
 """
 
 
 def test_a_one_shot_listener_is_named_and_judged(fences, outside, tmp_path) -> None:
-    script = tmp_path / "one_shot.py"
+    script, done = tmp_path / "one_shot.py", tmp_path / "done"
     script.write_text(ONE_SHOT)
-    server, address = outside(script)
+    os.mkfifo(done)
+    server, address = outside(script, done)
     fence = fences(Policy.egress_only())
     result = fence.run(["curl", "-sS", "-m", "10", f"http://{address}/"], check=False)
     [found] = _local_events(result, "tcp")
