@@ -195,6 +195,14 @@ class LocalPeers:
             if found.pid is not None:
                 return found
             unheld = unheld or found
+        if protocol == "tcp" and port is not None:
+            # No process holds a listener there (any more): one that accepted is named
+            # by the connection it accepted (looked for after the listeners, so a
+            # listener closed between the two reads is not missed).
+            for inode in self._served_inodes(ipaddress.ip_address(address), port):
+                found = self._listener_of(inode, pids)
+                if found.pid is not None:
+                    return found
         return unheld
 
     def _inet_inodes(self, protocol: str, address: IPAddress, port: int) -> list[int]:
@@ -212,10 +220,14 @@ class LocalPeers:
                 exact.append(inode)
             elif bound.is_unspecified and bound.version in (address.version, 6):
                 wildcard.append(inode)
-        if exact or wildcard or protocol != "tcp":
-            return exact + wildcard
-        # No listener (any more): a one-shot server (`nc -l`) closes it after accepting,
-        # but the connection it accepted is still open, at this address and port.
+        return exact + wildcard
+
+    def _served_inodes(self, address: IPAddress, port: int) -> list[int]:
+        """The server side of connections accepted at `address`:`port` that are still open:
+        a one-shot server (`nc -l`) closes its listener once it has accepted."""
+        address = unmap(address)
+        if address.is_unspecified:
+            address = ipaddress.ip_address("127.0.0.1" if address.version == 4 else "::1")
         try:
             served = list(_tcp_listeners(_TCP_SERVED))
         except OSError:

@@ -398,8 +398,8 @@ server.listen()
 print("listening on 127.0.0.1:%d" % server.getsockname()[1], flush=True)
 conn, _ = server.accept()
 server.close()  # like `nc -l`: nobody listens any more, the connection lives on
-conn.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nhi")
-conn.recv(1)
+conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nhi")
+conn.recv(1)  # until the client closes: the connection stays open on this side
 open(sys.argv[1]).read()  # holds the connection until the fixture stops it
 """
 
