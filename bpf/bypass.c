@@ -316,6 +316,7 @@ static __always_inline int judge_bypass(struct __sk_buff *skb, struct owner *o,
     if (ev->name_len > DNS_NAME_MAX)
         ev->name_len = DNS_NAME_MAX;
     ev->audited = (fence->flags & FENCE_AUDIT) ? 1 : 0;
-    bypass_events.ringbuf_output(ev, sizeof(*ev), 0);
+    if (bypass_events.ringbuf_output(ev, sizeof(*ev), 0))
+        count_lost(o->cgid);
     return (fence->flags & FENCE_AUDIT) ? 1 : 0;
 }

@@ -131,7 +131,8 @@ static __always_inline int judge_ownerless(__u64 cgid, struct fence_cfg *fence, 
     fill_head(&e.head, cgid, 0, daddr, 0, proto);
     e.action = (fence->flags & FENCE_AUDIT) ? ACTION_AUDITED : ACTION_REFUSED;
     e.where = AT_PACKET;
-    conn_events.ringbuf_output(&e, sizeof(e), 0);
+    if (conn_events.ringbuf_output(&e, sizeof(e), 0))
+        count_lost(cgid);
     return (fence->flags & FENCE_AUDIT) ? 1 : 0;
 }
 

@@ -46,7 +46,8 @@
  *   bpf_get_current_pid_tgid    4.2
  *   bpf_get_current_cgroup_id   4.18
  *   bpf_map_lookup_elem         4.7
- *   (fence_of_current: bpf_get_current_cgroup_id 4.18, ..._ancestor_cgroup_id 5.7)
+ *   (fence_of_task: bpf_get_current_cgroup_id 4.18, ..._ancestor_cgroup_id 5.14;
+ *   before 5.14 the `subcgroups` map instead: fence.h, subcgroups.c)
  * The tracepoint cgroup:cgroup_attach_task exists from 4.13; its dst_id is the
  * 64-bit cgroup id (as bpf_get_current_cgroup_id gives it) from 5.5.
  * syscalls:sys_exit_clone3 exists from 5.3, CLONE_INTO_CGROUP from 5.7.
@@ -86,7 +87,7 @@ static __always_inline struct proc *fenced_process(__u32 pid)
 static __always_inline int current_in(__u64 fence_id)
 {
     __u64 now_in;
-    return fence_of_current(&now_in) && now_in == fence_id;
+    return fence_of_task(&now_in) && now_in == fence_id;
 }
 
 /* `path` 0: not known (the event names the cgroup by id). */
@@ -95,8 +96,10 @@ static __always_inline void report_escape(__u64 fence_id, __u32 pid, __u32 write
                                           const char *path)
 {
     struct escape_event *e = escape_events.ringbuf_reserve(sizeof(struct escape_event));
-    if (!e)
+    if (!e) {
+        count_lost(fence_id);
         return;
+    }
     e->ts = bpf_ktime_get_ns();
     e->cgid = fence_id;
     e->dst_id = dst_id;

@@ -120,6 +120,19 @@ BPF_TABLE("lru_hash", struct flow_key, struct owner, dnsflows, 65536);
 BPF_TABLE("lru_hash", __u32, struct proc, procs, DEPFENCE_MAX_PROCS);
 BPF_LPM_TRIE(addrs, struct addr_key, struct addr_rule, 65536);
 BPF_RINGBUF_OUTPUT(conn_events, 256);
+/* Events a fence's programs could not report (a ring buffer was full), by fence cgroup:
+ * a run with any is not vouched for (run.py). */
+BPF_HASH(lost_events, __u64, __u64, 1024);
+
+static __always_inline void count_lost(__u64 cgid)
+{
+    __u64 one = 1;
+    __u64 *count = lost_events.lookup(&cgid);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    else
+        lost_events.update(&cgid, &one);
+}
 
 #define DEPFENCE_MAX_LEVEL 16
 
@@ -149,5 +162,35 @@ static __always_inline struct fence_cfg *fence_of_current(__u64 *fence_id)
     }
     return 0;
 }
+
+#ifdef DEPFENCE_NO_TRACING_ANCESTORS
+/* The fence of the current task, for tracepoint programs on a kernel whose
+ * tracing programs lack bpf_get_current_ancestor_cgroup_id (it came to them in
+ * 5.14; sock_addr programs have it from 5.7): kernel/toolkit.py probes for the
+ * helper and defines DEPFENCE_NO_TRACING_ANCESTORS when it is missing. A task's
+ * own cgroup is looked up as above; a sub-cgroup is known by `subcgroups`, where
+ * subcgroups.c files every cgroup a fenced process makes under that process's
+ * fence. */
+BPF_HASH(subcgroups, __u64, __u64, 4096);
+
+static __always_inline struct fence_cfg *fence_of_task(__u64 *fence_id)
+{
+    __u64 id = bpf_get_current_cgroup_id();
+    struct fence_cfg *fence = fences.lookup(&id);
+    if (!fence) {
+        __u64 *maker = subcgroups.lookup(&id);
+        if (!maker)
+            return 0;
+        id = *maker;
+        fence = fences.lookup(&id);
+    }
+    if (fence)
+        *fence_id = id;
+    return fence;
+}
+#else
+/* Tracepoint programs walk the task's ancestors as sock_addr programs do. */
+#define fence_of_task fence_of_current
+#endif
 
 #endif

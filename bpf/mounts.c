@@ -12,7 +12,8 @@
  *   bpf_send_signal             5.3
  *   bpf_ringbuf_output          5.8
  *   bpf_get_current_pid_tgid    4.2
- *   (fence_of_current: bpf_get_current_cgroup_id 4.18, ..._ancestor_cgroup_id 5.7)
+ *   (fence_of_task: bpf_get_current_cgroup_id 4.18, ..._ancestor_cgroup_id 5.14;
+ *   before 5.14 the `subcgroups` map instead: fence.h, subcgroups.c)
  * The move_mount syscall (and its tracepoint) exists from 5.2.
  */
 
@@ -31,7 +32,7 @@ static __always_inline int view_changed(long ret)
     __u64 cgid;
     if (ret != 0)
         return 0;
-    struct fence_cfg *fence = fence_of_current(&cgid);
+    struct fence_cfg *fence = fence_of_task(&cgid);
     if (!fence || (fence->flags & FENCE_ADOPTED))
         return 0;  /* an adopted service is never paused: its hosts file is the machine's */
     struct view_event e = {};
@@ -40,6 +41,8 @@ static __always_inline int view_changed(long ret)
     /* Only pause when userspace will hear of it and let the process go on. */
     if (view_events.ringbuf_output(&e, sizeof(e), 0) == 0)
         bpf_send_signal(SIGSTOP);
+    else
+        count_lost(cgid);
     return 0;
 }
 

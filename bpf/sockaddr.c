@@ -106,7 +106,8 @@ static __always_inline void report(struct bpf_sock_addr *ctx, __u64 cgid, __u32 
               ctx->protocol);
     e.action = action;
     e.where = where;
-    conn_events.ringbuf_output(&e, sizeof(e), 0);
+    if (conn_events.ringbuf_output(&e, sizeof(e), 0))
+        count_lost(cgid);
 }
 
 /* PASS, REFUSE, or TO_REFUSER (the caller rewrites the destination for its family). */

@@ -26,7 +26,8 @@
  *   bpf_ktime_get_ns            4.1
  *   bpf_ringbuf_output          5.8
  *   bpf_map_lookup/update/delete_elem  4.7
- *   (fence_of_current: bpf_get_current_cgroup_id 4.18, ..._ancestor_cgroup_id 5.7)
+ *   (fence_of_task: bpf_get_current_cgroup_id 4.18, ..._ancestor_cgroup_id 5.14;
+ *   before 5.14 the `subcgroups` map instead: fence.h, subcgroups.c)
  */
 
 #define AF_UNIX_FAMILY 1
@@ -56,7 +57,7 @@ BPF_RINGBUF_OUTPUT(unix_events, 64);
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 {
     __u64 cgid;
-    if (!fence_of_current(&cgid))
+    if (!fence_of_task(&cgid))
         return 0;
     const char *addr = (const char *)args->uservaddr;
     __u16 family = 0;
@@ -99,6 +100,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     e.path_len = pending->path_len;
     __builtin_memcpy(e.path, pending->path, sizeof(e.path));
     unix_pending.delete(&pid_tgid);
-    unix_events.ringbuf_output(&e, sizeof(e), 0);
+    if (unix_events.ringbuf_output(&e, sizeof(e), 0))
+        count_lost(e.head.cgid);
     return 0;
 }

@@ -3,6 +3,10 @@
 An `EgressEvent` is a DNS query (`address` None), a connection or datagram
 (`address`, `port`, `protocol`), or a DNS query sent past the proxy (both).
 
+Events the kernel could not report (a ring buffer was full) are one event
+of `protocol="lost"` (`is_loss`), always a violation: `rule` says how many,
+of which member.
+
 A contact with a local service -- a loopback or local address, or a unix
 socket (`protocol="unix"`, `address` its path, no port) -- names the process
 listening there in `listener` ("pid 812 squid -f /etc/squid.conf (unit
@@ -73,6 +77,12 @@ class EgressEvent:
     @property
     def is_violation(self) -> bool:
         return self.forbidden
+
+    @property
+    def is_loss(self) -> bool:
+        """Events the kernel could not report (`protocol="lost"`; `rule` says how many):
+        always a violation, since one of them may have been a forbidden attempt."""
+        return self.protocol == "lost"
 
     @property
     def is_local(self) -> bool:

@@ -39,6 +39,7 @@ from .judge import DnsVerdict, Judge
 from .local import LocalPeers
 from .output import Output
 from .policy import Policy
+from .ranges import Ranges
 from .refuser import Refuser
 from .render import failure_text, format_violations
 from .run import Member, Run, Teardown
@@ -94,9 +95,15 @@ class Fence:
         timeout: float | None = None,
         raw_sockets: bool = False,
         services: Sequence[str | Adopted] = (),
+        ranges: str | os.PathLike[str] | Sequence[str | os.PathLike[str] | Ranges] = (),
         label: str = "run",
     ) -> None:
-        self.policy = policy
+        #: The policy, with every range of the `ranges` files as one of its address rules.
+        self.policy = policy.with_rules(
+            rule
+            for read in options.validate("ranges", ranges, "Fence(ranges=)")
+            for rule in read.rules
+        )
         self.mode = options.validate("mode", mode, "Fence(mode=)")
         self.outage = options.validate("outage", outage, "Fence(outage=)")
         self.timeout = options.validate("timeout", timeout, "Fence(timeout=)")
@@ -274,6 +281,7 @@ class Fence:
         for adopted in self.adopted:
             self._adopt(run, teardown, adopted, listener)
         self._current = run
+        teardown.push(run.count_lost)
         teardown.push(lambda: setattr(self, "_current", None))
         teardown.push(programs.consume_events)
         teardown.push(proxy.drain)
@@ -403,7 +411,8 @@ class Fence:
             proc = self._spawn(cgroup, argv, cwd, env, None)
             member.root_pid = proc.pid
             output = Output(proc, None, None)
-            assert self._programs is not None
+            assert self._programs is not None and self._outside_runs is not None
+            teardown.push(self._outside_runs.count_lost)
             teardown.push(self._programs.consume_events)  # what it did last, recorded
             teardown.push(output.finish)
             teardown.push(partial(_reap, proc))

@@ -50,6 +50,13 @@ UNJUDGED_QUERY = "a DNS query the fence cannot judge ({reason})"
 UNJUDGED = "the upstream's answer could not be read, so the client got SERVFAIL instead"
 #: The outage an unjudged answer meets.
 UNJUDGED_OUTAGE = "servfail"
+#: Events the kernel could not report for a member of a run (a ring buffer was full).
+LOST = (
+    "the kernel could not report {count} event(s) of {member} (a ring buffer was full): "
+    "what they recorded is unknown, so the run is not vouched for"
+)
+#: Why a loss names no process.
+LOST_WHO = "lost events name no process"
 #: The rule of a contact with a local service outside the fence that egress_only forbids:
 #: `pattern` is the local:/unix: pattern that would allow it.
 LOCAL_OUTSIDE = (
@@ -310,6 +317,23 @@ class Judge:
             unattributed=who.unattributed,
             forbidden=forbidden,
             listener=listener,
+        )
+
+    def lost(self, count: int, member: str) -> EgressEvent:
+        """Events of `member` the kernel dropped: a violation in every mode (fail closed:
+        one of them may have been a forbidden one)."""
+        return EgressEvent(
+            domain=None,
+            address=None,
+            port=None,
+            protocol="lost",
+            verdict="blocked",
+            blocked_at=None,
+            rule=LOST.format(count=count, member=member),
+            pid=None,
+            cmdline=None,
+            unattributed=LOST_WHO,
+            forbidden=True,
         )
 
     def escape(self, escape: EscapeEvent, who: Attribution, mover: str | None) -> EgressEvent:

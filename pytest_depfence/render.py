@@ -35,6 +35,8 @@ DEFAULT_OUTAGES = ("nxdomain", "refused")
 UNREAD_NAME = "(name not read)"
 #: Where a process moved out of its fence went, in the terminal, annotations and summary.
 ESCAPE_TARGET = "cgroup {path}"
+#: What a run's lost events (the kernel could not report them) are shown as.
+LOST_TARGET = "(events lost)"
 #: Before the process of a service's event (a fenced or adopted service).
 SERVICE = "in service {name}: "
 #: The run's process that called the service whose event this is.
@@ -60,6 +62,8 @@ def target(event: EgressEvent) -> str:
     endpoint, or for DNS sent past the proxy both (`github.com (A) to 10.0.0.53:53/udp`)."""
     if event.is_escape:
         return ESCAPE_TARGET.format(path=event.address)
+    if event.is_loss:
+        return LOST_TARGET
     if event.address is None:
         return f"{event.domain} ({event.qtype})" if event.qtype else str(event.domain)
     where = endpoint(event.address, event.port, event.protocol)
@@ -73,6 +77,8 @@ def report_target(event: EgressEvent) -> str:
     the endpoint when there is one (`github.com 140.82.112.3:443/tcp`)."""
     if event.is_escape:
         return ESCAPE_TARGET.format(path=event.address)
+    if event.is_loss:
+        return LOST_TARGET
     if event.address is None:
         return f"{event.domain} ({event.qtype})" if event.qtype else str(event.domain)
     name = f"{event.domain} " if event.domain else ""
@@ -84,6 +90,8 @@ def destination(event: EgressEvent) -> str:
     (`cgroup:PATH` for a process moved out of its fence: a key has no spaces)."""
     if event.is_escape:
         return f"cgroup:{event.address}"
+    if event.is_loss:
+        return "lost-events"
     if event.domain is not None or event.address is None:
         return str(event.domain)
     return endpoint(event.address, event.port, event.protocol)
@@ -152,8 +160,8 @@ def format_event(event: EgressEvent, shown: str | None = None) -> list[str]:
         head += f" ({event.domain or 'no name'}{learned})"
     if event.outage and event.outage not in DEFAULT_OUTAGES:
         head += f" [{event.outage}]"
-    if event.rule:  # an escape's says who moved it
-        head += f" {event.rule}" if event.is_escape else f" rule {event.rule}"
+    if event.rule:  # an escape's says who moved it, a loss how many
+        head += f" {event.rule}" if event.is_escape or event.is_loss else f" rule {event.rule}"
     lines = [head.rstrip()]
     service = SERVICE.format(name=event.service) if event.service else ""
     if event.pid is None:
@@ -225,6 +233,8 @@ def log_line(event: EgressEvent, method: str) -> str:
     level = "WARN" if event.forbidden else "INFO"
     if event.is_escape:
         kind, reason = "CGROUP", "FromCgroupEscape"
+    elif event.is_loss:
+        kind, reason = "KERNEL", "EventsLost"
     elif event.is_local:
         kind, reason = "LOCAL", "FromLocalContact"
     elif event.address is None:

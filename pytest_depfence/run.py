@@ -119,6 +119,8 @@ class Member:
     root_pid: int | None = None
     #: A service (fenced or adopted): its events carry its name, its callers are traced.
     service: bool = False
+    #: Events the kernel could not report for it, as counted at the last run's end.
+    lost: int = 0
 
     def holds(self, cgroup_path: str | None) -> bool:
         """Whether a process in cgroup `cgroup_path` is in this member (or below it)."""
@@ -357,6 +359,17 @@ class Run:
             for when, member, event in events
             if cgroup_id is None or member == cgroup_id
         )
+
+    def count_lost(self) -> None:
+        """A violation for the events the kernel could not report for a member since the
+        last count (`Judge.lost`). After the last events are consumed, before the members
+        are forgotten by the kernel (their counts with them)."""
+        for member in self.members.values():
+            lost = self.programs.lost(member.cgroup_id)
+            if lost > member.lost:
+                event = self.judge.lost(lost - member.lost, member.name)
+                self.add(time.monotonic_ns(), event, member.cgroup_id)
+                member.lost = lost
 
     def finish(self, after: Run | None) -> tuple[EgressEvent, ...]:
         """The run's events, final: what its services do from now on goes to `after`."""

@@ -98,6 +98,7 @@ class Programs:
         self._procs = bpf.get_table(b"procs")
         self._addrs = bpf.get_table(b"addrs")
         self._names = bpf.get_table(b"names")
+        self._lost = bpf.get_table(b"lost_events")
         self._events_lock = threading.Lock()
         self._listeners: dict[int, Listener] = {}
         #: Fence cgroup id -> its directory (an fd of our own): what lies below it.
@@ -150,6 +151,7 @@ class Programs:
         if fd is not None:
             os.close(fd)
         _delete_keys(self._procs, [k for k, leaf in self._procs.items() if leaf.cgid == cgroup_id])
+        _delete_keys(self._lost, [self._lost.Key(cgroup_id)])
 
     def attach(self, cgroup_fd: int) -> list[int]:
         """Attach every cgroup program to one cgroup; returns the link fds (close to detach)."""
@@ -303,6 +305,14 @@ class Programs:
             return _in_tree(fd, cgroup_id)
         except OSError:
             return False
+
+    def lost(self, cgroup_id: int) -> int:
+        """Events of fence cgroup `cgroup_id` the programs could not report (a ring buffer
+        was full): nothing can be said of what they recorded."""
+        try:
+            return int(self._lost[self._lost.Key(cgroup_id)].value)
+        except KeyError:
+            return 0
 
     # -- attribution ----------------------------------------------------------
     def flow_owner(self, proto: str, proxy_port: int, client_port: int, txid: int) -> Owner | None:

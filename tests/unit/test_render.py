@@ -278,3 +278,27 @@ def test_logfmt_values_are_bare_only_when_they_can_be(value: str, written: str) 
 def test_firewall_method_names_the_policy_kind() -> None:
     assert render.firewall_method("egress_only") == "allowlist"
     assert render.firewall_method("no_egress") == "blocklist"
+
+
+def test_lost_events_read_as_a_violation_of_the_run() -> None:
+    from pytest_depfence.addresses import AddressBook
+    from pytest_depfence.judge import LOST_WHO, Judge
+    from pytest_depfence.policy import Policy
+
+    class NoAddresses:
+        """Stands in for the kernel's address trie (never used here)."""
+
+        def add_network(self, fence_id: int, network: object, verdict: str) -> None: ...
+
+        def forget_networks(self, fence_id: int) -> None: ...
+
+    judge = Judge(
+        Policy.no_egress("github.com"), "audit", "nxdomain", AddressBook(1, NoAddresses())
+    )
+    lost = judge.lost(3, "command")
+    assert lost.is_loss and lost.is_violation  # in audit mode too: fail closed
+    head, who = render.format_event(lost)
+    assert render.LOST_TARGET in head and "could not report 3 event(s) of command" in head
+    assert LOST_WHO in who
+    assert render.log_line(lost, "blocklist").startswith("WARN KERNEL BLOCKED reason=EventsLost")
+    assert render.destination(lost) == "lost-events"

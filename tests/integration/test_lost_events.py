@@ -1,0 +1,69 @@
+"""Events the kernel could not report make the run a violation: nothing missed silently.
+
+A ring buffer that is full drops what the programs try to report. One of the
+dropped events may have been a forbidden attempt, so the fence counts every
+drop (map `lost_events`, by fence cgroup) and a run with any fails, in every
+mode. To fill the connection ring for real, the test makes the events thread
+stop consuming once the fenced client has started (it says "ready" and waits
+on a FIFO), until the client has sent one datagram from each of more sockets
+than the ring has room for.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from pytest_depfence import EgressViolation, Policy
+from pytest_depfence.kernel import load
+
+#: More first contacts than conn_events (256 pages of 64-byte records) holds.
+SOCKETS = 20000
+FLOOD = """
+import socket, sys
+print("ready", flush=True)
+open(sys.argv[1]).read()
+for _ in range(int(sys.argv[2])):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"x", ("127.0.0.1", 9))
+print("done", flush=True)
+"""
+
+
+def test_a_full_ring_buffer_fails_the_run(fences, monkeypatch, tmp_path: Path) -> None:
+    fence = fences(Policy.no_egress("github.com"))
+    bpf = load()._bpf
+    consume = bpf.ring_buffer_consume
+    release = threading.Event()
+
+    def stalled() -> None:
+        release.wait(120)  # the events thread waits here (consuming nothing) until "done"
+        consume()
+
+    go = tmp_path / "go"
+    os.mkfifo(go)
+
+    def on_output(stream: str, chunk: bytes) -> None:
+        if b"ready" in chunk:
+            monkeypatch.setattr(bpf, "ring_buffer_consume", stalled)
+            go.write_text("go")
+        if b"done" in chunk:
+            release.set()
+            monkeypatch.setattr(bpf, "ring_buffer_consume", consume)
+
+    try:
+        with pytest.raises(EgressViolation) as caught:
+            fence.run(
+                [sys.executable, "-c", FLOOD, str(go), str(SOCKETS)],
+                on_output=on_output,
+                timeout=120,
+            )
+    finally:
+        release.set()
+    [lost] = [v for v in caught.value.violations if v.is_loss]
+    assert "could not report" in str(lost.rule) and "of command" in str(lost.rule)
+    assert "(events lost)" in str(caught.value)
