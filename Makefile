@@ -17,12 +17,14 @@ demo: bootstrap
 test: bootstrap
 	$(VENV_PY) -m pytest --depfence-lab --depfence-require $(ARGS)
 
-# The integration suite again in QEMU on Debian 12's own kernel (6.1), which lacks the
-# newer helpers this machine's kernel has. Root; the first run builds the VM image (~3 min,
-# cached in /var/cache/depfence-vm). VM_ARGS="--suite kernel" runs the faster subset.
+# The integration suite again in QEMU on a Debian release's own kernel and bcc:
+# DISTRO=bullseye (11: kernel 5.10, bcc 0.18), bookworm (12: 6.1, bcc 0.26, the default)
+# or trixie (13: 6.12). Root; the first run of each builds its VM image (~4 min, cached in
+# /var/cache/depfence-vm). VM_ARGS="--suite kernel" runs the faster subset.
+DISTRO ?= bookworm
 VM_ARGS ?=
 test-vm:
-	bash scripts/vm-lane.sh $(VM_ARGS) $(if $(ARGS),-- $(ARGS))
+	bash scripts/vm-lane.sh --distro $(DISTRO) $(VM_ARGS) $(if $(ARGS),-- $(ARGS))
 
 unit: $(VENV_PY)
 	$(VENV_PY) -m pytest tests/unit tests/plugin $(ARGS)
@@ -37,7 +39,7 @@ $(VENV_PY):
 
 clean:
 	rm -rf build dist .tox .mypy_cache .ruff_cache .pytest_cache *.egg-info
-	rm -f vm-junit.xml vm-console.log
+	rm -f vm-junit*.xml vm-console*.log
 	find . -path ./.venv -prune -o -type d -name __pycache__ -exec rm -rf {} +
 
 # Also drop the virtualenv (the next bootstrap recreates it).

@@ -2,6 +2,7 @@
  *
  *   abi.h       the constants shared with Python (-D flags, no defaults)
  *   fence.h     maps, records and the event head every program shares
+ *   subcgroups.c  tracepoints, before 5.14 only: the sub-cgroups fenced processes make
  *   procs.c     tracepoints: parent and argv of every fenced process
  *   mounts.c    tracepoints: pause a fenced process that changes its mounts
  *   escape.c    tracepoint: kill and report a fenced process moved out of its fence
@@ -15,6 +16,7 @@
  * tracepoints filter on the fence cgroups in `fences`.
  */
 #include "fence.h"
+#include "subcgroups.c"
 #include "procs.c"
 #include "mounts.c"
 #include "escape.c"

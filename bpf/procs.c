@@ -7,7 +7,8 @@
  *
  * Helpers (program type BPF_PROG_TYPE_TRACEPOINT), first kernel for this type:
  *   bpf_get_current_cgroup_id   4.18
- *   bpf_get_current_ancestor_cgroup_id  5.7
+ *   bpf_get_current_ancestor_cgroup_id  5.14 (for this type; before it, fence_of_task
+ *                                       uses the `subcgroups` map: fence.h, subcgroups.c)
  *   bpf_get_current_pid_tgid    4.2
  *   bpf_probe_read_user         5.5
  *   bpf_probe_read_user_str     5.5
@@ -20,7 +21,7 @@ BPF_TABLE("lru_hash", __u32, struct proc, pending, 256);
 
 static __always_inline int in_fence(__u64 *cgid)
 {
-    return fence_of_current(cgid) != 0;
+    return fence_of_task(cgid) != 0;
 }
 
 static __always_inline int record_exec(const char *const *argv)

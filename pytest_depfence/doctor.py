@@ -118,13 +118,22 @@ def _cgroup2_unprivileged() -> str:
 
 
 def _bcc() -> str:
-    from .kernel import import_bcc
+    from .kernel import import_bcc, toolkit
 
     bcc = import_bcc()
-    version = getattr(bcc, "__version__", "unknown version")
+    version = toolkit.bcc_version(bcc)
+    toolkit.check_bcc_version(version)
     init = getattr(bcc, "__file__", None)
     where = Path(init).parent if init else "(built in)"
-    return f"{version} from {where}"
+    notes = []
+    if not toolkit.load_func_takes_attach_type(bcc.BPF):
+        notes.append("programs loaded by syscall: its load_func() takes no attach_type")
+    if toolkit.reads_debugfs_only(version):
+        notes.append(f"tracepoints read from {toolkit.DEBUGFS_TRACING} only")
+    minimum = ".".join(map(str, toolkit.MIN_BCC))
+    return f"{version} from {where} ({minimum} or newer is needed)" + "".join(
+        f"; {note}" for note in notes
+    )
 
 
 def _headers() -> str:

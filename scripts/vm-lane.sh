@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The VM lane: the privileged integration suite on Debian 12's own kernel (6.1), in QEMU.
+# The VM lane: the privileged integration suite on a Debian release's own kernel, in QEMU.
 #
-# The native lane runs on this machine's kernel; this one proves the eBPF programs on a
-# kernel older than 6.10, where cgroup_skb programs have no current-task helpers. As root:
-#   1. builds, or reuses from /var/cache/depfence-vm, a Debian 12 root filesystem made
-#      with debootstrap from the archive apt already uses: linux-image-amd64 (6.1) with
-#      the matching linux-headers-amd64, python3-bpfcc, the lab's real clients, and a
+# The native lane runs on this machine's kernel; this one proves the eBPF programs on the
+# kernels and bcc versions users have (--distro):
+#   bullseye  Debian 11: kernel 5.10, bcc 0.18 (ubuntu-22.04's bcc, an older kernel than it)
+#   bookworm  Debian 12: kernel 6.1, bcc 0.26 (the default)
+#   trixie    Debian 13: kernel 6.12, bcc 0.31
+# all older than 6.10, where cgroup_skb programs have no current-task helpers. As root:
+#   1. builds, or reuses from /var/cache/depfence-vm, a root filesystem of that release
+#      made with debootstrap from the Debian archive apt already uses: linux-image-amd64
+#      with the matching linux-headers-amd64, python3-bpfcc, the lab's real clients, and a
 #      virtualenv with the project's PyPI dependencies (the VM has no network);
 #   2. copies the working tree (no .git, .venv, caches) into a 9p share and boots the
 #      image's own kernel with qemu-system-x86_64, no network device, the root disk in
@@ -15,9 +19,10 @@
 #   4. prints the pytest summary, copies the JUnit file out, and exits with pytest's code.
 #
 # Usage: scripts/vm-lane.sh [options] [-- extra pytest args]
+#   --distro NAME        bullseye, bookworm (default) or trixie; each has its own image
 #   --suite full|kernel  full (default): tests/integration and examples, what tox's
 #                        integration env runs. kernel: the named subset KERNEL_SUBSET
-#                        below, every kernel-facing path in a fifth of the time.
+#                        below, every kernel-facing path in about half the time.
 #   --junit PATH         where the JUnit XML goes (default ./vm-junit.xml)
 #   --console PATH       where the VM's serial console log goes (default ./vm-console.log)
 #   --artifacts DIR      also keep the guest's results there: pytest.log, dmesg.txt, env.txt
@@ -28,14 +33,14 @@
 #   --rebuild            build the image again even if it is cached
 #   -q, --quiet          do not stream the guest's console while the suite runs
 # Environment: DEPFENCE_VM_CACHE (default /var/cache/depfence-vm), DEPFENCE_VM_MIRROR
-# and DEPFENCE_VM_SECURITY_MIRROR (default: the Debian archive apt uses here).
+# and DEPFENCE_VM_SECURITY_MIRROR (default: the Debian archive apt uses here, for any
+# release: the same archive serves all three).
 # Exit codes: pytest's own (0 passed, 1 failed, ...); 124 the VM timed out; 125 the lane
 # could not run (image build failed, VM did not boot, no result came back).
 set -euo pipefail
 
 # Bump when the image recipe changes in a way the package lists do not show.
 SCRIPT_VERSION=1
-SUITE_NAME=bookworm
 
 REPO="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
 CACHE_ROOT="${DEPFENCE_VM_CACHE:-/var/cache/depfence-vm}"
@@ -45,8 +50,12 @@ CACHE_ROOT="${DEPFENCE_VM_CACHE:-/var/cache/depfence-vm}"
 DEB_PACKAGES=(
     linux-image-amd64 linux-headers-amd64 kmod initramfs-tools
     python3-bpfcc python3-venv python3-pip
-    iproute2 curl wget dnsutils busybox git bpftool ca-certificates util-linux procps
+    iproute2 curl wget dnsutils busybox git ca-certificates util-linux procps
 )
+# Debugging aids (tests/integration/test_cleanup.py lists attached programs with bpftool);
+# a release whose archive cannot serve them still builds (bullseye-security has listed a
+# bpftool its pool did not have).
+OPTIONAL_DEB_PACKAGES=(bpftool)
 # Used when pyproject.toml cannot be read (no tomllib): the runtime and test deps.
 FALLBACK_PY_PACKAGES=("dnslib>=0.9" "pyroute2>=0.7" "pytest>=7" pytest-xdist jsonschema
                       "hatchling>=1.18" editables)
@@ -74,11 +83,13 @@ dur() { printf '%dm%02ds' $(( $1 / 60 )) $(( $1 % 60 )); }
 
 usage() { sed -n '/^# Usage:/,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -n 's/^# \{0,1\}//p'; }
 
-SUITE=full JUNIT=./vm-junit.xml CONSOLE=./vm-console.log ARTIFACTS="" TIMEOUT_MIN=40 ACCEL=auto
+DISTRO=bookworm SUITE=full JUNIT=./vm-junit.xml CONSOLE=./vm-console.log ARTIFACTS="" TIMEOUT_MIN=40 ACCEL=auto
 BUILD_ONLY=0 REBUILD=0 QUIET=0
 EXTRA_ARGS=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --distro) DISTRO=${2:?}; shift 2 ;;
+        --distro=*) DISTRO=${1#*=}; shift ;;
         --suite) SUITE=${2:?}; shift 2 ;;
         --suite=*) SUITE=${1#*=}; shift ;;
         --junit) JUNIT=${2:?}; shift 2 ;;
@@ -100,6 +111,15 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 case "$SUITE" in full|kernel) ;; *) die 2 "--suite must be full or kernel, not '$SUITE'" ;; esac
+# The releases. Every one has unshare and setpriv in util-linux (setpriv left it only in
+# Debian 10), and the same package names for the rest of DEB_PACKAGES.
+case "$DISTRO" in
+    bullseye) DEBIAN_VERSION=11 ;;
+    bookworm) DEBIAN_VERSION=12 ;;
+    trixie) DEBIAN_VERSION=13 ;;
+    *) die 2 "--distro must be bullseye, bookworm or trixie, not '$DISTRO'" ;;
+esac
+SUITE_NAME=$DISTRO
 case "$ACCEL" in auto|kvm|tcg) ;; *) die 2 "--accel must be auto, kvm or tcg, not '$ACCEL'" ;; esac
 [[ "$TIMEOUT_MIN" =~ ^[0-9]+$ && "$TIMEOUT_MIN" -gt 0 ]] || die 2 "--timeout takes whole minutes, not '$TIMEOUT_MIN'"
 [[ "$(id -u)" -eq 0 ]] || die 125 "must run as root: debootstrap, chroot and the image cache in $CACHE_ROOT need it. Try: sudo $0"
@@ -121,11 +141,15 @@ host_tools() {
     fi
 }
 
-# The Debian archive apt uses here (deb822 and one-line sources alike), else deb.debian.org.
-apt_mirror() {  # apt_mirror SUITE
+# The Debian archive apt uses here (deb822 and one-line sources alike), whichever release
+# this machine runs: the same archive serves every release. `main` is the archive of a
+# release's own and -updates suites, `security` that of its -security suite; nothing
+# when apt knows no Debian suite (the caller falls back to deb.debian.org).
+apt_archive() {  # apt_archive main|security
     # shellcheck disable=SC2016  # apt's own $(FIELD) syntax, not the shell's
-    apt-get indextargets --format '$(RELEASE) $(REPO_URI)' 2>/dev/null \
-        | awk -v s="$1" '$1 == s {print $2; exit}'
+    apt-get indextargets --format '$(RELEASE) $(REPO_URI)' 2>/dev/null | awk -v kind="$1" '
+        $1 ~ /^(oldoldstable|oldstable|stable|testing|unstable|buster|bullseye|bookworm|trixie|forky|sid)(-updates|-security|-backports)?$/ &&
+        ($1 ~ /-security$/) == (kind == "security") {print $2; exit}'
 }
 
 # --------------------------------------------------------------------------- image recipe
@@ -211,6 +235,12 @@ build_base() {  # build_base DIR MIRROR SECURITY_MIRROR
     in_chroot "$root" apt-get update -q >>"$dir/apt.log" 2>&1
     in_chroot "$root" apt-get install -y -q --no-install-recommends "${DEB_PACKAGES[@]}" \
         >>"$dir/apt.log" 2>&1
+    # Failing that, the release's own version (pkg/SUITE) rather than its -security one.
+    in_chroot "$root" apt-get install -y -q --no-install-recommends "${OPTIONAL_DEB_PACKAGES[@]}" \
+        >>"$dir/apt.log" 2>&1 \
+        || in_chroot "$root" apt-get install -y -q --no-install-recommends \
+            "${OPTIONAL_DEB_PACKAGES[@]/%//$SUITE_NAME}" >>"$dir/apt.log" 2>&1 \
+        || echo "optional packages not installed: ${OPTIONAL_DEB_PACKAGES[*]}" >>"$dir/apt.log"
     in_chroot "$root" apt-get clean
     rm -rf "$root"/var/lib/apt/lists/*
     in_chroot "$root" dpkg-query -W >"$dir/packages.txt"
@@ -232,8 +262,11 @@ build_image() {  # build_image BASE_ROOT DIR
         || cp "$work/etc/ssl/certs/ca-certificates.crt" "$work/tmp/host-ca.crt"
     mapfile -t py < <(py_packages)
     in_chroot "$work" python3 -m venv /opt/depfence/venv
+    # Debian 11's pip (20.3) cannot install a pyproject project editable (PEP 660: 21.3).
     in_chroot "$work" /opt/depfence/venv/bin/python -m pip install -q \
-        --disable-pip-version-check --cert /tmp/host-ca.crt "${py[@]}" >"$dir/pip.log" 2>&1
+        --disable-pip-version-check --cert /tmp/host-ca.crt "pip>=23" >"$dir/pip.log" 2>&1
+    in_chroot "$work" /opt/depfence/venv/bin/python -m pip install -q \
+        --disable-pip-version-check --cert /tmp/host-ca.crt "${py[@]}" >>"$dir/pip.log" 2>&1
     in_chroot "$work" /opt/depfence/venv/bin/python -m pip freeze >"$dir/pip-freeze.txt"
     rm -f "$work/tmp/host-ca.crt"
     rm -rf "$work/root/.cache"
@@ -241,8 +274,12 @@ build_image() {  # build_image BASE_ROOT DIR
 
     local kver
     kver=$(basename "$(ls -d "$work"/lib/modules/*/ | sort -V | tail -n1)")
-    if [[ ! -d "$work/lib/modules/$kver/build/include" ]]; then
-        echo "no header tree at /lib/modules/$kver/build in the image" >&2
+    # The package's link is absolute in the guest: resolve it inside the tree, not here.
+    local build
+    build=$(readlink "$work/lib/modules/$kver/build" || echo "/lib/modules/$kver/build")
+    [[ "$build" == /* ]] || build=/lib/modules/$kver/$build
+    if [[ ! -d "$work$build/include" ]]; then
+        echo "no header tree at /lib/modules/$kver/build ($build) in the image" >&2
         return 1
     fi
     cp "$work/boot/vmlinuz-$kver" "$dir/vmlinuz"
@@ -260,11 +297,11 @@ build_image() {  # build_image BASE_ROOT DIR
 
 # The cache keys: the package lists and the recipe itself (its functions' text).
 sha() { sha256sum | cut -c1-16; }
-BASE_KEY=$( { echo "v$SCRIPT_VERSION $SUITE_NAME"; printf '%s\n' "${DEB_PACKAGES[@]}";
+BASE_KEY=$( { echo "v$SCRIPT_VERSION $SUITE_NAME"; printf '%s\n' "${DEB_PACKAGES[@]}" "${OPTIONAL_DEB_PACKAGES[@]}";
               declare -f build_base in_chroot; } | sha)
 IMAGE_KEY=$( { echo "$BASE_KEY"; py_packages; printf '%s' "$STAGE1"; declare -f build_image; } | sha)
-BASE_DIR="$CACHE_ROOT/base-$BASE_KEY"
-IMAGE_DIR="$CACHE_ROOT/image-$IMAGE_KEY"
+BASE_DIR="$CACHE_ROOT/base-$DISTRO-$BASE_KEY"
+IMAGE_DIR="$CACHE_ROOT/image-$DISTRO-$IMAGE_KEY"
 
 # Keep the newest few entries of one layer; an old key is never used again.
 # shellcheck disable=SC2086
@@ -284,6 +321,12 @@ ensure_image() {
     if [[ "$REBUILD" -eq 1 ]]; then
         rm -rf "$IMAGE_DIR" "$BASE_DIR"
     fi
+    # Entries named before the lane had releases (base-KEY): never used again. A lane
+    # still running from one keeps its open image file.
+    local legacy
+    for legacy in "$CACHE_ROOT"/base-???????????????? "$CACHE_ROOT"/image-????????????????; do
+        [[ -d "$legacy" ]] && { say "pruning old cache entry $legacy"; rm -rf "$legacy"; }
+    done
     host_tools
     if [[ -f "$IMAGE_DIR/ready" ]]; then
         say "rootfs: cached at $IMAGE_DIR (kernel $(cat "$IMAGE_DIR/kernel-release"); first built in $(cat "$IMAGE_DIR/build-time"))"
@@ -291,9 +334,9 @@ ensure_image() {
         return 0
     fi
     local mirror security t
-    mirror=${DEPFENCE_VM_MIRROR:-$(apt_mirror "$SUITE_NAME")}
+    mirror=${DEPFENCE_VM_MIRROR:-$(apt_archive main)}
     mirror=${mirror:-http://deb.debian.org/debian/}
-    security=${DEPFENCE_VM_SECURITY_MIRROR-$(apt_mirror "$SUITE_NAME-security")}
+    security=${DEPFENCE_VM_SECURITY_MIRROR-$(apt_archive security)}
     if [[ ! -f "$BASE_DIR/ready" ]]; then
         t=$(date +%s)
         say "rootfs: debootstrap $SUITE_NAME from $mirror${security:+ (security: $security)} into $BASE_DIR"
@@ -305,7 +348,7 @@ ensure_image() {
         dur $(( $(date +%s) - t )) >"$BASE_DIR/build-time"
         touch "$BASE_DIR/ready"
         say "rootfs: base system built in $(cat "$BASE_DIR/build-time")"
-        prune "$CACHE_ROOT/base-*" 2
+        prune "$CACHE_ROOT/base-$DISTRO-*" 2
     else
         say "rootfs: base system cached at $BASE_DIR"
     fi
@@ -319,7 +362,7 @@ ensure_image() {
     dur $(( $(date +%s) - t )) >"$IMAGE_DIR/build-time"
     touch "$IMAGE_DIR/ready"
     say "rootfs: image built in $(cat "$IMAGE_DIR/build-time") (kernel $(cat "$IMAGE_DIR/kernel-release"), $(du -sh --apparent-size "$IMAGE_DIR/rootfs.img" | cut -f1) image)"
-    prune "$CACHE_ROOT/image-*" 2
+    prune "$CACHE_ROOT/image-$DISTRO-*" 2
     exec {lock}>&-
 }
 
@@ -425,7 +468,7 @@ stop_stream() {
 
 USED="" T_BOOT0="" BOOT_PROBE=30
 for candidate in "${ACCELS[@]}"; do
-    say "boot: kernel $KREL, accelerator ${candidate%%:*} (-cpu ${candidate#*:}), suite $SUITE"
+    say "boot: Debian $DEBIAN_VERSION ($DISTRO), kernel $KREL, accelerator ${candidate%%:*} (-cpu ${candidate#*:}), suite $SUITE"
     T_BOOT0=$(date +%s)
     boot "$candidate"
     # The last candidate is used whatever happens. Any other must show the kernel's
@@ -514,7 +557,7 @@ if [[ ! -f "$RES/exit-code" ]]; then
 fi
 CODE=$(cat "$RES/exit-code")
 if [[ -f "$RES/pytest.log" ]]; then
-    say "---- pytest summary (Debian 12, kernel $KREL) ----"
+    say "---- pytest summary (Debian $DEBIAN_VERSION $DISTRO, kernel $KREL, suite $SUITE) ----"
     # The short summary section if there is one, and the final line in any case.
     awk '/short test summary info/ {on = 1} on {print}' "$RES/pytest.log" | sed 's/^/vm-lane:   /'
     grep -q 'short test summary info' "$RES/pytest.log" \

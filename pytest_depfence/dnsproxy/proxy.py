@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from functools import partial
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from . import listeners, upstream, wire
 from .barrier import Barriers
@@ -38,7 +38,8 @@ _TCP_SEND_TIMEOUT = 10.0
 # the connections at this interval while it waits.
 _DRAIN_POLL = 0.005
 
-Send = Callable[[bytes | None], None]  # called once per query; None: send nothing
+# Optional, not `bytes | None`: a runtime alias, and Debian 11 runs Python 3.9.
+Send = Callable[[Optional[bytes]], None]  # called once per query; None: send nothing
 
 
 class DnsProxy:

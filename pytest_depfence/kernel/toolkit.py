@@ -1,11 +1,20 @@
-"""The toolkit side: bcc, the machine it needs, compiling and attaching.
+"""The toolkit side: bcc, the machine it needs, compiling, loading and attaching.
 
 Everything here is about *how* programs get into the kernel: finding the
-distro's bcc from a virtualenv, checking privileges, kernel headers and
-tracefs, compiling the C with its -D contract (capturing what clang and the
-verifier print), and attaching with bpf_link. What the programs *are* lives
-in `abi` and `programs`. Every failure is a FenceUnavailable whose `reason`
-says what is missing and whose `fix` says what to run.
+distro's bcc from a virtualenv, checking its version, privileges, kernel
+headers and tracefs, compiling the C with its -D contract (capturing what
+clang and the verifier print), loading each program with its expected attach
+type (through bcc when its `load_func()` takes one, 0.25+, else with the
+BPF_PROG_LOAD syscall on the instructions bcc compiled), and attaching with
+bpf_link. What the programs *are* lives in `abi` and `programs`. Every
+failure is a FenceUnavailable whose `reason` says what is missing and whose
+`fix` says what to run.
+
+bcc versions differ by distribution: 0.18 (Debian 11, Ubuntu 22.04), 0.26
+(Debian 12), 0.29 (Ubuntu 24.04), 0.30+ (Debian 13). Two differences matter
+here: `BPF.load_func()` takes `attach_type` only from 0.25 (sock_addr
+programs need it at load time), and bcc reads tracepoint formats only from
+debugfs (/sys/kernel/debug/tracing) before 0.26.
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ import ctypes
 import ctypes.util
 import errno
 import importlib.util
+import inspect
 import os
 import platform
 import re
+import resource
 import sys
 import tempfile
 from collections.abc import Callable
@@ -54,10 +65,22 @@ ATTACH_TYPES = {
     "recvmsg6": 20,  # BPF_CGROUP_UDP6_RECVMSG
     "egress": 1,  # BPF_CGROUP_INET_EGRESS
 }
+PROG_TYPE_TRACEPOINT = 5
 PROG_TYPE_CGROUP_SKB = 8
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID = 123
+_BPF_PROG_LOAD = 5
 _BPF_LINK_CREATE = 28
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+
+#: The oldest bcc proven to build fences (Debian 11's and Ubuntu 22.04's python3-bpfcc).
+#: Ring buffers, which every event travels on, came to bcc in 0.16.
+MIN_BCC = (0, 18)
+#: From this bcc on, `BPF.load_func()` takes `attach_type` (else: `_load_by_syscall`).
+BCC_LOAD_FUNC_ATTACH_TYPE = (0, 25)
+#: Before this bcc, tracepoint formats are read only from debugfs's tracing directory.
+BCC_READS_TRACEFS = (0, 26)
+DEBUGFS_TRACING = Path("/sys/kernel/debug/tracing")
 
 # Capabilities a fence needs (include/uapi/linux/capability.h).
 _CAP_NET_ADMIN = 12
@@ -224,22 +247,48 @@ def check_kernel_headers() -> Path:
     return build
 
 
-def tracefs_dir(mount: bool = True) -> Path | None:
-    """Where tracepoint formats live. With `mount`, mounts tracefs when nothing is mounted;
-    without, only checks that it could be (None: mountable, not mounted yet)."""
-    for candidate in (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing")):
+def _located_bcc_version() -> str:
+    try:
+        return locate_bcc()[1]
+    except FenceUnavailable:
+        return "unknown"
+
+
+def tracefs_dir(mount: bool = True, bcc_version: str | None = None) -> Path | None:
+    """Where bcc reads tracepoint formats. With `mount`, mounts tracefs (or, for a bcc
+    older than 0.26, debugfs) when nothing is mounted; without, only checks that it could
+    be (None: mountable, not mounted yet). `bcc_version`: the located bcc's by default."""
+    version = _located_bcc_version() if bcc_version is None else bcc_version
+    if reads_debugfs_only(version):
+        # This bcc opens /sys/kernel/debug/tracing/events/... and nothing else; mounting
+        # debugfs there brings tracefs along (the kernel automounts it at tracing/).
+        candidates: tuple[Path, ...] = (DEBUGFS_TRACING,)
+        target, fstype = DEBUGFS_TRACING.parent, b"debugfs"
+        why = (
+            f" (bcc {version} reads tracepoints only from {DEBUGFS_TRACING}; "
+            "bcc 0.26+ also from tracefs)"
+        )
+        fix = f"mount -t debugfs none {target}"
+    else:
+        candidates = (Path("/sys/kernel/tracing"), DEBUGFS_TRACING)
+        target, fstype, why = Path("/sys/kernel/tracing"), b"tracefs", ""
+        fix = f"mount -t tracefs nodev {target}"
+    for candidate in candidates:
         if (candidate / "events").is_dir():
             return candidate
-    target = Path("/sys/kernel/tracing")
     if not mount and target.is_dir():
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if target.is_dir() and libc.mount(b"nodev", str(target).encode(), b"tracefs", 0, None) == 0:
-        return target
-    err = ctypes.get_errno()
+    if target.is_dir() and libc.mount(b"nodev", str(target).encode(), fstype, 0, None) == 0:
+        if (candidates[0] / "events").is_dir():
+            return candidates[0]
+        err = errno.ENOENT
+    else:
+        err = ctypes.get_errno()
     raise FenceUnavailable(
-        f"tracefs is not mounted and mounting it at {target} failed ({os.strerror(err)})",
-        fix=f"mount -t tracefs nodev {target}",
+        f"{fstype.decode()} is not mounted and mounting it at {target} failed "
+        f"({os.strerror(err)}){why}",
+        fix=fix,
     )
 
 
@@ -263,14 +312,48 @@ def preflight(load_bcc: bool = True) -> MachineState:
     """
     check_privileges()
     version = bcc_version(import_bcc()) if load_bcc else locate_bcc()[1]
+    check_bcc_version(version)
     check_kernel_headers()
     mount = cgroup2_mount()
-    tracefs_dir(mount=False)  # a header or doctor check must not mount anything
+    tracefs_dir(mount=False, bcc_version=version)  # a header or doctor check mounts nothing
     return MachineState(platform.release(), mount, version)
 
 
 def bcc_version(bcc: ModuleType) -> str:
     return str(getattr(bcc, "__version__", "unknown"))
+
+
+def version_tuple(version: str) -> tuple[int, ...] | None:
+    """(0, 18, 0) for "0.18.0" or "0.18.0+ds"; None when the version is not understood."""
+    found = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?", version.strip())
+    if found is None:
+        return None
+    return tuple(int(part) for part in found.groups() if part is not None)
+
+
+def reads_debugfs_only(version: str) -> bool:
+    """Whether this bcc reads tracepoint formats from debugfs only (before 0.26)."""
+    return _older_than(version, BCC_READS_TRACEFS)
+
+
+def _older_than(version: str, bound: tuple[int, ...]) -> bool:
+    """Whether a bcc version is known to be older than `bound` (unknown: assume not)."""
+    parsed = version_tuple(version)
+    return parsed is not None and parsed < bound
+
+
+def check_bcc_version(version: str) -> None:
+    """FenceUnavailable when this bcc is older than MIN_BCC."""
+    if _older_than(version, MIN_BCC):
+        minimum = ".".join(map(str, MIN_BCC))
+        raise FenceUnavailable(
+            f"bcc {version} is older than {minimum}, the oldest bcc pytest-depfence is "
+            "tested with (its events travel on ring buffers, which bcc has from 0.16)",
+            fix=(
+                f"install python3-bpfcc {minimum} or newer (Debian 11 and Ubuntu 22.04: 0.18, "
+                "Debian 12: 0.26, Ubuntu 24.04: 0.29), or point DEPFENCE_BCC_PATH at one"
+            ),
+        )
 
 
 # -- compiling and loading --------------------------------------------------------------
@@ -306,10 +389,18 @@ def _captured(call: Callable[[], Any]) -> tuple[Any, Exception | None, str]:
 
 
 def compile_programs(bcc: ModuleType, text: str, cflags: list[str]) -> Any:
-    """bcc's BPF object for `text` (clang runs here, in memory)."""
-    bpf, failure, log = _captured(lambda: bcc.BPF(text=text.encode(), cflags=cflags))
+    """bcc's BPF object for `text` (clang runs here, in memory), with `cflags` and what
+    this kernel's helpers need (`kernel_cflags`). bcc loads and attaches the tracepoint
+    programs here too: a refusal of one is reported as a load failure, not a compile one."""
+    flags = [*cflags, *kernel_cflags()]
+    bpf, failure, log = _captured(lambda: bcc.BPF(text=text.encode(), cflags=flags))
     if failure is None:
         return bpf
+    refused = re.match(r"Failed to load BPF program b?'?([\w.]+)", str(failure))
+    if refused:
+        # clang's warnings come first; the loader's own words start at its "bpf:" line.
+        at = log.find("bpf: Failed to load program")
+        raise _load_failure(refused[1], failure, log[at:] if at >= 0 else log)
     raise FenceUnavailable(
         f"bcc {bcc_version(bcc)} could not compile the eBPF programs: {failure}"
         + (f"\nclang said:\n{log}" if log else ""),
@@ -323,22 +414,80 @@ def compile_programs(bcc: ModuleType, text: str, cflags: list[str]) -> Any:
 
 #: Lines only a verifier log has: an instruction dump, or the verifier's own summary.
 _VERIFIER_LOG = re.compile(r"^\d+: \(|^processed \d+ insns|^verification time", re.MULTILINE)
+#: The verifier's words for a helper this kernel lacks for the program's type.
+_UNKNOWN_HELPER = re.compile(r"^unknown func (\w+)#\d+", re.MULTILINE)
+
+
+def kernel_cflags() -> list[str]:
+    """-D flags for what this kernel's helpers allow (bpf/fence.h): the tracepoint
+    programs walk a task's cgroup ancestors only where tracing programs have
+    bpf_get_current_ancestor_cgroup_id (5.14+, or a kernel it was backported to)."""
+    if has_helper(PROG_TYPE_TRACEPOINT, BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID):
+        return []
+    return ["-DDEPFENCE_NO_TRACING_ANCESTORS=1"]
+
+
+def has_helper(prog_type: int, helper: int) -> bool:
+    """Whether programs of `prog_type` may call helper number `helper` on this kernel:
+    a four-instruction program that calls it, loaded and closed (a few microseconds)."""
+    insns = (ctypes.c_uint64 * 4)(
+        _insn(0xB7, dst=1, imm=1),  # r1 = 1 (the helper's argument)
+        _insn(0x85, imm=helper),  # call helper
+        _insn(0xB7, dst=0, imm=0),  # r0 = 0
+        _insn(0x95),  # exit
+    )
+    license_ = ctypes.create_string_buffer(b"GPL")
+    attr = _ProgLoadAttr()
+    attr.prog_type = prog_type
+    attr.insn_cnt = len(insns)
+    attr.insns = ctypes.addressof(insns)
+    attr.license = ctypes.addressof(license_)
+    fd, err = _prog_load(attr)
+    if fd < 0 and err == errno.EPERM and _raise_memlock():
+        fd, err = _prog_load(attr)
+    if fd >= 0:
+        os.close(fd)
+        return True
+    return False
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> int:
+    """One struct bpf_insn as the little-endian u64 it is on x86-64 and arm64."""
+    return code | (dst | src << 4) << 8 | (off & 0xFFFF) << 16 | (imm & 0xFFFFFFFF) << 32
 
 
 def load_program(bpf: Any, name: str, prog_type: int, attach_type: int) -> Any:
-    """Load one function of the compiled object as a program; say exactly what failed."""
-    fn, failure, log = _captured(
-        lambda: bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
-    )
+    """Load one function of the compiled object as a program; say exactly what failed.
+
+    The program is loaded with its expected attach type (sock_addr programs are refused
+    without one): by bcc's `load_func()` where it takes one (0.25+), else by
+    `_load_by_syscall`. The result has `.fd` and `.name` either way.
+    """
+    if load_func_takes_attach_type(bpf):
+        call: Callable[[], Any] = lambda: bpf.load_func(  # noqa: E731
+            name.encode(), prog_type, attach_type=attach_type
+        )
+    else:
+        call = lambda: _load_by_syscall(bpf, name, prog_type, attach_type)  # noqa: E731
+    fn, failure, log = _captured(call)
     if failure is None:
         return fn
-    if isinstance(failure, TypeError):
-        raise FenceUnavailable(
-            f"this bcc's BPF.load_func() cannot load the {name} program: {failure} "
-            "(sock_addr programs need attach_type at load time)",
-            fix="use bcc 0.19 or newer (Debian 12: python3-bpfcc 0.26; Ubuntu 24.04: 0.29)",
-        ) from failure
-    if _VERIFIER_LOG.search(log):
+    raise _load_failure(name, failure, getattr(failure, "verifier_log", "") or log)
+
+
+def _load_failure(name: str, failure: Exception, log: str) -> FenceUnavailable:
+    """Why the kernel refused program `name`: a helper it lacks, the verifier, or the load."""
+    missing = _UNKNOWN_HELPER.search(log)
+    if missing:
+        reason = (
+            f"this kernel ({platform.release()}) has no helper {missing[1]} for the {name} "
+            f"program: {failure}\n{log}"
+        )
+        fix = (
+            "every helper and the first kernel that has it for each program type is listed "
+            "at the top of bpf/*.c: report it with this output, uname -r and the bcc version"
+        )
+    elif _VERIFIER_LOG.search(log):
         reason = f"the kernel's verifier rejected the {name} program: {failure}\n{log}"
         fix = "report it with this output, uname -r and the bcc version (depfence doctor)"
     else:
@@ -346,7 +495,143 @@ def load_program(bpf: Any, name: str, prog_type: int, attach_type: int) -> Any:
             f"\nbcc said:\n{log}" if log else ""
         )
         fix = "check the kernel (5.8+ with BPF enabled) and privileges with: depfence doctor"
-    raise FenceUnavailable(reason, fix=fix) from failure
+    exc = FenceUnavailable(reason, fix=fix)
+    exc.__cause__ = failure
+    return exc
+
+
+def load_func_takes_attach_type(bpf: Any) -> bool:
+    """Whether this bcc's `BPF.load_func()` can pass an expected attach type (0.25+)."""
+    try:
+        return "attach_type" in inspect.signature(bpf.load_func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class LoadedProgram:
+    """A program loaded by `_load_by_syscall`: what bcc's `BPF.Function` gives, fd and name.
+    The fd stays open for the life of the process, as bcc's would."""
+
+    name: bytes
+    fd: int
+
+
+class ProgramLoadError(OSError):
+    """BPF_PROG_LOAD refused a program; `verifier_log` is what the verifier said."""
+
+    def __init__(self, err: int, name: str, verifier_log: str) -> None:
+        # The words bcc's own load_func uses, so a failure reads the same on every bcc.
+        super().__init__(err, f"Failed to load BPF program {name.encode()!r}: {os.strerror(err)}")
+        self.verifier_log = verifier_log
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    """union bpf_attr for BPF_PROG_LOAD, up to expected_attach_type (UAPI since 4.17)."""
+
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32),
+    ]
+
+
+#: Verifier log sizes tried after a failed load (the kernel answers ENOSPC when it is
+#: too small; before 5.2 it takes at most 16 MiB - 1).
+_LOG_SIZES = (1 << 20, (1 << 24) - 1)
+_BPF_INSN_SIZE = 8
+
+
+def _load_by_syscall(bpf: Any, name: str, prog_type: int, attach_type: int) -> LoadedProgram:
+    """BPF_PROG_LOAD with `expected_attach_type`, for a bcc whose `load_func()` has none.
+
+    The instructions are the ones bcc compiled (map fds already in them), read through
+    libbcc's `bpf_function_start`/`bpf_function_size`, as `load_func()` reads them; the
+    license is the module's. Only bcc's BTF line info is left out: a verifier log then
+    shows instructions without source lines.
+    """
+    lib = _libbcc(bpf)
+    start = lib.bpf_function_start(bpf.module, name.encode())
+    if not start:
+        raise ValueError(f"the compiled object has no function {name!r}")
+    size = lib.bpf_function_size(bpf.module, name.encode())
+    license_ = lib.bpf_module_license(bpf.module)  # char *, kept alive by the module
+    attr = _ProgLoadAttr()
+    attr.prog_type = prog_type
+    attr.insn_cnt = size // _BPF_INSN_SIZE
+    attr.insns = start
+    attr.license = ctypes.cast(license_, ctypes.c_void_p).value or 0
+    attr.prog_name = name.encode()[:15]
+    attr.expected_attach_type = attach_type
+    fd, err = _prog_load(attr)
+    if fd < 0 and err == errno.EPERM and _raise_memlock():
+        fd, err = _prog_load(attr)  # before 5.11, BPF memory counts against RLIMIT_MEMLOCK
+    if fd >= 0:
+        return LoadedProgram(name.encode(), fd)
+    raise ProgramLoadError(err, name, _verifier_log(attr))
+
+
+def _libbcc(bpf: Any) -> Any:
+    """libbcc as bcc's Python package declared it (restype and argtypes set)."""
+    module = sys.modules.get("bcc.libbcc")
+    lib = getattr(module, "lib", None)
+    if lib is None:
+        raise ImportError(f"bcc's libbcc module is not loaded (bcc object {type(bpf)!r})")
+    return lib
+
+
+def _prog_load(attr: _ProgLoadAttr) -> tuple[int, int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    return int(fd), ctypes.get_errno() if fd < 0 else 0
+
+
+def _verifier_log(attr: _ProgLoadAttr) -> str:
+    """Load again with a log, for the verifier's words (what bcc prints on failure)."""
+    for size in _LOG_SIZES:
+        buf = ctypes.create_string_buffer(size)
+        attr.log_level, attr.log_size = 1, size
+        attr.log_buf = ctypes.addressof(buf)
+        fd, err = _prog_load(attr)
+        if fd >= 0:  # loaded this time: nothing to explain; not ours to keep
+            os.close(fd)
+            return ""
+        if err != errno.ENOSPC:
+            return buf.value.decode(errors="replace").strip()
+    return buf.value.decode(errors="replace").strip()
+
+
+def _raise_memlock() -> bool:
+    """Lift RLIMIT_MEMLOCK as bcc does for its maps; False when it was no limit already."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return False
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, unlimited)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def table_max_entries(table: Any) -> int:
+    """A bcc table's size: its `max_entries`, which bcc before 0.20 keeps for arrays only."""
+    found = getattr(table, "max_entries", None)
+    if found is None:
+        found = _libbcc(table).bpf_table_max_entries_id(table.bpf.module, table.map_id)
+    return int(found)
 
 
 # -- attaching --------------------------------------------------------------------------

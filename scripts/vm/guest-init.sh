@@ -1,10 +1,11 @@
 #!/bin/bash
 # PID 1 of the VM lane's guest (scripts/vm-lane.sh), stage 2.
 #
-# The cached Debian 12 image boots its own 6.1 kernel with init= a small stage-1
-# script baked into the image (/sbin/depfence-vm-init), which mounts the host's 9p
-# share at /mnt/depfence and execs this file from the project copy in it, so editing
-# this file needs no image rebuild. The share holds:
+# The cached Debian image (bullseye, bookworm or trixie: vm-lane.sh --distro) boots its
+# own kernel (5.10, 6.1 or 6.12) with init= a small stage-1 script baked into the image
+# (/sbin/depfence-vm-init), which mounts the host's 9p share at /mnt/depfence and execs
+# this file from the project copy in it, so editing this file needs no image rebuild.
+# The share holds:
 #   project/   a copy of the working tree (no .git, .venv, caches)
 #   params     bash assignments written by the host: PYTEST_ARGS=(...)
 #   results/   written here: pytest.log, junit.xml, exit-code, env.txt, timings
@@ -88,7 +89,7 @@ BUILD=/lib/modules/$KREL/build
 } >"$RESULTS/env.txt"
 sed 's/^/depfence-vm: env: /' "$RESULTS/env.txt"
 
-# The headers match the kernel (both from bookworm), so the package's own links serve
+# The headers match the kernel (both from the same release), so the package's own links serve
 # bcc; this only guards against an image built from mismatched archives.
 if [[ ! -d "$BUILD/include" ]]; then
     say "error: no kernel header tree at $BUILD for the running kernel $KREL"

@@ -25,7 +25,7 @@ import pytest
 from helpers_net import skip_or_fail
 
 from pytest_depfence.cgroup import PARENT, cgroup2_mount
-from pytest_depfence.kernel import abi
+from pytest_depfence.kernel import abi, toolkit
 
 if TYPE_CHECKING:
     from pytest_depfence import Fence, FenceResult
@@ -146,7 +146,7 @@ def test_maps_have_the_fields_python_uses(
 
 def test_sizes_passed_as_defines_reached_the_c(programs: Programs) -> None:
     procs = programs.table("procs")
-    assert procs.max_entries == abi.MAX_PROCS
+    assert toolkit.table_max_entries(procs) == abi.MAX_PROCS
     assert procs.Leaf.args.size == abi.ARGC * abi.ARGLEN
     assert c_type(programs, "names", "Key").hash.size == 8
     assert c_type(programs, "addrs", "Key").ip6.size == 16

@@ -1,13 +1,16 @@
 """When compiling or loading fails, the reason says what failed, with bcc's and the kernel's words.
 
-Real compiles and loads with the machine's bcc (nothing attached): a define
-missing from the -D list stops the compile at bpf/abi.h's guard; a program
-the verifier rejects is blamed on the verifier, with its log; a program the
-kernel refuses before verifying it is not.
+Real compiles and loads with the machine's bcc: a define missing from the -D
+list stops the compile at bpf/abi.h's guard; a program the verifier rejects is
+blamed on the verifier, with its log; a program the kernel refuses before
+verifying it is not. The BPF_PROG_LOAD path that bcc 0.18..0.24 take (their
+load_func() has no attach_type) is run here on whatever bcc the machine has:
+every program loads with its attach type and attaches to a cgroup.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from types import ModuleType
 
@@ -64,3 +67,74 @@ def test_a_refusal_before_verifying_does_not_blame_the_verifier(bcc: ModuleType)
     assert reason.startswith("loading the g program failed: ")
     assert "Invalid argument" in reason
     assert "verifier" not in reason
+
+
+def test_every_program_loads_by_syscall_with_its_attach_type_and_attaches(bcc: ModuleType) -> None:
+    """The path bcc 0.18..0.24 take (their load_func() has no attach_type), on this bcc too."""
+    from pytest_depfence.cgroup import CgroupTree, FenceCgroup
+
+    bpf = toolkit.compile_programs(bcc, program_text(), abi.cflags())
+    loaded = {}
+    for name, attach_type in toolkit.ATTACH_TYPES.items():
+        prog_type = (
+            toolkit.PROG_TYPE_CGROUP_SKB if name == "egress" else toolkit.PROG_TYPE_CGROUP_SOCK_ADDR
+        )
+        loaded[name] = toolkit._load_by_syscall(bpf, name, prog_type, attach_type)
+    tree = CgroupTree()
+    tree.ensure()
+    links = []
+    try:
+        cgroup = FenceCgroup(tree.session, "syscall-load")
+        try:
+            for name, attach_type in toolkit.ATTACH_TYPES.items():
+                links.append(toolkit.bpf_link_create(loaded[name].fd, cgroup.dir_fd, attach_type))
+        finally:
+            for fd in links:
+                os.close(fd)
+            cgroup.close()
+    finally:
+        tree.remove()
+        for program in loaded.values():
+            os.close(program.fd)
+    assert len(links) == len(toolkit.ATTACH_TYPES)
+
+
+def test_a_sock_addr_program_without_its_attach_type_is_refused_by_syscall(bcc: ModuleType) -> None:
+    bpf = bcc.BPF(text=b"int h(struct bpf_sock_addr *ctx) { return 1; }")
+    with pytest.raises(toolkit.ProgramLoadError) as caught:
+        toolkit._load_by_syscall(bpf, "h", toolkit.PROG_TYPE_CGROUP_SOCK_ADDR, 0)
+    assert caught.value.errno == errno.EINVAL
+    assert str(caught.value) == "Failed to load BPF program b'h': Invalid argument"
+    fn = toolkit._load_by_syscall(
+        bpf, "h", toolkit.PROG_TYPE_CGROUP_SOCK_ADDR, toolkit.ATTACH_TYPES["connect4"]
+    )
+    os.close(fn.fd)
+
+
+def test_a_verifier_rejection_by_syscall_carries_the_verifier_log(bcc: ModuleType) -> None:
+    bpf = bcc.BPF(text=BAD)
+    with pytest.raises(toolkit.ProgramLoadError) as caught:
+        toolkit._load_by_syscall(bpf, "f", toolkit.PROG_TYPE_CGROUP_SKB, 1)
+    assert caught.value.errno == errno.EACCES
+    assert "invalid mem access" in caught.value.verifier_log
+    assert "processed" in caught.value.verifier_log
+
+
+def test_the_programs_for_kernels_before_5_14_compile_and_load_here_too(bcc: ModuleType) -> None:
+    """The tracepoints' fallback for tracing programs without
+    bpf_get_current_ancestor_cgroup_id (kernel_cflags on a kernel older than 5.14)."""
+    flags = [*abi.cflags(), "-DDEPFENCE_NO_TRACING_ANCESTORS=1"]
+    bpf = bcc.BPF(text=program_text().encode(), cflags=flags)
+    try:
+        assert bpf.get_table(b"subcgroups") is not None
+        assert bpf.num_open_tracepoints() > 2  # subcgroups.c's two with the rest
+    finally:
+        bpf.cleanup()
+
+
+def test_the_helper_probe_tells_a_helper_from_none() -> None:
+    tracepoint = toolkit.PROG_TYPE_TRACEPOINT
+    assert toolkit.has_helper(tracepoint, 14)  # bpf_get_current_pid_tgid, 4.2
+    assert not toolkit.has_helper(tracepoint, 100_000)
+    expected = [] if toolkit.has_helper(tracepoint, 123) else ["-DDEPFENCE_NO_TRACING_ANCESTORS=1"]
+    assert toolkit.kernel_cflags() == expected
