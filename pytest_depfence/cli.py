@@ -141,6 +141,13 @@ def _add_fence_options(cmd: argparse.ArgumentParser) -> None:
     )
     cmd.add_argument("--raw-sockets", action="store_true", help=options.RAW_SOCKETS.help)
     cmd.add_argument(
+        "--ranges",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help=options.RANGES.help + " (repeatable)",
+    )
+    cmd.add_argument(
         "--service",
         action="append",
         default=[],
@@ -246,6 +253,12 @@ class Plan:
     quiet: bool
     raw_sockets: bool = False
     services: tuple[Any, ...] = ()
+    #: Ranges files (ranges.Ranges), read: their rules join `policy` in the fence.
+    ranges: tuple[Any, ...] = ()
+
+    def fenced_policy(self) -> Policy:
+        """The policy the fence judges by: `policy` and every range of the files."""
+        return self.policy.with_rules(rule for read in self.ranges for rule in read.rules)
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -273,6 +286,7 @@ def plan(args: argparse.Namespace) -> Plan:
         quiet=args.quiet,
         raw_sockets=options.validate("raw_sockets", args.raw_sockets, "--raw-sockets"),
         services=options.validate("services", args.service, "CLI flag --service"),
+        ranges=options.validate("ranges", args.ranges, "CLI flag --ranges"),
     )
 
 
@@ -323,6 +337,7 @@ def _fenced_run(plan: Plan, console: Console) -> FenceResult:
             timeout=plan.timeout,
             raw_sockets=plan.raw_sockets,
             services=plan.services,
+            ranges=plan.ranges,
         )
         result = stack.enter_context(fence).run(
             plan.cmd, check=False, stdin=_stdin(), on_output=console.output, on_event=console.event
@@ -353,7 +368,13 @@ def _run(args: argparse.Namespace) -> int:
         done = "recorded, not blocked: audit mode" if run.mode == "audit" else "blocked"
         print(f"depfence: {headline} ({done}); exit {code}", file=sys.stderr)
     if args.json:
-        write_run(args.json, result, policy=run.policy.describe(), mode=run.mode, outage=run.outage)
+        write_run(
+            args.json,
+            result,
+            policy=run.fenced_policy().describe(),
+            mode=run.mode,
+            outage=run.outage,
+        )
     return code
 
 
@@ -367,6 +388,8 @@ def regenerate_command(plan: Plan, contract: str) -> str:
     flag = "--egress-only" if plan.policy.kind == "egress_only" else "--no-egress"
     for rule in plan.policy.rules:
         argv += [flag, rule.pattern]
+    for read in plan.ranges:
+        argv += ["--ranges", read.shown]
     if plan.timeout is not None:
         argv += ["--timeout", f"{plan.timeout:g}"]
     if plan.raw_sockets:

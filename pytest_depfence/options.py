@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,26 @@ def _services(value: Any, where: str) -> tuple[Any, ...]:
         else:
             raise ConfigError(repr(spec), "a service is a unit name or a cgroup path", where)
     return tuple(adopted)
+
+
+def _ranges(value: Any, where: str) -> tuple[Any, ...]:
+    """Ranges files (ranges.Ranges), each read now: a missing file or a bad line is said
+    here, before any fence is built. Relative paths are relative to the current
+    directory; the plugin makes marker and ini paths absolute first."""
+    from .ranges import Ranges, load
+
+    items = [value] if isinstance(value, (str, os.PathLike, Ranges)) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(repr(value), "ranges is a file, or a list of files", where)
+    read = []
+    for item in items:
+        if isinstance(item, Ranges):
+            read.append(item)
+        elif isinstance(item, (str, os.PathLike)) and os.fspath(item):
+            read.append(load(item, where))
+        else:
+            raise ConfigError(repr(item), "a ranges file is a path (str)", where)
+    return tuple(read)
 
 
 def _contract(value: Any, where: str) -> str:
@@ -151,6 +172,13 @@ SERVICES = Option(
     "paths; their egress is judged and named while the run lasts, and they are never killed",
     _services,
 )
+RANGES = Option(
+    "ranges",
+    "files of address ranges (one address or CIDR per line, or JSON such as GitHub's "
+    "https://api.github.com/meta) whose every range is an address rule of the policy: "
+    "blocked under no_egress, allowed under egress_only",
+    _ranges,
+)
 UPSTREAM = Option(
     "upstream",
     "DNS server the fence's proxy forwards allowed queries to, HOST[:PORT] (default: the "
@@ -160,7 +188,7 @@ UPSTREAM = Option(
 
 #: The settings `fence(...)` takes, in the order help texts list them.
 FENCE_OPTIONS: dict[str, Option] = {
-    o.name: o for o in (MODE, OUTAGE, TIMEOUT, CONTRACT, RAW_SOCKETS, SERVICES)
+    o.name: o for o in (MODE, OUTAGE, TIMEOUT, CONTRACT, RAW_SOCKETS, SERVICES, RANGES)
 }
 #: Every setting `validate` knows: those of `fence(...)` and the session's upstream.
 OPTIONS: dict[str, Option] = {**FENCE_OPTIONS, UPSTREAM.name: UPSTREAM}

@@ -14,8 +14,8 @@ import encodings.idna
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
-from typing import Callable, Literal, Union
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal, Union
 from urllib.parse import urlsplit
 
 from pytest_depfence.errors import PolicyError
@@ -27,6 +27,7 @@ __all__ = [
     "Rule",
     "RuleKind",
     "normalize_name",
+    "parse_network",
     "parse_pattern",
     "unmap",
 ]
@@ -119,6 +120,8 @@ class Rule:
     source: str | None = None
     #: The local service a "local" rule (its port, as text) or a "unix" rule (its path) names.
     endpoint: str | None = None
+    #: The ranges file (as shown) a network rule was read from (`pytest_depfence.ranges`).
+    file: str | None = None
 
     @property
     def key(self) -> tuple[str, str | None, _Network | None]:
@@ -165,12 +168,20 @@ class Policy:
 
     kind: PolicyKind
     rules: tuple[Rule, ...]
+    _names: tuple[Rule, ...] = field(init=False, repr=False, compare=False, default=())
+    _networks: _NetworkIndex = field(
+        init=False, repr=False, compare=False, default_factory=lambda: _NetworkIndex(())
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in ("no_egress", "egress_only"):
             raise ValueError(f"policy kind must be 'no_egress' or 'egress_only', not {self.kind!r}")
         # A list would make the frozen policy unhashable and shareable-by-mutation.
         object.__setattr__(self, "rules", tuple(self.rules))
+        # A ranges file adds thousands of network rules; names are judged on every query
+        # and must not walk them (kept in order: the first matching rule decides).
+        object.__setattr__(self, "_names", tuple(r for r in self.rules if r.name is not None))
+        object.__setattr__(self, "_networks", _NetworkIndex(self.rules))
 
     @classmethod
     def no_egress(cls, *patterns: str, source: str | None = None) -> Policy:
@@ -189,10 +200,21 @@ class Policy:
         """
         return cls("egress_only", _parse_all(patterns, source))
 
+    def with_rules(self, rules: Iterable[Rule]) -> Policy:
+        """This policy with `rules` added after its own (ranges files' networks, say); a rule
+        it already has keeps its first spelling and source."""
+        seen = {rule.key for rule in self.rules}
+        added = []
+        for rule in rules:
+            if rule.key not in seen:
+                seen.add(rule.key)
+                added.append(rule)
+        return Policy(self.kind, (*self.rules, *added)) if added else self
+
     def check_name(self, name: str) -> Decision:
         """Decide a DNS name as received off the wire. Never raises."""
         normalized = normalize_name(name)
-        for rule in self.rules:
+        for rule in self._names:
             if rule.name is not None and _name_matches(normalized, rule.kind, rule.name):
                 return Decision(blocked=self.kind == "no_egress", rule=rule)
         return Decision(blocked=self.kind == "egress_only", rule=None)
@@ -207,9 +229,9 @@ class Policy:
         ip = unmap(_to_address(address))
         if ip.is_loopback:
             return Decision(blocked=False, rule=None)
-        for rule in self.rules:
-            if rule.network is not None and ip in rule.network:
-                return Decision(blocked=self.kind == "no_egress", rule=rule)
+        rule = self._networks.first(ip)
+        if rule is not None:
+            return Decision(blocked=self.kind == "no_egress", rule=rule)
         return Decision(blocked=self.kind == "egress_only", rule=None)
 
     def check_local(self, protocol: str, port: int | None, path: str | None) -> Decision:
@@ -229,8 +251,16 @@ class Policy:
         return Decision(blocked=self.kind == "egress_only", rule=None)
 
     def describe(self) -> str:
-        """The policy as it would be written, e.g. ``no_egress("github.com", "*.example.org")``."""
-        return f"{self.kind}({', '.join(_quote(rule.pattern) for rule in self.rules)})"
+        """The policy as it would be written, e.g. ``no_egress("github.com", "*.example.org")``;
+        rules read from ranges files are counted per file, not listed:
+        ``no_egress("github.com") + ranges from tests/github-meta.json (4821)``."""
+        written = ", ".join(_quote(rule.pattern) for rule in self.rules if rule.file is None)
+        files: dict[str, int] = {}
+        for rule in self.rules:
+            if rule.file is not None:
+                files[rule.file] = files.get(rule.file, 0) + 1
+        ranges = "".join(f" + ranges from {file} ({count})" for file, count in files.items())
+        return f"{self.kind}({written}){ranges}"
 
     def rule_text(self, rule: Rule) -> str:
         """One rule as shown in a violation report, with where it came from when known."""
@@ -246,6 +276,33 @@ class Policy:
         if len(sources) == 1 and None not in sources:
             return f"{self.describe()} [{sources.pop()}]"
         return self.describe()
+
+
+class _NetworkIndex:
+    """The network rules by (version, prefix length, network): the first rule (in policy
+    order) containing an address, found in one lookup per prefix length in use rather
+    than one test per rule (a ranges file adds thousands)."""
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self._tables: dict[tuple[int, int], dict[int, tuple[int, Rule]]] = {}
+        for order, rule in enumerate(rules):
+            if rule.network is None:
+                continue
+            net = rule.network
+            table = self._tables.setdefault((net.version, net.prefixlen), {})
+            table.setdefault(int(net.network_address), (order, rule))
+
+    def first(self, ip: _Address) -> Rule | None:
+        best: tuple[int, Rule] | None = None
+        value, bits = int(ip), ip.max_prefixlen
+        for (version, prefixlen), table in self._tables.items():
+            if version != ip.version:
+                continue
+            mask = ((1 << prefixlen) - 1) << (bits - prefixlen)
+            found = table.get(value & mask)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = found
+        return best[1] if best is not None else None
 
 
 def _socket_paths(rule: Rule) -> set[str | None]:
@@ -334,6 +391,22 @@ def parse_pattern(pattern: object, source: str | None = None) -> Rule:
     return Rule(pattern, "name", _strict_name(pattern, fail), None, source)
 
 
+def parse_network(text: str, source: str | None = None, file: str | None = None) -> Rule:
+    """An address or network alone (a line of a ranges file, `file`), judged as
+    `parse_pattern` judges it; PolicyError for anything else, host names too."""
+    if "%" not in text:  # a zone id: parse_pattern says why it is refused
+        try:
+            network = ipaddress.ip_network(text)
+        except ValueError:
+            pass
+        else:
+            return _network_rule(text, network, source, file)
+    rule = parse_pattern(text, source)  # raises with the policy language's own reason
+    if rule.network is None:
+        raise PolicyError(text, "a ranges file holds addresses and networks only", source)
+    return _network_rule(text, rule.network, source, file)
+
+
 def _local_rule(pattern: str, source: str | None, fail: _Fail) -> Rule:
     """``local:PORT`` (1-65535, TCP or UDP, any local address) or ``unix:PATH`` (an
     absolute path, or ``@name`` for an abstract socket)."""
@@ -369,14 +442,16 @@ def _parse_network(pattern: str, source: str | None) -> Rule:
     return _network_rule(pattern, network, source)
 
 
-def _network_rule(pattern: str, network: _Network, source: str | None) -> Rule:
+def _network_rule(
+    pattern: str, network: _Network, source: str | None, file: str | None = None
+) -> Rule:
     # Addresses are matched after unmapping ::ffff:a.b.c.d, so a rule written in
     # mapped form is stored as IPv4 too; otherwise it could never match anything.
     if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_V4_MAPPED):
         network = ipaddress.IPv4Network(
             (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
         )
-    return Rule(pattern, "network", None, network, source)
+    return Rule(pattern, "network", None, network, source, file=file)
 
 
 def _strict_name(text: str, fail: _Fail) -> str:

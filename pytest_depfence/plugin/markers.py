@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ import pytest
 
 from .. import options, outages
 from ..errors import ConfigError, PolicyError
+from .settings import SETTINGS_KEY
 
 if TYPE_CHECKING:
     from ..policy import Policy
@@ -28,9 +30,11 @@ MARKERS = {
     + "|".join(f"'{mode}'" for mode in options.MODES)
     + ", outage="
     + "|".join(f"'{name}'" for name in outages.OUTAGES)
-    + ", timeout=SECONDS, contract=NAME, raw_sockets=False|True): how the `fenced` fixture "
-    "runs; contract pins the test's egress to depfence-contracts/NAME.contract beside the "
-    "test file; raw_sockets=True keeps CAP_NET_RAW (raw and packet sockets) in the fence",
+    + ", timeout=SECONDS, contract=NAME, raw_sockets=False|True, ranges=FILE|[FILE, ...]): how "
+    "the `fenced` fixture runs; contract pins the test's egress to depfence-contracts/NAME"
+    ".contract beside the test file; raw_sockets=True keeps CAP_NET_RAW (raw and packet "
+    "sockets) in the fence; ranges adds each address or CIDR of the files (relative to the "
+    "test file; text or JSON such as GitHub's meta) to the policy as an address rule",
 }
 
 
@@ -170,7 +174,27 @@ def check_spelling(item: pytest.Item, registered: set[str]) -> None:
 
 
 def item_fence_kwargs(item: pytest.Item) -> dict[str, Any]:
-    """The test's `fence(...)` settings, each checked by its option's validator."""
+    """The test's `fence(...)` settings, each checked by its option's validator; without
+    `ranges=` there, the session's (CLI flag, else ini key), already read."""
+    kwargs = _marker_kwargs(item)
+    if "ranges" not in kwargs:
+        settings = item.config.stash.get(SETTINGS_KEY, None)
+        if settings is not None and settings.ranges:
+            kwargs["ranges"] = settings.ranges
+    return kwargs
+
+
+def _beside(item: pytest.Item, value: Any) -> Any:
+    """`ranges=` paths made absolute from the test file's directory (others left to the
+    validator to refuse)."""
+    if isinstance(value, (list, tuple)):
+        return [_beside(item, v) for v in value]
+    if isinstance(value, str) and value:
+        return os.path.join(item.path.parent, value)
+    return value
+
+
+def _marker_kwargs(item: pytest.Item) -> dict[str, Any]:
     marker = item.get_closest_marker("fence")
     if marker is None:
         return {}
@@ -185,4 +209,7 @@ def item_fence_kwargs(item: pytest.Item) -> dict[str, Any]:
             "implemented yet)",
             source,
         )
-    return {key: options.validate(key, value, source) for key, value in marker.kwargs.items()}
+    values = dict(marker.kwargs)
+    if "ranges" in values:
+        values["ranges"] = _beside(item, values["ranges"])
+    return {key: options.validate(key, value, source) for key, value in values.items()}

@@ -60,6 +60,13 @@ FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ),
     ("--depfence-mode", "string", options.MODE.help, {"metavar": "MODE"}),
     (
+        "--depfence-ranges",
+        "paths",
+        options.RANGES.help + ", for tests without fence(ranges=...); repeatable (flag: "
+        "relative to the current directory; ini: to the ini file's)",
+        {"action": "append", "metavar": "FILE"},
+    ),
+    (
         "--depfence-require",
         "bool",
         "fail fenced tests when the fence cannot be built, instead of skipping them "
@@ -121,6 +128,8 @@ class Settings:
     lab: bool
     report: str | None
     update_contracts: bool
+    #: Ranges files (ranges.Ranges) for tests whose marker names none, read at session start.
+    ranges: tuple[Any, ...] = ()
 
 
 def _setting(config: pytest.Config, name: str) -> tuple[Any, str]:
@@ -180,6 +189,12 @@ def load_settings(config: pytest.Config) -> Settings:
         if mode is not None:
             options.validate("mode", mode, mode_source)
         require, required_in_ci = _require(config)
+        ranges, ranges_source = _setting(config, "depfence_ranges")
+        if ranges is not None:
+            # Flag paths: from where pytest was started; ini paths: pytest made them absolute.
+            here = config.invocation_params.dir
+            paths = [os.path.join(here, p) for p in ranges]
+            ranges = options.validate("ranges", paths, ranges_source)
         return Settings(
             upstream=upstream,
             upstream_source=upstream_source,
@@ -190,6 +205,7 @@ def load_settings(config: pytest.Config) -> Settings:
             lab=_bool(_setting(config, "depfence_lab")[0] or False),
             report=_setting(config, "depfence_report")[0],
             update_contracts=_bool(_setting(config, "depfence_update_contracts")[0] or False),
+            ranges=ranges or (),
         )
     except (PolicyError, ConfigError) as exc:
         raise pytest.UsageError(f"depfence: {exc}") from None
