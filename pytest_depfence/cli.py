@@ -140,20 +140,13 @@ def _add_fence_options(cmd: argparse.ArgumentParser) -> None:
         "--timeout", metavar="SECONDS", help=f"{options.TIMEOUT.help} (exit {TIMEOUT_EXIT})"
     )
     cmd.add_argument("--raw-sockets", action="store_true", help=options.RAW_SOCKETS.help)
-    cmd.add_argument(
-        "--ranges",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help=options.RANGES.help + " (repeatable)",
-    )
-    cmd.add_argument(
-        "--service",
-        action="append",
-        default=[],
-        metavar="UNIT|CGROUP",
-        help=options.SERVICES.help + " (repeatable)",
-    )
+    for flag, metavar, option in (
+        ("--ranges", "FILE", options.RANGES),
+        ("--service", "UNIT|CGROUP", options.SERVICES),
+    ):
+        cmd.add_argument(
+            flag, action="append", default=[], metavar=metavar, help=f"{option.help} (repeatable)"
+        )
     cmd.add_argument(
         "--lab",
         action="store_true",
