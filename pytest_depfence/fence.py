@@ -276,7 +276,7 @@ class Fence:
         )
         cgroup, member = self._fence_cgroup(teardown, self.label, "command", listener)
         run.add_member(member)
-        for service in self._service_members.values():
+        for service in list(self._service_members.values()):
             run.add_member(service)
         for adopted in self.adopted:
             self._adopt(run, teardown, adopted, listener)
@@ -390,7 +390,8 @@ class Fence:
         if name in self._service_members:
             raise ConfigError(name, "a service of this name is running already", "Fence.service()")
         check = ready_check(ready, "Fence.service(ready=)") if ready is not None else None
-        # Events of a service go to the run in progress, else to what runs outside runs.
+        # A service's events go to the run in progress, else to the record of what the
+        # services do outside runs.
         recorder = self._recorder
         listener = kernel.Listener(
             lambda e: recorder().on_connection(e),

@@ -21,6 +21,8 @@ the main thread's.) Sources:
   to import and ~0.5 ms a dump and cannot run in a thread with an asyncio loop.
 - Holders of a socket: /proc/PID/fd; processes we may not read, or that
   exit meanwhile, are skipped.
+- A unix socket's path as the connecting process meant it (`socket_path`):
+  resolved against its working directory and root, symlinks followed.
 """
 
 from __future__ import annotations
@@ -86,6 +88,24 @@ def unit_of(cgroup: str) -> str | None:
         if part.endswith(_UNIT_SUFFIXES):
             return part
     return None
+
+
+def socket_path(pid: int, path: str) -> str:
+    """A unix socket's path as the process `pid` meant it, symlinks resolved: relative to
+    its working directory, under its root (/var/run/docker.sock is /run/docker.sock).
+    An abstract name (@name) is a name; a process already gone: the path resolved here."""
+    if path.startswith("@"):
+        return path
+    try:
+        base = os.readlink(f"/proc/{pid}/cwd")
+        root = f"/proc/{pid}/root"
+        os.stat(root)
+    except OSError:
+        return os.path.realpath(path)
+    absolute = os.path.join(base, path)  # unchanged when `path` is absolute
+    resolved = os.path.realpath(root + absolute)
+    prefix = os.path.realpath(root)
+    return "/" + os.path.relpath(resolved, prefix) if resolved.startswith(prefix) else resolved
 
 
 @dataclass(frozen=True)

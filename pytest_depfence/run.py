@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import queue
 import shlex
 import threading
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .cgroup import pids_of
 from .events import EgressEvent
 from .judge import OWNERLESS, DnsVerdict, Judge
-from .local import LocalListener, LocalPeers
+from .local import LocalListener, LocalPeers, socket_path
 from .procinfo import Attribution, attribute, cmdline_of, read_proc_cmdline
 
 if TYPE_CHECKING:
@@ -127,24 +126,6 @@ class Member:
         return cgroup_path is not None and (
             cgroup_path == self.path or cgroup_path.startswith(self.path.rstrip("/") + "/")
         )
-
-
-def socket_path(pid: int, path: str) -> str:
-    """A unix socket's path as the process `pid` meant it, symlinks resolved: relative to
-    its working directory, under its root (/var/run/docker.sock is /run/docker.sock).
-    An abstract name (@name) is a name; a process already gone: the path resolved here."""
-    if path.startswith("@"):
-        return path
-    try:
-        base = os.readlink(f"/proc/{pid}/cwd")
-        root = f"/proc/{pid}/root"
-        os.stat(root)
-    except OSError:
-        return os.path.realpath(path)
-    absolute = os.path.join(base, path)  # unchanged when `path` is absolute
-    resolved = os.path.realpath(root + absolute)
-    prefix = os.path.realpath(root)
-    return "/" + os.path.relpath(resolved, prefix) if resolved.startswith(prefix) else resolved
 
 
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
