@@ -106,11 +106,11 @@ class Programs:
         #: Ring buffer -> the sizes of the events received on it (the C's sizeof).
         self.event_sizes: dict[str, set[int]] = {ring: set() for ring in abi.RINGS}
         handlers = {
-            "conn_events": self._on_conn_event,
-            "bypass_events": self._on_bypass_event,
+            "conn_events": self._dispatch("conn_events", abi.decode_conn, "on_connection"),
+            "bypass_events": self._dispatch("bypass_events", abi.decode_bypass, "on_bypass"),
             "view_events": self._on_view_event,
             "escape_events": self._on_escape_event,
-            "unix_events": self._on_unix_event,
+            "unix_events": self._dispatch("unix_events", abi.decode_unix, "on_unix"),
         }
         self._rings = []
         for ring, handler in handlers.items():
@@ -234,23 +234,22 @@ class Programs:
             return None  # never read past what the kernel sent; the contract test flags it
         return ctypes.cast(data, ctypes.POINTER(struct)).contents
 
-    def _on_conn_event(self, _ctx: Any, data: Any, size: int) -> None:
-        raw = self._received("conn_events", data, size)
-        if raw is None:
-            return
-        event = abi.decode_conn(raw)
-        listener = self._listeners.get(event.cgroup_id)
-        if listener is not None:
-            listener.on_connection(event)
+    def _dispatch(
+        self, ring: str, decode: Callable[[Any], Any], callback: str
+    ) -> Callable[[Any, Any, int], None]:
+        """The handler of a ring whose events go, decoded, to their fence's listener
+        (`Listener.<callback>`, when it has one)."""
 
-    def _on_bypass_event(self, _ctx: Any, data: Any, size: int) -> None:
-        raw = self._received("bypass_events", data, size)
-        if raw is None:
-            return
-        event = abi.decode_bypass(raw)
-        listener = self._listeners.get(event.cgroup_id)
-        if listener is not None:
-            listener.on_bypass(event)
+        def handle(_ctx: Any, data: Any, size: int) -> None:
+            raw = self._received(ring, data, size)
+            if raw is None:
+                return
+            event = decode(raw)
+            deliver = getattr(self._listeners.get(event.cgroup_id), callback, None)
+            if deliver is not None:
+                deliver(event)
+
+        return handle
 
     def _on_view_event(self, _ctx: Any, data: Any, size: int) -> None:
         raw = self._received("view_events", data, size)
@@ -283,15 +282,6 @@ class Programs:
         listener = self._listeners.get(event.cgroup_id)
         if listener is not None and listener.on_escape is not None:
             listener.on_escape(event)
-
-    def _on_unix_event(self, _ctx: Any, data: Any, size: int) -> None:
-        raw = self._received("unix_events", data, size)
-        if raw is None:
-            return
-        event = abi.decode_unix(raw)
-        listener = self._listeners.get(event.cgroup_id)
-        if listener is not None and listener.on_unix is not None:
-            listener.on_unix(event)
 
     def _below(self, fence_id: int, cgroup_id: int) -> bool:
         """Whether cgroup `cgroup_id` is fence `fence_id`'s or one below it (its directory tree).

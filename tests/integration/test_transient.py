@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_depfence import EgressViolation, Fence, Policy, ServiceNotReady
+from pytest_depfence import EgressViolation, Fence, FenceResult, Policy, ServiceNotReady
 from pytest_depfence.cgroup import cgroup2_mount, kill_all
 from pytest_depfence.run import NO_LISTENER
 
@@ -283,6 +284,34 @@ def test_unknown_service_is_a_clear_error(lab) -> None:
         Fence(Policy.no_egress("github.com"), upstream=lab.upstream, services=["no-such.service"])
 
 
+def _adopted_runs_at_once(lab: Lab, jobs: list[tuple[Path, str]], wait: float) -> list[FenceResult]:
+    """For each (cgroup, address), at once, each in a thread of its own: a fence that
+    adopts the cgroup runs `curl -X POST http://ADDRESS/migrate`; the results in order,
+    all within `wait` seconds (an error in a thread is raised here)."""
+    results: list[FenceResult | None] = [None] * len(jobs)
+    errors: list[BaseException] = []
+
+    def deploy(n: int, cgroup: Path, address: str) -> None:
+        try:
+            policy, services = Policy.no_egress("github.com"), [str(cgroup)]
+            with Fence(policy, upstream=lab.upstream, services=services) as fence:
+                results[n] = fence.run(
+                    ["curl", "-sS", "-m", "10", "-X", "POST", f"http://{address}/migrate"],
+                    check=False,
+                )
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deploy, args=(n, *job)) for n, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(wait)
+    assert not errors, errors
+    assert all(result is not None for result in results), f"a run did not end in {wait} s"
+    return [result for result in results if result is not None]
+
+
 @pytest.fixture
 def two_service_cgroups(lab: Lab) -> Iterator[tuple[Path, Path]]:
     paths = tuple(cgroup2_mount() / f"depfence-test-adopted-{os.getpid()}-{n}" for n in (1, 2))
@@ -297,41 +326,15 @@ def two_service_cgroups(lab: Lab) -> Iterator[tuple[Path, Path]]:
 def test_two_fences_adopt_different_services_at_once(
     lab, fences, outside, two_service_cgroups
 ) -> None:
-    import threading
-
     fences(Policy.no_egress("github.com"))  # skips (or fails) when no fence can be built
     addresses = [
         outside(MIGRATIONS, "--listen", "127.0.0.1:0", cgroup=cgroup)[1]
         for cgroup in two_service_cgroups
     ]
-    results: dict[int, object] = {}
-    errors: list[BaseException] = []
-
-    def deploy(n: int) -> None:
-        try:
-            run_one(n)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(exc)
-
-    def run_one(n: int) -> None:
-        cgroup = two_service_cgroups[n]
-        with Fence(
-            Policy.no_egress("github.com"), upstream=lab.upstream, services=[str(cgroup)]
-        ) as f:
-            results[n] = f.run(
-                ["curl", "-sS", "-m", "10", "-X", "POST", f"http://{addresses[n]}/migrate"],
-                check=False,
-            )
-
-    threads = [threading.Thread(target=deploy, args=(n,)) for n in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
+    results = _adopted_runs_at_once(lab, list(zip(two_service_cgroups, addresses)), wait=60)
     for n, cgroup in enumerate(two_service_cgroups):
         result = results[n]
-        github = [v for v in result.violations if v.domain == "github.com"]  # type: ignore[attr-defined]
+        github = [v for v in result.violations if v.domain == "github.com"]
         assert github, result
         assert {v.service for v in github} == {str(cgroup)}
         assert {v.called_by[0][1] for v in github} == {
@@ -481,31 +484,9 @@ def test_the_fence_cannot_adopt_its_own_cgroup(lab, spec) -> None:
 
 
 def test_two_fences_adopting_one_service_take_turns(lab, fences, outside, service_cgroup) -> None:
-    import threading
-
     fences(Policy.no_egress("github.com"))
     _, address = outside(MIGRATIONS, "--listen", "127.0.0.1:0", cgroup=service_cgroup)
-    results: dict[int, object] = {}
-    errors: list[BaseException] = []
-
-    def deploy(n: int) -> None:
-        try:
-            policy = Policy.no_egress("github.com")
-            services = [str(service_cgroup)]
-            with Fence(policy, upstream=lab.upstream, services=services) as fence:
-                results[n] = fence.run(
-                    ["curl", "-sS", "-m", "10", "-X", "POST", f"http://{address}/migrate"],
-                    check=False,
-                )
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=deploy, args=(n,)) for n in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(90)
-    assert not errors, errors
+    results = _adopted_runs_at_once(lab, [(service_cgroup, address)] * 2, wait=90)
     for n in (0, 1):
-        github = [v for v in results[n].violations if v.domain == "github.com"]  # type: ignore[attr-defined]
+        github = [v for v in results[n].violations if v.domain == "github.com"]
         assert github and {v.service for v in github} == {str(service_cgroup)}
