@@ -1,6 +1,6 @@
 # Everyday entry points. `bootstrap`, `demo` and `test` need root (packages, kernel
 # headers, cgroups, eBPF); `unit` and `lint` do not, once .venv exists.
-.PHONY: bootstrap demo test test-vm unit lint clean distclean
+.PHONY: bootstrap bench demo test test-vm unit lint clean distclean
 
 VENV_PY := .venv/bin/python
 # Extra pytest arguments, e.g. `make test ARGS="-x -k mysql"`.
@@ -8,6 +8,14 @@ ARGS ?=
 
 bootstrap:
 	bash scripts/bootstrap.sh
+
+# Every benchmark in bench/ in turn (root, in the lab; each prints its figure, its
+# baseline and the ratio, and exits 0). The bootstrap's bench extra brings dnsperf and
+# dnsmasq.
+bench:
+	bash scripts/bootstrap.sh --bench
+	@status=0; for b in bench/bench_*.py; do echo "== $$b"; $(VENV_PY) $$b || status=1; done; \
+	exit $$status
 
 demo: bootstrap
 	$(VENV_PY) examples/demo.py

@@ -7,6 +7,8 @@
 #   - the virtualenv .venv with the project installed editable, plus its test extras;
 #   - tracefs, for the tracepoints the project attaches to.
 # Idempotent: a second run checks state only (no apt, no pip) and takes seconds.
+# `--bench` (or DEPFENCE_BENCH=1) also installs what bench/ measures against: dnsperf and
+# dnsmasq-base (the binary only, no service: the bench starts it inside the lab).
 # Debian 12 and Ubuntu 22.04/24.04. Works from any current directory.
 set -euo pipefail
 
@@ -16,6 +18,14 @@ die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 if [[ "$(id -u)" -ne 0 ]]; then
     die "must run as root: it installs distro packages, links kernel headers and mounts tracefs. Try: sudo $0"
 fi
+
+BENCH="${DEPFENCE_BENCH:-0}"
+for arg in "$@"; do
+    case "$arg" in
+        --bench) BENCH=1 ;;
+        *) die "unknown argument $arg (the only one is --bench)" ;;
+    esac
+done
 
 REPO="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
 KREL="$(uname -r)"
@@ -68,6 +78,21 @@ if [[ ${#MISSING[@]} -gt 0 ]]; then
     apt_install "${MISSING[@]}"
 else
     say "distro packages: all present (${NEEDED[*]})"
+fi
+
+if [[ "$BENCH" == 1 ]]; then
+    BENCH_NEEDED=(dnsperf dnsmasq-base)
+    BENCH_MISSING=()
+    for pkg in "${BENCH_NEEDED[@]}"; do
+        is_installed "$pkg" || BENCH_MISSING+=("$pkg")
+    done
+    if [[ ${#BENCH_MISSING[@]} -gt 0 ]]; then
+        say "bench extra: missing ${BENCH_MISSING[*]} (the baselines bench/bench_dns.py measures against)"
+        apt_update_once
+        apt_install "${BENCH_MISSING[@]}"
+    else
+        say "bench extra: all present (${BENCH_NEEDED[*]})"
+    fi
 fi
 
 # Every fenced command starts through util-linux's unshare (its own cgroup namespace)
