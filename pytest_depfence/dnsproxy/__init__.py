@@ -12,9 +12,10 @@ It knows nothing of policies, BPF maps or pytest.
 - `types`: `Query` and the `DnsJudge` interface;
 - `wire`: reading questions and building replies;
 - `listeners`: the loopback sockets; `connection`: one TCP client;
-- `upstream`: forwarding a query;
+- `forwarder`: UDP queries over one persistent upstream socket, answers matched
+  back by id and question; `upstream`: a TCP query's own connection upstream;
 - `tickets`: each query's progress, what `drain()` waits for; `barrier`: its start;
-- `proxy`: `DnsProxy`, its threads and `drain()`.
+- `proxy`: `DnsProxy`, its event loop (all of UDP), TCP threads and `drain()`.
 """
 
 from .proxy import DnsProxy

@@ -1,9 +1,16 @@
-"""`DnsProxy`: the listeners' threads, answering each query, forwarding, and `drain()`.
+"""`DnsProxy`: the listeners' loop, answering each query, forwarding, and `drain()`.
+
+UDP, nearly every query, is served by one event loop thread: it reads a
+query, judges it, answers a blocked one or sends it upstream over one
+persistent socket (`forwarder`), and when the answer comes judges it (its
+addresses reach the kernel map), observes the query and only then answers the
+client. One thread, no hand-offs: the judge's work is all a query costs.
+TCP clients each get a thread, and their queries a pool thread for the
+upstream, as a silent upstream must never hold a reader.
 
 ``drain()`` is the barrier a fence uses to know every query of a finished run
-has been observed. Judging (and observing what needs no upstream) happens on
-the threads that read queries; forwarding on a pool of its own, so that a
-silent upstream delays answers, never a judgement, an observation or `drain()`.
+has been observed. It never waits for the upstream: a query still waiting for
+its answer is observed by drain() itself, with the verdict `query` gave it.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from functools import partial
@@ -22,15 +30,17 @@ from types import TracebackType
 from typing import Any, Callable, Optional
 
 from . import listeners, upstream, wire
-from .barrier import Barriers
+from .barrier import PREFIX, Barriers
 from .connection import Connection
+from .forwarder import UdpUpstream, Waiting
 from .tickets import Ticket, Tickets
 from .types import DnsJudge, Query, Transport
 
 __all__ = ["DnsProxy"]
 
-_UDP_WORKERS = 8
-# Queries waiting for the upstream at once; more wait their turn (drain() never does).
+# Datagrams read from one listener before the loop looks at the others.
+_UDP_BATCH = 64
+# TCP queries waiting for the upstream at once; more wait their turn (drain() never does).
 _UPSTREAM_WORKERS = 32
 # A client that stops reading its replies must not hold a handler thread forever.
 _TCP_SEND_TIMEOUT = 10.0
@@ -86,7 +96,7 @@ class DnsProxy:
         self._loop_thread: threading.Thread | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._udp_upstream: UdpUpstream | None = None
         self._upstream_pool: ThreadPoolExecutor | None = None
         self._observer_lock = threading.Lock()
         self._errors_lock = threading.Lock()
@@ -115,9 +125,7 @@ class DnsProxy:
         self._listeners, self.port, self.has_ipv6 = bound, bound.port, bound.has_ipv6
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
-        self._pool = ThreadPoolExecutor(
-            max_workers=_UDP_WORKERS, thread_name_prefix="depfence-dns-udp"
-        )
+        self._udp_upstream = UdpUpstream(family, addr, self.upstream_timeout)
         self._upstream_pool = ThreadPoolExecutor(
             max_workers=_UPSTREAM_WORKERS, thread_name_prefix="depfence-dns-upstream"
         )
@@ -156,10 +164,12 @@ class DnsProxy:
         for conn in connections:
             if conn.thread is not None:
                 conn.thread.join()
-        # The reader pool first: it may still hand queries to the upstream pool.
-        for pool in (self._pool, self._upstream_pool):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        if self._upstream_pool is not None:
+            self._upstream_pool.shutdown(wait=True, cancel_futures=True)
+        # Queries still waiting for the upstream are dropped with it: teardown never
+        # waits for the upstream (drain() has observed them).
+        if self._udp_upstream is not None:
+            self._udp_upstream.close()
         for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
@@ -187,27 +197,29 @@ class DnsProxy:
             self.errors.append(exc)
 
     def _loop(self) -> None:
-        assert self._wake_r is not None
+        assert self._wake_r is not None and self._listeners is not None
+        forwarder = self._udp_upstream
+        assert forwarder is not None
         with selectors.DefaultSelector() as selector:
-            selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-            assert self._listeners is not None
+            selector.register(self._wake_r, selectors.EVENT_READ, None)
+            selector.register(forwarder.sock, selectors.EVENT_READ, self._read_upstream)
             for sock in self._listeners.udp:
-                selector.register(sock, selectors.EVENT_READ, "udp")
+                port = sock.getsockname()[1]
+                selector.register(sock, selectors.EVENT_READ, partial(self._read_udp, sock, port))
             for sock in self._listeners.tcp:
-                selector.register(sock, selectors.EVENT_READ, "tcp")
+                selector.register(sock, selectors.EVENT_READ, partial(self._accept, sock))
             while not self._stopping.is_set():
-                for key, _ in selector.select():
-                    ready = key.fileobj
-                    assert isinstance(ready, socket.socket)
+                ready = selector.select(forwarder.next_timeout(time.monotonic()))
+                for key, _ in ready:
                     try:
-                        if key.data == "udp":
-                            self._read_udp(ready)
-                        elif key.data == "tcp":
-                            self._accept(ready)
-                        else:
+                        if key.data is None:
                             self._drain_wake()
+                        else:
+                            key.data()
                     except Exception as exc:
                         self._record(exc)
+                for waiting in forwarder.expire(time.monotonic()):
+                    self._answered(waiting, None)
 
     def _drain_wake(self) -> None:
         assert self._wake_r is not None
@@ -217,12 +229,12 @@ class DnsProxy:
         except BlockingIOError:
             pass
 
-    def _read_udp(self, sock: socket.socket) -> None:
-        listen_port = sock.getsockname()[1]
-        assert self._pool is not None
-        # Read until the queue is empty so that a barrier datagram is seen only
-        # after everything queued before it has been handed to the pool.
-        while True:
+    # -- UDP, on the loop thread ---------------------------------------------------
+
+    def _read_udp(self, sock: socket.socket, listen_port: int) -> None:
+        # In the order they came, each judged before the next is read: a barrier
+        # datagram is seen only once every query before it is observed or forwarded.
+        for _ in range(_UDP_BATCH):
             try:
                 data, addr = sock.recvfrom(wire.MAX_MESSAGE, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -230,24 +242,51 @@ class DnsProxy:
             except ConnectionRefusedError:
                 # A stale ICMP error for an earlier reply; the listener is fine.
                 continue
-            if self._barriers.udp_arrived(data):
+            if data.startswith(PREFIX) and self._barriers.udp_arrived(data):
                 continue
-            ticket = self._tickets.open("udp")
+            reply = None
             try:
-                self._pool.submit(self._serve_udp, ticket, sock, data, addr, listen_port)
-            except RuntimeError:
-                # The pool is shutting down with the proxy.
-                self._tickets.close(ticket)
-                return
+                reply = self._query_udp(sock, data, addr, listen_port)
+            except Exception as exc:
+                self._record(exc)
+            self._send_udp(sock, addr, reply)
 
-    def _serve_udp(
-        self, ticket: Ticket, sock: socket.socket, data: bytes, addr: tuple[Any, ...], port: int
-    ) -> None:
+    def _query_udp(
+        self, sock: socket.socket, data: bytes, addr: tuple[Any, ...], listen_port: int
+    ) -> bytes | None:
+        """The reply to send now; None: nothing now (forwarded, or nothing to send)."""
+        question = wire.read_question(data)
+        if not isinstance(question, wire.Question):
+            return question  # an error reply, or nothing
+        query = Query(question.name, question.qtype, "udp", (addr[0], addr[1]), listen_port,
+                      question.txid)  # fmt: skip
+        verdict, reply = self._judge_query(query, question)
+        if verdict is None:
+            return reply
+        forwarder = self._udp_upstream
+        assert forwarder is not None
+        ticket = self._tickets.open_upstream("udp", query, verdict)
+        waiting = Waiting(ticket, question, (sock, addr), forwarder.deadline())
+        if not forwarder.send(data, waiting):
+            self._settle(ticket, verdict)
+            self._tickets.close(ticket)
+            return wire.servfail(question)
+        return None
+
+    def _read_upstream(self) -> None:
+        assert self._udp_upstream is not None
+        for waiting, reply in self._udp_upstream.receive():
+            self._answered(waiting, reply)
+
+    def _answered(self, waiting: Waiting, reply: bytes | None) -> None:
+        """The upstream's answer to a UDP query (None: it failed): judged, then sent."""
+        out = None
         try:
-            send = partial(self._send_udp, sock, addr)
-            self._handle(ticket, data, "udp", (addr[0], addr[1]), port, send)
+            out = self._conclude(waiting.ticket, waiting.question, reply)
         except Exception as exc:
             self._record(exc)
+        sock, addr = waiting.reply_to
+        self._send_udp(sock, addr, out)
 
     def _send_udp(self, sock: socket.socket, addr: tuple[Any, ...], reply: bytes | None) -> None:
         if reply is None:
@@ -257,6 +296,8 @@ class DnsProxy:
         except OSError as exc:
             if not self._stopping.is_set():
                 self._record(exc)
+
+    # -- TCP: a thread per client ------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
         listen_port = listener.getsockname()[1]
@@ -375,6 +416,20 @@ class DnsProxy:
                 send(reply)
         return forwarded
 
+    def _judge_query(self, query: Query, question: wire.Question) -> tuple[Any, bytes | None]:
+        """(query's verdict, None): forward it; (None, the reply): answered already (a
+        reply None: nothing is sent)."""
+        try:
+            verdict = self._judge.query(query)
+        except Exception as exc:
+            self._record(exc)
+            return None, wire.servfail(question)
+        if verdict.blocked:
+            # Never forwarded: observed now, whatever the upstream is doing.
+            self._observe(query, verdict)
+            return None, wire.outage(question, verdict.rcode)
+        return verdict, None
+
     def _decide(
         self,
         ticket: Ticket,
@@ -389,15 +444,9 @@ class DnsProxy:
         if not isinstance(question, wire.Question):
             return question, None  # an error reply, or nothing
         query = Query(question.name, question.qtype, transport, client, listen_port, question.txid)
-        try:
-            verdict = self._judge.query(query)
-        except Exception as exc:
-            self._record(exc)
-            return wire.servfail(question), None
-        if verdict.blocked:
-            # Never forwarded: observed now, whatever the upstream is doing.
-            self._observe(query, verdict)
-            return wire.outage(question, verdict.rcode), None
+        verdict, reply = self._judge_query(query, question)
+        if verdict is None:
+            return reply, None
         self._tickets.upstream(ticket, query, verdict)
         assert self._upstream_pool is not None
         try:
@@ -408,37 +457,49 @@ class DnsProxy:
         return None, future
 
     def _complete(self, ticket: Ticket, question: wire.Question, data: bytes, send: Send) -> None:
-        """Forward a query, judge the answer, observe the query (unless drain() did), reply."""
+        """Forward a TCP query, then as `_conclude`; on a pool thread."""
         reply: bytes | None = None
         try:
-            query, verdict = ticket.query, ticket.verdict
-            assert query is not None
+            assert ticket.query is not None
             try:
-                reply = upstream.forward(
+                answer: bytes | None = upstream.forward(
                     data,
                     question.txid,
-                    query.transport,
+                    ticket.query.transport,
                     self._upstream_family,
                     self._upstream_addr,
                     self.upstream_timeout,
                 )
             except (wire.UpstreamFailure, OSError):
-                reply = wire.servfail(question)
-            else:
-                try:
-                    verdict = self._judge.answer(query, reply, verdict)
-                except Exception as exc:
-                    self._record(exc)  # an answer nobody could check is not passed on
-                    reply = wire.servfail(question)
-            self._settle(ticket, verdict)
-            if verdict.blocked:
-                reply = wire.outage(question, verdict.rcode)
+                answer = None
+            reply = self._conclude(ticket, question, answer)
         except Exception as exc:
             self._record(exc)
             reply = None
         finally:
             self._tickets.close(ticket)
             send(reply)
+
+    def _conclude(
+        self, ticket: Ticket, question: wire.Question, answer: bytes | None
+    ) -> bytes | None:
+        """The reply to a forwarded query: the upstream's `answer` (None: it failed, the
+        client gets SERVFAIL) judged, its query observed (unless drain() did). Closes the
+        ticket."""
+        try:
+            query, verdict = ticket.query, ticket.verdict
+            assert query is not None
+            reply = answer if answer is not None else wire.servfail(question)
+            if answer is not None:
+                try:
+                    verdict = self._judge.answer(query, answer, verdict)
+                except Exception as exc:
+                    self._record(exc)  # an answer nobody could check is not passed on
+                    reply = wire.servfail(question)
+            self._settle(ticket, verdict)
+        finally:
+            self._tickets.close(ticket)
+        return wire.outage(question, verdict.rcode) if verdict.blocked else reply
 
     def _settle(self, ticket: Ticket, verdict: Any) -> None:
         """Observe a forwarded query, if nobody has: the upstream's thread or drain()."""
@@ -470,8 +531,12 @@ class DnsProxy:
             return
         deadline = time.monotonic() + timeout
         assert self._listeners is not None
-        self._barriers.pass_udp(self._listeners.udp, deadline)
-        self._barriers.pass_tcp(self._listeners.tcp, deadline)
+        try:
+            self._barriers.pass_udp(self._listeners.udp, deadline)
+            self._barriers.pass_tcp(self._listeners.tcp, deadline)
+        except TimeoutError as exc:
+            # The loop is still busy with what came before: say with what.
+            raise self._drain_timeout(timeout, self._tickets.busy(self._tickets.last), -1) from exc
         with self._state:
             conn_cutoff = self._conn_last
         cutoff: int | None = None
@@ -486,12 +551,16 @@ class DnsProxy:
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(
-                    f"DNS proxy drain timed out after {timeout}s: {busy['udp']} UDP queries, "
-                    f"{busy['tcp']} TCP queries and {tcp_left} TCP connections still being "
-                    "judged or observed"
-                )
+                raise self._drain_timeout(timeout, busy, tcp_left)
             with self._state:
                 self._state.wait(min(remaining, _DRAIN_POLL))
         for ticket in self._tickets.forwarded(cutoff):
             self._settle(ticket, ticket.verdict)
+
+    @staticmethod
+    def _drain_timeout(timeout: float, busy: Counter[str], tcp_left: int) -> TimeoutError:
+        connections = f" and {tcp_left} TCP connections" if tcp_left >= 0 else ""
+        return TimeoutError(
+            f"DNS proxy drain timed out after {timeout}s: {busy['udp']} UDP queries, "
+            f"{busy['tcp']} TCP queries{connections} still being judged or observed"
+        )

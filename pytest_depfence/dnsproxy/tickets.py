@@ -1,11 +1,14 @@
 """Where each query is between its bytes being read and its observation: what `drain()` waits for.
 
-A ticket is opened when a query's bytes are taken from a listener, and is
+A ticket is opened when a query's bytes are taken from a TCP connection, and is
 ``judging`` while the judge decides and (for a verdict that needs no upstream)
 observes. A query forwarded upstream is ``upstream``: nothing the fence controls
 is left to do until its answer comes, so `drain()` does not wait for it; whoever
 claims it first observes it, the thread with the upstream's answer or `drain()`
 (with `query`'s verdict), and only that one: every query is observed once.
+A UDP query is judged on the loop thread that reads it, before the loop reads
+the next datagram (so before any drain barrier behind it): it gets a ticket
+only when it is forwarded (`open_upstream`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ class Tickets:
             ticket = Ticket(next(self._seq), transport)
             self.last = ticket.seq
             self._open[ticket.seq] = ticket
+            return ticket
+
+    def open_upstream(self, transport: Transport, query: Query, verdict: Any) -> Ticket:
+        """`open` then `upstream` in one step: a query judged and about to be forwarded."""
+        with self._changed:
+            ticket = Ticket(next(self._seq), transport, UPSTREAM, query, verdict)
+            self.last = ticket.seq
+            self._open[ticket.seq] = ticket
+            self._changed.notify_all()
             return ticket
 
     def upstream(self, ticket: Ticket, query: Query, verdict: Any) -> None:

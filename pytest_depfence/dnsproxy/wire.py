@@ -1,7 +1,8 @@
 """DNS messages as the proxy reads and writes them: the header, the question, replies.
 
-Only the fields the proxy needs are parsed here (dnslib reads the question's
-name); answers are passed on byte for byte.
+Only the fields the proxy needs are parsed here, by hand on the hot path
+(dnslib only for a question with a compression pointer or an extended label
+type, which no ordinary client sends); answers are passed on byte for byte.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ class Question:
     raw: bytes  # the question section, byte for byte (echoed in answers)
 
 
+_TYPE = struct.Struct("!H")
+# Bytes a label may hold and still read as itself in presentation form, lowercased.
+_PLAIN = b"-_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_QTYPES: dict[int, str] = {}
+
+
 def read_question(data: bytes) -> Question | bytes | None:
     """The question of a query; else the error reply to send (bytes), or None: send nothing."""
     if len(data) < HEADER.size:
@@ -52,15 +59,48 @@ def read_question(data: bytes) -> Question | bytes | None:
         return error_reply(txid, flags, NOTIMP)
     if qdcount != 1:
         return error_reply(txid, flags, FORMERR)
+    read = read_labels(data) or _read_labels_dnslib(data)
+    if read is None:
+        return error_reply(txid, flags, FORMERR)
+    labels, end = read
+    (qtype,) = _TYPE.unpack_from(data, end)
+    plain = all(not label.translate(None, _PLAIN) for label in labels)
+    name = b".".join(labels).decode("ascii").lower() if plain else name_text(labels)
+    return Question(txid, flags, name, qtype_name(qtype), data[HEADER.size : end + 4])
+
+
+def read_labels(data: bytes) -> tuple[list[bytes], int] | None:
+    """The question's labels and where its type starts; None: not a plain, whole name."""
+    labels: list[bytes] = []
+    offset = HEADER.size
+    size = len(data)
+    while offset < size:
+        length = data[offset]
+        if length == 0:
+            return (labels, offset + 1) if offset + 5 <= size else None
+        if length > 63:  # a compression pointer or an extended label type
+            return None
+        labels.append(data[offset + 1 : offset + 1 + length])
+        offset += 1 + length
+    return None
+
+
+def _read_labels_dnslib(data: bytes) -> tuple[list[bytes], int] | None:
     try:
         buffer = DNSBuffer(data)
         buffer.offset = HEADER.size
         qname = buffer.decode_name()
-        qtype, _ = buffer.unpack("!HH")
+        buffer.unpack("!HH")
     except Exception:  # noqa: BLE001 - whatever dnslib cannot read is a malformed query
-        return error_reply(txid, flags, FORMERR)
-    raw = data[HEADER.size : buffer.offset]
-    return Question(txid, flags, name_text(qname.label), str(QTYPE[qtype]), raw)
+        return None
+    return list(qname.label), buffer.offset - 4
+
+
+def qtype_name(qtype: int) -> str:
+    name = _QTYPES.get(qtype)
+    if name is None:
+        name = _QTYPES[qtype] = str(QTYPE[qtype])
+    return name
 
 
 def name_text(labels: list[bytes]) -> str:

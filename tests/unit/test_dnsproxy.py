@@ -392,6 +392,76 @@ def test_slow_upstream_answer_does_not_stall_other_udp_queries(
         upstream.zone.release_slow.set()
 
 
+def test_many_outstanding_udp_queries_share_one_upstream_socket(make_proxy: ProxyFactory) -> None:
+    # 60 clients at once, all with the same txid: each gets its own answer with its id,
+    # and the upstream saw one source port (one persistent socket), under distinct ids.
+    seen_by_upstream: list[tuple[int, bytes]] = []
+
+    def answer(query: bytes) -> bytes:
+        record = DNSRecord.parse(query)
+        reply = record.reply()
+        octet = int(str(record.q.qname).split(".")[0][1:])
+        reply.add_answer(RR(record.q.qname, QTYPE.A, rdata=A(f"192.0.2.{octet}"), ttl=5))
+        return bytes(reply.pack())
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+        up.bind(("127.0.0.1", 0))
+        up.settimeout(5)
+        dns, seen = make_proxy(upstream=up.getsockname(), upstream_timeout=5.0)
+        clients = []
+        for i in range(60):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.settimeout(5)
+            sock.sendto(question(f"h{i}.{ZONE}", txid=0x4242), ("127.0.0.1", dns.port))
+            clients.append(sock)
+        queries = []
+        for _ in clients:
+            data, addr = up.recvfrom(65535)
+            seen_by_upstream.append((addr[1], data[:2]))
+            queries.append((data, addr))
+        for data, addr in reversed(queries):  # answered out of order
+            up.sendto(answer(data), addr)
+        replies = [DNSRecord.parse(sock.recv(65535)) for sock in clients]
+        for sock in clients:
+            sock.close()
+    assert len({port for port, _ in seen_by_upstream}) == 1
+    assert len({upstream_id for _, upstream_id in seen_by_upstream}) == 60
+    assert [r.header.id for r in replies] == [0x4242] * 60
+    assert [str(r.q.qname) for r in replies] == [f"h{i}.{ZONE}." for i in range(60)]
+    assert [str(r.rr[0].rdata) for r in replies] == [f"192.0.2.{i}" for i in range(60)]
+    assert sorted(seen.names) == sorted(f"h{i}.{ZONE}" for i in range(60))
+
+
+def test_an_answer_echoing_the_name_in_another_case_is_matched(make_proxy: ProxyFactory) -> None:
+    def swapped_case(query: bytes) -> bytes:
+        record = DNSRecord.parse(query)
+        reply = record.reply()
+        reply.add_answer(RR(record.q.qname, QTYPE.A, rdata=A("192.0.2.99"), ttl=5))
+        packed = bytearray(reply.pack())
+        end = 12 + len(query) - 12 - 4
+        packed[12:end] = bytes(packed[12:end]).swapcase()
+        return bytes(packed)
+
+    sock, thread = _bad_upstream(swapped_case)
+    try:
+        dns, _ = make_proxy(upstream=sock.getsockname(), upstream_timeout=5.0)
+        reply = DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}", txid=0x0303)))
+        thread.join(5)
+    finally:
+        sock.close()
+    assert reply.header.id == 0x0303
+    assert [str(rr.rdata) for rr in reply.rr] == ["192.0.2.99"]
+
+
+def test_udp_queries_start_no_threads(upstream: Upstream, proxy: tuple[DnsProxy, Seen]) -> None:
+    dns, _ = proxy
+    before = {t.name for t in _proxy_threads()}
+    for i in range(20):
+        _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}", txid=i))))
+        assert rcode(ask_udp(dns.port, question("github.com"))) == RCODE.NXDOMAIN
+    assert {t.name for t in _proxy_threads()} == before == {"depfence-dns-loop"}
+
+
 # -- blocked names ----------------------------------------------------------------
 
 
@@ -514,18 +584,9 @@ def _bad_upstream(answer: Callable[[bytes], bytes]) -> tuple[socket.socket, thre
     return sock, thread
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        pytest.param(lambda q: bytes([q[0] ^ 0xFF]) + q[1:2] + b"\x81\x80" + q[4:], id="wrong-id"),
-        pytest.param(lambda q: b"\x00\x01\x02", id="short-garbage"),
-        pytest.param(lambda q: q, id="echoes-the-query"),
-    ],
-)
-def test_garbage_from_upstream_is_servfail(
-    make_proxy: ProxyFactory, answer: Callable[[bytes], bytes]
-) -> None:
-    sock, thread = _bad_upstream(answer)
+def test_a_query_echoed_back_is_servfail_at_once(make_proxy: ProxyFactory) -> None:
+    # The right id and question, but a query, not an answer: this query's upstream failed.
+    sock, thread = _bad_upstream(lambda q: q)
     try:
         dns, _ = make_proxy(upstream=sock.getsockname(), upstream_timeout=5.0)
         started = time.monotonic()
@@ -536,6 +597,33 @@ def test_garbage_from_upstream_is_servfail(
     finally:
         sock.close()
     assert (txid(reply), rcode(reply)) == (0x0102, RCODE.SERVFAIL)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda q: bytes([q[0] ^ 0xFF]) + q[1:2] + b"\x81\x80" + q[4:], id="wrong-id"),
+        pytest.param(lambda q: q[:2] + b"\x81\x80" + q[4:12] + b"\x03xyz" + q[12:], id="wrong-q"),
+        pytest.param(lambda q: b"\x00\x01\x02", id="short-garbage"),
+    ],
+)
+def test_an_answer_matching_no_query_is_never_passed_on(
+    make_proxy: ProxyFactory, answer: Callable[[bytes], bytes]
+) -> None:
+    # Answers share one upstream socket, matched by id and question: what matches no
+    # query waiting is dropped, and the query gets SERVFAIL at the upstream timeout.
+    sock, thread = _bad_upstream(answer)
+    try:
+        dns, seen = make_proxy(upstream=sock.getsockname(), upstream_timeout=0.3)
+        reply = ask_udp(dns.port, question(f"www.{ZONE}", txid=0x0102))
+        thread.join(5)
+        assert not thread.is_alive()
+    finally:
+        sock.close()
+    assert (txid(reply), rcode(reply)) == (0x0102, RCODE.SERVFAIL)
+    assert reply[4:6] == b"\x00\x01"  # the question echoed, no answer records
+    assert seen.names == [f"www.{ZONE}"]
+    assert dns.errors == []
 
 
 # -- malformed queries --------------------------------------------------------------
