@@ -2,18 +2,20 @@
  *
  *   abi.h       the constants shared with Python (-D flags, no defaults)
  *   fence.h     maps, records and the event head every program shares
- *   subcgroups.c  tracepoints, before 5.14 only: the sub-cgroups fenced processes make
- *   procs.c     tracepoints: parent and argv of every fenced process
- *   mounts.c    tracepoints: pause a fenced process that changes its mounts
- *   escape.c    tracepoint: kill and report a fenced process moved out of its fence
- *   unix.c      tracepoints: a fenced process's connects to unix sockets
+ *   subcgroups.c  before 5.14 only: the sub-cgroups fenced processes make
+ *   procs.c     parent and argv of every fenced process
+ *   mounts.c    pause a fenced process that changes its mounts
+ *   escape.c    kill and report a fenced process moved out of its fence
+ *   unix.c      a fenced process's connects to unix sockets
+ *   syscalls.c  raw_syscalls: the syscalls of the four above, by number
  *   sockaddr.c  connect4/6, sendmsg4/6, recvmsg4/6: DNS redirect, socket owners
  *   bypass.c    DNS queries that skip the proxy, judged by name in the packet
  *   egress.c    cgroup_skb egress: DNS message -> sending process, backstop, blackhole
  *
  * The sock_addr and skb programs are attached only to fence cgroups (one
  * bpf_link each, so they go away with the process that made them); the
- * tracepoints filter on the fence cgroups in `fences`.
+ * tracepoints (raw: they detach at once, see syscalls.c) filter on the fence
+ * cgroups in `fences`.
  */
 #include "fence.h"
 #include "subcgroups.c"
@@ -21,6 +23,7 @@
 #include "mounts.c"
 #include "escape.c"
 #include "unix.c"
+#include "syscalls.c"
 #include "sockaddr.c"
 #include "bypass.c"
 #include "egress.c"

@@ -1,4 +1,4 @@
-/* Tracepoint: a fenced process moved out of its fence is killed and reported.
+/* Raw tracepoint: a fenced process moved out of its fence is killed and reported.
  *
  * A root process in a fence can write a pid into any cgroup.procs it reaches
  * (directly; after setns into the init cgroup namespace; or by asking systemd
@@ -38,10 +38,17 @@
  * no path: the event names the cgroup by id). Other architectures return a child
  * through another path, where this tracepoint does not fire for it.
  *
- * Helpers (program type BPF_PROG_TYPE_TRACEPOINT), first kernel for this type:
+ * cgroup_attach_task is raw: the fields its classic record holds (the moved
+ * task's pid, the destination's hierarchy and id) are read from the kernel
+ * structs at offsets the running kernel's BTF gives (kernel/tracing.py); without
+ * BTF it stays classic (DEPFENCE_NO_BTF_OFFSETS). The clone3 exit comes through
+ * raw_syscalls (syscalls.c).
+ *
+ * Helpers (program type BPF_PROG_TYPE_RAW_TRACEPOINT, or TRACEPOINT for the
+ * classic fallback: the same helpers), first kernel for this type:
  *   bpf_send_signal             5.3
  *   bpf_ringbuf_reserve/submit  5.8
- *   bpf_probe_read_kernel_str   5.5
+ *   bpf_probe_read_kernel(_str) 5.5
  *   bpf_ktime_get_ns            4.1
  *   bpf_get_current_pid_tgid    4.2
  *   bpf_get_current_cgroup_id   4.18
@@ -50,7 +57,7 @@
  *   before 5.14 the `subcgroups` map instead: fence.h, subcgroups.c)
  * The tracepoint cgroup:cgroup_attach_task exists from 4.13; its dst_id is the
  * 64-bit cgroup id (as bpf_get_current_cgroup_id gives it) from 5.5.
- * syscalls:sys_exit_clone3 exists from 5.3, CLONE_INTO_CGROUP from 5.7.
+ * clone3 exists from 5.3, CLONE_INTO_CGROUP from 5.7.
  */
 
 #define SIGKILL 9
@@ -113,16 +120,15 @@ static __always_inline void report_escape(__u64 fence_id, __u32 pid, __u32 write
     escape_events.ringbuf_submit(e, 0);
 }
 
-TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+/* A move of `pid` to cgroup `dst_id` of hierarchy `dst_root` (0: cgroup v2). */
+static __always_inline int task_moved(int dst_root, __u64 dst_id, __u32 pid, const char *path)
 {
-    if (args->dst_root != 0)
+    if (dst_root != 0)
         return 0;  /* a v1 hierarchy */
-    __u32 pid = args->pid;
     struct proc *p = fenced_process(pid);
     if (!p)
         return 0;
     __u64 fence_id = p->cgid;
-    __u64 dst_id = args->dst_id;
     if (dst_id == fence_id)
         return 0;
     __u32 writer = bpf_get_current_pid_tgid() >> 32;
@@ -132,15 +138,35 @@ TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
             return 0;  /* into a cgroup below its fence */
         killed = bpf_send_signal(SIGKILL) == 0;
     }
-    /* __data_loc: the low 16 bits are the string's offset in the record. */
-    const char *path = (const char *)args + (args->data_loc_dst_path & 0xFFFF);
     report_escape(fence_id, pid, writer, dst_id, killed, 0, path);
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_clone3)
+#ifdef DEPFENCE_NO_BTF_OFFSETS
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
 {
-    if (args->ret != 0)
+    /* __data_loc: the low 16 bits are the string's offset in the record. */
+    const char *path = (const char *)args + (args->data_loc_dst_path & 0xFFFF);
+    return task_moved(args->dst_root, args->dst_id, args->pid, path);
+}
+#else
+/* cgroup_attach_task(struct cgroup *dst, const char *path, struct task_struct *task,
+ * bool threadgroup): the classic record's pid is task->pid; cgroup_ids: fence.h. */
+RAW_TRACEPOINT_PROBE(cgroup_attach_task)
+{
+    int root = -1;
+    __u64 dst_id = 0;
+    cgroup_ids(ctx->args[0], &root, &dst_id);
+    __u32 pid = 0;
+    bpf_probe_read_kernel(&pid, sizeof(pid), (void *)(ctx->args[2] + DEPFENCE_OFF_TASK_PID));
+    return task_moved(root, dst_id, pid, (const char *)ctx->args[1]);
+}
+#endif
+
+/* The exit of clone3 (syscalls.c), in the new child's context when ret is 0. */
+static __always_inline int clone3_exited(long ret)
+{
+    if (ret != 0)
         return 0;  /* the parent's return, or a failure: not a new child */
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 pid = pid_tgid >> 32;

@@ -163,6 +163,21 @@ static __always_inline struct fence_cfg *fence_of_current(__u64 *fence_id)
     return 0;
 }
 
+#ifndef DEPFENCE_NO_BTF_OFFSETS
+/* The hierarchy and id of a struct cgroup (a raw tracepoint's argument), as the
+ * classic cgroup tracepoints record them: cgrp->root->hierarchy_id (0: cgroup v2)
+ * and cgrp->kn->id. The offsets are the running kernel's (BTF: kernel/tracing.py). */
+static __always_inline void cgroup_ids(__u64 cgrp, int *root, __u64 *id)
+{
+    __u64 ptr = 0;
+    bpf_probe_read_kernel(&ptr, sizeof(ptr), (void *)(cgrp + DEPFENCE_OFF_CGROUP_ROOT));
+    bpf_probe_read_kernel(root, sizeof(*root), (void *)(ptr + DEPFENCE_OFF_ROOT_HIERARCHY_ID));
+    ptr = 0;
+    bpf_probe_read_kernel(&ptr, sizeof(ptr), (void *)(cgrp + DEPFENCE_OFF_CGROUP_KN));
+    bpf_probe_read_kernel(id, sizeof(*id), (void *)(ptr + DEPFENCE_OFF_KERNFS_ID));
+}
+#endif
+
 #ifdef DEPFENCE_NO_TRACING_ANCESTORS
 /* The fence of the current task, for tracepoint programs on a kernel whose
  * tracing programs lack bpf_get_current_ancestor_cgroup_id (it came to them in

@@ -1,4 +1,4 @@
-/* Tracepoints: a fenced process that changes what it sees as /etc/hosts is paused.
+/* Syscall exits (syscalls.c): a fenced process that changes what it sees as /etc/hosts is paused.
  *
  * A script can give itself its own hosts file (unshare -m; mount --bind ...)
  * and then connect to an address only that file names. So when a fenced
@@ -8,7 +8,7 @@
  * names the policy names, and sends SIGCONT. The pause lasts as long as that
  * read, about a millisecond.
  *
- * Helpers (program type BPF_PROG_TYPE_TRACEPOINT), first kernel for this type:
+ * Helpers (program type BPF_PROG_TYPE_RAW_TRACEPOINT), first kernel for this type:
  *   bpf_send_signal             5.3
  *   bpf_ringbuf_output          5.8
  *   bpf_get_current_pid_tgid    4.2
@@ -45,9 +45,3 @@ static __always_inline int view_changed(long ret)
         count_lost(cgid);
     return 0;
 }
-
-TRACEPOINT_PROBE(syscalls, sys_exit_mount) { return view_changed(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_move_mount) { return view_changed(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_chroot) { return view_changed(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_pivot_root) { return view_changed(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_setns) { return view_changed(args->ret); }

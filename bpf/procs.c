@@ -1,17 +1,24 @@
-/* Tracepoints: the parent and argv of every process in a fence, kept after it exits.
+/* Raw tracepoints: the parent and argv of every process in a fence, kept after it exits.
  *
  * A query's sender may exit before userspace reads /proc, and its pid may be
  * reused; so argv is copied at exec and the parent at fork, synchronously,
  * and the records stay until the fence is torn down.  Only tasks whose cgroup
  * is a registered fence are recorded; everything else returns at once.
  *
- * Helpers (program type BPF_PROG_TYPE_TRACEPOINT), first kernel for this type:
+ * execve/execveat come through raw_syscalls (syscalls.c); fork and exit are
+ * the sched tracepoints, raw. The fork's child pid is read from its task_struct
+ * at the offset the running kernel's BTF gives (kernel/tracing.py); without
+ * BTF, sched_process_fork stays a classic tracepoint (DEPFENCE_NO_BTF_OFFSETS).
+ *
+ * Helpers (program type BPF_PROG_TYPE_RAW_TRACEPOINT, or TRACEPOINT for the
+ * classic fallback: the same helpers), first kernel for this type:
  *   bpf_get_current_cgroup_id   4.18
  *   bpf_get_current_ancestor_cgroup_id  5.14 (for this type; before it, fence_of_task
  *                                       uses the `subcgroups` map: fence.h, subcgroups.c)
  *   bpf_get_current_pid_tgid    4.2
  *   bpf_probe_read_user         5.5
  *   bpf_probe_read_user_str     5.5
+ *   bpf_probe_read_kernel       5.5
  *   bpf_map_lookup/update/delete_elem  4.7
  */
 
@@ -62,16 +69,6 @@ static __always_inline int record_exec(const char *const *argv)
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_execve)
-{
-    return record_exec((const char *const *)args->argv);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
-{
-    return record_exec((const char *const *)args->argv);
-}
-
 static __always_inline int commit_exec(long ret)
 {
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -89,23 +86,12 @@ static __always_inline int commit_exec(long ret)
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_execve)
-{
-    return commit_exec(args->ret);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_execveat)
-{
-    return commit_exec(args->ret);
-}
-
-TRACEPOINT_PROBE(sched, sched_process_fork)
+static __always_inline int record_fork(__u32 child)
 {
     __u64 cgid;
     if (!in_fence(&cgid))
         return 0;
     __u32 ppid = bpf_get_current_pid_tgid() >> 32;
-    __u32 child = args->child_pid;
     struct proc *c = procs.lookup(&child);
     if (c && !(c->flags & PROC_EXITED)) {
         /* The child ran first and already exec'd: keep its argv. */
@@ -135,7 +121,25 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_process_exit)
+#ifdef DEPFENCE_NO_BTF_OFFSETS
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    return record_fork(args->child_pid);
+}
+#else
+/* sched_process_fork(struct task_struct *parent, struct task_struct *child):
+ * the classic tracepoint's child_pid is child->pid. */
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+    __u32 child = 0;
+    bpf_probe_read_kernel(&child, sizeof(child),
+                          (void *)(ctx->args[1] + DEPFENCE_OFF_TASK_PID));
+    return record_fork(child);
+}
+#endif
+
+/* sched_process_exit(struct task_struct *p, ...): p is the current task. */
+RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tgid = pid_tgid >> 32;

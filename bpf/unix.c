@@ -1,4 +1,4 @@
-/* Tracepoints: a fenced process connecting to a unix socket is on record.
+/* Syscall entries and exits (syscalls.c): a fenced process connecting to a unix socket is on record.
  *
  * A daemon's unix socket (/run/docker.sock, a package manager's socket) is a
  * way out of the fence no cgroup hook sees: whatever the daemon fetches, it
@@ -20,7 +20,7 @@
  * are used everywhere. Not seen: sendto()/sendmsg() naming a unix datagram
  * socket without connect(), and connects made through io_uring.
  *
- * Helpers (program type BPF_PROG_TYPE_TRACEPOINT), first kernel for this type:
+ * Helpers (program type BPF_PROG_TYPE_RAW_TRACEPOINT), first kernel for this type:
  *   bpf_probe_read_user         5.5
  *   bpf_get_current_pid_tgid    4.2
  *   bpf_ktime_get_ns            4.1
@@ -54,12 +54,12 @@ struct unix_event {
 BPF_TABLE("lru_hash", __u64, struct unix_pending, unix_pending, 1024);
 BPF_RINGBUF_OUTPUT(unix_events, 64);
 
-TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+/* connect(fd, uservaddr, addrlen) entered. */
+static __always_inline int unix_connect_entered(const char *addr, int addrlen)
 {
     __u64 cgid;
     if (!fence_of_task(&cgid))
         return 0;
-    const char *addr = (const char *)args->uservaddr;
     __u16 family = 0;
     __u64 tid = bpf_get_current_pid_tgid();
     if (bpf_probe_read_user(&family, sizeof(family), addr) != 0 || family != AF_UNIX_FAMILY) {
@@ -68,7 +68,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
     }
     struct unix_pending pending = {};
     pending.cgid = cgid;
-    int addrlen = args->addrlen;
     __u32 len = addrlen > 2 ? addrlen - 2 : 0;
     if (len > UNIX_SUN_PATH)
         len = UNIX_SUN_PATH;
@@ -82,13 +81,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+static __always_inline int unix_connect_exited(long ret)
 {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     struct unix_pending *pending = unix_pending.lookup(&pid_tgid);
     if (!pending)
         return 0;
-    long ret = args->ret;
     if (ret != 0 && ret != -EINPROGRESS_ERRNO) {
         unix_pending.delete(&pid_tgid);  /* nothing was reached (nscd's socket, mostly) */
         return 0;

@@ -38,6 +38,7 @@ from typing import Any, cast
 
 from ..cgroup import cgroup2_mount
 from ..errors import FenceUnavailable
+from . import tracing
 
 #: Set to a path list to say where the distro's `bcc` package lives (and only there).
 BCC_PATH_ENV = "DEPFENCE_BCC_PATH"
@@ -66,6 +67,7 @@ ATTACH_TYPES = {
     "egress": 1,  # BPF_CGROUP_INET_EGRESS
 }
 PROG_TYPE_TRACEPOINT = 5
+PROG_TYPE_RAW_TRACEPOINT = 17
 PROG_TYPE_CGROUP_SKB = 8
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID = 123
@@ -419,12 +421,14 @@ _UNKNOWN_HELPER = re.compile(r"^unknown func (\w+)#\d+", re.MULTILINE)
 
 
 def kernel_cflags() -> list[str]:
-    """-D flags for what this kernel's helpers allow (bpf/fence.h): the tracepoint
+    """-D flags for this machine: its syscall ABI and kernel struct offsets for the raw
+    tracepoints (`tracing`), and what its helpers allow (bpf/fence.h): the tracepoint
     programs walk a task's cgroup ancestors only where tracing programs have
     bpf_get_current_ancestor_cgroup_id (5.14+, or a kernel it was backported to)."""
-    if has_helper(PROG_TYPE_TRACEPOINT, BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID):
-        return []
-    return ["-DDEPFENCE_NO_TRACING_ANCESTORS=1"]
+    flags = [*tracing.syscall_cflags(), *tracing.btf_cflags()]
+    if not has_helper(PROG_TYPE_RAW_TRACEPOINT, BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID):
+        flags.append("-DDEPFENCE_NO_TRACING_ANCESTORS=1")
+    return flags
 
 
 def has_helper(prog_type: int, helper: int) -> bool:

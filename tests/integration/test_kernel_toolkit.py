@@ -18,7 +18,7 @@ import pytest
 from helpers_net import skip_or_fail
 
 from pytest_depfence.errors import FenceUnavailable
-from pytest_depfence.kernel import abi, program_text, toolkit
+from pytest_depfence.kernel import abi, program_text, toolkit, tracing
 
 if os.geteuid() != 0:
     pytest.skip("loading programs needs root", allow_module_level=True)
@@ -120,21 +120,77 @@ def test_a_verifier_rejection_by_syscall_carries_the_verifier_log(bcc: ModuleTyp
     assert "processed" in caught.value.verifier_log
 
 
-def test_the_programs_for_kernels_before_5_14_compile_and_load_here_too(bcc: ModuleType) -> None:
-    """The tracepoints' fallback for tracing programs without
-    bpf_get_current_ancestor_cgroup_id (kernel_cflags on a kernel older than 5.14)."""
-    flags = [*abi.cflags(), "-DDEPFENCE_NO_TRACING_ANCESTORS=1"]
+#: Each fallback: (its -D flags, the classic tracepoints it attaches, the raw ones).
+FALLBACKS = {
+    "5.14+ with BTF": (
+        [],
+        [],
+        {"sys_enter", "sys_exit", "sched_process_fork", "sched_process_exit", "cgroup_attach_task"},
+    ),
+    "before 5.14": (
+        ["-DDEPFENCE_NO_TRACING_ANCESTORS=1"],
+        [],
+        {
+            "sys_enter",
+            "sys_exit",
+            "sched_process_fork",
+            "sched_process_exit",
+            "cgroup_attach_task",
+            "cgroup_mkdir",
+            "cgroup_rmdir",
+        },
+    ),
+    "no BTF": (
+        ["-DDEPFENCE_NO_BTF_OFFSETS=1"],
+        ["cgroup:cgroup_attach_task", "sched:sched_process_fork"],
+        {"sys_enter", "sys_exit", "sched_process_exit"},
+    ),
+    "before 5.14, no BTF": (
+        ["-DDEPFENCE_NO_BTF_OFFSETS=1", "-DDEPFENCE_NO_TRACING_ANCESTORS=1"],
+        [
+            "cgroup:cgroup_attach_task",
+            "cgroup:cgroup_mkdir",
+            "cgroup:cgroup_rmdir",
+            "sched:sched_process_fork",
+        ],
+        {"sys_enter", "sys_exit", "sched_process_exit"},
+    ),
+}
+
+
+def _has_table(bpf: object, name: bytes) -> bool:
+    try:
+        bpf.get_table(name)  # type: ignore[attr-defined]
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("variant", list(FALLBACKS))
+def test_every_fallback_of_the_programs_compiles_and_loads_here_too(
+    bcc: ModuleType, variant: str
+) -> None:
+    """Kernels older than 5.14 (tracing programs without bpf_get_current_ancestor_cgroup_id:
+    subcgroups.c) and kernels without BTF (the struct offsets raw tracepoints need: classic
+    tracepoints for those three) build here too; everything else is a raw tracepoint."""
+    extra, classic, raw = FALLBACKS[variant]
+    offsets = [] if "-DDEPFENCE_NO_BTF_OFFSETS=1" in extra else tracing.btf_cflags()
+    flags = [*abi.cflags(), *tracing.syscall_cflags(), *offsets, *extra]
     bpf = bcc.BPF(text=program_text().encode(), cflags=flags)
     try:
-        assert bpf.get_table(b"subcgroups") is not None
-        assert bpf.num_open_tracepoints() > 2  # subcgroups.c's two with the rest
+        assert _has_table(bpf, b"subcgroups") == ("before 5.14" in variant)
+        assert sorted(tp.decode() for tp in bpf.tracepoint_fds) == classic
+        assert {tp.decode() for tp in bpf.raw_tracepoint_fds} == raw
     finally:
         bpf.cleanup()
 
 
 def test_the_helper_probe_tells_a_helper_from_none() -> None:
-    tracepoint = toolkit.PROG_TYPE_TRACEPOINT
-    assert toolkit.has_helper(tracepoint, 14)  # bpf_get_current_pid_tgid, 4.2
-    assert not toolkit.has_helper(tracepoint, 100_000)
-    expected = [] if toolkit.has_helper(tracepoint, 123) else ["-DDEPFENCE_NO_TRACING_ANCESTORS=1"]
-    assert toolkit.kernel_cflags() == expected
+    raw = toolkit.PROG_TYPE_RAW_TRACEPOINT
+    assert toolkit.has_helper(raw, 14)  # bpf_get_current_pid_tgid, 4.2
+    assert not toolkit.has_helper(raw, 100_000)
+    flags = toolkit.kernel_cflags()
+    assert ("-DDEPFENCE_NO_TRACING_ANCESTORS=1" in flags) == (not toolkit.has_helper(raw, 123))
+    assert [f for f in flags if f.startswith("-DSYS_")] == [
+        f for f in tracing.syscall_cflags() if f.startswith("-DSYS_")
+    ]

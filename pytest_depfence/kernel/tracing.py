@@ -1,0 +1,180 @@
+"""What the tracing programs read that depends on the machine: -D flags for bcc.
+
+The programs watching processes (bpf/procs.c, mounts.c, escape.c, unix.c,
+subcgroups.c, dispatched by bpf/syscalls.c) are raw tracepoints: a process
+that attached classic (perf-event) tracepoints spends one RCU grace period
+pair per tracepoint when it closes them (perf_trace_event_unreg ->
+tracepoint_synchronize_unregister, under the global event_mutex, so closing
+them from threads does not overlap them): 15 of them cost 0.47-0.87 s at
+every process exit on 6.18; raw tracepoints detach in well under a
+millisecond. bench/bench_exit.py measures both.
+
+A raw tracepoint gets the kernel function's own arguments, not a formatted
+record, so three things come from here:
+
+- the syscall numbers (`raw_syscalls:sys_enter` and `sys_exit` fire for every
+  syscall; the programs keep the few they watch) and where the syscall
+  number, its arguments and the caller's mode are in `struct pt_regs`: the
+  ptrace ABI of x86-64 (`user_regs_struct`) and arm64 (`user_pt_regs`), both
+  UAPI. Compat (32-bit) syscalls are skipped, as the classic syscall
+  tracepoints skip them (ARCH_TRACE_IGNORE_COMPAT_SYSCALLS).
+- the offsets of the few kernel struct fields the classic tracepoints read
+  for us (`task_struct.pid`, `cgroup.kn`, `cgroup.root`, `kernfs_node.id`,
+  `cgroup_root.hierarchy_id`): read from the running kernel's own BTF
+  (/sys/kernel/btf/vmlinux), never from the header tree, which may be another
+  kernel's. Without BTF (or a field not found as a plain member) the three
+  tracepoints that need them (sched_process_fork, cgroup_attach_task, and
+  before 5.14 cgroup_mkdir/rmdir) stay classic: correct, slow to detach.
+"""
+
+from __future__ import annotations
+
+import platform
+import struct
+from pathlib import Path
+
+from ..errors import FenceUnavailable
+
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+
+#: Syscall numbers (the ABI of each architecture; arm64 uses asm-generic's).
+SYSCALLS = {
+    "x86_64": {
+        "EXECVE": 59,
+        "EXECVEAT": 322,
+        "CONNECT": 42,
+        "MOUNT": 165,
+        "MOVE_MOUNT": 429,
+        "CHROOT": 161,
+        "PIVOT_ROOT": 155,
+        "SETNS": 308,
+        "CLONE3": 435,
+    },
+    "aarch64": {
+        "EXECVE": 221,
+        "EXECVEAT": 281,
+        "CONNECT": 203,
+        "MOUNT": 40,
+        "MOVE_MOUNT": 429,
+        "CHROOT": 51,
+        "PIVOT_ROOT": 41,
+        "SETNS": 268,
+        "CLONE3": 435,
+    },
+}
+
+#: Byte offsets in struct pt_regs (ptrace ABI): the syscall number as it is at syscall
+#: exit, the second and third arguments at entry, and the word telling a native caller.
+#: x86-64: orig_ax; si, dx; cs == __USER_CS (0x33) for 64-bit code.
+#: arm64: x8 (the number, never clobbered by the kernel); x1, x2; pstate without
+#: PSR_MODE32_BIT (0x10).
+REGS = {
+    "x86_64": {
+        "REG_NR": 120,
+        "REG_ARG1": 104,
+        "REG_ARG2": 96,
+        "REG_MODE": 136,
+        "MODE_MASK": 0xFFFF,
+        "MODE_NATIVE": 0x33,
+    },
+    "aarch64": {
+        "REG_NR": 64,
+        "REG_ARG1": 8,
+        "REG_ARG2": 16,
+        "REG_MODE": 264,
+        "MODE_MASK": 0x10,
+        "MODE_NATIVE": 0,
+    },
+}
+
+#: (struct, field) -> the -D name of its byte offset.
+BTF_FIELDS = {
+    ("task_struct", "pid"): "OFF_TASK_PID",
+    ("cgroup", "kn"): "OFF_CGROUP_KN",
+    ("cgroup", "root"): "OFF_CGROUP_ROOT",
+    ("kernfs_node", "id"): "OFF_KERNFS_ID",
+    ("cgroup_root", "hierarchy_id"): "OFF_ROOT_HIERARCHY_ID",
+}
+
+_BTF_MAGIC = 0xEB9F
+_KIND_STRUCT = 4
+#: Bytes after the 12-byte btf_type, per kind: fixed, and per vlen entry.
+_KIND_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}
+_KIND_PER_MEMBER = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
+
+
+def syscall_cflags(machine: str | None = None) -> list[str]:
+    """-D flags for raw_syscalls: syscall numbers and pt_regs offsets of this machine."""
+    machine = machine or platform.machine()
+    if machine not in SYSCALLS:
+        raise FenceUnavailable(
+            f"pytest-depfence knows the syscall ABI of x86_64 and aarch64, not {machine}",
+            fix="run it on x86_64 or arm64, or add this architecture to kernel/tracing.py",
+        )
+    flags = [f"-DSYS_{name}={nr}" for name, nr in SYSCALLS[machine].items()]
+    flags += [f"-DDEPFENCE_{name}={value}" for name, value in REGS[machine].items()]
+    return flags
+
+
+def btf_offsets(path: Path | None = None) -> dict[str, int] | None:
+    """{-D name: byte offset} of every BTF_FIELDS field in the running kernel, or None
+    when there is no BTF or a field is not a plain, byte-aligned member of its struct.
+
+    The types are walked from the first until every struct is found: they come early
+    in vmlinux's BTF (about the 2000th of 127,000 types on 6.18, ~1 ms).
+    """
+    try:
+        data = (path or VMLINUX_BTF).read_bytes()  # sysfs cannot be mmapped; 5 MiB read in ~2 ms
+        return _offsets_in(data)
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def _offsets_in(data: bytes) -> dict[str, int] | None:
+    magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
+        "<HBBIIIII", data, 0
+    )
+    if magic != _BTF_MAGIC:
+        return None
+    strings = hdr_len + str_off
+    wanted: dict[int, str] = {}  # name offset -> struct name
+    for name in {s for s, _ in BTF_FIELDS}:
+        at = data.find(b"\0" + name.encode() + b"\0", strings, strings + str_len)
+        if at < 0:
+            return None
+        wanted[at + 1 - strings] = name
+    fields: dict[str, dict[str, int]] = {}
+    pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+    while pos < end and len(fields) < len(wanted):
+        name_off, info, _size = struct.unpack_from("<III", data, pos)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        if kind == _KIND_STRUCT and name_off in wanted and wanted[name_off] not in fields:
+            bitfields = bool(info >> 31)
+            members = {}
+            for i in range(vlen):
+                m_name, _m_type, m_off = struct.unpack_from("<III", data, pos + 12 + i * 12)
+                bits = m_off & 0xFFFFFF if bitfields else m_off
+                if bitfields and m_off >> 24:
+                    continue  # a bitfield: never one of ours
+                members[_string(data, strings + m_name)] = bits
+            fields[wanted[name_off]] = members
+        pos += 12 + _KIND_EXTRA.get(kind, 0) + _KIND_PER_MEMBER.get(kind, 0) * vlen
+    offsets = {}
+    for (struct_name, field), define in BTF_FIELDS.items():
+        bits = fields.get(struct_name, {}).get(field)
+        if bits is None or bits % 8:
+            return None
+        offsets[define] = bits // 8
+    return offsets
+
+
+def _string(data: bytes, at: int) -> str:
+    return data[at : data.find(b"\0", at)].decode(errors="replace")
+
+
+def btf_cflags() -> list[str]:
+    """-D flags with the BTF offsets, or DEPFENCE_NO_BTF_OFFSETS (classic tracepoints)."""
+    offsets = btf_offsets()
+    if offsets is None:
+        return ["-DDEPFENCE_NO_BTF_OFFSETS=1"]
+    return [f"-DDEPFENCE_{name}={value}" for name, value in offsets.items()]
