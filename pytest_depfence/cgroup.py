@@ -27,8 +27,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import FenceUnavailable
+
+if TYPE_CHECKING:
+    from .limits import Limits
 
 PARENT = "depfence"
 _counter = itertools.count(1)
@@ -165,13 +169,29 @@ def remove_if_unused(path: Path) -> None:
 
 
 class FenceCgroup:
-    """One run's cgroup: processes enter it by writing to cgroup.procs; close() removes it."""
+    """One run's cgroup: processes enter it by writing to cgroup.procs; close() removes it.
+    With `limits` (limits.Limits), the kernel enforces them on it (`limits.Applied`)."""
 
-    def __init__(self, session_dir: Path, label: str) -> None:
+    def __init__(self, session_dir: Path, label: str, limits: Limits | None = None) -> None:
+        from .limits import Applied, Limits, Usage
+
         self.path = session_dir / f"{label}-{next(_counter)}"
         self.path.mkdir()
         self.id = os.stat(self.path).st_ino  # the cgroup id the kernel reports to eBPF
         self.dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # the session's parent's parent: the cgroup v2 mount
+            self.limits = Applied(session_dir.parent.parent, self.path, limits or Limits())
+        except BaseException:
+            os.close(self.dir_fd)
+            self.path.rmdir()
+            raise
+        #: What its processes used, read by `finish` once they are gone.
+        self.usage = Usage()
+
+    @property
+    def procs(self) -> list[Path]:
+        """The cgroup.procs files a process writes itself into to enter, in order."""
+        return [*self.limits.procs, self.path / "cgroup.procs"]
 
     def pids(self) -> list[int]:
         return pids_of(self.path)
@@ -184,14 +204,20 @@ class FenceCgroup:
         if self.path.exists():
             kill_all(self.path)
 
+    def finish(self) -> None:
+        """Kill what is left and read what it all used (`usage`)."""
+        self.kill()
+        self.usage = self.limits.usage()
+
     def close(self) -> None:
-        """Kill what is left, then remove the directory."""
+        """Kill what is left, then remove the directory (and the limits' v1 cgroups)."""
         try:
             os.close(self.dir_fd)
         except OSError:
             pass
         self.kill()
         remove_tree(self.path)
+        self.limits.close()
 
 
 class CgroupTree:
@@ -208,12 +234,16 @@ class CgroupTree:
         return self.session
 
     def sweep(self) -> list[Path]:
-        """Run at every fence open: kill and remove the sessions of dead owners, and make
-        sure this session's directory exists and its guardian is running."""
+        """Run at every fence open: kill and remove the sessions of dead owners (and their
+        limits' v1 cgroups), and make sure this session's directory exists and its
+        guardian is running."""
+        from .limits import sweep_mirrors
+
         for _ in range(5):
             try:
                 self.parent.mkdir(exist_ok=True)
                 removed = sweep_stale(self.parent)
+                sweep_mirrors()  # after: their processes were the v2 sessions'
                 self.session.mkdir(exist_ok=True)
                 break
             except FileNotFoundError:
@@ -238,8 +268,11 @@ class CgroupTree:
 
     def remove(self) -> None:
         """Remove this session's directory, and the shared parent when no other session uses it."""
+        from .limits import remove_mirrors
+
         for path in (self.session, self.parent):
             remove_if_unused(path)
+        remove_mirrors(self.session.name)
 
 
 def sweep_stale(parent: Path) -> list[Path]:

@@ -23,7 +23,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -31,13 +31,16 @@ from . import doctor, options, outages
 from .console import Console, Interrupted, interruptible
 from .errors import ConfigError, DepfenceError
 from .events import FenceResult
-from .render import TIMED_OUT_TEXT, attempts, firewall_method, violation_headline
+from .limits import Limits
+from .render import TIMED_OUT_TEXT, attempts, firewall_method, limits_text, violation_headline
 
 if TYPE_CHECKING:
     from .policy import Policy
 
 #: The command succeeded but made forbidden egress attempts (`run`).
 VIOLATION_EXIT = 3
+#: The command succeeded but hit a limit: a process of it OOM-killed, a fork refused.
+LIMIT_EXIT = 4
 #: The run hit --timeout and everything it started was killed (as timeout(1) does).
 TIMEOUT_EXIT = 124
 #: No fence could be built, or the arguments were wrong.
@@ -54,6 +57,8 @@ exit codes:
   124      --timeout: the run was killed at its deadline
   3        the command succeeded but made forbidden egress attempts
            (with --mode audit too, where nothing was blocked)
+  4        the command succeeded but hit --memory or --pids (a process of
+           it was killed for memory, or a fork refused)
   0        the command succeeded without forbidden egress
   125      no fence could be built, or the arguments are wrong
   127      the command was not found
@@ -64,6 +69,7 @@ exit codes:
   N        the command failed with code N (never masked)
   128+N    the command was killed by signal N (or depfence was: the same)
   124      --timeout: the run was killed at its deadline
+  4        the command succeeded but hit --memory or --pids
   0        the command succeeded (whatever it contacted)
   125      no fence could be built, or the arguments are wrong
   127      the command was not found
@@ -139,6 +145,8 @@ def _add_fence_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--timeout", metavar="SECONDS", help=f"{options.TIMEOUT.help} (exit {TIMEOUT_EXIT})"
     )
+    for name, metavar in (("memory", "SIZE"), ("cpus", "CPUS"), ("pids", "N")):
+        cmd.add_argument(f"--{name}", metavar=metavar, help=options.OPTIONS[name].help)
     cmd.add_argument("--raw-sockets", action="store_true", help=options.RAW_SOCKETS.help)
     for flag, metavar, option in (
         ("--ranges", "FILE", options.RANGES),
@@ -220,9 +228,13 @@ def command_exit(result: FenceResult) -> int:
 
 
 def exit_code(result: FenceResult) -> int:
-    """`depfence run`: the command's failure first, then VIOLATION_EXIT, else 0."""
+    """`depfence run`: the command's failure first, then VIOLATION_EXIT, LIMIT_EXIT, else 0."""
     code = command_exit(result)
-    return code or (VIOLATION_EXIT if result.violations else 0)
+    return code or (VIOLATION_EXIT if result.violations else limit_exit(result))
+
+
+def limit_exit(result: FenceResult) -> int:
+    return LIMIT_EXIT if result.usage.hit else 0
 
 
 class _UsageError(DepfenceError):
@@ -248,6 +260,8 @@ class Plan:
     services: tuple[Any, ...] = ()
     #: Ranges files (ranges.Ranges), read: their rules join `policy` in the fence.
     ranges: tuple[Any, ...] = ()
+    #: memory, cpus, pids: those set (`options.LIMIT_OPTIONS`), checked.
+    limits: dict[str, Any] = field(default_factory=dict)
 
     def fenced_policy(self) -> Policy:
         """The policy the fence judges by: `policy` and every range of the files."""
@@ -280,6 +294,11 @@ def plan(args: argparse.Namespace) -> Plan:
         raw_sockets=options.validate("raw_sockets", args.raw_sockets, "--raw-sockets"),
         services=options.validate("services", args.service, "CLI flag --service"),
         ranges=options.validate("ranges", args.ranges, "CLI flag --ranges"),
+        limits={
+            name: options.validate(name, getattr(args, name), f"CLI flag --{name}")
+            for name in options.LIMIT_OPTIONS
+            if getattr(args, name) is not None
+        },
     )
 
 
@@ -331,12 +350,15 @@ def _fenced_run(plan: Plan, console: Console) -> FenceResult:
             raw_sockets=plan.raw_sockets,
             services=plan.services,
             ranges=plan.ranges,
+            **plan.limits,
         )
         result = stack.enter_context(fence).run(
             plan.cmd, check=False, stdin=_stdin(), on_output=console.output, on_event=console.event
         )
     if result.timed_out:
         console.log("depfence: " + TIMED_OUT_TEXT.format(seconds=plan.timeout))
+    if result.usage.hit:
+        console.log(f"depfence: {result.command}: {limits_text(result.usage)}")
     return result
 
 
@@ -387,6 +409,8 @@ def regenerate_command(plan: Plan, contract: str) -> str:
         argv += ["--timeout", f"{plan.timeout:g}"]
     if plan.raw_sockets:
         argv.append("--raw-sockets")
+    for name in plan.limits:
+        argv += [f"--{name}", Limits(**plan.limits).shown(name)]
     argv += ["--write-contract", contract, "--", *plan.cmd]
     return shlex.join(argv)
 
@@ -405,7 +429,7 @@ def _audit(args: argparse.Namespace) -> int:
         return NOT_FOUND_EXIT
     console = _console(run)
     result = _fenced_run(run, console)
-    code = command_exit(result)
+    code = command_exit(result) or limit_exit(result)
     if target is None:
         console.say(audit_list(result))
         return code

@@ -4,7 +4,8 @@ A fenced command is started as `entry_argv(...)`, a chain of execs in one proces
 
 1. `/bin/sh -c 'echo 0 > "$0" && exec "$@"' PROCS ...` moves itself into the fence
    cgroup (a shell rather than preexec_fn: running Python in a forked child of a
-   threaded process is not safe), so nothing the command runs is ever outside;
+   threaded process is not safe), so nothing the command runs is ever outside; on a
+   hybrid host with limits, one such step before it per v1 cgroup of the limits;
 2. `unshare --cgroup` gives it a cgroup namespace rooted at the fence cgroup
    (/proc/self/cgroup reads `0::/`). With `nsdelegate` on the cgroup2 mount, the
    kernel refuses to migrate a task of that namespace to a cgroup outside its root
@@ -25,6 +26,7 @@ import ctypes
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,11 +89,15 @@ def find_tools() -> Tools:
     return Tools(unshare=str(found["unshare"]), setpriv=str(found["setpriv"]))
 
 
-def entry_argv(tools: Tools, procs: Path, argv: list[str], *, raw_sockets: bool) -> list[str]:
-    """The command line that moves into the cgroup whose cgroup.procs is `procs`,
+def entry_argv(
+    tools: Tools, procs: Sequence[Path], argv: list[str], *, raw_sockets: bool
+) -> list[str]:
+    """The command line that moves into each cgroup whose cgroup.procs is in `procs`, in
+    order (the fence cgroup last; before it, the v1 cgroups of its limits: `limits`),
     unshares the cgroup namespace, drops CAP_NET_RAW (unless raw_sockets), runs argv."""
+    moves = [arg for path in procs for arg in (*_MOVE_IN, str(path))]
     caps = [] if raw_sockets else [tools.setpriv, *_NO_NET_RAW, "--"]
-    return [*_MOVE_IN, str(procs), tools.unshare, "--cgroup", "--", *caps, *argv]
+    return [*moves, tools.unshare, "--cgroup", "--", *caps, *argv]
 
 
 @dataclass(frozen=True)

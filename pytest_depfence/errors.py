@@ -88,6 +88,12 @@ class CommandFailed(DepfenceError, AssertionError):
         return (type(self), (self.args[0], self.returncode, self.stdout, self.stderr))
 
 
+class LimitExceeded(CommandFailed):
+    """A fenced run with `check=True` that hit one of its limits (`fence(memory=, pids=)`):
+    the kernel killed a process of it for memory, or refused it a fork. The message names
+    the limit and the process."""
+
+
 class ServiceNotReady(DepfenceError, RuntimeError):
     """A fenced service did not accept connections at its `ready=` address in time."""
 

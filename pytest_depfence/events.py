@@ -33,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .limits import Usage
+
 Verdict = Literal["allowed", "blocked"]
 #: "cgroup": a process moved out of its fence (and killed).
 BlockedAt = Literal["dns", "connect", "packet", "cgroup"]
@@ -107,6 +109,15 @@ class FenceResult:
     events: tuple[EgressEvent, ...] = field(default_factory=tuple)
     #: Wall time of the run, seconds.
     duration: float = 0.0
+    #: What the command used (CPU seconds; peak memory under a memory limit) and which
+    #: of its limits (`fence(memory=, cpus=, pids=)`) it hit.
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def oom_killed(self) -> bool:
+        """The kernel's OOM killer killed a process of the run for its memory limit
+        (which ones: `usage.oom_victims`)."""
+        return self.usage.oom_kills > 0
 
     @property
     def violations(self) -> list[EgressEvent]:

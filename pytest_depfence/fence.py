@@ -15,6 +15,7 @@ services do outside any run is recorded by a `Run` of their own that never ends.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import os
 import re
@@ -33,15 +34,16 @@ from .adopt import Adopted
 from .cgroup import CgroupTree, FenceCgroup
 from .contract import check_name, program_of
 from .dnsproxy import DnsProxy, Query
-from .errors import CommandFailed, ConfigError, EgressViolation
+from .errors import CommandFailed, ConfigError, EgressViolation, LimitExceeded
 from .events import EgressEvent, FenceResult
 from .judge import DnsVerdict, Judge
+from .limits import Limits, where_enforced
 from .local import LocalPeers
 from .output import Output
 from .policy import Policy
 from .ranges import Ranges
 from .refuser import Refuser
-from .render import failure_text, format_violations
+from .render import failure_text, format_violations, limits_text
 from .run import Member, Run, Teardown
 from .service import READY_TIMEOUT, Service, ready_check
 
@@ -93,6 +95,9 @@ class Fence:
         mode: str = "block",
         outage: str = "nxdomain",
         timeout: float | None = None,
+        memory: int | str | None = None,
+        cpus: float | None = None,
+        pids: int | None = None,
         raw_sockets: bool = False,
         services: Sequence[str | Adopted] = (),
         ranges: str | os.PathLike[str] | Sequence[str | os.PathLike[str] | Ranges] = (),
@@ -108,6 +113,12 @@ class Fence:
         self.outage = options.validate("outage", outage, "Fence(outage=)")
         self.timeout = options.validate("timeout", timeout, "Fence(timeout=)")
         self.raw_sockets = options.validate("raw_sockets", raw_sockets, "Fence(raw_sockets=)")
+        #: Enforced by the kernel on each run's cgroup and each service's (`limits.py`).
+        self.limits = Limits(
+            memory=options.validate("memory", memory, "Fence(memory=)"),
+            cpus=options.validate("cpus", cpus, "Fence(cpus=)"),
+            pids=options.validate("pids", pids, "Fence(pids=)"),
+        )
         #: Running services adopted for each run (their cgroups; never killed).
         self.adopted: tuple[Adopted, ...] = options.validate(
             "services", list(services), "Fence(services=)"
@@ -142,7 +153,9 @@ class Fence:
             return self
         programs = self._programs = kernel.load()
         self._tools = confine.prepare()
-        _session_tree().sweep()  # every open: sweep dead owners' sessions, keep the guardian
+        tree = _session_tree()
+        tree.sweep()  # every open: sweep dead owners' sessions, keep the guardian
+        where_enforced(tree.mount, self.limits)  # a limit the machine cannot enforce: said now
         try:
             judge = Judge(self.policy, self.mode, self.outage, AddressBook(self.id, programs))
             self._judge = judge
@@ -237,8 +250,11 @@ class Fence:
                 output = Output(proc, data, on_output)
                 teardown.push(output.finish)
                 teardown.push(partial(_reap, proc))
-                # Whatever the script left behind (daemons, background jobs) dies with it.
-                teardown.push(cgroup.kill)
+                # Whatever the script left behind (daemons, background jobs) dies with it;
+                # then what it all used is read, and the OOM killer's victims named (while
+                # the kernel still has their records).
+                teardown.push(partial(_name_victims, run, cgroup))
+                teardown.push(cgroup.finish)
                 timed_out = _wait(proc, limit)
         assert self._proxy is not None
         self._proxy.raise_errors()
@@ -250,6 +266,7 @@ class Fence:
             timed_out,
             run.finish(after=self._outside_runs),
             time.monotonic() - started,
+            cgroup.usage,
         )
         self.results.append(result)
         if check:
@@ -295,7 +312,7 @@ class Fence:
         """A new cgroup of the session, inside the fence, its links held by the guardian
         (should this process die, it is killed before they go)."""
         tree = _session_tree()
-        cgroup = FenceCgroup(tree.session, label)
+        cgroup = FenceCgroup(tree.session, label, self.limits)
         teardown.push(cgroup.close)
         member = Member(name, cgroup.id, cgroup.path, tree.v2_path(cgroup.path))
         cgroup.hold(self._enclose(teardown, cgroup.id, cgroup.dir_fd, listener))
@@ -311,9 +328,7 @@ class Fence:
     ) -> subprocess.Popen[bytes]:
         """Start `argv` in `cgroup`, entering it as `confine` says; output to pipes."""
         assert self._tools is not None
-        entry = confine.entry_argv(
-            self._tools, cgroup.path / "cgroup.procs", argv, raw_sockets=self.raw_sockets
-        )
+        entry = confine.entry_argv(self._tools, cgroup.procs, argv, raw_sockets=self.raw_sockets)
         return subprocess.Popen(
             entry,
             cwd=cwd,
@@ -464,16 +479,24 @@ def _command(
 
 def _check(result: FenceResult, mode: str, limit: float | None) -> None:
     """`check=True`: forbidden egress raises EgressViolation (block mode; audit mode leaves
-    it to the caller), and a command that failed raises CommandFailed, as
-    `subprocess.run(check=True)` would."""
+    it to the caller), a limit the run hit LimitExceeded (even when the command exited 0:
+    a process of it was killed, or a fork refused), and a command that failed
+    CommandFailed, as `subprocess.run(check=True)` would."""
     __tracebackhide__ = True
     timed_out_after = limit if result.timed_out else None
     failed = result.returncode != 0 or result.timed_out
     if result.violations and mode == "block":
         text = format_violations(result.violations, result.command, timed_out_after=timed_out_after)
-        if failed and not result.timed_out:
+        if result.usage.hit:
+            text += f"\n(and {limits_text(result.usage)})"
+        elif failed and not result.timed_out:
             text += f"\n(and {failure_text(result.command, result.returncode, '', None)})"
         raise EgressViolation(text, result.violations)
+    if result.usage.hit:
+        text = f"{result.command}: {limits_text(result.usage)}\n" + failure_text(
+            result.command, result.returncode, result.stderr, timed_out_after
+        )
+        raise LimitExceeded(text, result.returncode, result.stdout, result.stderr)
     if failed:
         text = failure_text(result.command, result.returncode, result.stderr, timed_out_after)
         raise CommandFailed(text, result.returncode, result.stdout, result.stderr)
@@ -496,6 +519,17 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _name_victims(run: Run, cgroup: FenceCgroup) -> None:
+    """Of the OOM killer's victims in the kernel's log (`cgroup.usage`), keep the run's,
+    named by their command lines."""
+    victims = []
+    for pid, _ in cgroup.usage.oom_victims:
+        who = run.who(pid, cgroup.id)
+        if who.cmdline is not None:  # else another cgroup's victim
+            victims.append((pid, who.cmdline))
+    cgroup.usage = dataclasses.replace(cgroup.usage, oom_victims=tuple(victims))
 
 
 def _close_all(fds: list[int]) -> None:

@@ -47,8 +47,8 @@ container) it stays in the owner's cgroup, unless that is a fence: then it
 refuses to start and the owner gets FenceUnavailable. It holds nothing of the
 owner's but the lifeline: every other inherited descriptor is closed at exec,
 and once it has said "ready PID START" on the pipe the owner reads, stdout and
-stderr are /dev/null. Only the standard library and `cgroup` (which imports
-nothing else of this package) are loaded: it is ready in about 50 ms.
+stderr are /dev/null. Only the standard library, `cgroup` and `limits` (which import
+nothing else of this package but `errors`) are loaded: it is ready in about 50 ms.
 
 After a normal exit the owner's atexit has removed its directory: the guardian
 only tries to remove the shared parent, and exits.
@@ -80,6 +80,7 @@ from .cgroup import (
     remove_tree,
     start_time,
 )
+from .limits import remove_mirrors
 
 #: Where pidfd_open is missing: how often the owner's /proc entry is read.
 POLL_INTERVAL = 0.1
@@ -306,6 +307,7 @@ def clean(session: Path, patience: float = PATIENCE) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.01)
+    remove_mirrors(session.name)
     try:
         remove_if_unused(session.parent)
     except OSError:

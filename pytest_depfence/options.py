@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,73 @@ def _timeout(value: Any, where: str) -> float | None:
     if not number or not math.isfinite(value) or value <= 0:
         raise ConfigError(repr(value), "timeout must be a positive number of seconds", where)
     return float(value)
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+#: Below this, the command could not even start (its entry shell is OOM-killed).
+MIN_MEMORY = 1 << 20
+#: cpu.max takes a quota of at least 1 ms per 100 ms period.
+MIN_CPUS = 0.01
+
+
+def _memory(value: Any, where: str) -> int | None:
+    """Bytes, from an int or a size such as "512M", "1.5G", "256MiB" (K/M/G/T: powers of 1024)."""
+    if value is None:
+        return None
+    size: float | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (found := _SIZE.fullmatch(value.strip())):
+        size = float(found.group(1)) * _UNITS[found.group(2).upper()]
+    if size is None:
+        raise ConfigError(
+            _shown(value), 'memory is a size in bytes, or a string such as "512M" or "2G"', where
+        )
+    if size < MIN_MEMORY:
+        raise ConfigError(
+            _shown(value), "memory must be at least 1M (the command could not even start)", where
+        )
+    return int(size)
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def _number_of(value: Any) -> float | None:
+    """A number from a number or its text (ini keys and CLI flags are text); None if not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _cpus(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    number = _number_of(value)
+    if number is None or not math.isfinite(number) or number < MIN_CPUS:
+        raise ConfigError(
+            _shown(value), f"cpus is a number of CPUs of at least {MIN_CPUS} (1.5: one and a half)",
+            where,
+        )
+    return float(number)
+
+
+def _pids(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    number = _number_of(value)
+    if number is None or number != int(number) or number < 1:
+        raise ConfigError(
+            _shown(value), "pids is a whole number of processes and threads, at least 1", where
+        )
+    return int(number)
 
 
 def _raw_sockets(value: Any, where: str) -> bool:
@@ -166,6 +234,23 @@ RAW_SOCKETS = Option(
     "sockets); off by default, because packet sockets bypass every hook of the fence",
     _raw_sockets,
 )
+MEMORY = Option(
+    "memory",
+    'memory limit of the fenced command (and of each fenced service), e.g. "512M": past it '
+    "the kernel's OOM killer kills a process, and the test fails naming it",
+    _memory,
+)
+CPUS = Option(
+    "cpus",
+    "CPU limit of the fenced command (and of each fenced service), in CPUs (1.5: one and a half)",
+    _cpus,
+)
+PIDS = Option(
+    "pids",
+    "most processes and threads the fenced command (and each fenced service) may have at "
+    "once; a fork past it fails, and so does the test",
+    _pids,
+)
 SERVICES = Option(
     "services",
     "running services to fence for each run: systemd units (docker.service) or cgroup "
@@ -188,8 +273,11 @@ UPSTREAM = Option(
 
 #: The settings `fence(...)` takes, in the order help texts list them.
 FENCE_OPTIONS: dict[str, Option] = {
-    o.name: o for o in (MODE, OUTAGE, TIMEOUT, CONTRACT, RAW_SOCKETS, SERVICES, RANGES)
+    o.name: o
+    for o in (MODE, OUTAGE, TIMEOUT, CONTRACT, MEMORY, CPUS, PIDS, RAW_SOCKETS, SERVICES, RANGES)
 }
+#: The settings that are resource limits (`limits.Limits`).
+LIMIT_OPTIONS = ("memory", "cpus", "pids")
 #: Every setting `validate` knows: those of `fence(...)` and the session's upstream.
 OPTIONS: dict[str, Option] = {**FENCE_OPTIONS, UPSTREAM.name: UPSTREAM}
 

@@ -3,6 +3,7 @@
 - the terminal: `format_event` (an event's lines) and `format_violations`
   (the report a failing test or `depfence run` shows);
 - the CLI's event log: `log_line`, in the key=value shape of GitHub's fence;
+- a run that hit its limits: `limits_text` (`fence(memory=, pids=)`);
 - destinations: `endpoint` ("ADDRESS:PORT/PROTO", an IPv6 address in
   brackets) is the one way an address and port are written; `target` (the
   terminal's), `report_target` (annotations, the step summary) and
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .events import EgressEvent
+    from .limits import Usage
 
 #: First line of every violation report; tests import it so text and tests cannot drift.
 VIOLATION_HEADLINE = "{count} forbidden egress attempt{s} while running {command}"
@@ -120,6 +122,31 @@ def failure_text(command: str, returncode: int, stderr: str, timed_out_after: fl
         lines.append(f"stderr (last {len(tail)} lines):")
         lines.extend(f"  {line}" for line in tail)
     return "\n".join(lines)
+
+
+#: A run whose process the kernel's OOM killer killed for the fence's memory limit.
+OOM_KILLED = "hit its memory limit ({limit}): the kernel killed {victims} (out of memory)"
+#: ... when the kernel's log did not name the process (unreadable, or another's record).
+OOM_UNNAMED = "{count} process{es} of the run (the kernel's log did not say which)"
+#: A run that the pids limit refused forks.
+FORKS_REFUSED = "hit its pids limit ({limit}): the kernel refused {count} fork{s}"
+
+
+def limits_text(usage: Usage) -> str:
+    """What limits a run hit, naming the processes the kernel killed; '' when none."""
+    parts = []
+    if usage.oom_kills:
+        named = [f"pid {pid} {cmdline}" for pid, cmdline in usage.oom_victims]
+        unnamed = usage.oom_kills - len(named)
+        if unnamed > 0:
+            named.append(OOM_UNNAMED.format(count=unnamed, es="" if unnamed == 1 else "es"))
+        limit = usage.limits.describe("memory")
+        parts.append(OOM_KILLED.format(limit=limit, victims=", ".join(named)))
+    if usage.forks_refused:
+        count = usage.forks_refused
+        limit = usage.limits.describe("pids")
+        parts.append(FORKS_REFUSED.format(limit=limit, count=count, s="" if count == 1 else "s"))
+    return "; ".join(parts)
 
 
 def violation_headline(count: int, command: str) -> str:

@@ -23,6 +23,8 @@ from typing import Any
 
 from .contract import program_of
 from .events import EgressEvent, FenceResult
+from .limits import Usage
+from .options import LIMIT_OPTIONS
 from .render import attempts, report_target, verdict_word
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
@@ -58,6 +60,19 @@ def run_record(result: FenceResult, *, policy: str, mode: str, outage: str) -> d
         "domains": result.domains,
         "events": [event_record(e) for e in result.events],
         "violations": [event_record(e) for e in result.violations],
+        "usage": usage_record(result.usage),
+    }
+
+
+def usage_record(usage: Usage) -> dict[str, Any]:
+    """What a run used and the limits it had and hit, JSON-ready."""
+    return {
+        "limits": {name: getattr(usage.limits, name) for name in LIMIT_OPTIONS},
+        "cpu_seconds": None if usage.cpu_seconds is None else round(usage.cpu_seconds, 6),
+        "peak_memory": usage.peak_memory,
+        "oom_kills": usage.oom_kills,
+        "oom_victims": [{"pid": pid, "cmdline": cmdline} for pid, cmdline in usage.oom_victims],
+        "forks_refused": usage.forks_refused,
     }
 
 

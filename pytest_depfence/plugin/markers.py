@@ -175,12 +175,12 @@ def check_spelling(item: pytest.Item, registered: set[str]) -> None:
 
 def item_fence_kwargs(item: pytest.Item) -> dict[str, Any]:
     """The test's `fence(...)` settings, each checked by its option's validator; without
-    `ranges=` there, the session's (CLI flag, else ini key), already read."""
+    `ranges=` or a limit there, the session's (CLI flag, else ini key), already read."""
     kwargs = _marker_kwargs(item)
-    if "ranges" not in kwargs:
-        settings = item.config.stash.get(SETTINGS_KEY, None)
-        if settings is not None and settings.ranges:
-            kwargs["ranges"] = settings.ranges
+    settings = item.config.stash.get(SETTINGS_KEY, None)
+    if settings is not None:
+        defaults = {**settings.limits, "ranges": settings.ranges}
+        kwargs = {**{k: v for k, v in defaults.items() if v}, **kwargs}
     return kwargs
 
 
@@ -205,8 +205,7 @@ def _marker_kwargs(item: pytest.Item) -> dict[str, Any]:
     if unknown:
         raise ConfigError(
             ", ".join(f"{key}={marker.kwargs[key]!r}" for key in unknown),
-            f"fence() knows {', '.join(options.FENCE_OPTIONS)} (memory/cpus/pids are not "
-            "implemented yet)",
+            f"fence() knows {', '.join(options.FENCE_OPTIONS)}",
             source,
         )
     values = dict(marker.kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -65,6 +65,15 @@ FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
         options.RANGES.help + ", for tests without fence(ranges=...); repeatable (flag: "
         "relative to the current directory; ini: to the ini file's)",
         {"action": "append", "metavar": "FILE"},
+    ),
+    *(
+        (
+            f"--depfence-{name}",
+            "string",
+            f"{options.OPTIONS[name].help}, for tests without fence({name}=...)",
+            {"metavar": metavar},
+        )
+        for name, metavar in (("memory", "SIZE"), ("cpus", "CPUS"), ("pids", "N"))
     ),
     (
         "--depfence-require",
@@ -130,6 +139,8 @@ class Settings:
     update_contracts: bool
     #: Ranges files (ranges.Ranges) for tests whose marker names none, read at session start.
     ranges: tuple[Any, ...] = ()
+    #: Limits (memory, cpus, pids) for tests whose marker sets none, checked.
+    limits: dict[str, Any] = field(default_factory=dict)
 
 
 def _setting(config: pytest.Config, name: str) -> tuple[Any, str]:
@@ -195,6 +206,11 @@ def load_settings(config: pytest.Config) -> Settings:
             here = config.invocation_params.dir
             paths = [os.path.join(here, p) for p in ranges]
             ranges = options.validate("ranges", paths, ranges_source)
+        limits = {}
+        for name in options.LIMIT_OPTIONS:
+            value, source = _setting(config, f"depfence_{name}")
+            if value is not None:
+                limits[name] = options.validate(name, value, source)
         return Settings(
             upstream=upstream,
             upstream_source=upstream_source,
@@ -206,6 +222,7 @@ def load_settings(config: pytest.Config) -> Settings:
             report=_setting(config, "depfence_report")[0],
             update_contracts=_bool(_setting(config, "depfence_update_contracts")[0] or False),
             ranges=ranges or (),
+            limits=limits,
         )
     except (PolicyError, ConfigError) as exc:
         raise pytest.UsageError(f"depfence: {exc}") from None

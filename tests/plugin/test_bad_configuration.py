@@ -123,13 +123,13 @@ def test_stacked():
     result.stderr.fnmatch_lines([f"*{message(PolicyError('bad pattern', '...', source))}"])
 
 
-def test_fence_marker_rejects_resource_limits(run, pytester):
+def test_fence_marker_rejects_an_unknown_setting_listing_the_known(run, pytester):
     path = pytester.makepyfile(
         test_fence=SIDE_EFFECT
         + """
 import pytest
 
-@pytest.mark.fence(memory="1G")
+@pytest.mark.fence(memroy="1G")
 def test_memory():
     pass
 """
@@ -138,10 +138,10 @@ def test_memory():
     result = run()
 
     assert_stopped_before_tests(result, pytester)
-    source = f"marker at test_fence.py:{line_of(path, 'memory=')}"
-    error = message(ConfigError("memory='1G'", "...", source))
+    source = f"marker at test_fence.py:{line_of(path, 'memroy=')}"
+    error = message(ConfigError("memroy='1G'", "...", source))
     result.stderr.fnmatch_lines(
-        [f"test_fence.py::test_memory: {error}mode, outage, timeout*not implemented*"]
+        [f"test_fence.py::test_memory: {error}mode, outage, timeout, contract, memory, cpus, pids*"]
     )
 
 
@@ -153,6 +153,10 @@ def test_memory():
         ("timeout=0", "0"),
         ("timeout='5'", "'5'"),
         ("raw_sockets='yes'", "'yes'"),
+        ("memory='lots'", "lots"),
+        ("memory=4096", "4096"),
+        ("cpus=0", "0"),
+        ("pids=2.5", "2.5"),
     ],
 )
 def test_fence_marker_values_are_checked(run, pytester, kwargs, value):

@@ -21,7 +21,7 @@ V1 = "30 24 0:26 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n
 
 
 def test_the_chain_moves_in_then_unshares_then_drops_cap_net_raw() -> None:
-    argv = confine.entry_argv(TOOLS, PROCS, ["./deploy.sh", "-x"], raw_sockets=False)
+    argv = confine.entry_argv(TOOLS, [PROCS], ["./deploy.sh", "-x"], raw_sockets=False)
 
     assert argv[:4] == ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', str(PROCS)]
     assert argv[4:7] == ["/usr/bin/unshare", "--cgroup", "--"]
@@ -32,8 +32,16 @@ def test_the_chain_moves_in_then_unshares_then_drops_cap_net_raw() -> None:
     assert argv[-2:] == ["./deploy.sh", "-x"]
 
 
+def test_each_cgroup_is_entered_in_order_the_fence_last() -> None:
+    mirror = Path("/sys/fs/cgroup/memory/depfence/1-2/run-1/cgroup.procs")
+    argv = confine.entry_argv(TOOLS, [mirror, PROCS], ["true"], raw_sockets=True)
+    move = ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"']
+    unshare = ["/usr/bin/unshare", "--cgroup", "--"]
+    assert argv == [*move, str(mirror), *move, str(PROCS), *unshare, "true"]
+
+
 def test_raw_sockets_leave_setpriv_out() -> None:
-    argv = confine.entry_argv(TOOLS, PROCS, ["-dash-first"], raw_sockets=True)
+    argv = confine.entry_argv(TOOLS, [PROCS], ["-dash-first"], raw_sockets=True)
     assert argv[4:] == ["/usr/bin/unshare", "--cgroup", "--", "-dash-first"]
 
 
