@@ -14,6 +14,9 @@ from typing import Protocol
 
 #: The furthest we walk up a process tree (guards against a parent loop in stale records).
 MAX_DEPTH = 64
+#: Command lines remembered (each DNS query names its process and the chain above it).
+_CMDLINES_KEPT = 4096
+_cmdlines: dict[tuple[tuple[str, ...], bool], str] = {}
 
 
 class ProcRecord(Protocol):
@@ -59,10 +62,24 @@ def read_proc_cmdline(pid: int) -> list[str] | None:
 
 
 def cmdline_of(record: ProcRecord) -> str:
-    if not record.truncated:
-        return shlex.join(record.argv)
+    """The record's command line, shell-quoted; a truncated argv completed from /proc
+    while the process is alive. Remembered per argv: the same process asking again
+    (every query of a resolver loop) costs a lookup, not a quoting of every argument."""
+    if record.truncated and not record.exited:
+        return _live_cmdline(record)  # /proc may say more, or something new, each time
+    key = (record.argv, record.truncated)
+    text = _cmdlines.get(key)
+    if text is None:
+        text = shlex.join(record.argv) + (" …" if record.truncated else "")
+        if len(_cmdlines) >= _CMDLINES_KEPT:
+            _cmdlines.clear()
+        _cmdlines[key] = text
+    return text
+
+
+def _live_cmdline(record: ProcRecord) -> str:
     # Only a live process is still the one the kernel recorded (a reused pid is re-recorded).
-    live = None if record.exited else read_proc_cmdline(record.pid)
+    live = read_proc_cmdline(record.pid)
     if live and _extends(live, list(record.argv)):
         return shlex.join(live)
     return shlex.join(record.argv) + " …"

@@ -4,6 +4,7 @@
 ProcRecord values the way the kernel would have recorded them.
 """
 
+from pytest_depfence import procinfo
 from pytest_depfence.kernel import ProcRecord
 from pytest_depfence.procinfo import attribute, cmdline_of
 
@@ -50,3 +51,27 @@ def test_ancestry_stops_at_a_parent_outside_the_fence_and_at_loops():
 def test_truncated_argv_of_an_exited_process_is_marked_not_guessed():
     record = rec(12, 0, "python3", "-c", "x" * 255, truncated=True, exited=True)
     assert cmdline_of(record).endswith(" …")
+
+
+def test_a_command_line_is_quoted_once_per_argv(monkeypatch):
+    # Every DNS query of a resolver loop names the same process: its argv is quoted
+    # once, and a process that execs (a new argv under the same pid) gets its own.
+    calls = []
+    join = procinfo.shlex.join
+    monkeypatch.setattr(procinfo, "_cmdlines", {})
+    monkeypatch.setattr(procinfo.shlex, "join", lambda argv: calls.append(argv) or join(argv))
+    first = rec(12, 0, "dig", "+short", "a b.test")
+    assert [cmdline_of(first) for _ in range(3)] == ["dig +short 'a b.test'"] * 3
+    assert cmdline_of(rec(13, 0, "dig", "+short", "a b.test")) == "dig +short 'a b.test'"
+    assert cmdline_of(rec(12, 0, "curl", "x")) == "curl x"
+    assert cmdline_of(rec(12, 0, "curl", "x", truncated=True)) == "curl x …"
+    assert calls == [("dig", "+short", "a b.test"), ("curl", "x"), ("curl", "x")]
+
+
+def test_a_truncated_argv_of_a_live_process_is_read_again_each_time(monkeypatch):
+    # /proc can say more than the kernel kept, and a process may rewrite its own argv.
+    shown = iter([["python3", "-c", "x" * 300], ["python3", "-c", "x" * 300, "--more"]])
+    monkeypatch.setattr(procinfo, "read_proc_cmdline", lambda pid: next(shown))
+    record = rec(12, 0, "python3", "-c", "x" * 255, truncated=True, exited=False)
+    assert cmdline_of(record) == "python3 -c " + "x" * 300
+    assert cmdline_of(record) == "python3 -c " + "x" * 300 + " --more"
