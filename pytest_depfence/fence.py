@@ -493,9 +493,11 @@ def _check(result: FenceResult, mode: str, limit: float | None) -> None:
             text += f"\n(and {failure_text(result.command, result.returncode, '', None)})"
         raise EgressViolation(text, result.violations)
     if result.usage.hit:
-        text = f"{result.command}: {limits_text(result.usage)}\n" + failure_text(
-            result.command, result.returncode, result.stderr, timed_out_after
-        )
+        text = f"{result.command}: {limits_text(result.usage)}"
+        if failed:
+            text += "\n" + failure_text(
+                result.command, result.returncode, result.stderr, timed_out_after
+            )
         raise LimitExceeded(text, result.returncode, result.stdout, result.stderr)
     if failed:
         text = failure_text(result.command, result.returncode, result.stderr, timed_out_after)
