@@ -226,8 +226,9 @@ class Fence:
         empty. After `timeout` seconds everything the command started is killed.
         `check=True`: forbidden egress raises EgressViolation (block mode only), a failed
         command (non-zero exit, a signal, the timeout) CommandFailed.
-        `on_output("stdout"|"stderr", chunk)` (output threads) and `on_event(event)`
-        (a thread of its own, in order) see output and events as they happen.
+        `on_output("stdout"|"stderr", chunk)` (in this thread, while run() waits) and
+        `on_event(event)` (a thread of its own, in order) see output and events as they
+        happen.
         """
         __tracebackhide__ = True  # pytest shows the test's line, not ours
         self.open()
@@ -255,7 +256,7 @@ class Fence:
                 # the kernel still has their records).
                 teardown.push(partial(_name_victims, run, cgroup))
                 teardown.push(cgroup.finish)
-                timed_out = _wait(proc, limit)
+                timed_out = output.wait(proc, limit)
         assert self._proxy is not None
         self._proxy.raise_errors()
         run.raise_errors()
@@ -426,7 +427,7 @@ class Fence:
             teardown.push(lambda: self._service_members.pop(name, None))
             proc = self._spawn(cgroup, argv, cwd, env, None)
             member.root_pid = proc.pid
-            output = Output(proc, None, None)
+            output = Output(proc, None, None).background()
             assert self._programs is not None and self._outside_runs is not None
             teardown.push(self._outside_runs.count_lost)
             teardown.push(self._programs.consume_events)  # what it did last, recorded
@@ -502,15 +503,6 @@ def _check(result: FenceResult, mode: str, limit: float | None) -> None:
     if failed:
         text = failure_text(result.command, result.returncode, result.stderr, timed_out_after)
         raise CommandFailed(text, result.returncode, result.stdout, result.stderr)
-
-
-def _wait(proc: subprocess.Popen[bytes], limit: float | None) -> bool:
-    """Whether the command was still running at the deadline."""
-    try:
-        proc.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        return True
-    return False
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

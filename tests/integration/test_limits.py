@@ -195,7 +195,8 @@ def test_half_a_cpu_is_about_half_a_cpu(
 
     assert int(quota) == 50_000
     share = float(result.stdout.split()[-1])
-    assert 0.2 < share < 0.75, f"a busy loop got {share:.2f} CPU-seconds of 1 s under cpus=0.5"
+    # The cap is the kernel's promise; below it, a loaded machine may give the loop less.
+    assert 0.02 < share < 0.65, f"a busy loop got {share:.2f} CPU-seconds of 1 s under cpus=0.5"
     assert result.usage.cpu_seconds is not None and result.usage.cpu_seconds >= share
     assert not result.usage.hit
 
