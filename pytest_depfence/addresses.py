@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, Union
@@ -156,21 +157,38 @@ def _parse_answer(reply: bytes) -> Answer:
     return Answer(tuple(names), tuple(addresses))
 
 
+#: What `resolve` learned in this process, kept for the answers' TTL (a fence per test
+#: need not ask again): (name, upstream) -> (monotonic expiry, answer).
+_resolved: dict[tuple[str, tuple[str, int]], tuple[float, Answer]] = {}
+
+
 def resolve(name: str, upstream: tuple[str, int], timeout: float = 2.0) -> Answer:
-    """Ask the upstream for A and AAAA of `name`; an unreachable upstream gives no addresses."""
+    """Ask the upstream for A and AAAA of `name`; an unreachable upstream gives no addresses.
+    An answer is reused for as long as its records' TTL (the shortest) allows; one with no
+    record (or an upstream that did not answer) is asked again next time."""
+    cached = _resolved.get((name, upstream))
+    if cached is not None and time.monotonic() < cached[0]:
+        return cached[1]
     names: list[str] = [name]
     addresses: list[IPAddress] = []
+    ttls: list[int] = []
     for qtype in ("A", "AAAA"):
         try:
             reply = DNSRecord.question(name, qtype).send(
                 upstream[0], upstream[1], timeout=timeout, ipv6=":" in upstream[0]
             )
             answer = parse_answer(reply)
+            record = DNSRecord.parse(reply)
         except Exception:  # noqa: BLE001 - what cannot be resolved cannot be pre-learned
+            ttls.append(0)  # so it is asked again next time
             continue
         names.extend(n for n in answer.names if n not in names)
         addresses.extend(a for a in answer.addresses if a not in addresses)
-    return Answer(tuple(names), tuple(addresses))
+        ttls.extend(rr.ttl for rr in (*record.rr, *record.auth))  # none: says nothing of time
+    resolved = Answer(tuple(names), tuple(addresses))
+    if ttls and min(ttls) > 0:
+        _resolved[(name, upstream)] = (time.monotonic() + min(ttls), resolved)
+    return resolved
 
 
 def hosts_entries(path: str = "/etc/hosts") -> list[tuple[IPAddress, tuple[str, ...]]]:
