@@ -1,15 +1,23 @@
 """How much a fence costs: first fence in a process, then each further run.
 
-Baselines are measured in the same run: the same commands run unfenced
-(plain subprocess) in the same lab, so the ratios are like for like.
-Run as root:  .venv/bin/python bench/bench_fence.py [--runs N]
+First fence: a child process that imports pytest_depfence, opens a Fence
+(compile, load, attach) and prints how long that took from its first line;
+the baseline, in the same shape and interleaved with it (order alternating,
+a warm-up round dropped), is a child that imports bcc and loads a trivial
+bcc program attached to one raw tracepoint. Median and min-max of each.
+
+Each further run: the same commands run fenced and unfenced (plain
+subprocess) in the same lab, so the ratios are like for like.
+Run as root:  .venv/bin/python bench/bench_fence.py [--runs N] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
+import sys
 import time
 
 from pytest_depfence import Fence, Policy
@@ -28,11 +36,59 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+_START = "import time; t0 = time.monotonic()\n"
+_DONE = "print(time.monotonic() - t0, flush=True)\n"
+FIRST_FENCE = {
+    "bcc trivial program (import, compile, load, attach)": _START
+    + "from pytest_depfence.kernel import toolkit\n"
+    + "bcc = toolkit.import_bcc()\n"
+    + 'b = bcc.BPF(text=b"RAW_TRACEPOINT_PROBE(sched_process_exit) { return 0; }")\n'
+    + _DONE,
+    "first fence (import, compile, load, attach)": _START
+    + "import sys\n"
+    + "from pytest_depfence import Fence, Policy\n"
+    + 'fence = Fence(Policy.no_egress("github.com"), upstream=sys.argv[1])\n'
+    + "fence.open()\n"
+    + _DONE
+    + "fence.close()\n",
+}
+
+
+def first_fence(upstream: str, rounds: int) -> None:
+    """The first fence of a process against a trivial bcc program, in fresh processes."""
+    samples: dict[str, list[float]] = {name: [] for name in FIRST_FENCE}
+    names = list(FIRST_FENCE)
+    for round_no in range(rounds + 1):
+        for name in names if round_no % 2 else names[::-1]:
+            out = subprocess.run(
+                [sys.executable, "-c", FIRST_FENCE[name], upstream],
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode != 0:
+                raise SystemExit(f"{name} failed ({out.returncode}):\n{out.stderr}")
+            if round_no:
+                samples[name].append(float(out.stdout.split()[0]) * 1000)
+    print(
+        f"first fence in a process: median of {rounds} interleaved rounds, fresh processes "
+        f"(load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs)"
+    )
+    for name, values in samples.items():
+        print(
+            f"  {name:52} {statistics.median(values):7.0f} ms"
+            f"  (min {min(values):.0f}, max {max(values):.0f})"
+        )
+    base, fence = (statistics.median(samples[name]) for name in names)
+    print(f"  ratio {fence / base:.2f}x the trivial bcc program (+{fence - base:.0f} ms)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5, help="first-fence rounds (default 5)")
     args = parser.parse_args()
     with Lab() as lab:
+        first_fence(lab.upstream, args.rounds)
         fence = Fence(Policy.no_egress("github.com"), upstream=lab.upstream)
         first_open = timed(fence.open)
         with fence:

@@ -106,7 +106,6 @@ static __always_inline struct fence_cfg *fence_of_skb(struct __sk_buff *skb, __u
         *fence_id = id;
         return fence;
     }
-#pragma unroll
     for (int level = 1; level < DEPFENCE_MAX_LEVEL; level++) {
         id = bpf_skb_ancestor_cgroup_id(skb, level);
         if (!id)

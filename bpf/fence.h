@@ -10,11 +10,21 @@
 #define DEPFENCE_FENCE_H
 
 #include <uapi/linux/bpf.h>
-#include <uapi/linux/in.h>
-#include <uapi/linux/in6.h>
-#include <uapi/linux/if_ether.h>
 
 #include "abi.h"
+
+/* UAPI constants (uapi/linux/in.h, in6.h, if_ether.h), written out rather than
+ * included: under bcc's __KERNEL__, in.h pulls in the kernel's linux/socket.h and
+ * what it includes, which cost 0.45 s of CPU per compile here, half of it all
+ * (measured: bench/bench_fence.py's first fence). The values are ABI. */
+#define IPPROTO_HOPOPTS 0
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define IPPROTO_ROUTING 43
+#define IPPROTO_FRAGMENT 44
+#define IPPROTO_DSTOPTS 60
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
 
 #define DNS_PORT 53
 #define LOOPBACK4 0x7f000001
@@ -149,7 +159,6 @@ static __always_inline struct fence_cfg *fence_of_current(__u64 *fence_id)
         *fence_id = id;
         return fence;
     }
-#pragma unroll
     for (int level = 1; level < DEPFENCE_MAX_LEVEL; level++) {
         id = bpf_get_current_ancestor_cgroup_id(level);
         if (!id)

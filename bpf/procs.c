@@ -45,7 +45,6 @@ static __always_inline int record_exec(const char *const *argv)
     p->cgid = cgid;
     p->argc = 0;
 
-#pragma unroll
     for (int i = 0; i < DEPFENCE_ARGC; i++) {
         const char *arg = 0;
         bpf_probe_read_user(&arg, sizeof(arg), &argv[i]);
