@@ -96,6 +96,8 @@ class DnsProxy:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._udp_upstream: UdpUpstream | None = None
+        # TCP queries' own connections to the upstream, cut by stop().
+        self._tcp_upstreams: set[socket.socket] = set()
         self._upstream_pool: ThreadPoolExecutor | None = None
         self._observer_lock = threading.Lock()
         self._errors_lock = threading.Lock()
@@ -161,8 +163,11 @@ class DnsProxy:
                     except OSError:
                         pass
         for conn in connections:
-            if conn.thread is not None:
-                conn.thread.join()
+            # A reader waits for its queries' upstream answers before it closes: cut
+            # them short (a forward is refused once stopping is set), never wait.
+            while conn.thread is not None and conn.thread.is_alive():
+                self._cut_tcp_upstreams()
+                conn.thread.join(_DRAIN_POLL)
         if self._upstream_pool is not None:
             self._upstream_pool.shutdown(wait=True, cancel_futures=True)
         # Queries still waiting for the upstream are dropped with it: teardown never
@@ -172,6 +177,13 @@ class DnsProxy:
         for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
+
+    def _cut_tcp_upstreams(self) -> None:
+        for sock in list(self._tcp_upstreams):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> DnsProxy:
         return self.start()
@@ -463,6 +475,8 @@ class DnsProxy:
         try:
             assert ticket.query is not None
             try:
+                if self._stopping.is_set():
+                    raise wire.UpstreamFailure("the proxy is stopping")
                 answer: bytes | None = upstream.forward(
                     data,
                     question.txid,
@@ -470,6 +484,7 @@ class DnsProxy:
                     self._upstream_family,
                     self._upstream_addr,
                     self.upstream_timeout,
+                    self._tcp_upstreams,
                 )
             except (wire.UpstreamFailure, OSError):
                 answer = None

@@ -956,6 +956,40 @@ def test_stop_closes_everything_and_is_idempotent(upstream: Upstream) -> None:
     dns.drain()  # after stop: returns at once
 
 
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_stop_never_waits_for_a_silent_upstream(upstream: Upstream, transport: str) -> None:
+    # An upstream that holds a query for an hour: stop() cuts it short (the proxy
+    # stops with its fence; the upstream's fate is no part of teardown).
+    kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as silent:
+        silent.bind(("127.0.0.1", 0))
+        if transport == "tcp":
+            silent.listen(8)
+        dns = stub_proxy(upstream, upstream=silent.getsockname(), upstream_timeout=3600.0)
+        dns.start()
+        client = socket.socket(socket.AF_INET, kind)
+        held: socket.socket | None = None
+        try:
+            packet = question(f"www.{ZONE}", txid=7)
+            if transport == "udp":
+                client.sendto(packet, ("127.0.0.1", dns.port))
+                silent.recvfrom(65535)  # the query reached the upstream, which says nothing
+            else:
+                client.connect(("127.0.0.1", dns.port))
+                client.sendall(struct.pack("!H", len(packet)) + packet)
+                held, _ = silent.accept()
+                held.recv(65535)
+            stopper = threading.Thread(target=dns.stop)
+            stopper.start()
+            stopper.join(30)  # a bound far below the upstream's hour, not a timing
+            assert not stopper.is_alive()
+            assert _proxy_threads() == []
+        finally:
+            client.close()
+            if held is not None:
+                held.close()
+
+
 def test_start_twice_is_an_error(proxy: tuple[DnsProxy, Seen]) -> None:
     dns, _ = proxy
     with pytest.raises(RuntimeError, match="twice"):
