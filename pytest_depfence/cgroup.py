@@ -278,11 +278,15 @@ class CgroupTree:
 def sweep_stale(parent: Path) -> list[Path]:
     """Kill and remove the fence cgroups of sessions whose owner process is gone."""
     removed: list[Path] = []
-    if not parent.is_dir():
+    try:
+        with os.scandir(parent) as listing:  # d_type: no stat per entry
+            entries = [e for e in listing if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
         return removed
-    for session in parent.iterdir():
-        if not session.is_dir() or _owner_alive(session.name):
+    for entry in entries:
+        if _owner_alive(entry.name):
             continue
+        session = Path(entry.path)
         try:
             kill_all(session)
             remove_tree(session)
