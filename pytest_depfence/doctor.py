@@ -167,6 +167,24 @@ def _tracefs_unprivileged() -> str:
     return f"mounted at {where[0]}" if where else "not mounted (a fence mounts it as root)"
 
 
+def _limits() -> str:
+    """Where `fence(memory=, cpus=, pids=)` would be enforced; a controller the machine lacks
+    makes only that limit unavailable, not the fence (so this check does not fail)."""
+    from .cgroup import cgroup2_mount
+    from .limits import Limits, where_enforced
+
+    mount = cgroup2_mount()
+    found = []
+    each = {"memory": Limits(memory=1 << 30), "cpus": Limits(cpus=1.0), "pids": Limits(pids=1)}
+    for name, limits in each.items():
+        try:
+            (place,) = where_enforced(mount, limits).values()
+            found.append(f"{name}: {'cgroup v2' if place is None else f'cgroup v1 at {place}'}")
+        except FenceUnavailable as exc:
+            found.append(f"{name}: unavailable ({exc.reason.split(',')[0]})")
+    return "; ".join(found)
+
+
 def _compile_and_attach() -> str:
     from . import kernel
     from .cgroup import CgroupTree, FenceCgroup
@@ -215,6 +233,7 @@ PROBES: tuple[Probe, ...] = (
     Probe("bcc", _bcc),
     Probe("kernel headers", _headers),
     Probe("tracefs", _tracefs, _tracefs_unprivileged, "reading its tracepoints"),
+    Probe("limits", _limits),
 )
 #: The detail of a check skipped for want of privileges.
 NEEDS_ROOT = "needs root (see privileges)"

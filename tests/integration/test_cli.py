@@ -423,6 +423,7 @@ CHECKS = [
     "bcc",
     "kernel headers",
     "tracefs",
+    "limits",
     "compile+attach",
 ]
 

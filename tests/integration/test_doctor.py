@@ -23,7 +23,7 @@ from pytest_depfence.doctor import FAILED_EXIT, NEEDS_ROOT, as_root_command
 NOBODY = ("--reuid=65534", "--regid=65534", "--clear-groups")
 DOCTOR = [sys.executable, "-m", "pytest_depfence", "doctor"]
 #: Checks whose answer does not depend on privileges.
-UNPRIVILEGED = ("kernel", "bcc", "kernel headers")
+UNPRIVILEGED = ("kernel", "bcc", "kernel headers", "limits")
 #: Checks that only root can make: skipped, with what can be seen without root.
 ROOT_ONLY = ("cgroup v2", "tracefs", "compile+attach")
 #: Fixes that would send an unprivileged user after the wrong cause.
