@@ -18,7 +18,7 @@ import pytest
 from helpers_net import skip_or_fail
 
 from pytest_depfence.errors import FenceUnavailable
-from pytest_depfence.kernel import abi, program_text, toolkit, tracing
+from pytest_depfence.kernel import abi, progload, program_text, toolkit, tracing
 
 if os.geteuid() != 0:
     pytest.skip("loading programs needs root", allow_module_level=True)
@@ -79,7 +79,7 @@ def test_every_program_loads_by_syscall_with_its_attach_type_and_attaches(bcc: M
         prog_type = (
             toolkit.PROG_TYPE_CGROUP_SKB if name == "egress" else toolkit.PROG_TYPE_CGROUP_SOCK_ADDR
         )
-        loaded[name] = toolkit._load_by_syscall(bpf, name, prog_type, attach_type)
+        loaded[name] = progload.load_by_syscall(bpf, name, prog_type, attach_type)
     tree = CgroupTree()
     tree.ensure()
     links = []
@@ -101,11 +101,11 @@ def test_every_program_loads_by_syscall_with_its_attach_type_and_attaches(bcc: M
 
 def test_a_sock_addr_program_without_its_attach_type_is_refused_by_syscall(bcc: ModuleType) -> None:
     bpf = bcc.BPF(text=b"int h(struct bpf_sock_addr *ctx) { return 1; }")
-    with pytest.raises(toolkit.ProgramLoadError) as caught:
-        toolkit._load_by_syscall(bpf, "h", toolkit.PROG_TYPE_CGROUP_SOCK_ADDR, 0)
+    with pytest.raises(progload.ProgramLoadError) as caught:
+        progload.load_by_syscall(bpf, "h", toolkit.PROG_TYPE_CGROUP_SOCK_ADDR, 0)
     assert caught.value.errno == errno.EINVAL
     assert str(caught.value) == "Failed to load BPF program b'h': Invalid argument"
-    fn = toolkit._load_by_syscall(
+    fn = progload.load_by_syscall(
         bpf, "h", toolkit.PROG_TYPE_CGROUP_SOCK_ADDR, toolkit.ATTACH_TYPES["connect4"]
     )
     os.close(fn.fd)
@@ -113,8 +113,8 @@ def test_a_sock_addr_program_without_its_attach_type_is_refused_by_syscall(bcc: 
 
 def test_a_verifier_rejection_by_syscall_carries_the_verifier_log(bcc: ModuleType) -> None:
     bpf = bcc.BPF(text=BAD)
-    with pytest.raises(toolkit.ProgramLoadError) as caught:
-        toolkit._load_by_syscall(bpf, "f", toolkit.PROG_TYPE_CGROUP_SKB, 1)
+    with pytest.raises(progload.ProgramLoadError) as caught:
+        progload.load_by_syscall(bpf, "f", toolkit.PROG_TYPE_CGROUP_SKB, 1)
     assert caught.value.errno == errno.EACCES
     assert "invalid mem access" in caught.value.verifier_log
     assert "processed" in caught.value.verifier_log
@@ -137,7 +137,7 @@ def test_every_fallback_of_the_programs_compiles_and_loads_here_too(
     subcgroups.c) and kernels without BTF (the struct offsets raw tracepoints need: classic
     tracepoints for the three that read them) build here too; the rest is raw tracepoints.
     A variant that needs what this kernel lacks is skipped (it runs the other one)."""
-    if ancestors and not toolkit.has_helper(toolkit.PROG_TYPE_RAW_TRACEPOINT, 123):
+    if ancestors and not progload.has_helper(toolkit.PROG_TYPE_RAW_TRACEPOINT, 123):
         pytest.skip("this kernel's tracing programs lack bpf_get_current_ancestor_cgroup_id")
     offsets = tracing.btf_cflags() if btf else ["-DDEPFENCE_NO_BTF_OFFSETS=1"]
     if offsets == ["-DDEPFENCE_NO_BTF_OFFSETS=1"] and btf:
@@ -160,10 +160,10 @@ def test_every_fallback_of_the_programs_compiles_and_loads_here_too(
 
 def test_the_helper_probe_tells_a_helper_from_none() -> None:
     raw = toolkit.PROG_TYPE_RAW_TRACEPOINT
-    assert toolkit.has_helper(raw, 14)  # bpf_get_current_pid_tgid, 4.2
-    assert not toolkit.has_helper(raw, 100_000)
+    assert progload.has_helper(raw, 14)  # bpf_get_current_pid_tgid, 4.2
+    assert not progload.has_helper(raw, 100_000)
     flags = toolkit.kernel_cflags()
-    assert ("-DDEPFENCE_NO_TRACING_ANCESTORS=1" in flags) == (not toolkit.has_helper(raw, 123))
+    assert ("-DDEPFENCE_NO_TRACING_ANCESTORS=1" in flags) == (not progload.has_helper(raw, 123))
     assert [f for f in flags if f.startswith("-DSYS_")] == [
         f for f in tracing.syscall_cflags() if f.startswith("-DSYS_")
     ]

@@ -15,7 +15,7 @@ import pytest
 
 from pytest_depfence import doctor
 from pytest_depfence.errors import FenceUnavailable
-from pytest_depfence.kernel import toolkit
+from pytest_depfence.kernel import progload, toolkit
 
 
 @pytest.mark.parametrize(
@@ -69,9 +69,9 @@ def test_without_attach_type_in_load_func_programs_load_by_syscall(monkeypatch):
 
     def by_syscall(bpf: Any, name: str, prog_type: int, attach_type: int) -> Any:
         calls.append((name, prog_type, attach_type))
-        return toolkit.LoadedProgram(name.encode(), 42)
+        return progload.LoadedProgram(name.encode(), 42)
 
-    monkeypatch.setattr(toolkit, "_load_by_syscall", by_syscall)
+    monkeypatch.setattr(toolkit, "load_by_syscall", by_syscall)
     connect4 = toolkit.ATTACH_TYPES["connect4"]
     fn = toolkit.load_program(Bcc018(), "connect4", toolkit.PROG_TYPE_CGROUP_SOCK_ADDR, connect4)
     assert fn.fd == 42
@@ -90,9 +90,9 @@ VERIFIER_LOG = "0: (61) r1 = *(u32 *)(r1 +0)\nR1 invalid mem access 'scalar'\npr
 )
 def test_a_syscall_load_failure_is_blamed_on_what_failed(monkeypatch, err, log, starts):
     def refused(bpf: Any, name: str, prog_type: int, attach_type: int) -> Any:
-        raise toolkit.ProgramLoadError(err, name, log)
+        raise progload.ProgramLoadError(err, name, log)
 
-    monkeypatch.setattr(toolkit, "_load_by_syscall", refused)
+    monkeypatch.setattr(toolkit, "load_by_syscall", refused)
     with pytest.raises(FenceUnavailable) as caught:
         toolkit.load_program(Bcc018(), "f", toolkit.PROG_TYPE_CGROUP_SKB, 1)
     reason = caught.value.reason
@@ -163,9 +163,9 @@ def test_doctor_says_how_bcc_0_18_is_used(monkeypatch):
 
 def test_an_instruction_is_packed_as_struct_bpf_insn():
     # call 123: code 0x85, no registers, imm 123
-    assert toolkit._insn(0x85, imm=123).to_bytes(8, "little") == bytes.fromhex("850000007b000000")
+    assert progload._insn(0x85, imm=123).to_bytes(8, "little") == bytes.fromhex("850000007b000000")
     # r1 = -1: code 0xb7, dst 1, imm 0xffffffff
-    assert toolkit._insn(0xB7, dst=1, imm=-1).to_bytes(8, "little") == bytes.fromhex(
+    assert progload._insn(0xB7, dst=1, imm=-1).to_bytes(8, "little") == bytes.fromhex(
         "b7010000ffffffff"
     )
 
