@@ -15,7 +15,8 @@ It knows nothing of policies, BPF maps or pytest.
 - `forwarder`: UDP queries over one persistent upstream socket, answers matched
   back by id and question; `upstream`: a TCP query's own connection upstream;
 - `tickets`: each query's progress, what `drain()` waits for; `barrier`: its start;
-- `proxy`: `DnsProxy`, its event loop (all of UDP), TCP threads and `drain()`.
+- `tcp`: TCP clients, a reader thread each, their queries forwarded on a pool;
+- `proxy`: `DnsProxy`, its event loop (all of UDP), its answering and `drain()`.
 """
 
 from .proxy import DnsProxy

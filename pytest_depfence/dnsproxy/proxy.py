@@ -18,22 +18,21 @@ from __future__ import annotations
 import itertools
 import select
 import socket
-import struct
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_all
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import TracebackType
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-from . import listeners, upstream, wire
+from . import listeners, wire
 from .barrier import PREFIX, Barriers
 from .connection import Connection
 from .forwarder import UdpUpstream, Waiting
+from .tcp import TcpClients
 from .tickets import Ticket, Tickets
-from .types import DnsJudge, Query, Transport
+from .types import DnsJudge, Query
 
 __all__ = ["DnsProxy"]
 
@@ -41,17 +40,12 @@ __all__ = ["DnsProxy"]
 _UDP_BATCH = 64
 # TCP queries waiting for the upstream at once; more wait their turn (drain() never does).
 _UPSTREAM_WORKERS = 32
-# A client that stops reading its replies must not hold a handler thread forever.
-_TCP_SEND_TIMEOUT = 10.0
 # drain() cannot be woken by bytes arriving on a client connection, so it re-checks
 # the connections at this interval while it waits.
 _DRAIN_POLL = 0.005
 
-# Optional, not `bytes | None`: a runtime alias, and Debian 11 runs Python 3.9.
-Send = Callable[[Optional[bytes]], None]  # called once per query; None: send nothing
 
-
-class DnsProxy:
+class DnsProxy(TcpClients):
     """A loopback DNS proxy that answers blocked names itself and forwards the rest.
 
     Every verdict comes from `judge` (see `DnsJudge`): a blocked query is observed
@@ -178,13 +172,6 @@ class DnsProxy:
             if sock is not None:
                 sock.close()
 
-    def _cut_tcp_upstreams(self) -> None:
-        for sock in list(self._tcp_upstreams):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
     def __enter__(self) -> DnsProxy:
         return self.start()
 
@@ -310,124 +297,7 @@ class DnsProxy:
             if not self._stopping.is_set():
                 self._record(exc)
 
-    # -- TCP: a thread per client ------------------------------------------------------
-
-    def _accept(self, listener: socket.socket) -> None:
-        listen_port = listener.getsockname()[1]
-        while True:
-            try:
-                sock, addr = listener.accept()
-            except BlockingIOError:
-                return
-            except (ConnectionAbortedError, ConnectionResetError):
-                continue
-            client = (addr[0], addr[1])
-            if self._barriers.tcp_arrived(client):
-                sock.close()
-                continue
-            sock.settimeout(_TCP_SEND_TIMEOUT)
-            with self._state:
-                seq = next(self._conn_seq)
-                self._conn_last = seq
-                conn = Connection(seq, sock, client, listen_port)
-                self._connections[seq] = conn
-            conn.thread = threading.Thread(
-                target=self._serve_tcp, args=(conn,), name=f"depfence-dns-tcp-{seq}", daemon=True
-            )
-            conn.thread.start()
-
-    def _serve_tcp(self, conn: Connection) -> None:
-        buffer = b""
-        poller = select.poll()
-        poller.register(conn.sock, select.POLLIN)
-        forwarded: list[Future[None]] = []
-        try:
-            while not self._stopping.is_set():
-                self._set_busy(conn, False)
-                # poll() leaves the bytes in the socket until busy is set, so
-                # drain() always sees a query either in the socket or as busy.
-                poller.poll()
-                self._set_busy(conn, True)
-                chunk = conn.sock.recv(wire.MAX_MESSAGE + 2)
-                if not chunk:
-                    return
-                buffer += chunk
-                while len(buffer) >= 2:
-                    (length,) = struct.unpack("!H", buffer[:2])
-                    if len(buffer) < 2 + length:
-                        break
-                    message, buffer = buffer[2 : 2 + length], buffer[2 + length :]
-                    ticket = self._tickets.open("tcp")
-                    send = partial(self._send_tcp, conn, conn.slot())
-                    future = self._handle(
-                        ticket, message, "tcp", conn.client, conn.listen_port, send
-                    )
-                    forwarded = [f for f in forwarded if not f.done()]
-                    if future is not None:
-                        forwarded.append(future)
-        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, socket.timeout):
-            # The client went away or stopped reading: its business, not an error.
-            pass
-        except OSError as exc:
-            if not self._stopping.is_set():
-                self._record(exc)
-        except Exception as exc:
-            self._record(exc)
-        finally:
-            self._end_tcp(conn, forwarded)
-
-    def _end_tcp(self, conn: Connection, forwarded: list[Future[None]]) -> None:
-        with conn.lock:
-            conn.done = True
-        with self._state:
-            self._state.notify_all()
-        # The answers still coming from the upstream go out before the socket closes.
-        wait_all(forwarded)
-        with conn.lock:
-            conn.sock.close()
-        with self._state:
-            self._connections.pop(conn.seq, None)
-            self._state.notify_all()
-
-    def _send_tcp(self, conn: Connection, slot: int, reply: bytes | None) -> None:
-        try:
-            conn.send(slot, reply)
-        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, socket.timeout):
-            try:  # a client that stopped reading: the reader sees the end
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        except OSError as exc:
-            if not self._stopping.is_set():
-                self._record(exc)
-
-    def _set_busy(self, conn: Connection, busy: bool) -> None:
-        with self._state:
-            conn.busy = busy
-            self._state.notify_all()
-
     # -- answering -----------------------------------------------------------
-
-    def _handle(
-        self,
-        ticket: Ticket,
-        data: bytes,
-        transport: Transport,
-        client: tuple[str, int],
-        listen_port: int,
-        send: Send,
-    ) -> Future[None] | None:
-        """Answer one DNS message now, or (the future) once the upstream has."""
-        reply, forwarded = None, None
-        try:
-            reply, forwarded = self._decide(ticket, data, transport, client, listen_port, send)
-        except Exception as exc:
-            self._record(exc)
-        finally:
-            if forwarded is None:
-                self._tickets.close(ticket)
-                send(reply)
-        return forwarded
 
     def _judge_query(self, query: Query, question: wire.Question) -> tuple[Any, bytes | None]:
         """(query's verdict, None): forward it; (None, the reply): answered already (a
@@ -442,59 +312,6 @@ class DnsProxy:
             self._observe(query, verdict)
             return None, wire.outage(question, verdict.rcode)
         return verdict, None
-
-    def _decide(
-        self,
-        ticket: Ticket,
-        data: bytes,
-        transport: Transport,
-        client: tuple[str, int],
-        listen_port: int,
-        send: Send,
-    ) -> tuple[bytes | None, Future[None] | None]:
-        """(the reply to send now, None: nothing) or (None, the forward under way)."""
-        question = wire.read_question(data)
-        if not isinstance(question, wire.Question):
-            return question, None  # an error reply, or nothing
-        query = Query(question.name, question.qtype, transport, client, listen_port, question.txid)
-        verdict, reply = self._judge_query(query, question)
-        if verdict is None:
-            return reply, None
-        self._tickets.upstream(ticket, query, verdict)
-        assert self._upstream_pool is not None
-        try:
-            future = self._upstream_pool.submit(self._complete, ticket, question, data, send)
-        except RuntimeError:  # the proxy is stopping
-            self._settle(ticket, verdict)
-            return wire.servfail(question), None
-        return None, future
-
-    def _complete(self, ticket: Ticket, question: wire.Question, data: bytes, send: Send) -> None:
-        """Forward a TCP query, then as `_conclude`; on a pool thread."""
-        reply: bytes | None = None
-        try:
-            assert ticket.query is not None
-            try:
-                if self._stopping.is_set():
-                    raise wire.UpstreamFailure("the proxy is stopping")
-                answer: bytes | None = upstream.forward(
-                    data,
-                    question.txid,
-                    ticket.query.transport,
-                    self._upstream_family,
-                    self._upstream_addr,
-                    self.upstream_timeout,
-                    self._tcp_upstreams,
-                )
-            except (wire.UpstreamFailure, OSError):
-                answer = None
-            reply = self._conclude(ticket, question, answer)
-        except Exception as exc:
-            self._record(exc)
-            reply = None
-        finally:
-            self._tickets.close(ticket)
-            send(reply)
 
     def _conclude(
         self, ticket: Ticket, question: wire.Question, answer: bytes | None
