@@ -15,8 +15,17 @@ interleaved round by round (the order alternating; a warm-up round dropped):
   closes it (the programs stay loaded, as in a pytest session) and ends.
 
 Printed: median and min-max of each, and the fence's ratio to the raw
-tracepoint baseline and to the classic one. Timings only; exits 0.
-Nothing leaves the machine: the fence's child runs in the lab's namespace.
+tracepoint baseline and to the classic one.
+
+What the raw tracepoints cost instead: raw_syscalls:sys_enter/sys_exit run a
+program for every syscall on the machine while the programs are loaded.
+Timed while another process holds nothing, the fence's programs, or the 15
+classic tracepoints (empty programs), interleaved the same way: `dd bs=1`
+from /dev/zero to /dev/null, a read() and a write() per byte, best of 3, in
+ns per syscall.
+
+Timings only; exits 0. Nothing leaves the machine: the fence's child runs in
+the lab's namespace.
 
 Run as root:  .venv/bin/python bench/bench_exit.py [--rounds N]
 """
@@ -74,6 +83,58 @@ VARIANTS = {
 }
 FENCE, RAW, CLASSIC_NAME = "after a fence", "bcc, 1 raw tracepoint", list(VARIANTS)[2]
 
+_HOLD = "print('ready', flush=True)\nimport sys\nsys.stdin.read()\n"
+HOLDERS = {
+    "nothing loaded": None,
+    "the fence's programs": "from pytest_depfence.kernel import programs\nprograms.load()\n"
+    + _HOLD,
+    f"{len(CLASSIC)} classic tracepoints": _BCC
+    + f"b = bcc.BPF(text={_CLASSIC_TEXT.encode()!r})\n"
+    + _HOLD,
+}
+#: dd copying one byte at a time: a read() and a write() per byte, a C loop of cheap
+#: syscalls (coreutils is everywhere, no compiler needed).
+DD_BYTES = 500_000
+DD = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", f"count={DD_BYTES}", "status=none"]
+
+
+def syscall_ns(holder: str | None) -> float:
+    """ns per syscall of `dd` (best of 3) while `holder` runs in another process."""
+    held = None
+    if holder is not None:
+        held = subprocess.Popen(
+            [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert held.stdout is not None and held.stdin is not None
+        if held.stdout.readline().strip() != b"ready":
+            raise SystemExit(f"the holder failed: {holder[:60]}...")
+    try:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run(DD, check=True)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        if held is not None:
+            held.communicate(b"")
+    return best / (2 * DD_BYTES) * 1e9
+
+
+def syscall_cost(rounds: int) -> None:
+    samples: dict[str, list[float]] = {name: [] for name in HOLDERS}
+    names = list(HOLDERS)
+    for round_no in range(rounds):
+        for name in names if round_no % 2 else names[::-1]:
+            samples[name].append(syscall_ns(HOLDERS[name]))
+    base = statistics.median(samples[names[0]])
+    print(f"a syscall elsewhere on the machine (dd bs=1: read + write per byte), {rounds} rounds:")
+    for name, values in samples.items():
+        median = statistics.median(values)
+        print(
+            f"  {name:32} {median:8.0f} ns  (min {min(values):.0f}, max {max(values):.0f})"
+            f"  +{median - base:.0f} ns"
+        )
+
 
 def exit_ms(code: str, upstream: str) -> float:
     """Milliseconds from the child's last line to its reaping."""
@@ -121,6 +182,7 @@ def main() -> int:
         f"after a fence: {fence:.1f} ms, ratio {fence / raw:.2f}x the raw-tracepoint baseline "
         f"(+{fence - raw:.1f} ms), {fence / classic:.3f}x the {len(CLASSIC)} classic tracepoints"
     )
+    syscall_cost(args.rounds)
     return 0
 
 
