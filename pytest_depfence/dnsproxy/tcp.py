@@ -24,7 +24,7 @@ from . import upstream, wire
 from .barrier import Barriers
 from .connection import Connection
 from .tickets import Ticket, Tickets
-from .types import Query, Transport
+from .types import Query
 
 # A client that stops reading its replies must not hold a handler thread forever.
 _TCP_SEND_TIMEOUT = 10.0
@@ -118,9 +118,7 @@ class TcpClients:
                     message, buffer = buffer[2 : 2 + length], buffer[2 + length :]
                     ticket = self._tickets.open("tcp")
                     send = partial(self._send_tcp, conn, conn.slot())
-                    future = self._handle(
-                        ticket, message, "tcp", conn.client, conn.listen_port, send
-                    )
+                    future = self._handle(ticket, message, conn, send)
                     forwarded = [f for f in forwarded if not f.done()]
                     if future is not None:
                         forwarded.append(future)
@@ -166,18 +164,12 @@ class TcpClients:
             self._state.notify_all()
 
     def _handle(
-        self,
-        ticket: Ticket,
-        data: bytes,
-        transport: Transport,
-        client: tuple[str, int],
-        listen_port: int,
-        send: Send,
+        self, ticket: Ticket, data: bytes, conn: Connection, send: Send
     ) -> Future[None] | None:
         """Answer one DNS message now, or (the future) once the upstream has."""
         reply, forwarded = None, None
         try:
-            reply, forwarded = self._decide(ticket, data, transport, client, listen_port, send)
+            reply, forwarded = self._decide(ticket, data, conn, send)
         except Exception as exc:
             self._record(exc)
         finally:
@@ -187,19 +179,15 @@ class TcpClients:
         return forwarded
 
     def _decide(
-        self,
-        ticket: Ticket,
-        data: bytes,
-        transport: Transport,
-        client: tuple[str, int],
-        listen_port: int,
-        send: Send,
+        self, ticket: Ticket, data: bytes, conn: Connection, send: Send
     ) -> tuple[bytes | None, Future[None] | None]:
         """(the reply to send now, None: nothing) or (None, the forward under way)."""
         question = wire.read_question(data)
         if not isinstance(question, wire.Question):
             return question, None  # an error reply, or nothing
-        query = Query(question.name, question.qtype, transport, client, listen_port, question.txid)
+        query = Query(
+            question.name, question.qtype, "tcp", conn.client, conn.listen_port, question.txid
+        )
         verdict, reply = self._judge_query(query, question)
         if verdict is None:
             return reply, None
