@@ -65,7 +65,8 @@ SYSCALLS = {
 
 #: Byte offsets in struct pt_regs (ptrace ABI): the syscall number as it is at syscall
 #: exit, the second and third arguments at entry, and the word telling a native caller.
-#: x86-64: orig_ax; si, dx; cs == __USER_CS (0x33) for 64-bit code.
+#: x86-64: orig_ax; si, dx; cs == __USER_CS (0x33) for 64-bit code (its low byte: a Xen PV
+#: guest's is 0xe033, its 32-bit one 0xe023).
 #: arm64: x8 (the number, never clobbered by the kernel); x1, x2; pstate without
 #: PSR_MODE32_BIT (0x10).
 REGS = {
@@ -74,7 +75,7 @@ REGS = {
         "REG_ARG1": 104,
         "REG_ARG2": 96,
         "REG_MODE": 136,
-        "MODE_MASK": 0xFFFF,
+        "MODE_MASK": 0xFF,
         "MODE_NATIVE": 0x33,
     },
     "aarch64": {
