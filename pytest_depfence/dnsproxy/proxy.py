@@ -380,16 +380,24 @@ class DnsProxy(TcpClients):
             tcp_left = sum(1 for conn in conns if not conn.idle())
             if tcp_left == 0 and cutoff is None:
                 cutoff = self._tickets.last  # every query read so far has its ticket
-            busy = self._tickets.busy(self._tickets.last if cutoff is None else cutoff)
-            if cutoff is not None and not busy:
-                break
+            if cutoff is not None:
+                # Nothing being judged or observed, and what waits for the upstream
+                # claimed, in one step: no answer can start observing in between.
+                claimed = self._tickets.claim_forwarded(cutoff)
+                if claimed is not None:
+                    break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                busy = self._tickets.busy(self._tickets.last if cutoff is None else cutoff)
                 raise self._drain_timeout(timeout, busy, tcp_left)
             with self._state:
                 self._state.wait(min(remaining, _DRAIN_POLL))
-        for ticket in self._tickets.forwarded(cutoff):
-            self._settle(ticket, ticket.verdict)
+        for ticket in claimed:
+            try:
+                assert ticket.query is not None
+                self._observe(ticket.query, ticket.verdict)
+            finally:
+                self._tickets.close(ticket)
 
     @staticmethod
     def _drain_timeout(timeout: float, busy: Counter[str], tcp_left: int) -> TimeoutError:

@@ -89,7 +89,17 @@ class Tickets:
                 if seq <= cutoff and t.state in (JUDGING, OBSERVING)
             )
 
-    def forwarded(self, cutoff: int) -> list[Ticket]:
-        """Tickets up to `cutoff` waiting for the upstream."""
+    def claim_forwarded(self, cutoff: int) -> list[Ticket] | None:
+        """None while a ticket up to `cutoff` is being judged or observed; else the right to
+        observe every one up to `cutoff` still waiting for the upstream, taken at once."""
         with self._changed:
-            return [t for seq, t in self._open.items() if seq <= cutoff and t.state == UPSTREAM]
+            mine = []
+            for seq, ticket in self._open.items():
+                if seq > cutoff:
+                    continue
+                if ticket.state != UPSTREAM:
+                    return None
+                mine.append(ticket)
+            for ticket in mine:
+                ticket.state = OBSERVING
+            return mine
