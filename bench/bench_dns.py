@@ -294,7 +294,7 @@ def report(qps: dict[str, list[Sample]], lat: dict[str, list[Sample]]) -> None:
     cpu = [s.cpu_us or 0.0 for s in qps["depfence"]]
     print(
         f"  depfence proxy threads' CPU per query: {spread(cpu, '{:.0f}')} µs "
-        "(judging, attribution and the event included; independent of the machine's load)"
+        "(judging, attribution and the event included; moved less by the machine's load than qps)"
     )
     attributed(qps["depfence"])
 
