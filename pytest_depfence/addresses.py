@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, Union
 
 from dnslib import QTYPE, DNSRecord
-from dnslib.label import DNSBuffer
+from dnslib.label import DNSLabel
 
 from .policy import normalize_name, unmap
 
@@ -48,6 +48,8 @@ class Learned:
 
 def as_address(text: str | IPAddress) -> IPAddress:
     """An address, with IPv4-mapped IPv6 judged as its IPv4 address."""
+    if isinstance(text, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return unmap(text)  # ip_address() of an address object would parse its text again
     return unmap(ipaddress.ip_address(text))
 
 
@@ -128,32 +130,99 @@ def parse_answer(reply: bytes) -> Answer:
         raise UnreadableAnswer(f"unreadable DNS answer: {exc}") from exc
 
 
+#: dnslib renders a label byte outside 33..126 as \\ddd; a label without one is its text.
+_PRINTABLE = bytes(range(33, 127))
+#: Pointers followed in one name: compression never needs a pointer to a pointer, and a
+#: chain is a loop or an attack (dnslib, read before, failed at its recursion limit).
+_MAX_POINTERS = 128
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _read_name(reply: bytes, offset: int) -> tuple[str, int]:
+    """The normalized name at `offset` and the offset after it, read as dnslib's
+    `DNSBuffer.decode_name` reads it (a length byte of 0x40..0xbf is a length, a
+    pointer must point before its own end, each label must be UTF-8) without its
+    per-byte buffer; `normalize_name(str(DNSLabel))` is what callers compared before."""
+    labels: list[bytes] = []
+    size = len(reply)
+    after = -1  # the offset after the name where it stands: after its first pointer
+    seen: set[int] = set()
+    while True:
+        if offset >= size:
+            raise UnreadableAnswer("a DNS name runs past the end of the answer")
+        length = reply[offset]
+        if length >= 0xC0:
+            if offset + 2 > size:
+                raise UnreadableAnswer("a DNS name pointer runs past the end of the answer")
+            pointer = ((length & 0x3F) << 8) | reply[offset + 1]
+            if pointer >= offset + 2 or offset in seen or len(seen) >= _MAX_POINTERS:
+                raise UnreadableAnswer(f"a DNS name pointer at {offset} points forwards or loops")
+            seen.add(offset)
+            if after < 0:
+                after = offset + 2
+            offset = pointer
+            continue
+        offset += 1
+        if length == 0:
+            break
+        if offset + length > size:
+            raise UnreadableAnswer("a DNS label runs past the end of the answer")
+        labels.append(reply[offset : offset + length])
+        offset += length
+    if after < 0:
+        after = offset
+    if not labels:
+        return "", after
+    raw = b".".join(labels)
+    if not raw.translate(None, _PRINTABLE):
+        return raw.decode("ascii").lower(), after
+    for label in labels:
+        try:
+            label.decode()
+        except UnicodeDecodeError:
+            raise UnreadableAnswer(f"a DNS label is not UTF-8: {label!r}") from None
+    return normalize_name(str(DNSLabel(labels))), after
+
+
+def _address(rdata: bytes) -> IPAddress:
+    if len(rdata) == 4:
+        return ipaddress.IPv4Address(rdata)
+    if rdata[:12] == _V4_MAPPED:
+        return ipaddress.IPv4Address(rdata[12:])
+    return ipaddress.IPv6Address(rdata)
+
+
 def _parse_answer(reply: bytes) -> Answer:
     if len(reply) < _HEADER.size:
         raise UnreadableAnswer(f"a DNS answer of {len(reply)} bytes has no header")
     _, _, qdcount, ancount, _, _ = _HEADER.unpack_from(reply)
     if qdcount != 1:
         raise UnreadableAnswer(f"a DNS answer with {qdcount} questions")
-    buffer = DNSBuffer(reply)
-    buffer.offset = _HEADER.size
-    names = [normalize_name(str(buffer.decode_name()))]
-    buffer.unpack("!HH")
+    size = len(reply)
+    name, offset = _read_name(reply, _HEADER.size)
+    names = [name]
+    offset += 4  # qtype, qclass
+    if offset > size:
+        raise UnreadableAnswer("a DNS question runs past the end of the answer")
     addresses: list[IPAddress] = []
     for _ in range(ancount):
-        buffer.decode_name()  # the owner: the chain is read from the targets
-        rtype, _, _, rdlength = buffer.unpack(_RR.format)
-        start, end = buffer.offset, buffer.offset + rdlength
-        if end > len(reply):
+        _, offset = _read_name(reply, offset)  # the owner: the chain is read from the targets
+        if offset + _RR.size > size:
+            raise UnreadableAnswer("a DNS answer record runs past the end of the message")
+        rtype, _, _, rdlength = _RR.unpack_from(reply, offset)
+        start = offset + _RR.size
+        end = start + rdlength
+        if end > size:
             raise UnreadableAnswer("a DNS answer record runs past the end of the message")
         if rtype == QTYPE.CNAME:
-            target = normalize_name(str(buffer.decode_name()))
-            if buffer.offset != end:
+            target, after = _read_name(reply, start)
+            if after != end:
                 raise UnreadableAnswer(f"a CNAME to {target} does not fill its rdata")
             if target not in names:
                 names.append(target)
         elif _ADDRESS_SIZES.get(rtype) == rdlength:
-            addresses.append(as_address(ipaddress.ip_address(reply[start:end])))
-        buffer.offset = end  # any other record, or an address of the wrong size: skipped
+            addresses.append(_address(reply[start:end]))
+        offset = end  # any other record, or an address of the wrong size: skipped
     return Answer(tuple(names), tuple(addresses))
 
 
