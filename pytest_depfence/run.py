@@ -37,7 +37,7 @@ from .procinfo import Attribution, attribute, cmdline_of, read_proc_cmdline
 
 if TYPE_CHECKING:
     from .dnsproxy import Query
-    from .kernel import BypassEvent, ConnEvent, EscapeEvent, Programs, UnixEvent
+    from .kernel import BypassEvent, ConnEvent, EscapeEvent, Owner, Programs, UnixEvent
 
 #: The listener of a local contact when nothing listens there by the time it is looked up.
 NO_LISTENER = "nothing listens there now (the connection was refused, or its listener closed)"
@@ -206,11 +206,25 @@ class Run:
         return who
 
     # -- what the proxy and the kernel report ------------------------------------------
-    @_guarded
-    def on_query(self, query: Query, verdict: DnsVerdict) -> None:
-        owner = self.programs.flow_owner(
+    def query_owner(self, query: Query) -> Owner | None:
+        """The fenced socket's owner that sent `query` (the kernel's flow map); None: none."""
+        return self.programs.flow_owner(
             query.transport, query.listen_port, query.client[1], query.txid
         )
+
+    @_guarded
+    def on_query(self, query: Query, verdict: DnsVerdict) -> None:
+        """A query observed, its sender looked up now."""
+        self._query_event(query, verdict, self.query_owner(query))
+
+    @_guarded
+    def on_query_from(self, query: Query, verdict: DnsVerdict, owner: Owner | None) -> None:
+        """A query observed, sent by `owner`, looked up when the query arrived: an upstream
+        slow to answer, or never answering, leaves the kernel's flow entry time to be
+        reused by another query (same port and id) or evicted meanwhile."""
+        self._query_event(query, verdict, owner)
+
+    def _query_event(self, query: Query, verdict: DnsVerdict, owner: Owner | None) -> None:
         if owner is None:
             who = Attribution(None, None, (), "no fenced socket sent this message")
         else:
