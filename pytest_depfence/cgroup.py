@@ -419,9 +419,10 @@ def _renumber_high(sock: socket.socket) -> socket.socket:
     """The same socket on a high descriptor number, so that it closes early when we die.
 
     An exiting process's files are released highest descriptor first (its
-    task_work runs newest first; measured on 6.18). Closing the tracepoints bcc
-    opened takes up to a second: on a descriptor above theirs, the lifeline's
-    EOF reaches the guardian in tens of milliseconds instead of after them.
+    task_work runs newest first; measured on 6.18). Closing bcc's programs takes
+    tens of milliseconds (raw tracepoints), up to a second on a kernel without
+    BTF, where three stay classic: on a descriptor above theirs, the lifeline's
+    EOF reaches the guardian first.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     floor = min(soft, 1024) - 16

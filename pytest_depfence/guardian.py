@@ -17,8 +17,9 @@ run: there is no moment without a fence. Rejected:
 - only killing, without holding the links: the kernel releases the owner's
   links while it exits, before anyone can notice; measured here, a fenced loop
   reached the lab's github.com hundreds of times in the 0.1-0.9 s before the
-  owner's pidfd reported the exit (closing its tracepoints is slow), and still
-  some times in the ~1 ms between the owner's files closing and the kill;
+  owner's pidfd reported the exit (closing classic tracepoints was slow; without
+  BTF three still are), and still some times in the ~1 ms between the owner's
+  files closing and the kill;
 - legacy BPF_PROG_ATTACH (programs outlive the process): nothing would kill
   the processes, and a crashed session must leave nothing attached;
 - PR_SET_PDEATHSIG on each fenced command: it reaches the command only, not

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import time
 from pathlib import Path
 
 import pytest
@@ -215,21 +214,17 @@ def test_ranges_reach_the_kernel_through_the_address_rules(kind: str, verdict: s
     assert sink.networks == [("10.77.1.0/24", verdict), ("fd77::1:0/112", verdict)]
 
 
-def test_five_thousand_ranges_load_fast() -> None:
+def test_five_thousand_ranges_are_each_a_rule() -> None:
+    """GitHub's meta is about this size; what reading it costs: bench/bench_ranges.py."""
     lines = [f"20.{i // 256}.{i % 256}.0/24" for i in range(4800)]
     lines += [f"2a01:111:f{i:03x}::/48" for i in range(200)]
     write("meta.json", json.dumps({"actions": lines, "domains": {"x": ["*.github.com"]}}))
-    started = time.perf_counter()
     read = ranges.load("meta.json", WHERE)
     policy = Policy.no_egress("github.com").with_rules(read.rules)
-    elapsed = time.perf_counter() - started
     assert len(policy.rules) == 5001
-    assert elapsed < 2.0, f"{elapsed:.2f}s to read 5,000 ranges"  # ~0.05 s measured
-    started = time.perf_counter()
-    for _ in range(1000):
-        policy.check_address("9.9.9.9")
-        policy.check_name("api.example.org")
-    assert time.perf_counter() - started < 1.0  # not one test per rule
+    assert policy.check_address("20.18.191.7").blocked
+    assert policy.check_address("2a01:111:f0c7::1").blocked
+    assert not policy.check_address("9.9.9.9").blocked
 
 
 def test_cli_ranges_are_read_by_plan_and_repeated_by_the_regenerate_command() -> None:
