@@ -7,7 +7,7 @@
 #   - the virtualenv .venv with the project installed editable, plus its test extras;
 #   - tracefs, for the tracepoints the project attaches to.
 # Idempotent: a second run checks state only (no apt, no pip) and takes seconds.
-# `--bench` (or DEPFENCE_BENCH=1) also installs what bench/ measures against: dnsperf and
+# `--bench` (or DEPFENCE_BENCH=1) also installs what bench/ measures against: dnsperf, iperf3 and
 # dnsmasq-base (the binary only, no service: the bench starts it inside the lab).
 # Debian 12 and Ubuntu 22.04/24.04. Works from any current directory.
 set -euo pipefail
@@ -81,13 +81,13 @@ else
 fi
 
 if [[ "$BENCH" == 1 ]]; then
-    BENCH_NEEDED=(dnsperf dnsmasq-base)
+    BENCH_NEEDED=(dnsperf dnsmasq-base iperf3)
     BENCH_MISSING=()
     for pkg in "${BENCH_NEEDED[@]}"; do
         is_installed "$pkg" || BENCH_MISSING+=("$pkg")
     done
     if [[ ${#BENCH_MISSING[@]} -gt 0 ]]; then
-        say "bench extra: missing ${BENCH_MISSING[*]} (the baselines bench/bench_dns.py measures against)"
+        say "bench extra: missing ${BENCH_MISSING[*]} (the baselines bench/ measures against)"
         apt_update_once
         apt_install "${BENCH_MISSING[@]}"
     else
