@@ -21,7 +21,7 @@ import select
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from helpers_net import skip_or_fail
@@ -81,7 +81,8 @@ def fenced(lab: Lab, clean_env: None, fenced: Fence) -> Fence:
 def fences(
     lab: Lab, clean_env: None, pytestconfig: pytest.Config
 ) -> Iterator[Callable[[Policy], Fence]]:
-    """Open library-API fences (upstream: the lab resolver); all are closed at teardown."""
+    """Open library-API fences (`fences(policy, **Fence kwargs)`; upstream: the lab
+    resolver); all are closed at teardown."""
     from pytest_depfence import Fence
     from pytest_depfence.errors import FenceUnavailable
     from pytest_depfence.kernel import load
@@ -92,8 +93,8 @@ def fences(
         skip_or_fail(pytestconfig, exc)
     opened: list[Fence] = []
 
-    def make(policy: Policy) -> Fence:
-        fence = Fence(policy, upstream=lab.upstream, label="lib").open()
+    def make(policy: Policy, **kwargs: Any) -> Fence:
+        fence = Fence(policy, upstream=lab.upstream, **{"label": "lib", **kwargs}).open()
         opened.append(fence)
         return fence
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from helpers_net import skip_or_fail
 from test_owner_death import exited, gone_by, owners, session_of, wait_line  # noqa: F401 - owners: a fixture
 
 from pytest_depfence import Fence, Policy
@@ -64,24 +63,14 @@ print(time.process_time() - cpu)
 
 
 @pytest.fixture
-def limited(
-    lab: Lab, clean_env: None, pytestconfig: pytest.Config
-) -> Iterator[Callable[..., Fence]]:
-    """Open fences with limits (`limited(memory="64M")`); closed at teardown, and then
-    nothing of their limits may be left in either hierarchy."""
-    from pytest_depfence.errors import FenceUnavailable
-    from pytest_depfence.kernel import load
-
-    try:
-        load()
-    except FenceUnavailable as exc:
-        skip_or_fail(pytestconfig, exc)
+def limited(fences: Callable[..., Fence]) -> Iterator[Callable[..., Fence]]:
+    """Open fences with limits (`limited(memory="64M")`); closed here at teardown, and
+    then nothing of their limits may be left in either hierarchy."""
     opened: list[Fence] = []
 
     def make(**limits: Any) -> Fence:
-        fence = Fence(POLICY, upstream=lab.upstream, label="limits", **limits).open()
-        opened.append(fence)
-        return fence
+        opened.append(fences(POLICY, label="limits", **limits))
+        return opened[-1]
 
     yield make
     for fence in opened:

@@ -14,7 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,18 +45,9 @@ def _served(lab: Lab, address: str) -> list[str]:
 
 
 @pytest.fixture
-def open_fence(lab: Lab, clean_env: None) -> Iterator[OpenFence]:
+def open_fence(fences: Callable[..., Fence]) -> OpenFence:
     """`open_fence(policy, **kwargs)`: a library fence in the lab, closed at teardown."""
-    opened: list[Fence] = []
-
-    def make(policy: Policy, **kwargs: object) -> Fence:
-        fence = Fence(policy, upstream=lab.upstream, label="ranges", **kwargs).open()
-        opened.append(fence)
-        return fence
-
-    yield make
-    for fence in opened:
-        fence.close()
+    return lambda policy, **kwargs: fences(policy, label="ranges", **kwargs)
 
 
 def test_without_ranges_an_unresolved_address_of_a_blocked_service_gets_through(
