@@ -118,6 +118,9 @@ struct proc {
     __u64 cgid;
     __u32 argc;
     __u32 pad;
+    /* The path execve() was given: the program that really runs, whatever argv[0]
+     * says (`exec -a innocuous-tool curl ...`); empty before the process's first exec. */
+    char exe[DEPFENCE_ARGLEN];
     /* argv[i] at args[i * DEPFENCE_ARGLEN]; flat because bcc's Python side
      * does not understand two-dimensional arrays. */
     char args[DEPFENCE_ARGC * DEPFENCE_ARGLEN];

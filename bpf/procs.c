@@ -31,7 +31,7 @@ static __always_inline int in_fence(__u64 *cgid)
     return fence_of_task(cgid) != 0;
 }
 
-static __always_inline int record_exec(const char *const *argv)
+static __always_inline int record_exec(const char *filename, const char *const *argv)
 {
     __u64 cgid;
     if (!in_fence(&cgid))
@@ -44,6 +44,8 @@ static __always_inline int record_exec(const char *const *argv)
     p->flags = PROC_EXECED;
     p->cgid = cgid;
     p->argc = 0;
+    if (bpf_probe_read_user_str(p->exe, sizeof(p->exe), filename) < 0)
+        p->exe[0] = 0;
 
     /* A loop, not unrolled: 5.3+ verifiers take bounded loops, and clang unrolling
      * it cost the compile 0.1-0.2 s of CPU here (bench/bench_fence.py, first fence). */
@@ -119,6 +121,7 @@ static __always_inline int record_fork(__u32 child)
     p->flags = 0;
     p->cgid = cgid;
     p->argc = 0;
+    p->exe[0] = 0;
     procs.update(&child, p);
     return 0;
 }

@@ -55,8 +55,10 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return unix_connect_entered((const char *)reg(regs, DEPFENCE_REG_ARG1),
                                     (int)reg(regs, DEPFENCE_REG_ARG2));
     /* execve(filename, argv, envp); execveat(dfd, filename, argv, envp, flags) */
-    __u64 argv = reg(regs, id == SYS_EXECVE ? DEPFENCE_REG_ARG1 : DEPFENCE_REG_ARG2);
-    return record_exec((const char *const *)argv);
+    int execve = id == SYS_EXECVE;
+    __u64 filename = reg(regs, execve ? DEPFENCE_REG_ARG0 : DEPFENCE_REG_ARG1);
+    __u64 argv = reg(regs, execve ? DEPFENCE_REG_ARG1 : DEPFENCE_REG_ARG2);
+    return record_exec((const char *)filename, (const char *const *)argv);
 }
 
 /* sys_exit(struct pt_regs *regs, long ret) */

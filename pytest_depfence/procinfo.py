@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from os.path import basename
 from typing import Protocol
 
 #: The furthest we walk up a process tree (guards against a parent loop in stale records).
@@ -34,6 +35,8 @@ class ProcRecord(Protocol):
     def exited(self) -> bool: ...
     @property
     def cgroup_id(self) -> int: ...
+    @property
+    def exe(self) -> str: ...
 
 
 class ProcSource(Protocol):
@@ -63,10 +66,13 @@ def read_proc_cmdline(pid: int) -> list[str] | None:
 
 def cmdline_of(record: ProcRecord) -> str:
     """The record's command line, shell-quoted; a truncated argv completed from /proc
-    while the process is alive. Remembered per argv: the same process asking again
-    (every query of a resolver loop) costs a lookup, not a quoting of every argument."""
+    while the process is alive; then, when argv[0] does not name the program that runs
+    (`exec -a innocuous-tool curl ...`), " (exe PATH)" with the path it was exec'd by.
+    Remembered per argv: the same process asking again (every query of a resolver
+    loop) costs a lookup, not a quoting of every argument."""
+    exe = _exe_note(record)
     if record.truncated and not record.exited:
-        return _live_cmdline(record)  # /proc may say more, or something new, each time
+        return _live_cmdline(record) + exe  # /proc may say more, or something new, each time
     key = (record.argv, record.truncated)
     text = _cmdlines.get(key)
     if text is None:
@@ -74,7 +80,15 @@ def cmdline_of(record: ProcRecord) -> str:
         if len(_cmdlines) >= _CMDLINES_KEPT:
             _cmdlines.clear()
         _cmdlines[key] = text
-    return text
+    return text + exe
+
+
+def _exe_note(record: ProcRecord) -> str:
+    """' (exe PATH)' when the program's name in argv[0] is not the one exec'd, else ''."""
+    exe = record.exe
+    if not exe or (record.argv and basename(record.argv[0]) == basename(exe)):
+        return ""
+    return f" (exe {shlex.quote(exe)})"
 
 
 def _live_cmdline(record: ProcRecord) -> str:

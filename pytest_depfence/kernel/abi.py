@@ -414,6 +414,8 @@ class ProcRecord:
     truncated: bool
     exited: bool
     cgroup_id: int
+    #: The path its program was exec'd by ('' before its first exec in the fence).
+    exe: str = ""
 
 
 def _code_name(family: type[enum.IntEnum], code: int) -> str:

@@ -332,6 +332,7 @@ class Programs:
             truncated=bool(leaf.flags & abi.ProcFlag.TRUNCATED),
             exited=bool(leaf.flags & abi.ProcFlag.EXITED),
             cgroup_id=leaf.cgid,
+            exe=bytes(leaf.exe).decode(errors="replace"),
         )
 
 

@@ -64,14 +64,15 @@ SYSCALLS = {
 }
 
 #: Byte offsets in struct pt_regs (ptrace ABI): the syscall number as it is at syscall
-#: exit, the second and third arguments at entry, and the word telling a native caller.
-#: x86-64: orig_ax; si, dx; cs == __USER_CS (0x33) for 64-bit code (its low byte: a Xen PV
+#: exit, the first three arguments at entry, and the word telling a native caller.
+#: x86-64: orig_ax; di, si, dx; cs == __USER_CS (0x33) for 64-bit code (its low byte: a Xen PV
 #: guest's is 0xe033, its 32-bit one 0xe023).
-#: arm64: x8 (the number, never clobbered by the kernel); x1, x2; pstate without
+#: arm64: x8 (the number, never clobbered by the kernel); x0, x1, x2; pstate without
 #: PSR_MODE32_BIT (0x10).
 REGS = {
     "x86_64": {
         "REG_NR": 120,
+        "REG_ARG0": 112,
         "REG_ARG1": 104,
         "REG_ARG2": 96,
         "REG_MODE": 136,
@@ -80,6 +81,7 @@ REGS = {
     },
     "aarch64": {
         "REG_NR": 64,
+        "REG_ARG0": 0,
         "REG_ARG1": 8,
         "REG_ARG2": 16,
         "REG_MODE": 264,

@@ -201,3 +201,18 @@ def test_exec_in_a_script_names_the_new_program(fenced: Fence) -> None:
             "curl -sS http://github.com/",
             (),
         )
+
+
+@pytest.mark.no_egress("github.com")
+def test_exec_a_does_not_hide_the_real_program(fenced: Fence) -> None:
+    # `exec -a` puts any name in argv[0]; the path given to execve is the program.
+    curl = shutil.which("curl")
+    argv = ["bash", "-c", 'echo $$; exec -a innocuous-tool curl -sS "http://github.com/"']
+    result = fenced.run(argv, check=False, timeout=30)
+
+    [root] = pids(result.stdout)
+    for event in github_events(result):
+        assert event.pid == root
+        assert event.cmdline == f"innocuous-tool -sS http://github.com/ (exe {curl})"
+    shown = str(result.violations[0].cmdline)
+    assert "innocuous-tool" in shown and curl is not None and curl in shown

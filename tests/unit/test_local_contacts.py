@@ -197,6 +197,7 @@ class Record:
     truncated: bool = False
     exited: bool = False
     cgroup_id: int = 0
+    exe: str = ""
 
 
 class Records:

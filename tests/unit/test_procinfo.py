@@ -75,3 +75,15 @@ def test_a_truncated_argv_of_a_live_process_is_read_again_each_time(monkeypatch)
     record = rec(12, 0, "python3", "-c", "x" * 255, truncated=True, exited=False)
     assert cmdline_of(record) == "python3 -c " + "x" * 300
     assert cmdline_of(record) == "python3 -c " + "x" * 300 + " --more"
+
+
+def test_the_exec_path_is_shown_when_argv0_does_not_name_the_program():
+    def with_exe(exe, *argv):
+        return ProcRecord(7, 0, tuple(argv), False, True, CG, exe=exe)
+
+    hidden = with_exe("/usr/bin/curl", "innocuous-tool", "https://github.com/")
+    assert cmdline_of(hidden) == "innocuous-tool https://github.com/ (exe /usr/bin/curl)"
+    assert cmdline_of(with_exe("/usr/bin/curl", "curl", "-s")) == "curl -s"
+    assert cmdline_of(with_exe("/usr/bin/python3", "/usr/bin/python3", "x.py")).endswith("x.py")
+    assert cmdline_of(with_exe("", "curl")) == "curl"  # no exec seen in the fence
+    assert cmdline_of(with_exe("/opt/my tools/x", "y")) == "y (exe '/opt/my tools/x')"
