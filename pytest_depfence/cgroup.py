@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -204,10 +205,11 @@ class FenceCgroup:
         if self.path.exists():
             kill_all(self.path)
 
-    def finish(self) -> None:
-        """Kill what is left and read what it all used (`usage`)."""
+    def finish(self, name: Callable[[int], str | None]) -> None:
+        """Kill what is left and read what it all used (`usage`); `name(pid)` names the
+        OOM killer's victims (None: not a process of this cgroup)."""
         self.kill()
-        self.usage = self.limits.usage()
+        self.usage = self.limits.usage(name)
 
     def close(self) -> None:
         """Kill what is left, then remove the directory (and the limits' v1 cgroups)."""

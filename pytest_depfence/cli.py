@@ -409,8 +409,9 @@ def regenerate_command(plan: Plan, contract: str) -> str:
         argv += ["--timeout", f"{plan.timeout:g}"]
     if plan.raw_sockets:
         argv.append("--raw-sockets")
+    limits = Limits(**plan.limits)
     for name in plan.limits:
-        argv += [f"--{name}", Limits(**plan.limits).shown(name)]
+        argv += [f"--{name}", limits.shown(name)]
     argv += ["--write-contract", contract, "--", *plan.cmd]
     return shlex.join(argv)
 

@@ -15,7 +15,6 @@ services do outside any run is recorded by a `Run` of their own that never ends.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import itertools
 import os
 import re
@@ -33,10 +32,10 @@ from .addresses import AddressBook, hosts_entries, resolve
 from .adopt import Adopted
 from .cgroup import CgroupTree, FenceCgroup
 from .contract import check_name, program_of
-from .dnsproxy import DnsProxy, Query
+from .dnsproxy import DnsProxy
 from .errors import CommandFailed, ConfigError, EgressViolation, LimitExceeded
 from .events import EgressEvent, FenceResult
-from .judge import DnsVerdict, Judge
+from .judge import Judge
 from .limits import Limits, where_enforced
 from .local import LocalPeers
 from .output import Output
@@ -44,7 +43,7 @@ from .policy import Policy
 from .ranges import Ranges
 from .refuser import Refuser
 from .render import failure_text, format_violations, limits_text
-from .run import Member, Run, Teardown
+from .run import Member, ProxyJudge, Run, Teardown
 from .service import READY_TIMEOUT, Service, ready_check
 
 #: Seconds the command's own process may live on after its cgroup was killed (it can
@@ -65,40 +64,6 @@ def _session_tree() -> CgroupTree:
             atexit.register(tree.remove)
             _tree = tree
         return _tree
-
-
-class _ProxyJudge:
-    """The proxy's `DnsJudge`: the fence's judge, and the run that records the query.
-
-    A query's sender is looked up in the kernel's flow map when the query arrives and
-    kept until it is observed (after the upstream's answer, its failure, or drain()):
-    by then the flow entry may name another query's sender or be gone.
-    """
-
-    def __init__(self, judge: Judge, recorder: Callable[[], Run]) -> None:
-        self._judge = judge
-        self._recorder = recorder
-        #: id(query) -> (query, its sender): the query kept so that its id stays its own.
-        self._owners: dict[int, tuple[Query, kernel.Owner | None]] = {}
-
-    def query(self, query: Query) -> DnsVerdict:
-        verdict = self._judge.query(query.name)
-        try:
-            owner = self._recorder().query_owner(query)
-        except Exception:  # noqa: BLE001 - looked up again when observed; that one is kept
-            return verdict
-        self._owners[id(query)] = (query, owner)
-        return verdict
-
-    def answer(self, query: Query, reply: bytes, verdict: DnsVerdict) -> DnsVerdict:
-        return self._judge.answer(query.name, reply, verdict)
-
-    def observe(self, query: Query, verdict: DnsVerdict) -> None:
-        kept = self._owners.pop(id(query), None)
-        if kept is not None and kept[0] is query:
-            self._recorder().on_query_from(query, verdict, kept[1])
-        else:
-            self._recorder().on_query(query, verdict)
 
 
 class Fence:
@@ -179,7 +144,7 @@ class Fence:
             self._refuser = Refuser()
             self._outside_runs = Run(programs, judge, self._peers)
             self._proxy = DnsProxy(
-                upstream=self.upstream, judge=_ProxyJudge(judge, self._recorder)
+                upstream=self.upstream, judge=ProxyJudge(judge, self._recorder)
             ).start()
             self._learn_rules(programs, judge)
         except BaseException:
@@ -269,10 +234,9 @@ class Fence:
                 teardown.push(output.finish)
                 teardown.push(partial(_reap, proc))
                 # Whatever the script left behind (daemons, background jobs) dies with it;
-                # then what it all used is read, and the OOM killer's victims named (while
-                # the kernel still has their records).
-                teardown.push(partial(_name_victims, run, cgroup))
-                teardown.push(cgroup.finish)
+                # then what it all used is read, the OOM killer's victims named while the
+                # kernel still has their records.
+                teardown.push(lambda: cgroup.finish(lambda pid: run.who(pid, cgroup.id).cmdline))
                 timed_out = output.wait(proc, limit)
         assert self._proxy is not None
         self._proxy.raise_errors()
@@ -530,17 +494,6 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def _name_victims(run: Run, cgroup: FenceCgroup) -> None:
-    """Of the OOM killer's victims in the kernel's log (`cgroup.usage`), keep the run's,
-    named by their command lines."""
-    victims = []
-    for pid, _ in cgroup.usage.oom_victims:
-        who = run.who(pid, cgroup.id)
-        if who.cmdline is not None:  # else another cgroup's victim
-            victims.append((pid, who.cmdline))
-    cgroup.usage = dataclasses.replace(cgroup.usage, oom_victims=tuple(victims))
 
 
 def _close_all(fds: list[int]) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,7 +45,7 @@ CONTROLLERS = {"memory": "memory", "cpus": "cpu", "pids": "pids"}
 #: cpu.max / cpu.cfs_period_us: the period a quota of `cpus` CPUs is given in (µs).
 CPU_PERIOD_US = 100_000
 #: A fixed point of the kernel log line the OOM killer writes for every victim.
-_KILLED = re.compile(r"Killed process (\d+) \((.*?)\)")
+_KILLED = re.compile(r"Killed process (\d+) \(")
 _MOUNTINFO = "/proc/self/mountinfo"
 
 
@@ -159,11 +159,9 @@ def _write(path: Path, text: str) -> None:
 def _enable_down(v2_mount: Path, cgroup: Path, controllers: list[str]) -> None:
     """Enable `controllers` in every cgroup.subtree_control from the v2 root to `cgroup`'s
     parent (`depfence` and the session hold no processes, as v2 requires)."""
-    here = v2_mount
-    for part in (None, *cgroup.relative_to(v2_mount).parts[:-1]):
-        if part is not None:
-            here = here / part
-        control = here / "cgroup.subtree_control"
+    above = cgroup.relative_to(v2_mount).parts[:-1]
+    for depth in range(len(above) + 1):
+        control = v2_mount.joinpath(*above[:depth], "cgroup.subtree_control")
         missing = [c for c in controllers if c not in control.read_text().split()]
         if missing:
             _write(control, " ".join(f"+{c}" for c in missing))
@@ -227,8 +225,10 @@ class Applied:
         if limits.pids is not None:
             _write(self._dir("pids") / "pids.max", str(limits.pids))
 
-    def usage(self) -> Usage:
-        """What the cgroup's processes used, read once they are gone (before `close`)."""
+    def usage(self, name: Callable[[int], str | None]) -> Usage:
+        """What the cgroup's processes used, read once they are gone (before `close`).
+        `name(pid)`: a victim's command line, None when the pid is not of this cgroup (the
+        kernel's log names every cgroup's victims)."""
         usec = _keyed(self.path / "cpu.stat", "usage_usec")
         usage = Usage(limits=self.limits, cpu_seconds=None if usec is None else usec / 1e6)
         if self.limits.memory is not None:
@@ -237,16 +237,20 @@ class Applied:
             peak = memory / ("memory.max_usage_in_bytes" if v1 else "memory.peak")
             events = memory / ("memory.oom_control" if v1 else "memory.events")
             kills = _keyed(events, "oom_kill") or 0
-            victims = tuple(self._victims()) if kills else ()
+            victims = tuple(
+                (pid, cmdline)
+                for pid in (self._victims() if kills else ())
+                if (cmdline := name(pid)) is not None
+            )
             usage = replace(usage, peak_memory=_number(peak), oom_kills=kills, oom_victims=victims)
         if self.limits.pids is not None:
             refused = _keyed(self._dir("pids") / "pids.events", "max") or 0
             usage = replace(usage, forks_refused=refused)
         return usage
 
-    def _victims(self) -> Iterator[tuple[int, str]]:
-        """(pid, name) of each process the OOM killer named in the kernel log since the
-        limits were set: of any cgroup (the caller keeps its own)."""
+    def _victims(self) -> Iterator[int]:
+        """The pid of each process the OOM killer named in the kernel log since the limits
+        were set, of any cgroup."""
         while self._kmsg is not None:
             try:
                 record = os.read(self._kmsg, 8192)
@@ -258,7 +262,7 @@ class Applied:
                 return
             found = _KILLED.search(record.decode(errors="replace").partition(";")[2])
             if found:
-                yield int(found.group(1)), found.group(2)
+                yield int(found.group(1))
 
     def close(self) -> None:
         """Remove the v1 mirrors (their processes are gone: they were the v2 cgroup's)."""

@@ -102,7 +102,8 @@ def _cpus(value: Any, where: str) -> float | None:
     number = _number_of(value)
     if number is None or not math.isfinite(number) or number < MIN_CPUS:
         raise ConfigError(
-            _shown(value), f"cpus is a number of CPUs of at least {MIN_CPUS} (1.5: one and a half)",
+            _shown(value),
+            f"cpus is a number of CPUs of at least {MIN_CPUS} (1.5: one and a half)",
             where,
         )
     return float(number)

@@ -128,6 +128,40 @@ class Member:
         )
 
 
+class ProxyJudge:
+    """The proxy's `DnsJudge`: the fence's judge, and the run that records the query.
+
+    A query's sender is looked up in the kernel's flow map when the query arrives and
+    kept until it is observed (after the upstream's answer, its failure, or drain()):
+    by then the flow entry may name another query's sender or be gone.
+    """
+
+    def __init__(self, judge: Judge, recorder: Callable[[], Run]) -> None:
+        self._judge = judge
+        self._recorder = recorder
+        #: id(query) -> (query, its sender): the query kept so that its id stays its own.
+        self._owners: dict[int, tuple[Query, Owner | None]] = {}
+
+    def query(self, query: Query) -> DnsVerdict:
+        verdict = self._judge.query(query.name)
+        try:
+            owner = self._recorder().query_owner(query)
+        except Exception:  # noqa: BLE001 - looked up again when observed; that one is kept
+            return verdict
+        self._owners[id(query)] = (query, owner)
+        return verdict
+
+    def answer(self, query: Query, reply: bytes, verdict: DnsVerdict) -> DnsVerdict:
+        return self._judge.answer(query.name, reply, verdict)
+
+    def observe(self, query: Query, verdict: DnsVerdict) -> None:
+        kept = self._owners.pop(id(query), None)
+        if kept is not None and kept[0] is query:
+            self._recorder().on_query_from(query, verdict, kept[1])
+        else:
+            self._recorder().on_query(query, verdict)
+
+
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     """A callback of the kernel's or the proxy's thread: an error in it is kept (and raised
     by the run in the caller's thread), never lost in a thread that prints and goes on."""

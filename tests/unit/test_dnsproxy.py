@@ -140,7 +140,7 @@ class StubVerdict:
 
 
 class StubJudge:
-    """Stands in for the fence's judge (`judge.Judge` behind `fence._ProxyJudge`): decides
+    """Stands in for the fence's judge (`judge.Judge` behind `run.ProxyJudge`): decides
     by name with `decide`, answers blocked names with `outage`'s rcode, keeps an allowed
     query's verdict after the answer, and tells `observer` every query."""
 

@@ -1,4 +1,4 @@
-"""The fence's `_ProxyJudge` names a query's sender as the kernel saw it when the query
+"""The fence's `run.ProxyJudge` names a query's sender as the kernel saw it when the query
 arrived, not when it is observed (after the upstream's answer, its failure, or drain()):
 by then the flow entry (client port, DNS id) may be another query's, or gone."""
 
@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 from pytest_depfence.addresses import AddressBook, IPNetwork
 from pytest_depfence.dnsproxy import Query
-from pytest_depfence.fence import _ProxyJudge
 from pytest_depfence.judge import DnsVerdict, Judge
 from pytest_depfence.kernel import Owner
 from pytest_depfence.policy import Policy
+from pytest_depfence.run import ProxyJudge
 
 
 @dataclass
@@ -40,9 +40,9 @@ class NoSink:
     def forget_networks(self, fence_id: int) -> None: ...
 
 
-def _proxy_judge(run: FakeRun) -> _ProxyJudge:
+def _proxy_judge(run: FakeRun) -> ProxyJudge:
     judge = Judge(Policy.no_egress("github.com"), "block", "nxdomain", AddressBook(1, NoSink()))
-    return _ProxyJudge(judge, lambda: run)  # type: ignore[arg-type,return-value]
+    return ProxyJudge(judge, lambda: run)  # type: ignore[arg-type,return-value]
 
 
 def _query(name: str, txid: int, port: int = 40000) -> Query:
