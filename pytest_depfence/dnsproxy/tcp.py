@@ -204,14 +204,12 @@ class TcpClients:
         """Forward a TCP query, then as `_conclude`; on a pool thread."""
         reply: bytes | None = None
         try:
-            assert ticket.query is not None
             try:
                 if self._stopping.is_set():
                     raise wire.UpstreamFailure("the proxy is stopping")
-                answer: bytes | None = upstream.forward(
+                answer: bytes | None = upstream.forward_tcp(
                     data,
                     question.txid,
-                    ticket.query.transport,
                     self._upstream_family,
                     self._upstream_addr,
                     self.upstream_timeout,

@@ -13,41 +13,9 @@ import time
 from typing import Any
 
 from . import wire
-from .types import Transport
 
 
-def forward(
-    data: bytes,
-    txid: int,
-    transport: Transport,
-    family: int,
-    addr: tuple[Any, ...],
-    timeout: float,
-    open_sockets: set[socket.socket] | None = None,
-) -> bytes:
-    """The upstream's checked answer; `wire.UpstreamFailure` or OSError otherwise."""
-    if transport == "udp":
-        return _forward_udp(data, txid, family, addr, timeout)
-    return _forward_tcp(
-        data, txid, family, addr, timeout, set() if open_sockets is None else open_sockets
-    )
-
-
-def _forward_udp(
-    data: bytes, txid: int, family: int, addr: tuple[Any, ...], timeout: float
-) -> bytes:
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(timeout)
-        # Connected, so an ICMP port-unreachable from a dead upstream comes
-        # back at once as ConnectionRefusedError instead of a timeout.
-        sock.connect(addr)
-        sock.send(data)
-        reply = sock.recv(wire.MAX_MESSAGE)
-    wire.check_reply(reply, txid)
-    return reply
-
-
-def _forward_tcp(
+def forward_tcp(
     data: bytes,
     txid: int,
     family: int,
@@ -55,6 +23,7 @@ def _forward_tcp(
     timeout: float,
     open_sockets: set[socket.socket],
 ) -> bytes:
+    """The upstream's checked answer; `wire.UpstreamFailure` or OSError otherwise."""
     deadline = time.monotonic() + timeout
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         open_sockets.add(sock)
