@@ -44,7 +44,7 @@ static __always_inline int subcgroup_removed(int root, __u64 id)
 TRACEPOINT_PROBE(cgroup, cgroup_mkdir) { return subcgroup_made(args->root, args->id); }
 TRACEPOINT_PROBE(cgroup, cgroup_rmdir) { return subcgroup_removed(args->root, args->id); }
 #else
-/* cgroup_mkdir/rmdir(struct cgroup *cgrp, const char *path); cgroup_ids: escape.c. */
+/* cgroup_mkdir/rmdir(struct cgroup *cgrp, const char *path); cgroup_ids: fence.h. */
 RAW_TRACEPOINT_PROBE(cgroup_mkdir)
 {
     int root = -1;

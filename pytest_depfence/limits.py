@@ -175,7 +175,7 @@ class Applied:
     def __init__(self, v2_mount: Path, path: Path, limits: Limits) -> None:
         self.limits = limits
         self.path = path
-        self._relative = path.relative_to(v2_mount)
+        relative = path.relative_to(v2_mount)
         self.mirrors: dict[str, Path] = {}
         self._kmsg: int | None = None
         try:
@@ -185,7 +185,7 @@ class Applied:
                 _enable_down(v2_mount, path, v2)
             for controller, mount in placed.items():
                 if mount is not None:
-                    mirror = mount / self._relative
+                    mirror = mount / relative
                     mirror.mkdir(parents=True, exist_ok=True)
                     self.mirrors[controller] = mirror
             self._set(limits)
