@@ -283,7 +283,7 @@ static __always_inline int dns_shaped(struct __sk_buff *skb, __u32 off, __u8 pro
 }
 
 /* 1: let the packet go; 0: drop it (a forbidden query that bypassed the proxy,
- * or a DNS-shaped one that cannot be judged). */
+ * or a DNS-shaped one that cannot be judged). `o`: who sent it (egress.c). */
 static __always_inline int judge_bypass(struct __sk_buff *skb, struct owner *o,
                                         struct fence_cfg *fence, __u32 *daddr, __u8 proto,
                                         __u32 l4, __be16 dport)
@@ -312,6 +312,7 @@ static __always_inline int judge_bypass(struct __sk_buff *skb, struct owner *o,
     }
     fill_head(&ev->head, o->cgid, ((__u64)o->pid << 32) | o->tid, daddr, bpf_ntohs(dport),
               proto);
+    ev->head.by_socket = o->by_socket;
     ev->unjudged = verdict < 0 ? -verdict : 0;
     if (ev->name_len > DNS_NAME_MAX)
         ev->name_len = DNS_NAME_MAX;

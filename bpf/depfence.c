@@ -9,6 +9,7 @@
  *   unix.c      a fenced process's connects to unix sockets
  *   syscalls.c  raw_syscalls: the syscalls of the four above, by number
  *   sockaddr.c  connect4/6, sendmsg4/6, recvmsg4/6: DNS redirect, socket owners
+ *   sockcreate.c  sock_create: the owners of raw and ICMP sockets
  *   bypass.c    DNS queries that skip the proxy, judged by name in the packet
  *   egress.c    cgroup_skb egress: DNS message -> sending process, backstop, blackhole
  *
@@ -25,6 +26,7 @@
 #include "unix.c"
 #include "syscalls.c"
 #include "sockaddr.c"
+#include "sockcreate.c"
 #include "bypass.c"
 #include "egress.c"
 

@@ -2,28 +2,44 @@
  *
  * The proxy sees a query arrive from (loopback, client port) with a DNS id.
  * This program sees the same packet leave the fenced socket, reads those
- * fields from the headers (IPv4 options, IPv6 extension headers and all) and files the socket's owner
- * -- recorded by the sock_addr programs in syscall context -- under them,
- * before the packet can reach the proxy. So attribution needs no helper that
- * reads the current task here (bpf_get_current_pid_tgid() in cgroup_skb only
- * exists from 6.10), survives the sender exiting at once, and a DNS id reused
- * on another socket cannot be mistaken for this one.
+ * fields from the headers (IPv4 options, IPv6 extension headers and all) and
+ * files its sender under them, with the time it left, before the packet can
+ * reach the proxy. So attribution survives the sender exiting at once, a DNS
+ * id reused on another socket cannot be mistaken for this one, and a sender
+ * that execs right after is named by the program that sent it (procs.c keeps
+ * the record its exec replaced).
  *
- * Packets of fenced sockets the sock_addr programs never saw (raw and ICMP
- * sockets) are judged here by destination, the backstop; a refused one is
- * dropped and reported with no process (the kernel cannot name the sender
- * without a task helper this program type lacks before 6.10). Such a socket
- * may live in a sub-cgroup of the fence (a script's own cgroup, a container),
- * so its fence is found by walking the packet's cgroup up, and the event names
- * the fence's cgroup. It is also where outage "blackhole" happens: packets to
- * a refused address vanish, so the script meets a host that is down the way
- * hosts go down. Everything else is let through: enforcement is done at
- * connect time.
+ * Who the sender is: where the kernel lets this program type read the current
+ * task (bpf_get_current_pid_tgid, 6.10+; kernel/toolkit.py probes it and
+ * defines DEPFENCE_NO_SKB_CURRENT_TASK when it is missing), a datagram (UDP,
+ * raw, ICMP) is named by the task sending it: those leave in the sender's own
+ * sendmsg(), so a child writing on a socket its parent connected is named as
+ * the child. Only a task of the same fence counts (its record in `procs`).
+ * A TCP segment is named by the socket's owner on every kernel: it may leave
+ * from softirq (an ACK opening the window, a retransmit timer) or from
+ * whichever process releases the socket lock, so the current task proves
+ * nothing; and on older kernels datagrams are too. The socket's owner is the
+ * process the sock_addr programs recorded in syscall context (connect,
+ * sendmsg) or sockcreate.c at socket(); such an event has by_socket set, so
+ * the report can say the socket's owner is named, not the sender.
+ *
+ * Raw and ICMP sockets pass no connect/sendmsg hook: their every packet is
+ * judged here by destination, with the owner sockcreate.c recorded; a
+ * refused one is dropped and reported. Their UDP or TCP payload is judged
+ * after that as any DNS past the proxy (bypass.c). Packets of fenced sockets
+ * no hook saw at all are judged by destination too, with no process. Such a
+ * socket may live in a sub-cgroup of the fence (a script's own cgroup, a
+ * container), so its fence is found by walking the packet's cgroup up, and
+ * the event names the fence's cgroup. It is also where outage "blackhole"
+ * happens: packets to a refused address vanish, so the script meets a host
+ * that is down the way hosts go down. Everything else is let through:
+ * enforcement is done at connect time.
  *
  * Helpers (program type BPF_PROG_TYPE_CGROUP_SKB), first kernel for this type:
  *   bpf_get_socket_cookie (skb)   4.12
  *   bpf_skb_cgroup_id             5.3 (for this program type)
  *   bpf_skb_ancestor_cgroup_id    5.8 (for this program type; tc has it from 4.19)
+ *   bpf_get_current_pid_tgid      6.10 (every program type; probed, optional)
  *   bpf_ringbuf_output            5.8
  *   bpf_ktime_get_ns              4.1
  *   bpf_skb_load_bytes            4.5
@@ -122,15 +138,17 @@ static __always_inline struct fence_cfg *fence_of_skb(struct __sk_buff *skb, __u
     return 0;
 }
 
-/* A packet from a fenced socket the sock_addr programs never saw (raw, ICMP):
- * judged here, by its destination, as the backstop. cgid is the fence's. */
-static __always_inline int judge_ownerless(__u64 cgid, struct fence_cfg *fence, __u32 *daddr,
-                                           __u8 proto)
+/* A packet judged by its destination here (raw and ICMP sockets, or a socket no
+ * hook saw: `who` NULL, no process): 1 let it go, 0 drop it. cgid is the fence's. */
+static __always_inline int judge_packet(__u64 cgid, struct fence_cfg *fence, __u32 *daddr,
+                                        __u8 proto, struct owner *who)
 {
     if (!refused(fence, daddr))
         return 1;
     struct conn_event e = {};
-    fill_head(&e.head, cgid, 0, daddr, 0, proto);
+    __u64 pid_tgid = who ? ((__u64)who->pid << 32) | who->tid : 0;
+    fill_head(&e.head, cgid, pid_tgid, daddr, 0, proto);
+    e.head.by_socket = who ? who->by_socket : 0;
     e.action = (fence->flags & FENCE_AUDIT) ? ACTION_AUDITED : ACTION_REFUSED;
     e.where = AT_PACKET;
     if (conn_events.ringbuf_output(&e, sizeof(e), 0))
@@ -138,14 +156,39 @@ static __always_inline int judge_ownerless(__u64 cgid, struct fence_cfg *fence, 
     return (fence->flags & FENCE_AUDIT) ? 1 : 0;
 }
 
+/* A datagram leaves in its sender's sendmsg(): where this program may read the
+ * current task, that task is the sender, when it is a process of the same fence.
+ * Otherwise `who` stays the socket's owner (by_socket). */
+static __always_inline void datagram_sender(struct owner *who)
+{
+#ifndef DEPFENCE_NO_SKB_CURRENT_TASK
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u32 tgid = pid_tgid >> 32;
+    struct proc *p = procs.lookup(&tgid);
+    if (!p || p->cgid != who->cgid || (p->flags & PROC_EXITED))
+        return;
+    who->pid = tgid;
+    who->tid = (__u32)pid_tgid;
+    who->by_socket = 0;
+#endif
+}
+
 int egress(struct __sk_buff *skb)
 {
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct owner *o = sockets.lookup(&cookie);
+    struct owner *raw = rawsocks.lookup(&cookie);
+    struct owner who = {};
     __u64 cgid = 0;
     struct fence_cfg *fence;
-    if (o) {
-        cgid = o->cgid;  /* already the fence's: sockaddr.c walked the task's cgroup */
+    /* A ping socket may also have been connected: its latest owner is that one. */
+    if (o)
+        __builtin_memcpy(&who, o, sizeof(who));
+    else if (raw)
+        __builtin_memcpy(&who, raw, sizeof(who));
+    int owned = who.pid != 0;  /* a hook recorded the socket (never for pid 0) */
+    if (owned) {
+        cgid = who.cgid;  /* already the fence's: the hook walked the task's cgroup */
         fence = fences.lookup(&cgid);
     } else {
         fence = fence_of_skb(skb, &cgid);
@@ -158,14 +201,21 @@ int egress(struct __sk_buff *skb)
     __u32 l4 = l4_of(skb, &proto, daddr);
     if (!l4)
         return 1;
-    if (!o) {
+    if (!owned) {
         /* An adopted service's ownerless packets are its replies on connections it
          * accepted and what its sockets from before the run send: its own business,
          * never cut (its new connections were judged at connect). */
         if (fence->flags & FENCE_ADOPTED)
             return 1;
-        return judge_ownerless(cgid, fence, daddr, proto);
+        return judge_packet(cgid, fence, daddr, proto, 0);
     }
+    who.by_socket = 1;
+    who.ts = bpf_ktime_get_ns();
+    int is_raw = raw != 0;
+    if (is_raw || proto == IPPROTO_UDP)
+        datagram_sender(&who);
+    if (is_raw && !judge_packet(cgid, fence, daddr, proto, &who))
+        return 0;
     if (fence->outage == OUTAGE_BLACKHOLE && !(fence->flags & FENCE_AUDIT) &&
         refused(fence, daddr))
         return 0;
@@ -176,7 +226,7 @@ int egress(struct __sk_buff *skb)
     if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
         return 1;
     if (!is_loopback(daddr) || ports[1] != bpf_htons(fence->proxy_port))
-        return judge_bypass(skb, o, fence, daddr, proto, l4, ports[1]);
+        return judge_bypass(skb, &who, fence, daddr, proto, l4, ports[1]);
 
     struct flow_key key = {};
     key.proxy_port = fence->proxy_port;
@@ -189,6 +239,6 @@ int egress(struct __sk_buff *skb)
             return 1;
         key.txid = bpf_ntohs(txid);
     }
-    dnsflows.update(&key, o);
+    dnsflows.update(&key, &who);
     return 1;
 }

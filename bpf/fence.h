@@ -18,11 +18,15 @@
  * what it includes, which cost 0.45 s of CPU per compile here, half of it all
  * (measured: bench/bench_fence.py's first fence). The values are ABI. */
 #define IPPROTO_HOPOPTS 0
+#define IPPROTO_ICMP 1
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define IPPROTO_ROUTING 43
 #define IPPROTO_FRAGMENT 44
+#define IPPROTO_ICMPV6 58
 #define IPPROTO_DSTOPTS 60
+#define SOCK_DGRAM 2
+#define SOCK_RAW 3
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 
@@ -61,7 +65,12 @@ struct event_head {
     __u32 ip6[4];       /* network order; IPv4 as ::ffff:a.b.c.d */
     __u16 port;         /* host order */
     __u8 proto;
-    __u8 pad[5];
+    /* 1: pid is the socket's recorded owner (who created, connected or addressed it),
+     * not necessarily the task that sent this message: a TCP segment, or a datagram
+     * on a kernel whose cgroup_skb programs cannot read the current task (before
+     * 6.10). 0: pid is the task that sent it (or 0, unknown). */
+    __u8 by_socket;
+    __u8 pad[4];
 };
 
 /* A connection or datagram: refused, would-be refused (audit), or the first one
@@ -88,11 +97,15 @@ static __always_inline void fill_head(struct event_head *h, __u64 cgid, __u64 pi
     h->proto = proto;
 }
 
-/* Who owns a socket: recorded in syscall context, where pid is reliable. */
+/* Who owns a socket: recorded in syscall context, where pid is reliable. In
+ * `dnsflows`, who sent a DNS message (egress.c fills ts and by_socket there). */
 struct owner {
     __u32 pid;          /* tgid: the process, also when a thread asked */
     __u32 tid;
     __u64 cgid;
+    __u64 ts;           /* dnsflows: when the message left (bpf_ktime_get_ns); else 0 */
+    __u8 by_socket;     /* as event_head.by_socket */
+    __u8 pad[7];
 };
 
 /* Where a redirected socket meant to send its DNS, to rewrite replies back. */
@@ -116,6 +129,9 @@ struct proc {
     __u32 ppid;
     __u32 flags;        /* PROC_* */
     __u64 cgid;
+    /* When this record became true (bpf_ktime_get_ns): the exec that loaded its argv,
+     * or the fork. A message sent before it was sent by the record in `procs_prev`. */
+    __u64 since;
     __u32 argc;
     __u32 pad;
     /* The path execve() was given: the program that really runs, whatever argv[0]

@@ -5,6 +5,15 @@
  * and the records stay until the fence is torn down.  Only tasks whose cgroup
  * is a registered fence are recorded; everything else returns at once.
  *
+ * A process that sends a message and execs at once must still be named by the
+ * program that sent it, however late userspace looks: each record says since
+ * when it holds (`since`), and the record an exec or a reused pid replaces is
+ * kept in `procs_prev`, one generation per pid (a message older than both
+ * records of its pid -- two execs before userspace looked -- is named by the
+ * older one kept). kernel/programs.py `process(pid, at_ns)` picks the one that
+ * held when the message left. The cost: one record copied per exec of a
+ * recorded process (~4 KiB, map to map).
+ *
  * execve/execveat come through raw_syscalls (syscalls.c); fork and exit are
  * the sched tracepoints, raw. The fork's child pid is read from its task_struct
  * at the offset the running kernel's BTF gives (kernel/tracing.py); without
@@ -20,11 +29,14 @@
  *   bpf_probe_read_user_str     5.5
  *   bpf_probe_read_kernel       5.5
  *   bpf_map_lookup/update/delete_elem  4.7
+ *   bpf_ktime_get_ns            4.1
  */
 
 BPF_PERCPU_ARRAY(scratch, struct proc, 1);
 /* argv of an exec in flight, per process, committed only if the exec succeeds. */
 BPF_TABLE("lru_hash", __u32, struct proc, pending, 256);
+/* The record each pid had before its last exec, or before its pid was reused. */
+BPF_TABLE("lru_hash", __u32, struct proc, procs_prev, DEPFENCE_MAX_PROCS / 4);
 
 static __always_inline int in_fence(__u64 *cgid)
 {
@@ -84,6 +96,11 @@ static __always_inline int commit_exec(long ret)
         struct proc *old = procs.lookup(&tgid);
         if (old && !(old->flags & PROC_EXITED))
             p->ppid = old->ppid;
+        if (old)
+            procs_prev.update(&tgid, old);
+        /* Set at the exec's return: every message of the old program left before
+         * it, every one of the new program after it. */
+        p->since = bpf_ktime_get_ns();
         procs.update(&tgid, p);
     }
     pending.delete(&tgid);
@@ -102,6 +119,9 @@ static __always_inline int record_fork(__u32 child)
         c->ppid = ppid;
         return 0;
     }
+    if (c)
+        procs_prev.update(&child, c);  /* a reused pid: the dead process's late messages */
+    __u64 now = bpf_ktime_get_ns();
     struct proc *parent = procs.lookup(&ppid);
     if (parent) {
         /* Until it execs, a forked child runs its parent's program. */
@@ -111,6 +131,7 @@ static __always_inline int record_fork(__u32 child)
             return 0;
         c->flags &= ~(PROC_EXITED | PROC_EXECED);
         c->ppid = ppid;
+        c->since = now;
         return 0;
     }
     int zero = 0;
@@ -120,6 +141,7 @@ static __always_inline int record_fork(__u32 child)
     p->ppid = ppid;
     p->flags = 0;
     p->cgid = cgid;
+    p->since = now;
     p->argc = 0;
     p->exe[0] = 0;
     procs.update(&child, p);

@@ -42,7 +42,7 @@ class ProcRecord(Protocol):
 class ProcSource(Protocol):
     """Where process records come from (the loaded programs' `procs` map)."""
 
-    def process(self, pid: int) -> ProcRecord | None: ...
+    def process(self, pid: int, at_ns: int | None = None) -> ProcRecord | None: ...
 
 
 @dataclass(frozen=True)
@@ -106,16 +106,20 @@ def _extends(full: list[str], prefix: list[str]) -> bool:
     return head and full[len(prefix) - 1].startswith(prefix[-1])
 
 
-def attribute(source: ProcSource, pid: int, cgroup_id: int, root_pid: int | None) -> Attribution:
-    """Command line and ancestry of `pid`, as recorded inside fence cgroup `cgroup_id`."""
-    record = source.process(pid)
+def attribute(
+    source: ProcSource, pid: int, cgroup_id: int, root_pid: int | None, at_ns: int | None = None
+) -> Attribution:
+    """Command line and ancestry of `pid`, as recorded inside fence cgroup `cgroup_id`; with
+    `at_ns` (CLOCK_MONOTONIC), as they were then: a sender that exec'd since is named by
+    the program that sent, and so is each ancestor."""
+    record = source.process(pid, at_ns)
     if record is None or record.cgroup_id != cgroup_id:
         return Attribution(None, None, (), f"pid {pid} was not recorded in this fence")
     ancestry: list[tuple[int, str]] = []
     seen = {pid}
     current = record
     while current.pid != root_pid and current.ppid and len(ancestry) < MAX_DEPTH:
-        parent = source.process(current.ppid)
+        parent = source.process(current.ppid, at_ns)
         if parent is None or parent.cgroup_id != cgroup_id or parent.pid in seen:
             break
         ancestry.append((parent.pid, cmdline_of(parent)))

@@ -180,7 +180,8 @@ class EventHead(ctypes.Structure):
         ("ip6", ctypes.c_uint8 * 16),  # IPv4 as ::ffff:a.b.c.d
         ("port", ctypes.c_uint16),  # host order
         ("proto", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 5),
+        ("by_socket", ctypes.c_uint8),  # 1: pid is the socket's owner, not surely the sender
+        ("pad", ctypes.c_uint8 * 4),
     ]
 
 
@@ -336,6 +337,8 @@ class ConnEvent:
     protocol: str
     action: str  # refused, reset, blackhole, audited, allowed (Action)
     where: str  # connect, sendmsg, packet (At)
+    #: `pid` is the socket's recorded owner, not surely the process that sent the packet.
+    by_socket: bool = False
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,8 @@ class BypassEvent:
     audited: bool
     #: Why it could not be judged (UNJUDGED_TEXTS); None: judged, the name is forbidden.
     unjudged: str | None = None
+    #: `pid` is the socket's recorded owner, not surely the process that sent the query.
+    by_socket: bool = False
 
 
 @dataclass(frozen=True)
@@ -397,11 +402,16 @@ class UnixEvent:
 
 @dataclass(frozen=True)
 class Owner:
-    """The process that owned a socket when it sent a message."""
+    """Who sent a message: the process sending it, or (`by_socket`) the socket's owner --
+    the process that created, connected or addressed it, which may not be the sender (a
+    TCP segment; a datagram on a kernel before 6.10: bpf/egress.c)."""
 
     pid: int
     tid: int
     cgroup_id: int
+    #: When the message left (CLOCK_MONOTONIC); 0: not known.
+    time_ns: int = 0
+    by_socket: bool = False
 
 
 @dataclass(frozen=True)
@@ -416,6 +426,8 @@ class ProcRecord:
     cgroup_id: int
     #: The path its program was exec'd by ('' before its first exec in the fence).
     exe: str = ""
+    #: Since when the record holds (CLOCK_MONOTONIC): its exec, or its fork.
+    since_ns: int = 0
 
 
 def _code_name(family: type[enum.IntEnum], code: int) -> str:
@@ -434,6 +446,7 @@ def _head(head: EventHead) -> dict[str, Any]:
         "address": unmapped(bytes(head.ip6)),
         "port": head.port,
         "protocol": PROTOCOLS.get(head.proto, str(head.proto)),
+        "by_socket": bool(head.by_socket),
     }
 
 

@@ -96,6 +96,7 @@ class Programs:
         self._fences = bpf.get_table(b"fences")
         self._flows = bpf.get_table(b"dnsflows")
         self._procs = bpf.get_table(b"procs")
+        self._procs_prev = bpf.get_table(b"procs_prev")
         self._addrs = bpf.get_table(b"addrs")
         self._names = bpf.get_table(b"names")
         self._lost = bpf.get_table(b"lost_events")
@@ -150,7 +151,9 @@ class Programs:
             fd = self._dirs.pop(cgroup_id, None)
         if fd is not None:
             os.close(fd)
-        _delete_keys(self._procs, [k for k, leaf in self._procs.items() if leaf.cgid == cgroup_id])
+        gone = [k for k, leaf in self._procs.items() if leaf.cgid == cgroup_id]
+        _delete_keys(self._procs, gone)
+        _delete_keys(self._procs_prev, gone)  # a record before an exec is its pid's
         _delete_keys(self._lost, [self._lost.Key(cgroup_id)])
 
     def attach(self, cgroup_fd: int) -> list[int]:
@@ -315,13 +318,28 @@ class Programs:
             leaf = self._flows[key]
         except KeyError:
             return None
-        return Owner(pid=leaf.pid, tid=leaf.tid, cgroup_id=leaf.cgid)
+        return Owner(
+            pid=leaf.pid,
+            tid=leaf.tid,
+            cgroup_id=leaf.cgid,
+            time_ns=leaf.ts,
+            by_socket=bool(leaf.by_socket),
+        )
 
-    def process(self, pid: int) -> ProcRecord | None:
+    def process(self, pid: int, at_ns: int | None = None) -> ProcRecord | None:
+        """What the kernel recorded of `pid`; with `at_ns` (CLOCK_MONOTONIC), the record that
+        held then: the one before its last exec (or before its pid was reused) when the
+        current one is newer (bpf/procs.c). One record copy, two for a message older than
+        its sender's last exec."""
         try:
             leaf = self._procs[self._procs.Key(pid)]
         except KeyError:
             return None
+        if at_ns is not None and leaf.since > at_ns:
+            try:
+                leaf = self._procs_prev[self._procs_prev.Key(pid)]
+            except KeyError:
+                pass  # not kept (evicted): the current record is the best there is
         # A char-array field reads back cut at the first NUL; take the raw bytes.
         offset = type(leaf).args.offset
         raw = ctypes.string_at(ctypes.addressof(leaf) + offset, abi.ARGC * abi.ARGLEN)
@@ -333,6 +351,7 @@ class Programs:
             exited=bool(leaf.flags & abi.ProcFlag.EXITED),
             cgroup_id=leaf.cgid,
             exe=bytes(leaf.exe).decode(errors="replace"),
+            since_ns=leaf.since,
         )
 
 
@@ -366,9 +385,7 @@ def _compile() -> Programs:
     bpf = toolkit.compile_programs(bcc, toolkit.program_text(), abi.cflags())
     fns: dict[str, Any] = {}
     for name, attach_type in toolkit.ATTACH_TYPES.items():
-        prog_type = (
-            toolkit.PROG_TYPE_CGROUP_SKB if name == "egress" else toolkit.PROG_TYPE_CGROUP_SOCK_ADDR
-        )
+        prog_type = toolkit.PROG_TYPES.get(name, toolkit.PROG_TYPE_CGROUP_SOCK_ADDR)
         fns[name] = toolkit.load_program(bpf, name, prog_type, attach_type)
     toolkit.probe_link_support(fns["connect4"].fd)
     return Programs(bcc, bpf, fns)

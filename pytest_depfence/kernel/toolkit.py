@@ -65,11 +65,16 @@ ATTACH_TYPES = {
     "recvmsg4": 19,  # BPF_CGROUP_UDP4_RECVMSG
     "recvmsg6": 20,  # BPF_CGROUP_UDP6_RECVMSG
     "egress": 1,  # BPF_CGROUP_INET_EGRESS
+    "sock_create": 2,  # BPF_CGROUP_INET_SOCK_CREATE
 }
 PROG_TYPE_TRACEPOINT = 5
 PROG_TYPE_RAW_TRACEPOINT = 17
 PROG_TYPE_CGROUP_SKB = 8
+PROG_TYPE_CGROUP_SOCK = 9
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
+#: Program name -> its program type, for those of ATTACH_TYPES that are not sock_addr ones.
+PROG_TYPES = {"egress": PROG_TYPE_CGROUP_SKB, "sock_create": PROG_TYPE_CGROUP_SOCK}
+BPF_FUNC_GET_CURRENT_PID_TGID = 14
 BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID = 123
 _BPF_LINK_CREATE = 28
 
@@ -420,12 +425,17 @@ _UNKNOWN_HELPER = re.compile(r"^unknown func (\w+)#\d+", re.MULTILINE)
 
 def kernel_cflags() -> list[str]:
     """-D flags for this machine: its syscall ABI and kernel struct offsets for the raw
-    tracepoints (`tracing`), and what its helpers allow (bpf/fence.h): the tracepoint
-    programs walk a task's cgroup ancestors only where tracing programs have
-    bpf_get_current_ancestor_cgroup_id (5.14+, or a kernel it was backported to)."""
+    tracepoints (`tracing`), and what its helpers allow: the tracepoint programs walk a
+    task's cgroup ancestors only where tracing programs have
+    bpf_get_current_ancestor_cgroup_id (5.14+, or a kernel it was backported to;
+    bpf/fence.h), and the egress program names a datagram by the task sending it only
+    where cgroup_skb programs have bpf_get_current_pid_tgid (6.10+; before it, by the
+    socket's owner: bpf/egress.c)."""
     flags = [*tracing.syscall_cflags(), *tracing.btf_cflags()]
     if not has_helper(PROG_TYPE_RAW_TRACEPOINT, BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID):
         flags.append("-DDEPFENCE_NO_TRACING_ANCESTORS=1")
+    if not has_helper(PROG_TYPE_CGROUP_SKB, BPF_FUNC_GET_CURRENT_PID_TGID):
+        flags.append("-DDEPFENCE_NO_SKB_CURRENT_TASK=1")
     return flags
 
 

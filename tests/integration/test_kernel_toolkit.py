@@ -76,9 +76,7 @@ def test_every_program_loads_by_syscall_with_its_attach_type_and_attaches(bcc: M
     bpf = toolkit.compile_programs(bcc, program_text(), abi.cflags())
     loaded = {}
     for name, attach_type in toolkit.ATTACH_TYPES.items():
-        prog_type = (
-            toolkit.PROG_TYPE_CGROUP_SKB if name == "egress" else toolkit.PROG_TYPE_CGROUP_SOCK_ADDR
-        )
+        prog_type = toolkit.PROG_TYPES.get(name, toolkit.PROG_TYPE_CGROUP_SOCK_ADDR)
         loaded[name] = progload.load_by_syscall(bpf, name, prog_type, attach_type)
     tree = CgroupTree()
     tree.ensure()

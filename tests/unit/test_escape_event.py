@@ -149,7 +149,7 @@ class Records:
 
     records: dict[int, ProcRecord]
 
-    def process(self, pid: int) -> ProcRecord | None:
+    def process(self, pid: int, at_ns: int | None = None) -> ProcRecord | None:
         return self.records.get(pid)
 
 

@@ -206,7 +206,7 @@ class Records:
     def __init__(self, *records: Record) -> None:
         self.records = {r.pid: r for r in records}
 
-    def process(self, pid: int) -> Record | None:
+    def process(self, pid: int, at_ns: int | None = None) -> Record | None:
         return self.records.get(pid)
 
 

@@ -15,7 +15,7 @@ class Records:
     def __init__(self, *records):
         self.by_pid = {r.pid: r for r in records}
 
-    def process(self, pid):
+    def process(self, pid, at_ns=None):
         return self.by_pid.get(pid)
 
 
