@@ -3,9 +3,10 @@
 A fenced command has no CAP_NET_RAW unless the test opts in (`fence(raw_sockets=True)`,
 test_escape.py checks the default); every test here opts in, to test what happens to
 raw sockets a fence allows. A raw or ICMP socket sends without connect() or a UDP
-sendmsg(), so the sock_addr programs never judge it nor record its owner. egress.c
-judges each of its packets by destination instead: a refused one is dropped and
-reported with no process (`blocked_at == "packet"`, pid None), an allowed one passes.
+sendmsg(), so the sock_addr programs never judge it; its owner is recorded when it is
+made (bpf/sockcreate.c). egress.c judges each of its packets by destination: a refused
+one is dropped and reported with the process that sent it (`blocked_at == "packet"`),
+an allowed one passes (test_sender.py: a raw socket's DNS, and ping's pid).
 The socket may live in a sub-cgroup the script made inside its own fence
 cgroup; its packets are judged all the same (egress.c walks the packet's
 cgroup up to the fence). Lab addresses: github.com 10.77.1.1 / fd77::1:1,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -107,15 +109,18 @@ def in_sub_cgroup(argv: list[str]) -> list[str]:
     return ["/bin/sh", "-c", IN_SUB_CGROUP, "in-sub-cgroup", *argv]
 
 
-def dropped_packets(result: FenceResult, address: str, family: int) -> list[EgressEvent]:
-    """The packet-level refusals of `address`, each checked for what the kernel can know."""
+def dropped_packets(
+    result: FenceResult, address: str, family: int, sender: list[str]
+) -> list[EgressEvent]:
+    """The packet-level refusals of `address`, each checked for what the kernel can know:
+    the program that sent them (`sender`, its argv; it runs by `exec "$@"` in a sub-cgroup)."""
     events = [e for e in result.violations if e.address == address]
     assert events, f"no refused packet to {address}; events: {result.events}"
     for event in events:
         assert (event.verdict, event.blocked_at, event.outage) == ("blocked", "packet", "refused")
         assert (event.protocol, event.forbidden) == (PROTOCOL[family], True)
-        assert (event.pid, event.cmdline) == (None, None)  # no task helper before 6.10
-        assert event.unattributed and "raw or ICMP" in event.unattributed
+        assert (event.cmdline, event.unattributed) == (shlex.join(sender), None)
+        assert event.pid is not None
         assert event.domain == "github.com"
     return events
 
@@ -132,12 +137,12 @@ def place(request: pytest.FixtureRequest) -> Place:
 def test_ping_to_a_blocked_address_is_dropped_and_reported(
     fenced: Fence, family: int, place: Place
 ) -> None:
-    argv = place(ping(GITHUB[family], family))
-    result = fenced.run(argv, check=False, timeout=30)
+    sender = ping(GITHUB[family], family)
+    result = fenced.run(place(sender), check=False, timeout=30)
 
     assert result.returncode != 0, result.stdout  # no reply came back
     assert " bytes from " not in result.stdout
-    dropped_packets(result, GITHUB[family], family)
+    dropped_packets(result, GITHUB[family], family, sender)
 
 
 @RAW
@@ -146,13 +151,13 @@ def test_ping_to_a_blocked_address_is_dropped_and_reported(
 def test_raw_socket_to_a_blocked_address_is_dropped_and_reported(
     fenced: Fence, tmp_path: Path, family: int, place: Place
 ) -> None:
-    argv = place(raw_client(tmp_path, GITHUB[family], family))
-    result = fenced.run(argv, check=False, timeout=30)
+    sender = raw_client(tmp_path, GITHUB[family], family)
+    result = fenced.run(place(sender), check=False, timeout=30)
 
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout.splitlines()[-1])
     assert outcome["replied"] is False, "the echo request reached github.com's address"
-    events = dropped_packets(result, GITHUB[family], family)
+    events = dropped_packets(result, GITHUB[family], family, sender)
     assert len(events) == 1  # one report per destination and run
 
 
@@ -182,7 +187,9 @@ def test_egress_only_drops_a_ping_to_an_unlisted_address(fenced: Fence) -> None:
     assert result.returncode != 0
     events = [e for e in result.violations if e.address == GITHUB[4]]
     assert events, f"no refused packet to {GITHUB[4]}; events: {result.events}"
-    assert {(e.blocked_at, e.protocol, e.pid) for e in events} == {("packet", "icmp", None)}
+    assert {(e.blocked_at, e.protocol, e.cmdline) for e in events} == {
+        ("packet", "icmp", shlex.join(ping(GITHUB[4], 4)))
+    }
 
 
 @pytest.mark.fence(mode="audit", raw_sockets=True)
@@ -193,6 +200,7 @@ def test_audit_mode_lets_the_packet_go_and_records_it(fenced: Fence, tmp_path: P
 
     assert json.loads(result.stdout.splitlines()[-1]) == {"error": None, "replied": True}
     events = [e for e in result.events if e.address == GITHUB[4]]
-    assert [(e.verdict, e.forbidden, e.protocol, e.pid) for e in events] == [
-        ("allowed", True, "icmp", None)
+    sender = shlex.join(raw_client(tmp_path, GITHUB[4], 4))
+    assert [(e.verdict, e.forbidden, e.protocol, e.cmdline) for e in events] == [
+        ("allowed", True, "icmp", sender)
     ]
