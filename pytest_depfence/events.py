@@ -57,6 +57,10 @@ class EgressEvent:
     qtype: str | None = None
     #: Why pid/cmdline are missing, when they are.
     unattributed: str | None = None
+    #: `pid` names the socket's owner -- the process that created, connected or addressed
+    #: it -- not surely the one that sent this message (another may share the socket): a
+    #: DNS query over TCP, or over UDP on a kernel before 6.10 (reported "socket opened by").
+    by_socket: bool = False
     #: The policy forbids it (in audit mode it is forbidden but not blocked).
     forbidden: bool = False
     #: What the script was shown: the DNS outage (nxdomain, ...) or, for a

@@ -38,7 +38,10 @@ if TYPE_CHECKING:
     from .kernel import BypassEvent, ConnEvent, EscapeEvent
 
 #: Why a packet the backstop dropped names no process.
-OWNERLESS = "a raw or ICMP socket: the kernel records no process for its packets"
+OWNERLESS = (
+    "a socket no hook of the fence saw made or used (it predates the fence's programs, "
+    "or came from outside): the kernel records no process for its packets"
+)
 #: An escape's rule: who moved the process out of its fence.
 MOVED_ITSELF = "moved itself out of the fence"
 MOVED_BY = "moved out of the fence by {mover}"
@@ -201,6 +204,7 @@ class Judge:
             ancestry=who.ancestry,
             qtype=query.qtype,
             unattributed=who.unattributed,
+            by_socket=who.by_socket,
             forbidden=verdict.forbidden,
             outage=outage,
         )
@@ -246,6 +250,7 @@ class Judge:
             cmdline=who.cmdline,
             ancestry=who.ancestry,
             unattributed=who.unattributed,
+            by_socket=who.by_socket,
             forbidden=not permitted,
             outage=conn.action if blocked else None,
             learned_from=origin,
@@ -273,6 +278,7 @@ class Judge:
             ancestry=who.ancestry,
             qtype=str(QTYPE.get(query.qtype, f"TYPE{query.qtype}")) if query.qtype else "?",
             unattributed=who.unattributed,
+            by_socket=who.by_socket,
             forbidden=True,
             outage=None if query.audited else "dropped",
             learned_from=None,
@@ -315,6 +321,7 @@ class Judge:
             cmdline=who.cmdline,
             ancestry=who.ancestry,
             unattributed=who.unattributed,
+            by_socket=who.by_socket,
             forbidden=forbidden,
             listener=listener,
         )
@@ -356,6 +363,7 @@ class Judge:
             cmdline=who.cmdline,
             ancestry=who.ancestry,
             unattributed=who.unattributed,
+            by_socket=who.by_socket,
             forbidden=True,
             outage="killed",
             moved_by=None if itself else escape.writer,

@@ -51,6 +51,9 @@ class Attribution:
     cmdline: str | None
     ancestry: tuple[tuple[int, str], ...]
     unattributed: str | None = None
+    #: `pid` is the socket's owner (who created, connected or addressed it), not surely
+    #: the process that sent the message (kernel.Owner.by_socket).
+    by_socket: bool = False
 
 
 def read_proc_cmdline(pid: int) -> list[str] | None:

@@ -43,6 +43,8 @@ LOST_TARGET = "(events lost)"
 SERVICE = "in service {name}: "
 #: The run's process that called the service whose event this is.
 CALLED_BY = "called by pid {pid} {cmdline}"
+#: Before `pid N`, when it names the socket's owner, not surely the sender (EgressEvent.by_socket).
+SOCKET_OWNER = "socket opened by "
 #: Who listens at a local destination (a loopback or local address, a unix socket).
 LISTENER = "listening there: {listener}"
 
@@ -195,7 +197,8 @@ def format_event(event: EgressEvent, shown: str | None = None) -> list[str]:
         reason = UNATTRIBUTED.format(reason=event.unattributed or "unknown")
         lines.append(f"{'':11}{service}{reason}")
     else:
-        lines.append(f"{'':11}{service}pid {event.pid}  {event.cmdline or '?'}")
+        owner = SOCKET_OWNER if event.by_socket else ""
+        lines.append(f"{'':11}{service}{owner}pid {event.pid}  {event.cmdline or '?'}")
     lines.extend(f"{'':11}via pid {pid} {cmdline}" for pid, cmdline in event.ancestry)
     if event.called_by:
         (pid, cmdline), *chain = event.called_by

@@ -225,13 +225,18 @@ class Run:
         return [pid for m in self.members.values() if m.service for pid in pids_of(m.dir)]
 
     # -- attribution -----------------------------------------------------------------
-    def who(self, pid: int, cgroup_id: int, at_ns: int | None = None) -> Attribution:
+    def who(
+        self, pid: int, cgroup_id: int, at_ns: int | None = None, by_socket: bool = False
+    ) -> Attribution:
         """The process `pid` of member `cgroup_id`, its command line and ancestry (as they
-        were at `at_ns`, CLOCK_MONOTONIC, when given)."""
+        were at `at_ns`, CLOCK_MONOTONIC, when given); `by_socket`: `pid` is the socket's
+        owner, not surely the sender."""
         member = self.members.get(cgroup_id)
         if member is None:
             return Attribution(None, None, (), f"sent from another cgroup (id {cgroup_id})")
         who = attribute(self.programs, pid, cgroup_id, member.root_pid, at_ns)
+        if by_socket and who.pid is not None:
+            who = dataclasses.replace(who, by_socket=True)
         if who.pid is None and member.service:
             # An adopted service's processes started before the run: the kernel never saw
             # their exec, but they are alive (the event is theirs): /proc names them.
@@ -263,7 +268,7 @@ class Run:
         if owner is None:
             who = Attribution(None, None, (), "no fenced socket sent this message")
         else:
-            who = self.who(owner.pid, owner.cgroup_id, owner.time_ns or None)
+            who = self.who(owner.pid, owner.cgroup_id, owner.time_ns or None, owner.by_socket)
         event = self.judge.dns_event(query, verdict, who)
         self.add(time.monotonic_ns(), event, owner.cgroup_id if owner else None)
 
@@ -274,11 +279,9 @@ class Run:
         ):
             return  # every packet of a raw socket to a refused address: one event
         if conn.pid:
-            who = self.who(conn.pid, conn.cgroup_id, conn.time_ns)
-        elif self.first_report(("ownerless", conn.address, conn.port, conn.protocol)):
-            who = Attribution(None, None, (), OWNERLESS)
+            who = self.who(conn.pid, conn.cgroup_id, conn.time_ns, conn.by_socket)
         else:
-            return
+            who = Attribution(None, None, (), OWNERLESS)  # always a packet: reported once
         if conn.action == "allowed" and self.peers.is_local(conn.address):
             # One record per process and local endpoint, as for unix sockets: a client
             # that reconnects a thousand times is one contact, and one listener lookup.
@@ -340,7 +343,7 @@ class Run:
     def on_bypass(self, query: BypassEvent) -> None:
         key = (query.pid, query.name, query.address, query.port, query.protocol, query.txid)
         if self.first_report(("bypass", *key)):
-            who = self.who(query.pid, query.cgroup_id, query.time_ns)
+            who = self.who(query.pid, query.cgroup_id, query.time_ns, query.by_socket)
             self.add(query.time_ns, self.judge.bypass(query, who), query.cgroup_id)
 
     @_guarded

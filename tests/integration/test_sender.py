@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 import pytest
 
-from pytest_depfence import Policy
+from pytest_depfence import Policy, render
 from pytest_depfence.kernel import load, progload, toolkit
 
 if TYPE_CHECKING:
@@ -94,6 +94,28 @@ def test_a_child_writing_on_its_parents_connected_socket_is_named(fenced: Fence)
     assert event.blocked_at == "dns"
     assert (event.pid, event.cmdline) == (child, shlex.join([PY, "-c", CHILD, str(fd), GITHUB_A]))
     assert event.ancestry == ((parent, shlex.join(argv)),)
+    assert event.by_socket is False  # the sender itself, not the socket's owner
+
+
+# A TCP query: its segments may leave from softirq or from whichever process releases
+# the socket, so the kernel names the socket's owner, and the report says so.
+TCP_QUERY = (
+    "import os,socket\nprint(os.getpid(),flush=True)\nq=bytes.fromhex('"
+    f"{GITHUB_A}')\ns=socket.create_connection(('{LAB_DNS}',53))\n"
+    "s.send(bytes([0,len(q)])+q);s.settimeout(5);s.recv(512)"
+)
+
+
+@pytest.mark.no_egress("github.com")
+def test_a_tcp_query_is_named_by_its_sockets_owner(fenced: Fence) -> None:
+    argv = [PY, "-c", TCP_QUERY]
+    result = fenced.run(argv, timeout=30, check=False)
+
+    assert result.returncode == 0, result.stderr
+    [pid] = (int(line) for line in result.stdout.split())
+    [event] = github_events(result)
+    assert (event.pid, event.cmdline, event.by_socket) == (pid, shlex.join(argv), True)
+    assert f"{render.SOCKET_OWNER}pid {pid}  {shlex.join(argv)}" in render.format_event(event)[1]
 
 
 # --------------------------------------------------------------------------- exec after send
@@ -158,20 +180,24 @@ def test_a_sender_that_execs_right_after_its_query_is_named_by_what_sent_it(
     [event] = github_events(result)
     assert (event.pid, event.cmdline) == (pid, shlex.join(argv))
     assert event.blocked_at == ("dns" if port == 53 else "packet")
+    assert event.by_socket is not skb_reads_current_task()
 
 
 # --------------------------------------------------------------------------- raw sockets
 
 # A DNS query for github.com built by hand, UDP header and all, on a raw IPPROTO_UDP
 # socket to the lab resolver: no connect() nor UDP sendmsg() hook sees it.
-RAW_DNS = """\
+RAW_DNS = (
+    """\
 import os,socket,struct
 print(os.getpid(),flush=True)
 q=bytes.fromhex('%s')
 s=socket.socket(2,socket.SOCK_RAW,socket.IPPROTO_UDP)
 try:s.sendto(struct.pack('!HHHH',40053,53,8+len(q),0)+q,('10.77.0.53',0))
 except PermissionError:print('refused')
-""" % GITHUB_A
+"""
+    % GITHUB_A
+)
 
 
 @pytest.mark.no_egress("github.com")
@@ -195,7 +221,9 @@ def test_ping_to_a_blocked_address_is_named_as_ping(fenced: Fence) -> None:
     if not shutil.which(PING[0]):
         pytest.skip("this test needs ping (apt-get install iputils-ping)")
     ping = [*PING, "-4", "-c1", "-W1", GITHUB]
-    result = fenced.run(["/bin/sh", "-c", 'echo $$; exec "$@"', "sh", *ping], timeout=30, check=False)
+    result = fenced.run(
+        ["/bin/sh", "-c", 'echo $$; exec "$@"', "sh", *ping], timeout=30, check=False
+    )
 
     assert result.returncode != 0, result.stdout  # no reply came back
     pid = int(result.stdout.split()[0])

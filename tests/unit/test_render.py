@@ -77,6 +77,21 @@ KINDS: dict[str, tuple[EgressEvent, Texts]] = {
             contract="github.com",
         ),
     ),
+    "dns-by-socket": (
+        event(by_socket=True),
+        Texts(
+            terminal=[
+                '  blocked  github.com (A)         at dns      rule no_egress("github.com") '
+                "[CLI flag --no-egress]",
+                "           " + render.SOCKET_OWNER + "pid 266767  curl github.com",
+            ],
+            log="WARN DNS BLOCKED reason=FromDNSRequest blocked=true blockedAt=dns "
+            'domain=github.com. pid=266767 cmd="curl github.com " firewallMethod=blocklist '
+            "qtype=A",
+            report="github.com (A)",
+            contract="github.com",
+        ),
+    ),
     "bypass": (
         event(address="fd77::53", port=5300, blocked_at="packet", outage="dropped"),
         Texts(
