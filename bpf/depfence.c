@@ -13,7 +13,7 @@
  *   bypass.c    DNS queries that skip the proxy, judged by name in the packet
  *   egress.c    cgroup_skb egress: DNS message -> sending process, backstop, blackhole
  *
- * The sock_addr and skb programs are attached only to fence cgroups (one
+ * The sock_addr, sock and skb programs are attached only to fence cgroups (one
  * bpf_link each, so they go away with the process that made them); the
  * tracepoints (raw: they detach at once, see syscalls.c) filter on the fence
  * cgroups in `fences`.

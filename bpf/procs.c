@@ -36,7 +36,7 @@ BPF_PERCPU_ARRAY(scratch, struct proc, 1);
 /* argv of an exec in flight, per process, committed only if the exec succeeds. */
 BPF_TABLE("lru_hash", __u32, struct proc, pending, 256);
 /* The record each pid had before its last exec, or before its pid was reused. */
-BPF_TABLE("lru_hash", __u32, struct proc, procs_prev, DEPFENCE_MAX_PROCS / 4);
+BPF_TABLE("lru_hash", __u32, struct proc, procs_prev, 1024);  /* a quarter of `procs` */
 
 static __always_inline int in_fence(__u64 *cgid)
 {
