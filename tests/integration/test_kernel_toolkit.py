@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 from types import ModuleType
 
 import pytest
@@ -162,6 +163,11 @@ def test_the_helper_probe_tells_a_helper_from_none() -> None:
     assert not progload.has_helper(raw, 100_000)
     flags = toolkit.kernel_cflags()
     assert ("-DDEPFENCE_NO_TRACING_ANCESTORS=1" in flags) == (not progload.has_helper(raw, 123))
+    # cgroup_skb programs read the current task from 6.10 (bpf/egress.c names datagrams by it).
+    skb_task = progload.has_helper(toolkit.PROG_TYPE_CGROUP_SKB, 14)
+    assert ("-DDEPFENCE_NO_SKB_CURRENT_TASK=1" in flags) == (not skb_task)
+    release = tuple(int(part) for part in platform.release().split(".")[:2])
+    assert skb_task or release < (6, 10), platform.release()  # older: unless backported
     assert [f for f in flags if f.startswith("-DSYS_")] == [
         f for f in tracing.syscall_cflags() if f.startswith("-DSYS_")
     ]
