@@ -49,6 +49,7 @@ SYSCALLS = {
         "PIVOT_ROOT": 155,
         "SETNS": 308,
         "CLONE3": 435,
+        "SOCKET": 41,
     },
     "aarch64": {
         "EXECVE": 221,
@@ -60,6 +61,7 @@ SYSCALLS = {
         "PIVOT_ROOT": 41,
         "SETNS": 268,
         "CLONE3": 435,
+        "SOCKET": 198,
     },
 }
 
