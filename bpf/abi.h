@@ -54,6 +54,9 @@
 #ifndef FENCE_ADOPTED
 #error "FENCE_ADOPTED is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif
+#ifndef FENCE_RAW_SOCKETS
+#error "FENCE_RAW_SOCKETS is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
 
 /* fence_cfg.outage: what a refused connection meets (outages.KERNEL_ACTIONS) */
 #ifndef OUTAGE_REFUSE
@@ -132,6 +135,17 @@
 #endif
 #ifndef UNJUDGED_NOT_A_QUERY
 #error "UNJUDGED_NOT_A_QUERY is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+
+/* escape_event.how: how a fenced process got past the fence's hooks */
+#ifndef ESCAPE_MOVED
+#error "ESCAPE_MOVED is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+#ifndef ESCAPE_BORN
+#error "ESCAPE_BORN is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
+#ifndef ESCAPE_RAW_SOCKET
+#error "ESCAPE_RAW_SOCKET is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif
 
 /* name_rule.kind */

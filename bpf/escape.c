@@ -34,7 +34,7 @@
  * fenced parent), and on x86-64 a new child returns from clone3 through the
  * syscall-exit path, so sys_exit_clone3 runs in the child's own context with
  * ret 0: its own cgroup says whether it is in its fence, and if not it is
- * killed there, before its first instruction (born = 1, writer: its parent;
+ * killed there, before its first instruction (how = ESCAPE_BORN, writer: its parent;
  * no path: the event names the cgroup by id). Other architectures return a child
  * through another path, where this tracepoint does not fire for it.
  *
@@ -66,12 +66,12 @@
 struct escape_event {
     __u64 ts;           /* bpf_ktime_get_ns: CLOCK_MONOTONIC */
     __u64 cgid;         /* the fence it left: the registered cgroup */
-    __u64 dst_id;       /* the cgroup it was moved to */
+    __u64 dst_id;       /* the cgroup it was moved to; ESCAPE_RAW_SOCKET: family << 8 | type */
     __u32 pid;          /* the moved process */
     __u32 writer;       /* the process that wrote the pid into a cgroup.procs */
     __s32 path_len;     /* bytes of path, its NUL included; < 0: not read */
     __u8 killed;        /* 1: the kernel sent it SIGKILL (it moved itself, or was born) */
-    __u8 born;          /* 1: not moved, started there by clone3(CLONE_INTO_CGROUP) */
+    __u8 how;           /* ESCAPE_*: moved; born there (clone3); a raw or packet socket */
     __u8 pad[2];
     char path[CGROUP_PATH_MAX]; /* the destination from the v2 root; cut to fit */
 };
@@ -99,7 +99,7 @@ static __always_inline int current_in(__u64 fence_id)
 
 /* `path` 0: not known (the event names the cgroup by id). */
 static __always_inline void report_escape(__u64 fence_id, __u32 pid, __u32 writer,
-                                          __u64 dst_id, __u8 killed, __u8 born,
+                                          __u64 dst_id, __u8 killed, __u8 how,
                                           const char *path)
 {
     struct escape_event *e = escape_events.ringbuf_reserve(sizeof(struct escape_event));
@@ -113,7 +113,7 @@ static __always_inline void report_escape(__u64 fence_id, __u32 pid, __u32 write
     e->pid = pid;
     e->writer = writer;
     e->killed = killed;
-    e->born = born;
+    e->how = how;
     e->pad[0] = e->pad[1] = 0;
     e->path[0] = 0;
     e->path_len = path ? bpf_probe_read_kernel_str(e->path, sizeof(e->path), path) : -1;
@@ -138,7 +138,7 @@ static __always_inline int task_moved(int dst_root, __u64 dst_id, __u32 pid, con
             return 0;  /* into a cgroup below its fence */
         killed = bpf_send_signal(SIGKILL) == 0;
     }
-    report_escape(fence_id, pid, writer, dst_id, killed, 0, path);
+    report_escape(fence_id, pid, writer, dst_id, killed, ESCAPE_MOVED, path);
     return 0;
 }
 
@@ -176,6 +176,64 @@ static __always_inline int clone3_exited(long ret)
     if (!p || current_in(p->cgid))
         return 0;
     __u8 killed = bpf_send_signal(SIGKILL) == 0;
-    report_escape(p->cgid, pid, p->ppid, bpf_get_current_cgroup_id(), killed, 1, 0);
+    report_escape(p->cgid, pid, p->ppid, bpf_get_current_cgroup_id(), killed, ESCAPE_BORN, 0);
+    return 0;
+}
+
+/* socket() (syscalls.c): a raw or packet socket in a fence that does not allow them.
+ *
+ * A fence without raw_sockets runs its command without CAP_NET_RAW (confine.py),
+ * so socket(AF_PACKET, ...) and socket(AF_INET, SOCK_RAW, ...) fail with EPERM.
+ * A user namespace gives the capability back (`unshare -Urn`: every capability
+ * inside, over a network namespace it owns), and a packet socket sends frames
+ * below every hook of the fence (a veth out of that namespace carries them on).
+ * So when such a socket() succeeds all the same, the process is killed
+ * (bpf_send_signal: taken on the way back from the syscall, before it can use the
+ * descriptor) and reported as an escape (how = ESCAPE_RAW_SOCKET, dst_id: the
+ * family and type). The arguments are read at entry (arm64 overwrites x0 with the
+ * result) and kept per thread until the exit says whether the socket was made.
+ *
+ * Not seen: a socket made through io_uring (IORING_OP_SOCKET, 5.19+), or by a
+ * 32-bit (compat) caller; ICMP datagram sockets are not raw and stay allowed.
+ */
+#define AF_PACKET 17
+#define SOCK_RAW 3
+#define SOCK_PACKET 10
+#define SOCK_TYPE_MASK 0xf
+
+BPF_TABLE("lru_hash", __u32, __u32, raw_asked, 1024);
+
+static __always_inline int socket_entered(long family, long type)
+{
+    long kind = type & SOCK_TYPE_MASK;
+    if (family != AF_PACKET && kind != SOCK_RAW && kind != SOCK_PACKET)
+        return 0;
+    __u64 fence_id;
+    struct fence_cfg *fence = fence_of_task(&fence_id);
+    if (!fence || (fence->flags & (FENCE_ADOPTED | FENCE_RAW_SOCKETS)))
+        return 0;
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    __u32 what = ((__u32)family & 0xff) << 8 | (__u32)kind;
+    raw_asked.update(&tid, &what);
+    return 0;
+}
+
+static __always_inline int socket_exited(long ret)
+{
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)pid_tgid;
+    __u32 *what = raw_asked.lookup(&tid);
+    if (!what)
+        return 0;
+    __u64 socket = *what;
+    raw_asked.delete(&tid);
+    if (ret < 0)
+        return 0;  /* refused (EPERM): the fence works as meant */
+    __u64 fence_id;
+    if (!fence_of_task(&fence_id))
+        return 0;
+    __u32 pid = pid_tgid >> 32;
+    __u8 killed = bpf_send_signal(SIGKILL) == 0;
+    report_escape(fence_id, pid, pid, socket, killed, ESCAPE_RAW_SOCKET, 0);
     return 0;
 }

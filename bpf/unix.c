@@ -1,4 +1,4 @@
-/* Syscall entries and exits (syscalls.c): a fenced process connecting to a unix socket is on record.
+/* Syscall entries and exits (syscalls.c): a fenced process reaching a unix socket is on record.
  *
  * A daemon's unix socket (/run/docker.sock, a package manager's socket) is a
  * way out of the fence no cgroup hook sees: whatever the daemon fetches, it
@@ -15,10 +15,17 @@
  * one the caller passed: a thread that rewrites it between our read and the
  * kernel's copy is named with the path it first gave (a deploy tool does not).
  *
+ * A datagram sent without connect() names its socket in the send itself:
+ * sendto(), sendmsg() and sendmmsg() (its first message) with a unix address are
+ * read the same way, and the first that reaches a socket is reported per process
+ * and path (`unix_sent`), so a script logging a line per datagram to journald is
+ * one event, not one per line. A send on a connected socket (no address) costs
+ * the address check alone.
+ *
  * cgroup/connect_unix (6.7+) would see the path too, but only on new kernels;
  * the syscall tracepoints exist on every kernel this project supports, so they
- * are used everywhere. Not seen: sendto()/sendmsg() naming a unix datagram
- * socket without connect(), and connects made through io_uring.
+ * are used everywhere. Not seen: connects and sends made through io_uring, and
+ * the later messages of one sendmmsg() when they name other sockets.
  *
  * Helpers (program type BPF_PROG_TYPE_RAW_TRACEPOINT), first kernel for this type:
  *   bpf_probe_read_user         5.5
@@ -51,10 +58,18 @@ struct unix_event {
     char path[UNIX_PATH_LEN];  /* sun_path as given (an abstract name starts with a NUL) */
 };
 
+/* A (process, path) a datagram was sent to: reported once. */
+struct unix_sent_key {
+    __u32 pid;
+    __u32 path_len;
+    __u64 hash;         /* FNV-1a of the path's bytes */
+};
+
 BPF_TABLE("lru_hash", __u64, struct unix_pending, unix_pending, 1024);
+BPF_TABLE("lru_hash", struct unix_sent_key, __u8, unix_sent, 4096);
 BPF_RINGBUF_OUTPUT(unix_events, 64);
 
-/* connect(fd, uservaddr, addrlen) entered. */
+/* connect(fd, uservaddr, addrlen) entered; also a send naming its address. */
 static __always_inline int unix_connect_entered(const char *addr, int addrlen)
 {
     __u64 cgid;
@@ -81,14 +96,57 @@ static __always_inline int unix_connect_entered(const char *addr, int addrlen)
     return 0;
 }
 
-static __always_inline int unix_connect_exited(long ret)
+/* sendto(fd, buf, len, flags, addr, addrlen) entered. */
+static __always_inline int unix_sendto_entered(const char *addr, int addrlen)
+{
+    if (!addr)
+        return 0;  /* a connected socket: its connect() was on record */
+    return unix_connect_entered(addr, addrlen);
+}
+
+/* sendmsg(fd, msg, flags) and sendmmsg(fd, msgvec, vlen, flags) entered: struct
+ * user_msghdr (the first member of struct mmsghdr) starts with msg_name, msg_namelen. */
+static __always_inline int unix_sendmsg_entered(const char *msg)
+{
+    struct {
+        const char *name;
+        int namelen;
+    } head = {};
+    if (bpf_probe_read_user(&head, sizeof(head), msg) != 0 || !head.name)
+        return 0;
+    return unix_connect_entered(head.name, head.namelen);
+}
+
+/* Whether this process's first datagram to this path: unix_sent's key inserted. */
+static __always_inline int first_send(__u32 pid, struct unix_pending *pending)
+{
+    struct unix_sent_key key = {};
+    key.pid = pid;
+    key.path_len = pending->path_len;
+    key.hash = 14695981039346656037ULL;  /* FNV-1a offset basis */
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < UNIX_SUN_PATH; i++) {
+        if (i >= key.path_len)
+            break;
+        key.hash = (key.hash ^ (__u8)pending->path[i]) * NAME_HASH_MUL;
+    }
+    __u8 one = 1;
+    return unix_sent.insert(&key, &one) == 0;  /* insert: BPF_NOEXIST */
+}
+
+/* The exit of connect(), or of a send (`sent`): its result is the bytes sent. */
+static __always_inline int unix_connect_exited(long ret, int sent)
 {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     struct unix_pending *pending = unix_pending.lookup(&pid_tgid);
     if (!pending)
         return 0;
-    if (ret != 0 && ret != -EINPROGRESS_ERRNO) {
-        unix_pending.delete(&pid_tgid);  /* nothing was reached (nscd's socket, mostly) */
+    if (sent && ret >= 0)
+        ret = 0;
+    if ((ret != 0 && ret != -EINPROGRESS_ERRNO) ||
+        (sent && !first_send(pid_tgid >> 32, pending))) {
+        /* nothing was reached (nscd's socket, mostly), or this datagram's path is on record */
+        unix_pending.delete(&pid_tgid);
         return 0;
     }
     struct unix_event e = {};

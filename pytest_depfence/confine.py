@@ -14,7 +14,9 @@ A fenced command is started as `entry_argv(...)`, a chain of execs in one proces
 3. unless `raw_sockets=True`, `setpriv` takes CAP_NET_RAW out of the bounding and
    inheritable sets (so out of the ambient set, and out of the permitted and
    effective sets the exec computes for the command, root or setuid): no raw or
-   packet socket, which the connect-time hooks never see.
+   packet socket, which the connect-time hooks never see. A user namespace gives
+   every capability back inside it (`unshare -Urn`): a raw or packet socket made
+   there all the same kills its process (bpf/escape.c, FENCE_RAW_SOCKETS unset).
 
 Both tools are util-linux's (on Debian 11 setpriv is its own package); their paths
 are found once, so a command's own PATH cannot change what enters the fence.

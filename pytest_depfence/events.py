@@ -26,6 +26,10 @@ when the kernel could not say it); `rule` says who moved it (or started it
 there: clone3 with CLONE_INTO_CGROUP), and `moved_by` is that process's pid
 when it was another one.
 `pid`, `cmdline` and `ancestry` name the moved process, as for any event.
+A fenced process that made a raw or packet socket its fence does not allow
+(CAP_NET_RAW back through a user namespace) got past the hooks too: killed,
+with `protocol="socket"`, `blocked_at="socket"` and `address` the socket's
+family and type (`AF_PACKET/SOCK_RAW`).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ from typing import Literal
 from .limits import Usage
 
 Verdict = Literal["allowed", "blocked"]
-#: "cgroup": a process moved out of its fence (and killed).
-BlockedAt = Literal["dns", "connect", "packet", "cgroup"]
+#: "cgroup": a process moved out of its fence (and killed); "socket": a process that made
+#: a raw or packet socket its fence does not allow (and killed).
+BlockedAt = Literal["dns", "connect", "packet", "cgroup", "socket"]
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,9 @@ class EgressEvent:
 
     @property
     def is_escape(self) -> bool:
-        """A process moved out of its fence (module docstring), not an egress attempt."""
-        return self.protocol == "cgroup"
+        """A process that got past the fence's hooks (module docstring): moved out of its
+        fence, or a raw or packet socket made all the same; not an egress attempt."""
+        return self.protocol in ("cgroup", "socket")
 
 
 @dataclass(frozen=True, repr=False)

@@ -342,6 +342,7 @@ class Fence:
             audit=self.mode == "audit",
             outage=judge.outage.kernel,
             adopted=adopted,
+            raw_sockets=self.raw_sockets,
         )
         programs.register(cgroup_id, config)
         teardown.push(lambda: programs.unregister(cgroup_id))

@@ -46,6 +46,11 @@ OWNERLESS = (
 MOVED_ITSELF = "moved itself out of the fence"
 MOVED_BY = "moved out of the fence by {mover}"
 STARTED_BY = "started outside the fence by {mover}"
+#: The rule of a raw or packet socket made in a fence without raw_sockets (escape.c).
+RAW_SOCKET_TAKEN = (
+    "made a socket {socket}, which passes below the fence's hooks: CAP_NET_RAW came back "
+    "through a user namespace (fence(raw_sockets=True) allows raw sockets)"
+)
 #: The rule of a DNS query past the proxy that the kernel could not judge (dropped, or
 #: let through in audit mode): `reason` is kernel.abi.UNJUDGED_TEXTS's.
 UNJUDGED_QUERY = "a DNS query the fence cannot judge ({reason})"
@@ -344,21 +349,30 @@ class Judge:
         )
 
     def escape(self, escape: EscapeEvent, who: Attribution, mover: str | None) -> EgressEvent:
-        """A fenced process moved to a cgroup outside its fence, and killed for it: a
-        violation in every mode (nothing it did out there could have been judged).
+        """A fenced process that got past the fence's hooks, and was killed for it: a
+        violation in every mode (nothing it did out there could have been judged). It
+        was moved to a cgroup outside its fence (or started there), or it made a raw or
+        packet socket the fence does not allow (`protocol` "socket").
 
         `mover`: the process that moved it as text ("pid N command"), when another did.
         """
         itself = escape.writer == escape.pid
-        by = STARTED_BY if escape.born else MOVED_BY
+        protocol: BlockedAt
+        if escape.raw_socket is not None:
+            address, protocol = escape.raw_socket, "socket"
+            rule = RAW_SOCKET_TAKEN.format(socket=escape.raw_socket)
+        else:
+            address, protocol = escape.dst_path or f"id:{escape.dst_id}", "cgroup"
+            by = STARTED_BY if escape.born else MOVED_BY
+            rule = MOVED_ITSELF if itself else by.format(mover=mover or f"pid {escape.writer}")
         return EgressEvent(
             domain=None,
-            address=escape.dst_path or f"id:{escape.dst_id}",
+            address=address,
             port=None,
-            protocol="cgroup",
+            protocol=protocol,
             verdict="blocked",
-            blocked_at="cgroup",
-            rule=MOVED_ITSELF if itself else by.format(mover=mover or f"pid {escape.writer}"),
+            blocked_at=protocol,
+            rule=rule,
             pid=who.pid,
             cmdline=who.cmdline,
             ancestry=who.ancestry,

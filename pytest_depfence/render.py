@@ -35,8 +35,9 @@ UNATTRIBUTED = "not attributed: {reason}"
 DEFAULT_OUTAGES = ("nxdomain", "refused")
 #: The name of a DNS query past the proxy the kernel could not read (its event's rule says why).
 UNREAD_NAME = "(name not read)"
-#: Where a process moved out of its fence went, in the terminal, annotations and summary.
-ESCAPE_TARGET = "cgroup {path}"
+#: Where a process got past the fence, in the terminal, annotations and summary: the cgroup
+#: it was moved to (`cgroup /system.slice`), or the socket it made (`socket AF_PACKET/SOCK_RAW`).
+ESCAPE_TARGET = "{protocol} {address}"
 #: What a run's lost events (the kernel could not report them) are shown as.
 LOST_TARGET = "(events lost)"
 #: Before the process of a service's event (a fenced or adopted service).
@@ -65,7 +66,7 @@ def target(event: EgressEvent) -> str:
     """What an event reached, as the terminal says it: a name (with its query type), an
     endpoint, or for DNS sent past the proxy both (`github.com (A) to 10.0.0.53:53/udp`)."""
     if event.is_escape:
-        return ESCAPE_TARGET.format(path=event.address)
+        return ESCAPE_TARGET.format(protocol=event.protocol, address=event.address)
     if event.is_loss:
         return LOST_TARGET
     if event.address is None:
@@ -80,7 +81,7 @@ def report_target(event: EgressEvent) -> str:
     """What an event reached, as annotations and the step summary say it: the name, then
     the endpoint when there is one (`github.com 140.82.112.3:443/tcp`)."""
     if event.is_escape:
-        return ESCAPE_TARGET.format(path=event.address)
+        return ESCAPE_TARGET.format(protocol=event.protocol, address=event.address)
     if event.is_loss:
         return LOST_TARGET
     if event.address is None:
@@ -91,9 +92,10 @@ def report_target(event: EgressEvent) -> str:
 
 def destination(event: EgressEvent) -> str:
     """A contract line's key: the DNS name, or the endpoint contacted without one
-    (`cgroup:PATH` for a process moved out of its fence: a key has no spaces)."""
+    (`cgroup:PATH` for a process moved out of its fence, `socket:AF_PACKET/SOCK_RAW` for a
+    raw socket it should not have had: a key has no spaces)."""
     if event.is_escape:
-        return f"cgroup:{event.address}"
+        return f"{event.protocol}:{event.address}"
     if event.is_loss:
         return "lost-events"
     if event.domain is not None or event.address is None:
@@ -257,12 +259,14 @@ def log_line(event: EgressEvent, method: str) -> str:
     or `FromPacket` (the backstop); a contact with a local service:
     `LOCAL ... reason=FromLocalContact` with `listener=`; a process moved out of its fence:
     `CGROUP BLOCKED reason=FromCgroupEscape` with `cgroup=PATH` and, when another
-    process moved it, `movedBy=PID`. Fields that GitHub's line lacks come after
-    `firewallMethod`, so its shape stays a prefix.
+    process moved it, `movedBy=PID`; a raw or packet socket a fence does not allow:
+    `SOCKET BLOCKED reason=FromRawSocket` with `socket=FAMILY/TYPE`. Fields that
+    GitHub's line lacks come after `firewallMethod`, so its shape stays a prefix.
     """
     level = "WARN" if event.forbidden else "INFO"
     if event.is_escape:
-        kind, reason = "CGROUP", "FromCgroupEscape"
+        kind = event.protocol.upper()
+        reason = "FromRawSocket" if event.protocol == "socket" else "FromCgroupEscape"
     elif event.is_loss:
         kind, reason = "KERNEL", "EventsLost"
     elif event.is_local:
@@ -281,7 +285,7 @@ def log_line(event: EgressEvent, method: str) -> str:
     if event.domain:
         fields.append(f"domain={event.domain.rstrip('.')}.")
     if event.is_escape:
-        fields.append(f"cgroup={logfmt_value(event.address or '')}")
+        fields.append(f"{event.protocol}={logfmt_value(event.address or '')}")
     elif event.address is not None:
         fields += [f"address={event.address}", f"port={event.port}", f"protocol={event.protocol}"]
     fields.append(f"pid={event.pid if event.pid is not None else 'unknown'}")

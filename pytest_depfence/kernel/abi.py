@@ -55,6 +55,7 @@ class FenceFlag(enum.IntFlag):
     EGRESS_ONLY = 1  # addresses not allowed explicitly are refused
     AUDIT = 2  # record what would be refused, refuse nothing
     ADOPTED = 4  # a cgroup the fence does not own (a running service): never killed or paused
+    RAW_SOCKETS = 8  # the command keeps CAP_NET_RAW: raw and packet sockets are its to make
 
 
 class Verdict(enum.IntEnum):
@@ -88,6 +89,19 @@ class ProcFlag(enum.IntFlag):
     TRUNCATED = 1  # more arguments, or a longer one, than fit
     EXITED = 2  # the process has exited; the pid may be reused
     EXECED = 4  # argv comes from an exec inside the fence
+
+
+class Escape(enum.IntEnum):
+    """escape_event.how: how a fenced process got past the fence's hooks."""
+
+    MOVED = 0  # written into a cgroup.procs outside its fence
+    BORN = 1  # started outside by its parent: clone3(CLONE_INTO_CGROUP)
+    RAW_SOCKET = 2  # made a raw or packet socket the fence does not allow (a user namespace)
+
+
+#: Socket families and types a raw-socket escape names (escape_event.dst_id's two bytes).
+SOCKET_FAMILIES = {2: "AF_INET", 10: "AF_INET6", 17: "AF_PACKET"}
+SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 10: "SOCK_PACKET"}
 
 
 class NameKind(enum.IntEnum):
@@ -137,6 +151,7 @@ _FAMILIES: tuple[tuple[str, type[enum.IntEnum] | type[enum.IntFlag]], ...] = (
     ("ACTION_", Action),
     ("AT_", At),
     ("PROC_", ProcFlag),
+    ("ESCAPE_", Escape),
     ("", NameKind),
     ("UNJUDGED_", Unjudged),
 )
@@ -223,12 +238,12 @@ class EscapeEventStruct(ctypes.Structure):
     _fields_ = [
         ("ts", ctypes.c_uint64),  # bpf_ktime_get_ns: CLOCK_MONOTONIC
         ("cgid", ctypes.c_uint64),  # the fence it left (the registered cgroup)
-        ("dst_id", ctypes.c_uint64),  # the cgroup it was moved to
+        ("dst_id", ctypes.c_uint64),  # the cgroup it was moved to; RAW_SOCKET: family << 8 | type
         ("pid", ctypes.c_uint32),  # the moved process
         ("writer", ctypes.c_uint32),  # the process that wrote the pid into a cgroup.procs
         ("path_len", ctypes.c_int32),  # bytes of path with its NUL; < 0: not read
         ("killed", ctypes.c_uint8),  # the kernel sent it SIGKILL (it moved itself, or was born)
-        ("born", ctypes.c_uint8),  # not moved: started there by clone3(CLONE_INTO_CGROUP)
+        ("how", ctypes.c_uint8),  # Escape: moved, born there (clone3), or a raw socket
         ("pad", ctypes.c_uint8 * 2),
         ("path", ctypes.c_uint8 * CGROUP_PATH_MAX),  # from the v2 root, cut to fit
     ]
@@ -380,6 +395,9 @@ class EscapeEvent:
     killed_in_kernel: bool
     #: Not moved: started there by its parent (`writer`) with clone3(CLONE_INTO_CGROUP).
     born: bool = False
+    #: Not moved: it made a raw or packet socket its fence does not allow, which only a
+    #: user namespace makes possible ("AF_PACKET/SOCK_RAW"); the kernel killed it.
+    raw_socket: str | None = None
 
 
 @dataclass(frozen=True)
@@ -484,7 +502,17 @@ def decode_escape(raw: EscapeEventStruct) -> EscapeEvent:
         dst_id=raw.dst_id,
         dst_path=path,
         killed_in_kernel=bool(raw.killed),
-        born=bool(raw.born),
+        born=raw.how == Escape.BORN,
+        raw_socket=socket_kind(raw.dst_id) if raw.how == Escape.RAW_SOCKET else None,
+    )
+
+
+def socket_kind(packed: int) -> str:
+    """`AF_PACKET/SOCK_RAW` from escape.c's family << 8 | type."""
+    family, kind = packed >> 8 & 0xFF, packed & 0xFF
+    return (
+        f"{SOCKET_FAMILIES.get(family, f'family {family}')}/"
+        f"{SOCKET_TYPES.get(kind, f'type {kind}')}"
     )
 
 

@@ -43,6 +43,9 @@ class KernelFence:
     #: A cgroup the fence does not own (an adopted service): its processes are never
     #: killed for leaving it, nor paused when they change their mounts.
     adopted: bool = False
+    #: The command keeps CAP_NET_RAW; without it a raw or packet socket that a fenced
+    #: process makes all the same (through a user namespace) kills it (bpf/escape.c).
+    raw_sockets: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ class Programs:
             (abi.FenceFlag.EGRESS_ONLY if fence.egress_only else 0)
             | (abi.FenceFlag.AUDIT if fence.audit else 0)
             | (abi.FenceFlag.ADOPTED if fence.adopted else 0)
+            | (abi.FenceFlag.RAW_SOCKETS if fence.raw_sockets else 0)
         )
         leaf.outage = abi.OUTAGE_CODES[fence.outage]
         self._fences[self._fences.Key(cgroup_id)] = leaf
@@ -276,7 +280,7 @@ class Programs:
         if not event.killed_in_kernel:
             # Another process moved it: the kernel could not tell whether the
             # destination is below the fence, nor signal the moved process.
-            if self._below(event.cgroup_id, event.dst_id):
+            if event.raw_socket is None and self._below(event.cgroup_id, event.dst_id):
                 return
             try:
                 os.kill(event.pid, signal.SIGKILL)

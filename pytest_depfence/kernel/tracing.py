@@ -49,6 +49,10 @@ SYSCALLS = {
         "PIVOT_ROOT": 155,
         "SETNS": 308,
         "CLONE3": 435,
+        "SOCKET": 41,
+        "SENDTO": 44,
+        "SENDMSG": 46,
+        "SENDMMSG": 307,
     },
     "aarch64": {
         "EXECVE": 221,
@@ -60,14 +64,19 @@ SYSCALLS = {
         "PIVOT_ROOT": 41,
         "SETNS": 268,
         "CLONE3": 435,
+        "SOCKET": 198,
+        "SENDTO": 206,
+        "SENDMSG": 211,
+        "SENDMMSG": 269,
     },
 }
 
 #: Byte offsets in struct pt_regs (ptrace ABI): the syscall number as it is at syscall
-#: exit, the first three arguments at entry, and the word telling a native caller.
-#: x86-64: orig_ax; di, si, dx; cs == __USER_CS (0x33) for 64-bit code (its low byte: a Xen PV
-#: guest's is 0xe033, its 32-bit one 0xe023).
-#: arm64: x8 (the number, never clobbered by the kernel); x0, x1, x2; pstate without
+#: exit, the first three arguments and the fifth and sixth at entry, and the word telling
+#: a native caller.
+#: x86-64: orig_ax; di, si, dx, r8, r9; cs == __USER_CS (0x33) for 64-bit code (its low
+#: byte: a Xen PV guest's is 0xe033, its 32-bit one 0xe023).
+#: arm64: x8 (the number, never clobbered by the kernel); x0, x1, x2, x4, x5; pstate without
 #: PSR_MODE32_BIT (0x10).
 REGS = {
     "x86_64": {
@@ -75,6 +84,8 @@ REGS = {
         "REG_ARG0": 112,
         "REG_ARG1": 104,
         "REG_ARG2": 96,
+        "REG_ARG4": 72,
+        "REG_ARG5": 64,
         "REG_MODE": 136,
         "MODE_MASK": 0xFF,
         "MODE_NATIVE": 0x33,
@@ -84,6 +95,8 @@ REGS = {
         "REG_ARG0": 0,
         "REG_ARG1": 8,
         "REG_ARG2": 16,
+        "REG_ARG4": 32,
+        "REG_ARG5": 40,
         "REG_MODE": 264,
         "MODE_MASK": 0x10,
         "MODE_NATIVE": 0,

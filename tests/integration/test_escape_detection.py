@@ -15,7 +15,11 @@ bpf/escape.c sees every cgroup move (cgroup:cgroup_attach_task), whoever makes i
   clone3(CLONE_INTO_CGROUP) is killed before it runs (x86-64) and named, or the
   clone is refused (the cgroup namespace): never a 200 either;
 - a move within the fence (the script into a sub-cgroup it made, or its child into
-  another one) is no event, and nothing is killed.
+  another one) is no event, and nothing is killed;
+- a fenced process that takes CAP_NET_RAW back through a user namespace
+  (`unshare -Urn`) and makes a packet or raw IP socket (whose frames pass below
+  every hook of the fence) is killed on its way back from socket(), before it can
+  use it, and named, in block and audit mode; with raw_sockets=True it is not.
 
 Lab address: github.com 10.77.1.1.
 """
@@ -36,7 +40,7 @@ import pytest
 
 from pytest_depfence.cgroup import PARENT, cgroup2_mount
 from pytest_depfence.errors import EgressViolation
-from pytest_depfence.judge import MOVED_ITSELF, STARTED_BY
+from pytest_depfence.judge import MOVED_ITSELF, RAW_SOCKET_TAKEN, STARTED_BY
 
 if TYPE_CHECKING:
     from pytest_depfence import EgressEvent, Fence, FenceResult
@@ -276,3 +280,57 @@ kill $child
 
     assert (result.returncode, result.stdout) == (0, "alive\n"), result
     assert escapes(result.events) == []
+
+
+# --------------------------------------------------------------------------- raw sockets back
+
+# Makes the socket argv[1] names, then says so: the fence must kill it before it can.
+RAW_SOCKET = """\
+import socket, sys
+kinds = {
+    "packet": (socket.AF_PACKET, socket.SOCK_RAW),
+    "raw": (socket.AF_INET, socket.SOCK_RAW, 17),
+}
+s = socket.socket(*kinds[sys.argv[1]])
+print("made", sys.argv[1], flush=True)
+"""
+USERNS = ["unshare", "--user", "--map-root-user", "--net"]
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+@pytest.mark.parametrize(
+    ("kind", "made", "mode"),
+    [
+        ("packet", "AF_PACKET/SOCK_RAW", "block"),
+        ("raw", "AF_INET/SOCK_RAW", "block"),
+        ("packet", "AF_PACKET/SOCK_RAW", "audit"),
+    ],
+)
+def test_a_raw_socket_taken_back_through_a_user_namespace_is_killed_and_named(
+    fences: Any, kind: str, made: str, mode: str
+) -> None:
+    from pytest_depfence import Policy
+
+    fence = fences(Policy.no_egress("github.com"), mode=mode)
+    argv = [*USERNS, sys.executable, "-c", RAW_SOCKET, kind]
+    result = fence.run(argv, check=False, timeout=30)
+
+    assert "made" not in result.stdout, "a fenced process kept a raw socket"
+    assert result.returncode == -signal.SIGKILL, result
+    (event,) = escapes(result.events)
+    assert (event.protocol, event.address, event.blocked_at) == ("socket", made, "socket")
+    assert (event.verdict, event.outage, event.moved_by) == ("blocked", "killed", None)
+    assert event.rule == RAW_SOCKET_TAKEN.format(socket=made)
+    assert event.cmdline is not None and event.cmdline.startswith(sys.executable + " -c ")
+    assert event in result.violations
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_a_fence_that_allows_raw_sockets_lets_a_user_namespace_make_them(fences: Any) -> None:
+    from pytest_depfence import Policy
+
+    fence = fences(Policy.no_egress("github.com"), raw_sockets=True)
+    for kind in ("packet", "raw"):
+        result = fence.run([*USERNS, sys.executable, "-c", RAW_SOCKET, kind], timeout=30)
+        assert f"made {kind}" in result.stdout
+        assert not escapes(result.events)

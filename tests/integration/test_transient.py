@@ -150,6 +150,51 @@ def test_unix_socket_daemon_outside_the_fence_is_named(fences, outside, tmp_path
         strict.run(["curl", "-sS", "-m", "10", "--unix-socket", str(sock), "http://d/migrate"])
 
 
+# Sends argv[2] datagrams to the unix socket argv[1] with sendto() and one to argv[3] with
+# sendmsg(), never connecting: each path is one contact of this process. (Fewer than
+# net.unix.max_dgram_qlen, 10 by default: the receiver reads them afterwards.)
+DATAGRAMS = """\
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[2])):
+    s.sendto(b"line %d" % i, sys.argv[1])
+s.sendmsg([b"notify"], [], 0, sys.argv[3])
+"""
+
+
+def test_unix_datagrams_sent_without_connect_are_on_record(fences, tmp_path) -> None:
+    log, notify = tmp_path / "log.sock", tmp_path / "notify.sock"
+    receivers = []
+    for path in (log, notify):
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(str(path))
+        receivers.append(receiver)
+    try:
+        argv = [sys.executable, "-c", DATAGRAMS, str(log), "8", str(notify)]
+        result = fences(Policy.no_egress("github.com")).run(argv)
+        contacts = {e.address: e for e in _local_events(result, "unix")}
+        assert sorted(contacts) == sorted([str(log), str(notify)]), result.events
+        for contact in contacts.values():
+            assert contact.listener is not None and f"pid {os.getpid()} " in contact.listener
+            assert contact.cmdline is not None and contact.cmdline.startswith(sys.executable)
+        assert len(_local_events(result)) == 2  # 9 datagrams, one record per path
+        assert sum(1 for _ in iter(lambda: _receive(receivers[0]), None)) == 8
+
+        strict = fences(Policy.egress_only())
+        with pytest.raises(EgressViolation, match=re.escape(f'allow "unix:{log}"')):
+            strict.run(argv)
+    finally:
+        for receiver in receivers:
+            receiver.close()
+
+
+def _receive(sock: socket.socket) -> bytes | None:
+    try:
+        return sock.recv(64, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+
+
 def test_nothing_listening_is_no_contact(fences, tmp_path) -> None:
     fence = fences(Policy.egress_only())
     result = fence.run(

@@ -1,7 +1,9 @@
 """A process moved out of its fence, without root: the kernel's record decoded, the
 judge's event (a violation in every mode), the run's attribution of the process and
 of whoever moved it, every text form of the event, and the directory walk that
-tells a cgroup below the fence from one outside it.
+tells a cgroup below the fence from one outside it. A raw or packet socket made in a
+fence that does not allow it (escape.c's socket()) is the same record and the same
+kind of event, with the socket in place of the cgroup.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pytest_depfence import report as reports
 from pytest_depfence.addresses import AddressBook
 from pytest_depfence.contract import Contract
 from pytest_depfence.events import EgressEvent, FenceResult
-from pytest_depfence.judge import MOVED_BY, MOVED_ITSELF, STARTED_BY, Judge
+from pytest_depfence.judge import MOVED_BY, MOVED_ITSELF, RAW_SOCKET_TAKEN, STARTED_BY, Judge
 from pytest_depfence.kernel import EscapeEvent, ProcRecord, abi
 from pytest_depfence.kernel.programs import _in_tree
 from pytest_depfence.policy import Policy
@@ -69,7 +71,7 @@ def judge(mode: str = "block") -> Judge:
 def raw_escape(path: bytes, path_len: int | None = None) -> abi.EscapeEventStruct:
     raw = abi.EscapeEventStruct()
     raw.ts, raw.cgid, raw.dst_id, raw.pid, raw.writer, raw.killed = 5, FENCE, 1, 4313, 4242, 1
-    raw.born = 1
+    raw.how = abi.Escape.BORN
     ctypes.memmove(raw.path, path, min(len(path), abi.CGROUP_PATH_MAX))
     raw.path_len = len(path) + 1 if path_len is None else path_len
     return raw
@@ -78,6 +80,16 @@ def raw_escape(path: bytes, path_len: int | None = None) -> abi.EscapeEventStruc
 def test_decode_escape_reads_every_field() -> None:
     event = abi.decode_escape(raw_escape(b"/system.slice/cron.service"))
     assert event == EscapeEvent(5, FENCE, 4313, 4242, 1, "/system.slice/cron.service", True, True)
+
+
+def test_decode_a_raw_socket_names_its_family_and_type() -> None:
+    raw = raw_escape(b"", path_len=-1)
+    raw.how, raw.dst_id, raw.writer = abi.Escape.RAW_SOCKET, 17 << 8 | 3, raw.pid
+    event = abi.decode_escape(raw)
+    assert (event.raw_socket, event.born, event.writer) == ("AF_PACKET/SOCK_RAW", False, 4313)
+    assert abi.socket_kind(2 << 8 | 3) == "AF_INET/SOCK_RAW"
+    assert abi.socket_kind(99 << 8 | 77) == "family 99/type 77"
+    assert abi.decode_escape(raw_escape(b"/")).raw_socket is None
 
 
 def test_a_path_that_filled_the_buffer_is_marked_cut_and_an_unread_one_is_empty() -> None:
@@ -198,6 +210,25 @@ def test_a_process_that_moved_itself_is_named_once() -> None:
 
 MOVED = judge().escape(escape(dst_path="/system.slice"), WHO, "pid 4242 python3 -m pytest")
 ITSELF = judge().escape(escape(writer=4313), WHO, None)
+RAW = judge().escape(
+    escape(writer=4313, killed_in_kernel=True, raw_socket="AF_PACKET/SOCK_RAW", dst_id=4355),
+    WHO,
+    None,
+)
+
+
+@pytest.mark.parametrize("mode", ["block", "audit"])
+def test_a_raw_socket_is_a_killed_violation_in_every_mode(mode: str) -> None:
+    raw = escape(writer=4313, killed_in_kernel=True, raw_socket="AF_INET/SOCK_RAW")
+    event = judge(mode).escape(raw, WHO, None)
+    assert (event.protocol, event.blocked_at, event.address) == (
+        "socket",
+        "socket",
+        "AF_INET/SOCK_RAW",
+    )
+    assert (event.verdict, event.outage, event.moved_by) == ("blocked", "killed", None)
+    assert event.rule == RAW_SOCKET_TAKEN.format(socket="AF_INET/SOCK_RAW")
+    assert event.is_violation and event.is_escape
 
 
 def test_terminal_lines() -> None:
@@ -214,6 +245,10 @@ def test_terminal_lines() -> None:
     )
     assert render.format_event(ITSELF)[0] == (
         "  blocked  cgroup /               at cgroup   [killed] moved itself out of the fence"
+    )
+    assert render.format_event(RAW)[0] == (
+        "  blocked  socket AF_PACKET/SOCK_RAW at socket   [killed] "
+        + RAW_SOCKET_TAKEN.format(socket="AF_PACKET/SOCK_RAW")
     )
 
 
@@ -234,6 +269,11 @@ def test_log_line() -> None:
         "WARN CGROUP BLOCKED reason=FromCgroupEscape blocked=true blockedAt=cgroup "
         'cgroup="/odd name" pid=4313 cmd="sleep 1000" firewallMethod=allowlist outage=killed'
     )
+    assert render.log_line(RAW, "blocklist") == (
+        "WARN SOCKET BLOCKED reason=FromRawSocket blocked=true blockedAt=socket "
+        'socket=AF_PACKET/SOCK_RAW pid=4313 cmd="sleep 1000" firewallMethod=blocklist '
+        "outage=killed"
+    )
 
 
 def test_destinations() -> None:
@@ -241,6 +281,8 @@ def test_destinations() -> None:
     assert render.destination(MOVED) == "cgroup:/system.slice"
     contract = Contract.from_events([MOVED]).render("deploy", "depfence audit ...")
     assert contract.splitlines()[2] == "cgroup:/system.slice  sleep"
+    assert render.target(RAW) == render.report_target(RAW) == "socket AF_PACKET/SOCK_RAW"
+    assert render.destination(RAW) == "socket:AF_PACKET/SOCK_RAW"
 
 
 def session_report(event: EgressEvent) -> reports.SessionReport:
@@ -265,7 +307,7 @@ def test_annotation_and_step_summary() -> None:
 def test_the_json_report_is_valid_and_reads_back_the_same_event() -> None:
     schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
     validator = jsonschema.validators.validator_for(schema)(schema)
-    for event in (MOVED, ITSELF):
+    for event in (MOVED, ITSELF, RAW):
         document = session_report(event).to_json()
         assert list(validator.iter_errors(document)) == []
         (record_,) = document["tests"][0]["runs"][0]["violations"]
