@@ -196,9 +196,9 @@ static __always_inline int clone3_exited(long ret)
  * Not seen: a socket made through io_uring (IORING_OP_SOCKET, 5.19+), or by a
  * 32-bit (compat) caller; ICMP datagram sockets are not raw and stay allowed.
  */
+#define AF_INET 2
+#define AF_INET6 10
 #define AF_PACKET 17
-#define SOCK_RAW 3
-#define SOCK_PACKET 10
 #define SOCK_TYPE_MASK 0xf
 
 BPF_TABLE("lru_hash", __u32, __u32, raw_asked, 1024);
@@ -206,7 +206,9 @@ BPF_TABLE("lru_hash", __u32, __u32, raw_asked, 1024);
 static __always_inline int socket_entered(long family, long type)
 {
     long kind = type & SOCK_TYPE_MASK;
-    if (family != AF_PACKET && kind != SOCK_RAW && kind != SOCK_PACKET)
+    /* Only these need CAP_NET_RAW: a netlink or unix SOCK_RAW socket does not (curl
+     * opens a netlink one for its interface list). */
+    if (family != AF_PACKET && !((family == AF_INET || family == AF_INET6) && kind == SOCK_RAW))
         return 0;
     __u64 fence_id;
     struct fence_cfg *fence = fence_of_task(&fence_id);

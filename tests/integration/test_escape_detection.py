@@ -290,6 +290,7 @@ import socket, sys
 kinds = {
     "packet": (socket.AF_PACKET, socket.SOCK_RAW),
     "raw": (socket.AF_INET, socket.SOCK_RAW, 17),
+    "netlink": (socket.AF_NETLINK, socket.SOCK_RAW, 0),
 }
 s = socket.socket(*kinds[sys.argv[1]])
 print("made", sys.argv[1], flush=True)
@@ -323,6 +324,16 @@ def test_a_raw_socket_taken_back_through_a_user_namespace_is_killed_and_named(
     assert event.rule == RAW_SOCKET_TAKEN.format(socket=made)
     assert event.cmdline is not None and event.cmdline.startswith(sys.executable + " -c ")
     assert event in result.violations
+
+
+@NO_GITHUB
+def test_a_netlink_raw_socket_is_no_raw_socket(fenced: Fence) -> None:
+    """SOCK_RAW of AF_NETLINK needs no CAP_NET_RAW (curl opens one): it is not killed."""
+    result = fenced.run([sys.executable, "-c", RAW_SOCKET, "netlink"], timeout=30)
+    assert "made netlink" in result.stdout
+    assert not escapes(result.events)
+    curl = fenced.run(["curl", "-sS", "-m5", "-o", "/dev/null", "http://mirror.internal/"])
+    assert curl.returncode == 0 and not escapes(curl.events)
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
