@@ -25,7 +25,7 @@ from typing import Any, Callable, Union
 
 from ..errors import FenceUnavailable
 from . import abi, toolkit
-from .abi import BypassEvent, ConnEvent, EscapeEvent, Owner, ProcRecord, UnixEvent
+from .abi import BypassEvent, ConnEvent, ContactKey, EscapeEvent, Owner, ProcRecord, UnixEvent
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -95,6 +95,9 @@ class Programs:
         self._fns = fns
         self._fences = bpf.get_table(b"fences")
         self._flows = bpf.get_table(b"dnsflows")
+        self._sockets = bpf.get_table(b"sockets")
+        self._redirected = bpf.get_table(b"redirected")
+        self._contacts = bpf.get_table(b"contacts")
         self._procs = bpf.get_table(b"procs")
         self._addrs = bpf.get_table(b"addrs")
         self._names = bpf.get_table(b"names")
@@ -141,7 +144,8 @@ class Programs:
         self._fences[self._fences.Key(cgroup_id)] = leaf
 
     def unregister(self, cgroup_id: int) -> None:
-        """Forget a fence cgroup and every process record made in it."""
+        """Forget a fence cgroup and everything recorded of it: its process records, its
+        sockets' owners and DNS destinations, its DNS flows, its uncounted contacts."""
         try:
             del self._fences[self._fences.Key(cgroup_id)]
         except KeyError:
@@ -152,6 +156,20 @@ class Programs:
             os.close(fd)
         _delete_keys(self._procs, [k for k, leaf in self._procs.items() if leaf.cgid == cgroup_id])
         _delete_keys(self._lost, [self._lost.Key(cgroup_id)])
+        self._forget_sockets(cgroup_id)
+        self.take_contacts({cgroup_id})
+
+    def _forget_sockets(self, cgroup_id: int) -> None:
+        """One pass over each socket map: the owners recorded for the cgroup's sockets, the
+        DNS destinations of those sockets (`redirected` is keyed by socket cookie), and the
+        DNS messages they sent (`dnsflows`). A socket whose owner the LRU map already evicted
+        leaves its `redirected` entry to that map's own eviction."""
+        mine = [k for k, owner in self._sockets.items() if owner.cgid == cgroup_id]
+        _delete_keys(self._sockets, mine)
+        cookies = {k.value for k in mine}
+        if cookies:
+            _delete_keys(self._redirected, [k for k in self._redirected.keys() if k.value in cookies])
+        _delete_keys(self._flows, [k for k, owner in self._flows.items() if owner.cgid == cgroup_id])
 
     def attach(self, cgroup_fd: int) -> list[int]:
         """Attach every cgroup program to one cgroup; returns the link fds (close to detach)."""
@@ -303,6 +321,14 @@ class Programs:
             return int(self._lost[self._lost.Key(cgroup_id)].value)
         except KeyError:
             return 0
+
+    def take_contacts(self, cgroup_ids: set[int]) -> dict[ContactKey, int]:
+        """The permitted contacts the kernel counted for these fence cgroups (sockaddr.c
+        `contacts`), each with its count, removed from the map in one pass: the next
+        message of a key is reported again, as a first contact."""
+        taken = [(k, v.value) for k, v in self._contacts.items() if k.cgid in cgroup_ids]
+        _delete_keys(self._contacts, [k for k, _ in taken])
+        return {abi.decode_contact(k): count for k, count in taken}
 
     # -- attribution ----------------------------------------------------------
     def flow_owner(self, proto: str, proxy_port: int, client_port: int, txid: int) -> Owner | None:
