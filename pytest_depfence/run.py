@@ -457,17 +457,20 @@ class Run:
         events are consumed, before the members are forgotten by the kernel."""
         ids = set(self.members) if cgroup_ids is None else cgroup_ids
         taken = self.programs.take_contacts(ids)
-        totals: dict[object, int] = {}
         with self._lock:
+            counted_now = set()
             for key, contact in self._contacts.items():
-                if key[0] in ids:
+                if key[0] in ids and contact.record in self._records:
                     counted = taken.get(key, 0)
                     # What the kernel counted (the first of which it reported too), and what
                     # it reported instead while its map was full.
                     both = 1 if counted and contact.reported else 0
                     contact.connections += counted + contact.reported - both
                     contact.reported = 0
-                if contact.record in self._records:
+                    counted_now.add(contact.record)
+            totals: dict[object, int] = {}
+            for contact in self._contacts.values():
+                if contact.record in counted_now:
                     totals[contact.record] = totals.get(contact.record, 0) + contact.connections
             counted_events = {id(self._records[record]): record for record in totals}
             for index, (when, member, event) in enumerate(self._events):

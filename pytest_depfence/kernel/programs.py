@@ -168,8 +168,12 @@ class Programs:
         _delete_keys(self._sockets, mine)
         cookies = {k.value for k in mine}
         if cookies:
-            _delete_keys(self._redirected, [k for k in self._redirected.keys() if k.value in cookies])
-        _delete_keys(self._flows, [k for k, owner in self._flows.items() if owner.cgid == cgroup_id])
+            _delete_keys(
+                self._redirected, [k for k in self._redirected.keys() if k.value in cookies]
+            )
+        _delete_keys(
+            self._flows, [k for k, owner in self._flows.items() if owner.cgid == cgroup_id]
+        )
 
     def attach(self, cgroup_fd: int) -> list[int]:
         """Attach every cgroup program to one cgroup; returns the link fds (close to detach)."""

@@ -82,9 +82,7 @@ def test_connections_to_one_endpoint_are_one_event_that_counts_them(
     assert contact.cmdline is not None and "import socket" in contact.cmdline
 
 
-def test_each_process_has_its_own_count(
-    fences, lab: Lab, listener: Callable[[str], int]
-) -> None:
+def test_each_process_has_its_own_count(fences, lab: Lab, listener: Callable[[str], int]) -> None:
     fence = fences(Policy.no_egress("github.com"))
     mirror = lab.address("mirror.internal")
     client = f"{sys.executable} -c '{CLIENT}' {mirror} {listener(mirror)}"
