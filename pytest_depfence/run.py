@@ -456,6 +456,9 @@ class Run:
         all) out of its map: their next message of each is reported again. After the last
         events are consumed, before the members are forgotten by the kernel."""
         ids = set(self.members) if cgroup_ids is None else cgroup_ids
+        with self._lock:
+            if not any(key[0] in ids for key in self._contacts):
+                return  # nothing to count on (what the kernel may hold goes at unregister)
         taken = self.programs.take_contacts(ids)
         with self._lock:
             counted_now = set()

@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any, Callable, Union
 
 from ..errors import FenceUnavailable
-from . import abi, toolkit
+from . import abi, batch, toolkit
 from .abi import BypassEvent, ConnEvent, ContactKey, EscapeEvent, Owner, ProcRecord, UnixEvent
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -164,16 +164,14 @@ class Programs:
         DNS destinations of those sockets (`redirected` is keyed by socket cookie), and the
         DNS messages they sent (`dnsflows`). A socket whose owner the LRU map already evicted
         leaves its `redirected` entry to that map's own eviction."""
-        mine = [k for k, owner in self._sockets.items() if owner.cgid == cgroup_id]
-        _delete_keys(self._sockets, mine)
+        mine = [k for k, owner in batch.entries(self._sockets) if owner.cgid == cgroup_id]
+        batch.delete(self._sockets, mine)
         cookies = {k.value for k in mine}
         if cookies:
-            _delete_keys(
-                self._redirected, [k for k in self._redirected.keys() if k.value in cookies]
-            )
-        _delete_keys(
-            self._flows, [k for k, owner in self._flows.items() if owner.cgid == cgroup_id]
-        )
+            redirected = batch.entries(self._redirected)
+            batch.delete(self._redirected, [k for k, _ in redirected if k.value in cookies])
+        flows = batch.entries(self._flows)
+        batch.delete(self._flows, [k for k, owner in flows if owner.cgid == cgroup_id])
 
     def attach(self, cgroup_fd: int) -> list[int]:
         """Attach every cgroup program to one cgroup; returns the link fds (close to detach)."""
@@ -330,8 +328,8 @@ class Programs:
         """The permitted contacts the kernel counted for these fence cgroups (sockaddr.c
         `contacts`), each with its count, removed from the map in one pass: the next
         message of a key is reported again, as a first contact."""
-        taken = [(k, v.value) for k, v in self._contacts.items() if k.cgid in cgroup_ids]
-        _delete_keys(self._contacts, [k for k, _ in taken])
+        taken = [(k, v.value) for k, v in batch.entries(self._contacts) if k.cgid in cgroup_ids]
+        batch.delete(self._contacts, [k for k, _ in taken])
         return {abi.decode_contact(k): count for k, count in taken}
 
     # -- attribution ----------------------------------------------------------

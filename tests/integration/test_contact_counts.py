@@ -184,3 +184,26 @@ def test_a_stopped_services_entries_are_gone_at_fence_close(fences, fifo: Any, l
     fence.close()
     assert all(during.values()), f"the service left no trace to clean: {during}"
     assert _entries_of(programs, mine) == dict.fromkeys(during, 0)
+
+
+def test_a_whole_map_is_read_and_deleted_in_batches(fences) -> None:
+    """More entries than one lookup syscall takes (`batch.CHUNK`), one of them gone before
+    the deletion (an LRU map may evict any): all read, the rest deleted. Cgroup id 0 is
+    no cgroup's, so no program ever looks these up."""
+    from pytest_depfence.kernel import batch
+
+    table = load().table("contacts")
+    keys = []
+    for n in range(1, 2 * batch.CHUNK + 100):
+        key = table.Key()
+        key.cgid, key.pid, key.port, key.proto, key.where = 0, n, 80, 6, 1
+        table[key] = table.Leaf(n)
+        keys.append(key)
+    try:
+        read = {k.pid: v.value for k, v in batch.entries(table) if k.cgid == 0}
+        assert read == {n: n for n in range(1, 2 * batch.CHUNK + 100)}
+        del table[keys[7]]
+        batch.delete(table, keys)
+        assert [k for k, _ in batch.entries(table) if k.cgid == 0] == []
+    finally:
+        batch.delete(table, keys)
