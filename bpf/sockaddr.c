@@ -32,7 +32,7 @@
 #define REFUSE 0
 #define TO_REFUSER 2
 
-static __always_inline void remember_owner(__u64 cookie, __u64 cgid)
+static __always_inline void remember_owner(__u64 cookie, __u64 cgid, __u8 where)
 {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     struct owner o = {};
@@ -40,10 +40,13 @@ static __always_inline void remember_owner(__u64 cookie, __u64 cgid)
     o.tid = (__u32)pid_tgid;
     o.cgid = cgid;
     /* An LRU update costs more than the rest of connect4 together (measured: 0.4-0.6 us
-     * of 0.7-1.0): a socket that sends datagram after datagram keeps its owner. */
-    struct owner *known = sockets.lookup(&cookie);
-    if (known && known->pid == o.pid && known->tid == o.tid && known->cgid == cgid)
-        return;
+     * of 0.7-1.0): a socket that sends datagram after datagram keeps its owner (a connect
+     * is mostly a socket's first message: not looked up first). */
+    if (where == AT_SENDMSG) {
+        struct owner *known = sockets.lookup(&cookie);
+        if (known && known->pid == o.pid && known->tid == o.tid && known->cgid == cgid)
+            return;
+    }
     sockets.update(&cookie, &o);
 }
 
@@ -170,20 +173,20 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, struct fence_cfg *fe
 
 /* The fence of the calling process, after recording it as the socket's owner. */
 static __always_inline struct fence_cfg *fenced_socket(struct bpf_sock_addr *ctx, __u64 *cgid,
-                                                       __u64 *cookie)
+                                                       __u64 *cookie, __u8 where)
 {
     struct fence_cfg *fence = fence_of_current(cgid);
     if (!fence)
         return 0;
     *cookie = bpf_get_socket_cookie(ctx);
-    remember_owner(*cookie, *cgid);
+    remember_owner(*cookie, *cgid, where);
     return fence;
 }
 
 static __always_inline int guard4(struct bpf_sock_addr *ctx, __u8 where)
 {
     __u64 cgid, cookie;
-    struct fence_cfg *fence = fenced_socket(ctx, &cgid, &cookie);
+    struct fence_cfg *fence = fenced_socket(ctx, &cgid, &cookie, where);
     if (!fence)
         return PASS;
 
@@ -210,7 +213,7 @@ static __always_inline int guard4(struct bpf_sock_addr *ctx, __u8 where)
 static __always_inline int guard6(struct bpf_sock_addr *ctx, __u8 where)
 {
     __u64 cgid, cookie;
-    struct fence_cfg *fence = fenced_socket(ctx, &cgid, &cookie);
+    struct fence_cfg *fence = fenced_socket(ctx, &cgid, &cookie, where);
     if (!fence)
         return PASS;
 
