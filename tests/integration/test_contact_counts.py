@@ -142,22 +142,41 @@ USES_THE_MAPS = (
 )
 
 
-@pytest.mark.skipif(not shutil.which("getent"), reason="needs getent")
-def test_no_map_keeps_a_finished_runs_entries(fences, fifo: Any, lab: Lab) -> None:
+@pytest.fixture
+def mapper(fifo: Any, lab: Lab) -> tuple[list[str], Any, Any]:
+    """A script that leaves an entry in every map (`USES_THE_MAPS`), and its FIFOs: it
+    says "ready" on the first, then waits for a line on the second."""
+    if not shutil.which("getent"):
+        pytest.skip("needs getent")
+    ready, go = fifo("ready"), fifo("go")
+    script = USES_THE_MAPS.format(python=sys.executable)
+    return (
+        ["sh", "-c", script, str(ready), str(go), CLIENT, lab.address("mirror.internal")],
+        ready,
+        go,
+    )
+
+
+def _entries_once_ready(
+    programs: Programs, before: set[int], ready: Any
+) -> tuple[set[int], dict[str, int]]:
+    """The fence cgroups registered since `before`, and their entries, once the script is ready."""
+    assert ready.read_line() == "ready"
+    mine = _fence_cgroups(programs) - before
+    assert len(mine) == 1
+    return mine, _entries_of(programs, mine)
+
+
+def test_no_map_keeps_a_finished_runs_entries(fences, mapper) -> None:
     programs = load()
     fence = fences(Policy.no_egress("github.com"))
-    ready, go = fifo("ready"), fifo("go")
+    argv, ready, go = mapper
     before = _fence_cgroups(programs)
     seen: dict[str, int] = {}
-    script = USES_THE_MAPS.format(python=sys.executable)
-    argv = ["sh", "-c", script, str(ready), str(go), CLIENT, lab.address("mirror.internal")]
     run = threading.Thread(target=lambda: seen.update(result=fence.run(argv).returncode))
     run.start()
     try:
-        assert ready.read_line() == "ready"
-        mine = _fence_cgroups(programs) - before
-        assert len(mine) == 1
-        during = _entries_of(programs, mine)
+        mine, during = _entries_once_ready(programs, before, ready)
     finally:
         go.write_line()
         run.join(60)
@@ -166,20 +185,13 @@ def test_no_map_keeps_a_finished_runs_entries(fences, fifo: Any, lab: Lab) -> No
     assert _entries_of(programs, mine) == dict.fromkeys(during, 0)
 
 
-@pytest.mark.skipif(not shutil.which("getent"), reason="needs getent")
-def test_a_stopped_services_entries_are_gone_at_fence_close(fences, fifo: Any, lab: Lab) -> None:
+def test_a_stopped_services_entries_are_gone_at_fence_close(fences, mapper) -> None:
     programs = load()
     fence = fences(Policy.no_egress("github.com"))
-    ready, go = fifo("ready"), fifo("go")
+    argv, ready, go = mapper
     before = _fence_cgroups(programs)
-    script = USES_THE_MAPS.format(python=sys.executable)
-    fence.service(
-        ["sh", "-c", script, str(ready), str(go), CLIENT, lab.address("mirror.internal")],
-        name="mapper",
-    )
-    assert ready.read_line() == "ready"
-    mine = _fence_cgroups(programs) - before
-    during = _entries_of(programs, mine)
+    fence.service(argv, name="mapper")
+    mine, during = _entries_once_ready(programs, before, ready)
     go.write_line()
     fence.close()
     assert all(during.values()), f"the service left no trace to clean: {during}"
