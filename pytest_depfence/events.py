@@ -84,6 +84,12 @@ class EgressEvent:
     #: For a service's event in a run: the run's process that called the service, then
     #: its ancestry ((pid, command line), ...); empty when nothing of the run called it.
     called_by: tuple[tuple[int, str], ...] = ()
+    #: For a permitted connection or datagram, and a contact with a local service at an
+    #: address: how many the kernel let through in the run, from this process to this
+    #: endpoint (each connect(), and each datagram sent to an address without one). The
+    #: kernel counts them and reports only the first (bpf/sockaddr.c); the count is known
+    #: when the run ends (None before, as `on_event` sees the event, and for other events).
+    connections: int | None = None
 
     @property
     def is_violation(self) -> bool:

@@ -279,8 +279,16 @@ class Fence:
             run.add_member(service)
         for adopted in self.adopted:
             self._adopt(run, teardown, adopted, listener)
+        if self._service_members:
+            # What the services did since the last run is on the outside record, counted;
+            # their next contacts are reported to this run.
+            assert self._outside_runs is not None
+            self._outside_runs.count_contacts(
+                {member.cgroup_id for member in self._service_members.values()}
+            )
         self._current = run
         teardown.push(run.count_lost)
+        teardown.push(run.count_contacts)
         teardown.push(lambda: setattr(self, "_current", None))
         teardown.push(programs.consume_events)
         teardown.push(proxy.drain)
@@ -412,6 +420,7 @@ class Fence:
             output = Output(proc, None, None).background()
             assert self._programs is not None and self._outside_runs is not None
             teardown.push(self._outside_runs.count_lost)
+            teardown.push(partial(self._outside_runs.count_contacts, {cgroup.id}))
             teardown.push(self._programs.consume_events)  # what it did last, recorded
             teardown.push(output.finish)
             teardown.push(partial(_reap, proc))

@@ -48,6 +48,8 @@ CALLED_BY = "called by pid {pid} {cmdline}"
 SOCKET_OWNER = "socket opened by "
 #: Who listens at a local destination (a loopback or local address, a unix socket).
 LISTENER = "listening there: {listener}"
+#: How many connections a permitted contact stands for (`EgressEvent.connections`).
+CONNECTIONS = "{count} connection{s}"
 
 
 # --------------------------------------------------------------------------- destinations
@@ -184,11 +186,16 @@ def format_event(event: EgressEvent, shown: str | None = None) -> list[str]:
     """The lines one event (or an attempt it heads, `shown` as its target) takes in a report."""
     shown = target(event) if shown is None else shown
     head = f"  {event.verdict:<8} {shown:<22} at {event.blocked_at or '-':<8}"
+    count = ""
+    if event.connections is not None:
+        count = ", " + CONNECTIONS.format(
+            count=event.connections, s="" if event.connections == 1 else "s"
+        )
     if event.is_local:
-        head += " (local service)"
+        head += f" (local service{count})"
     elif event.address is not None and not event.qtype and not event.is_escape:
         learned = f", learned from {event.learned_from}" if event.learned_from else ""
-        head += f" ({event.domain or 'no name'}{learned})"
+        head += f" ({event.domain or 'no name'}{learned}{count})"
     if event.outage and event.outage not in DEFAULT_OUTAGES:
         head += f" [{event.outage}]"
     if event.rule:  # an escape's says who moved it, a loss how many

@@ -38,6 +38,7 @@ from .procinfo import Attribution, attribute, cmdline_of, read_proc_cmdline
 if TYPE_CHECKING:
     from .dnsproxy import Query
     from .kernel import BypassEvent, ConnEvent, EscapeEvent, Owner, Programs, UnixEvent
+    from .kernel.abi import ContactKey
 
 #: The listener of a local contact when nothing listens there by the time it is looked up.
 NO_LISTENER = "nothing listens there now (the connection was refused, or its listener closed)"
@@ -128,6 +129,20 @@ class Member:
         )
 
 
+@dataclass
+class Contact:
+    """A permitted contact as the kernel counts it (one `ContactKey`), seen by a run."""
+
+    #: The key of the run's record it counts towards (`Run._records`); None: none (nothing
+    #: listened at a local UDP destination, so it was not recorded).
+    record: object = None
+    #: Its messages the kernel reported since its count was last taken: the first one,
+    #: and, while the kernel's map was full, every one.
+    reported: int = 0
+    #: Its messages counted so far.
+    connections: int = 0
+
+
 class ProxyJudge:
     """The proxy's `DnsJudge`: the fence's judge, and the run that records the query.
 
@@ -202,6 +217,10 @@ class Run:
     #: services, which runs outside any run).
     _after: Run | None = None
     _finished: bool = False
+    #: Permitted contacts reported by the kernel, by its key (the count comes at the end).
+    _contacts: dict[ContactKey, Contact] = field(default_factory=dict)
+    #: The event recorded for each permitted contact, by record key (a contact's `record`).
+    _records: dict[object, EgressEvent] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.on_event is not None:
@@ -278,14 +297,26 @@ class Run:
             ("packet", conn.pid, conn.address, conn.port, conn.protocol)
         ):
             return  # every packet of a raw socket to a refused address: one event
+        contact = None
+        if conn.action == "allowed":
+            # The kernel reports the first message of a key and counts the rest; it reports
+            # every one when its map is full: those are counted here instead.
+            with self._lock:
+                seen = conn.contact in self._contacts
+                contact = self._contacts.setdefault(conn.contact, Contact())
+                contact.reported += 1
+            if seen:
+                return
         if conn.pid:
             who = self.who(conn.pid, conn.cgroup_id, conn.time_ns, conn.by_socket)
         else:
             who = Attribution(None, None, (), OWNERLESS)  # always a packet: reported once
-        if conn.action == "allowed" and self.peers.is_local(conn.address):
-            # One record per process and local endpoint, as for unix sockets: a client
-            # that reconnects a thousand times is one contact, and one listener lookup.
-            if not self.first_report(("local", conn.pid, conn.protocol, conn.address, conn.port)):
+        if contact is not None and self.peers.is_local(conn.address):
+            # One record per process and local endpoint, as for unix sockets (the kernel's
+            # key also has the hook: a connect and a datagram are counted apart).
+            record = ("local", conn.pid, conn.protocol, conn.address, conn.port)
+            if not self.first_report(record):
+                self._record(contact, record, None)
                 return
             where = self.peers.listener(
                 conn.protocol, conn.address, conn.port, candidates=self.service_pids()
@@ -293,9 +324,21 @@ class Run:
             if where is None and conn.protocol != "tcp":
                 return  # no UDP socket there (glibc's address-sorting probe sends nothing)
             address = str(conn.address)
-            self._local(conn.time_ns, conn.cgroup_id, who, where, address, conn.port, conn.protocol)
+            event = self._local(
+                conn.time_ns, conn.cgroup_id, who, where, address, conn.port, conn.protocol
+            )
+            self._record(contact, record, event)
             return
-        self.add(conn.time_ns, self.judge.connection(conn, who), conn.cgroup_id)
+        event = self.add(conn.time_ns, self.judge.connection(conn, who), conn.cgroup_id)
+        if contact is not None:
+            self._record(contact, conn.contact, event)
+
+    def _record(self, contact: Contact, record: object, event: EgressEvent | None) -> None:
+        """`event`, recorded by this run, is where `contact`'s count goes."""
+        with self._lock:
+            contact.record = record
+            if event is not None:
+                self._records[record] = event
 
     @_guarded
     def on_unix(self, contact: UnixEvent) -> None:
@@ -316,14 +359,15 @@ class Run:
         address: str,
         port: int | None,
         protocol: str,
-    ) -> None:
+    ) -> EgressEvent | None:
         """A contact with a local service: a call when a service of the fence listens there;
         nothing when the listener is in the run itself (its own traffic). `where` None:
         nothing listens there by the time we look (the connection was refused, or the
-        listener closed at once): on record all the same, judged as an outside service."""
+        listener closed at once): on record all the same, judged as an outside service.
+        Returns the event as recorded (None: none)."""
         member = self.member_holding(where) if where is not None else None
         if member is not None and not member.service:
-            return
+            return None
         listener = where.describe() if where is not None else NO_LISTENER
         if member is not None:
             listener = f"service {member.name}: {listener}"
@@ -337,7 +381,7 @@ class Run:
             listener=listener,
             service=member.name if member is not None else None,
         )
-        self.add(when_ns, event, cgroup_id)
+        return self.add(when_ns, event, cgroup_id)
 
     @_guarded
     def on_bypass(self, query: BypassEvent) -> None:
@@ -362,20 +406,26 @@ class Run:
         return f"pid {pid} {shlex.join(argv)}" if argv else f"pid {pid}"
 
     # -- events ------------------------------------------------------------------------
-    def add(self, when_ns: int, event: EgressEvent, cgroup_id: int | None = None) -> None:
+    def add(
+        self, when_ns: int, event: EgressEvent, cgroup_id: int | None = None
+    ) -> EgressEvent | None:
         """Record an event of member `cgroup_id` (a service's carries its name). Once the
-        run has finished, a service's event goes where `finish` said."""
+        run has finished, a service's event goes where `finish` said. Returns the event
+        as this run recorded it (None: it went elsewhere)."""
         member = self.members.get(cgroup_id) if cgroup_id is not None else None
         if member is not None and member.service:
             event = dataclasses.replace(event, service=member.name)
         with self._lock:
-            late = self._after if self._finished else None
-            if not self._finished:
+            finished, late = self._finished, self._after
+            if not finished:
                 self._events.append((when_ns, cgroup_id, event))
-        if late is not None:
-            late.add(when_ns, event, cgroup_id)
-        elif self._delivery is not None and not self._finished:
+        if finished:
+            if late is not None:
+                late.add(when_ns, event, cgroup_id)
+            return None
+        if self._delivery is not None:
             self._delivery.put(event)
+        return event
 
     def first_report(self, key: tuple[object, ...]) -> bool:
         with self._lock:
@@ -407,6 +457,39 @@ class Run:
                 event = self.judge.lost(lost - member.lost, member.name)
                 self.add(time.monotonic_ns(), event, member.cgroup_id)
                 member.lost = lost
+
+    def count_contacts(self, cgroup_ids: set[int] | None = None) -> None:
+        """Put on each permitted contact the connections the kernel counted
+        (`EgressEvent.connections`), taking the counts of members `cgroup_ids` (default:
+        all) out of its map: their next message of each is reported again. After the last
+        events are consumed, before the members are forgotten by the kernel."""
+        ids = set(self.members) if cgroup_ids is None else cgroup_ids
+        with self._lock:
+            if not any(key[0] in ids for key in self._contacts):
+                return  # nothing to count on (what the kernel may hold goes at unregister)
+        taken = self.programs.take_contacts(ids)
+        with self._lock:
+            counted_now = set()
+            for key, contact in self._contacts.items():
+                if key[0] in ids and contact.record in self._records:
+                    counted = taken.get(key, 0)
+                    # What the kernel counted (the first of which it reported too), and what
+                    # it reported instead while its map was full.
+                    both = 1 if counted and contact.reported else 0
+                    contact.connections += counted + contact.reported - both
+                    contact.reported = 0
+                    counted_now.add(contact.record)
+            totals: dict[object, int] = {}
+            for contact in self._contacts.values():
+                if contact.record in counted_now:
+                    totals[contact.record] = totals.get(contact.record, 0) + contact.connections
+            counted_events = {id(self._records[record]): record for record in totals}
+            for index, (when, member, event) in enumerate(self._events):
+                record = counted_events.get(id(event))
+                if record is not None:
+                    event = dataclasses.replace(event, connections=totals[record])
+                    self._records[record] = event
+                    self._events[index] = (when, member, event)
 
     def finish(self, after: Run | None) -> tuple[EgressEvent, ...]:
         """The run's events, final: what its services do from now on goes to `after`."""

@@ -5,6 +5,7 @@
     tracing   the raw tracepoints' machine-dependent -D flags (syscall ABI, BTF offsets)
     abi       every constant, event struct and hash both C and Python use
     programs  the program set loaded once per process, its maps and events
+    batch     a whole map read, and many of its keys deleted, a batch per syscall
 
 The rest of the package uses only the names below.
 """

@@ -72,7 +72,7 @@ class Action(enum.IntEnum):
     RESET = 2
     BLACKHOLE = 3
     AUDITED = 4
-    ALLOWED = 5  # a permitted destination, reported once per socket
+    ALLOWED = 5  # a permitted destination: the first message per process, then counted
 
 
 class At(enum.IntEnum):
@@ -338,10 +338,15 @@ def wire_name(raw: bytes) -> str:
 
 # -- decoded events ---------------------------------------------------------------------
 
+#: A permitted contact as sockaddr.c counts it (map `contacts`): (fence cgroup id, pid,
+#: address, port, protocol, where), the names as ConnEvent has them.
+ContactKey = tuple[int, int, IPAddress, int, str, str]
+
 
 @dataclass(frozen=True)
 class ConnEvent:
-    """A connection or datagram: refused, would-be refused (audit), or permitted (first only)."""
+    """A connection or datagram: refused, would-be refused (audit), or permitted (the first
+    of its `contact` key only; the kernel counts the rest)."""
 
     time_ns: int  # CLOCK_MONOTONIC, comparable with time.monotonic_ns()
     cgroup_id: int
@@ -354,6 +359,11 @@ class ConnEvent:
     where: str  # connect, sendmsg, packet (At)
     #: `pid` is the socket's recorded owner, not surely the process that sent the packet.
     by_socket: bool = False
+
+    @property
+    def contact(self) -> ContactKey:
+        """The key the kernel counts a permitted message under (sockaddr.c `contacts`)."""
+        return (self.cgroup_id, self.pid, self.address, self.port, self.protocol, self.where)
 
 
 @dataclass(frozen=True)
@@ -473,6 +483,18 @@ def decode_conn(raw: ConnEventStruct) -> ConnEvent:
         **_head(raw.head),
         action=_code_name(Action, raw.action),
         where=_code_name(At, raw.where),
+    )
+
+
+def decode_contact(key: Any) -> ContactKey:
+    """A key of map `contacts` (bcc's struct contact_key) as ConnEvent.contact says it."""
+    return (
+        key.cgid,
+        key.pid,
+        unmapped(bytes(key.ip6)),
+        key.port,
+        PROTOCOLS.get(key.proto, str(key.proto)),
+        _code_name(At, key.where),
     )
 
 

@@ -24,8 +24,8 @@ from types import ModuleType
 from typing import Any, Callable, Union
 
 from ..errors import FenceUnavailable
-from . import abi, toolkit
-from .abi import BypassEvent, ConnEvent, EscapeEvent, Owner, ProcRecord, UnixEvent
+from . import abi, batch, toolkit
+from .abi import BypassEvent, ConnEvent, ContactKey, EscapeEvent, Owner, ProcRecord, UnixEvent
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -98,6 +98,10 @@ class Programs:
         self._fns = fns
         self._fences = bpf.get_table(b"fences")
         self._flows = bpf.get_table(b"dnsflows")
+        self._sockets = bpf.get_table(b"sockets")
+        self._redirected = bpf.get_table(b"redirected")
+        self._rawsocks = bpf.get_table(b"rawsocks")
+        self._contacts = bpf.get_table(b"contacts")
         self._procs = bpf.get_table(b"procs")
         self._procs_prev = bpf.get_table(b"procs_prev")
         self._addrs = bpf.get_table(b"addrs")
@@ -146,7 +150,8 @@ class Programs:
         self._fences[self._fences.Key(cgroup_id)] = leaf
 
     def unregister(self, cgroup_id: int) -> None:
-        """Forget a fence cgroup and every process record made in it."""
+        """Forget a fence cgroup and everything recorded of it: its process records, its
+        sockets' owners and DNS destinations, its DNS flows, its uncounted contacts."""
         try:
             del self._fences[self._fences.Key(cgroup_id)]
         except KeyError:
@@ -159,6 +164,25 @@ class Programs:
         _delete_keys(self._procs, gone)
         _delete_keys(self._procs_prev, gone)  # a record before an exec is its pid's
         _delete_keys(self._lost, [self._lost.Key(cgroup_id)])
+        self._forget_sockets(cgroup_id)
+        self.take_contacts({cgroup_id})
+
+    def _forget_sockets(self, cgroup_id: int) -> None:
+        """One pass over each socket map: the owners recorded for the cgroup's sockets (and
+        raw sockets: sockcreate.c), the DNS destinations of those sockets (`redirected` is
+        keyed by socket cookie), and the DNS messages they sent (`dnsflows`). A socket whose
+        owner the LRU map already evicted leaves its `redirected` entry to that map's own
+        eviction."""
+        raw = [k for k, owner in batch.entries(self._rawsocks) if owner.cgid == cgroup_id]
+        batch.delete(self._rawsocks, raw)
+        mine = [k for k, owner in batch.entries(self._sockets) if owner.cgid == cgroup_id]
+        batch.delete(self._sockets, mine)
+        cookies = {k.value for k in mine}
+        if cookies:
+            redirected = batch.entries(self._redirected)
+            batch.delete(self._redirected, [k for k, _ in redirected if k.value in cookies])
+        flows = batch.entries(self._flows)
+        batch.delete(self._flows, [k for k, owner in flows if owner.cgid == cgroup_id])
 
     def attach(self, cgroup_fd: int) -> list[int]:
         """Attach every cgroup program to one cgroup; returns the link fds (close to detach)."""
@@ -310,6 +334,14 @@ class Programs:
             return int(self._lost[self._lost.Key(cgroup_id)].value)
         except KeyError:
             return 0
+
+    def take_contacts(self, cgroup_ids: set[int]) -> dict[ContactKey, int]:
+        """The permitted contacts the kernel counted for these fence cgroups (sockaddr.c
+        `contacts`), each with its count, removed from the map in one pass: the next
+        message of a key is reported again, as a first contact."""
+        taken = [(k, v.value) for k, v in batch.entries(self._contacts) if k.cgid in cgroup_ids]
+        batch.delete(self._contacts, [k for k, _ in taken])
+        return {abi.decode_contact(k): count for k, count in taken}
 
     # -- attribution ----------------------------------------------------------
     def flow_owner(self, proto: str, proxy_port: int, client_port: int, txid: int) -> Owner | None:

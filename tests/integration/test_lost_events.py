@@ -5,8 +5,9 @@ dropped events may have been a forbidden attempt, so the fence counts every
 drop (map `lost_events`, by fence cgroup) and a run with any fails, in every
 mode. To fill the connection ring for real, the test makes the events thread
 stop consuming once the fenced client has started (it says "ready" and waits
-on a FIFO), until the client has sent one datagram from each of more sockets
-than the ring has room for.
+on a FIFO), until the client has sent one datagram to each of more
+destinations than the ring has room for (the kernel reports a process's first
+message to each destination, and only counts the rest: bpf/sockaddr.c).
 """
 
 from __future__ import annotations
@@ -21,20 +22,21 @@ import pytest
 from pytest_depfence import EgressViolation, Policy
 from pytest_depfence.kernel import load
 
-#: More first contacts than conn_events (256 pages of 64-byte records) holds.
-SOCKETS = 20000
+#: More first contacts than conn_events (256 pages of 64-byte records) holds: one
+#: datagram to each of this many ports of a lab address (nothing listens there).
+PORTS = 20000
 FLOOD = """
 import socket, sys
 print("ready", flush=True)
 open(sys.argv[1]).read()
-for _ in range(int(sys.argv[2])):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.sendto(b"x", ("127.0.0.1", 9))
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    for port in range(1024, 1024 + int(sys.argv[3])):
+        s.sendto(b"x", (sys.argv[2], port))
 print("done", flush=True)
 """
 
 
-def test_a_full_ring_buffer_fails_the_run(fences, monkeypatch, tmp_path: Path) -> None:
+def test_a_full_ring_buffer_fails_the_run(fences, lab, monkeypatch, tmp_path: Path) -> None:
     fence = fences(Policy.no_egress("github.com"))
     bpf = load()._bpf
     consume = bpf.ring_buffer_consume
@@ -58,7 +60,7 @@ def test_a_full_ring_buffer_fails_the_run(fences, monkeypatch, tmp_path: Path) -
     try:
         with pytest.raises(EgressViolation) as caught:
             fence.run(
-                [sys.executable, "-c", FLOOD, str(go), str(SOCKETS)],
+                [sys.executable, "-c", FLOOD, str(go), lab.address("mirror.internal"), str(PORTS)],
                 on_output=on_output,
                 timeout=120,
             )

@@ -249,3 +249,12 @@ def test_a_listener_inside_the_run_itself_is_its_own_traffic() -> None:
     run._local(2, 10, CURL, outside, "127.0.0.1", 3128, "tcp")
     [found] = run.in_order()
     assert found.forbidden and "unit squid.service" in str(found.listener)
+
+
+def test_a_counted_local_contact_says_how_many_connections() -> None:
+    counted = event(**{**LOCAL, "address": "127.0.0.1", "port": 3128, "protocol": "tcp"})
+    [head, *_] = render.format_event(replace(counted, connections=5000))
+    assert "(local service, 5000 connections)" in head
+    [head, *_] = render.format_event(replace(counted, connections=1))
+    assert "(local service, 1 connection)" in head
+    assert "(local service)" in render.format_event(counted)[0]  # not counted: says nothing
