@@ -4,12 +4,13 @@ A listener outside the fence (a subprocess in the lab: a TCP server on
 127.0.0.1 and a unix stream server, both accepting and closing) and a client
 that opens N connections to one of them, one after another (connect + close),
 run fenced (`Fence.run`) and, as the baseline measured in the same run,
-unfenced (`subprocess.run` in the same lab). Fenced, each TCP socket's first
-message and each unix connect is reported by the kernel; the fence's event
-thread keeps one contact per process and endpoint and names its listener
-once (`Run.on_connection`/`Run.on_unix` -> `LocalPeers.listener`), so a
-client that reconnects is one contact: N connections cost N kernel events
-and one lookup.
+unfenced (`subprocess.run` in the same lab). Fenced, a process's first TCP
+message to an endpoint is reported by the kernel and the rest are counted in
+a map (bpf/sockaddr.c `contacts`), while each unix connect is reported; the
+fence's event thread keeps one contact per process and endpoint and names its
+listener once (`Run.on_connection`/`Run.on_unix` -> `LocalPeers.listener`),
+so a client that reconnects is one contact: N TCP connections cost one kernel
+event (N unix connects, N) and one lookup.
 
 Three figures per kind, each the median over interleaved rounds (the order
 alternates each round; a warm-up round is dropped) with the min-max:
