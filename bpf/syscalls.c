@@ -1,5 +1,5 @@
-/* raw_syscalls:sys_enter and sys_exit: the syscalls procs.c, mounts.c, escape.c
- * and unix.c watch, dispatched by number.
+/* raw_syscalls:sys_enter and sys_exit: the syscalls procs.c, mounts.c, hostsfile.c,
+ * escape.c and unix.c watch, dispatched by number.
  *
  * Why raw (measured on 6.18, bench/bench_exit.py): a classic syscalls:*
  * tracepoint is a perf event, and closing the last perf event of a tracepoint
@@ -11,7 +11,8 @@
  * well under a millisecond.
  *
  * The price: these two programs run for every syscall on the machine while
- * the programs are loaded, and return at once for all but nine numbers. That
+ * the programs are loaded, and return at once for all but the numbers below
+ * (write among them: hostsfile.c looks at a fenced process's writes). That
  * costs a getppid() +165 ns here against +70 ns for the classic tracepoints
  * (which filter by number before calling a program); a connect() or an
  * execve() costs microseconds, so a deploy script does not notice.
@@ -25,7 +26,7 @@
  *
  * Helpers (program type BPF_PROG_TYPE_RAW_TRACEPOINT), first kernel for this type:
  *   bpf_probe_read_kernel       5.5
- *   (and those of procs.c, mounts.c, escape.c, unix.c)
+ *   (and those of procs.c, mounts.c, hostsfile.c, escape.c, unix.c)
  * The raw tracepoints raw_syscalls:sys_enter/sys_exit exist from 4.17.
  */
 
@@ -61,18 +62,54 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     return record_exec((const char *)filename, (const char *const *)argv);
 }
 
+/* The exits hostsfile.c watches: writes into a descriptor, and syscalls that make a name.
+ * At exit the arguments are read from the registers the call left (syscalls preserve
+ * them), the first one from REG_EXIT_ARG0 (arm64's x0 is the return value by then). */
+static __always_inline int hosts_exit(long id, __u64 regs, long ret)
+{
+    if (id == SYS_WRITE || id == SYS_PWRITE64 || id == SYS_WRITEV || id == SYS_PWRITEV ||
+        id == SYS_PWRITEV2 || id == SYS_FTRUNCATE || id == SYS_SENDFILE)
+        return native(regs) ? hosts_written(ret, reg(regs, DEPFENCE_REG_EXIT_ARG0)) : 0;
+    if (id == SYS_COPY_FILE_RANGE || id == SYS_SPLICE)  /* (in, off_in, out, ...) */
+        return native(regs) ? hosts_written(ret, reg(regs, DEPFENCE_REG_ARG2)) : 0;
+    if (id == SYS_OPENAT || id == SYS_OPENAT2) {
+        if (!native(regs))
+            return 0;
+        __u64 flags = reg(regs, DEPFENCE_REG_ARG2);
+        if (id == SYS_OPENAT2)
+            flags = open_how_flags(flags);
+        return hosts_opened(ret, (const char *)reg(regs, DEPFENCE_REG_ARG1), flags);
+    }
+    if (id == SYS_RENAMEAT || id == SYS_RENAMEAT2 || id == SYS_LINKAT)  /* new name: 4th */
+        return native(regs) ? hosts_named(ret, (const char *)reg(regs, DEPFENCE_REG_ARG3)) : 0;
+    if (id == SYS_SYMLINKAT)  /* (target, newdirfd, linkpath) */
+        return native(regs) ? hosts_named(ret, (const char *)reg(regs, DEPFENCE_REG_ARG2)) : 0;
+#ifdef SYS_OPEN
+    /* x86-64 only: asm-generic (arm64) has just the *at forms. */
+    if (id == SYS_OPEN || id == SYS_CREAT) {
+        if (!native(regs))
+            return 0;
+        __u64 flags = id == SYS_CREAT ? OPEN_MAKES : reg(regs, DEPFENCE_REG_ARG1);
+        return hosts_opened(ret, (const char *)reg(regs, DEPFENCE_REG_EXIT_ARG0), flags);
+    }
+    if (id == SYS_RENAME || id == SYS_LINK || id == SYS_SYMLINK)  /* (old, new) */
+        return native(regs) ? hosts_named(ret, (const char *)reg(regs, DEPFENCE_REG_ARG1)) : 0;
+#endif
+    return 0;
+}
+
 /* sys_exit(struct pt_regs *regs, long ret) */
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
     __u64 regs = ctx->args[0];
     long id = reg(regs, DEPFENCE_REG_NR);
+    long ret = ctx->args[1];
     if (id != SYS_EXECVE && id != SYS_EXECVEAT && id != SYS_CONNECT && id != SYS_MOUNT &&
         id != SYS_MOVE_MOUNT && id != SYS_CHROOT && id != SYS_PIVOT_ROOT && id != SYS_SETNS &&
         id != SYS_CLONE3)
-        return 0;
+        return hosts_exit(id, regs, ret);
     if (!native(regs))
         return 0;
-    long ret = ctx->args[1];
     if (id == SYS_EXECVE || id == SYS_EXECVEAT)
         return commit_exec(ret);
     if (id == SYS_CONNECT)
