@@ -21,8 +21,10 @@
  *   inode then joins `hosts_files`.
  *
  * Not seen: writes through a shared mapping (mmap) or io_uring, writes by a
- * process outside the fence, a name longer than PATH_BUF bytes (paused anyway: it
- * cannot be told apart), and a hosts file NSS is told to find elsewhere.
+ * process outside the fence (the fenced process that connects afterwards is not
+ * paused: the new line is read at the next pause or run), a hosts file NSS is told
+ * to find elsewhere, a parent directory of /etc renamed. A new name too long to read
+ * whole (PATH_BUF) pauses the process: it cannot be told from hosts.
  *
  * The fence is checked before the descriptor is followed: every write on the
  * machine comes through here, and most are not a fenced process's.
