@@ -26,8 +26,8 @@
  * to find elsewhere, a parent directory of /etc renamed. A new name too long to read
  * whole (PATH_BUF) pauses the process: it cannot be told from hosts.
  *
- * The fence is checked before the descriptor is followed: every write on the
- * machine comes through here, and most are not a fenced process's.
+ * Every write on the machine comes through here, and most are not a fenced
+ * process's: a failed call, then the fence, are checked before anything else is read.
  *
  * Helpers (program type BPF_PROG_TYPE_RAW_TRACEPOINT), first kernel for this type:
  *   bpf_get_current_task        4.8
@@ -90,16 +90,13 @@ static __always_inline int is_hosts_fd(__u64 fd)
 }
 #endif
 
-/* A write-like syscall into descriptor `fd` returned `ret`. */
-static __always_inline int hosts_written(long ret, __u64 fd)
+/* A write-like syscall of a process of fence `cgid` into descriptor `fd` succeeded. */
+static __always_inline int hosts_written(__u64 cgid, __u64 fd)
 {
 #ifdef DEPFENCE_NO_FD_INODE
     return 0;
 #else
-    __u64 cgid;
-    if (ret < 0 || !pausable_fence(&cgid) || !is_hosts_fd(fd))
-        return 0;
-    return pause_to_look(cgid, (__s32)fd);
+    return is_hosts_fd(fd) ? pause_to_look(cgid, (__s32)fd) : 0;
 #endif
 }
 
@@ -133,25 +130,20 @@ static __always_inline int names_hosts(const char *path, int etc)
            PATH_AT(end - 1) == 'c' && (end == 3 || PATH_AT(end - 4) == '/');
 }
 
-/* open/creat/openat/openat2 returned `ret` for `path` opened with `flags`. */
+/* open/creat/openat/openat2 of a process of fence `cgid` opened `path` with `flags`. */
 #define OPEN_WRITES 03 /* O_WRONLY | O_RDWR */
 #define OPEN_MAKES 01100 /* O_CREAT | O_TRUNC */
-static __always_inline int hosts_opened(long ret, const char *path, __u64 flags)
+static __always_inline int hosts_opened(__u64 cgid, const char *path, __u64 flags)
 {
-    __u64 cgid;
-    if (ret < 0 || !(flags & (OPEN_WRITES | OPEN_MAKES)) || !pausable_fence(&cgid) ||
-        !names_hosts(path, 0))
+    if (!(flags & (OPEN_WRITES | OPEN_MAKES)) || !names_hosts(path, 0))
         return 0;
     return pause_to_look(cgid, -1);
 }
 
-/* rename*, link*, symlink* returned `ret`, making the name at `path`. */
-static __always_inline int hosts_named(long ret, const char *path)
+/* rename*, link*, symlink* of a process of fence `cgid` made the name at `path`. */
+static __always_inline int hosts_named(__u64 cgid, const char *path)
 {
-    __u64 cgid;
-    if (ret != 0 || !pausable_fence(&cgid) || !names_hosts(path, 1))
-        return 0;
-    return pause_to_look(cgid, -1);
+    return names_hosts(path, 1) ? pause_to_look(cgid, -1) : 0;
 }
 
 /* The flags of openat2's struct open_how (its first member, a __u64). */

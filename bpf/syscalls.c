@@ -62,40 +62,46 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     return record_exec((const char *)filename, (const char *const *)argv);
 }
 
-/* The exits hostsfile.c watches: writes into a descriptor, and syscalls that make a name.
- * At exit the arguments are read from the registers the call left (syscalls preserve
- * them), the first one from REG_EXIT_ARG0 (arm64's x0 is the return value by then). */
+/* The exits hostsfile.c watches: writes into a descriptor, and syscalls that make a name,
+ * by a process that may be paused (mounts.c pausable_fence), when they succeeded; checked
+ * in that order, cheapest first (a write that is not a fenced process's reads nothing).
+ * The arguments are read from the registers the call left (syscalls preserve them), the
+ * first one from REG_EXIT_ARG0 (arm64's x0 is the return value by then). */
 static __always_inline int hosts_exit(long id, __u64 regs, long ret)
 {
-    if (id == SYS_WRITE || id == SYS_PWRITE64 || id == SYS_WRITEV || id == SYS_PWRITEV ||
-        id == SYS_PWRITEV2 || id == SYS_FTRUNCATE || id == SYS_SENDFILE)
-        return native(regs) ? hosts_written(ret, reg(regs, DEPFENCE_REG_EXIT_ARG0)) : 0;
-    if (id == SYS_COPY_FILE_RANGE || id == SYS_SPLICE)  /* (in, off_in, out, ...) */
-        return native(regs) ? hosts_written(ret, reg(regs, DEPFENCE_REG_ARG2)) : 0;
-    if (id == SYS_OPENAT || id == SYS_OPENAT2) {
-        if (!native(regs))
-            return 0;
+    int write_first = id == SYS_WRITE || id == SYS_PWRITE64 || id == SYS_WRITEV ||
+                      id == SYS_PWRITEV || id == SYS_PWRITEV2 || id == SYS_FTRUNCATE ||
+                      id == SYS_SENDFILE;
+    int write_third = id == SYS_COPY_FILE_RANGE || id == SYS_SPLICE;  /* (in, off_in, out, ...) */
+    int open_at = id == SYS_OPENAT || id == SYS_OPENAT2;
+    int name_fourth = id == SYS_RENAMEAT || id == SYS_RENAMEAT2 || id == SYS_LINKAT;
+    int name_third = id == SYS_SYMLINKAT;  /* (target, newdirfd, linkpath) */
+    int open_first = 0, creat = 0, name_second = 0;
+#ifdef SYS_OPEN
+    /* x86-64 only: asm-generic (arm64) has just the *at forms. */
+    creat = id == SYS_CREAT;
+    open_first = id == SYS_OPEN || creat;
+    name_second = id == SYS_RENAME || id == SYS_LINK || id == SYS_SYMLINK;  /* (old, new) */
+#endif
+    __u64 cgid;
+    if (!(write_first || write_third || open_at || name_fourth || name_third || open_first ||
+          name_second) ||
+        ret < 0 || !pausable_fence(&cgid) || !native(regs))
+        return 0;
+    if (write_first || write_third)
+        return hosts_written(cgid, reg(regs, write_first ? DEPFENCE_REG_EXIT_ARG0 : DEPFENCE_REG_ARG2));
+    if (open_at) {
         __u64 flags = reg(regs, DEPFENCE_REG_ARG2);
         if (id == SYS_OPENAT2)
             flags = open_how_flags(flags);
-        return hosts_opened(ret, (const char *)reg(regs, DEPFENCE_REG_ARG1), flags);
+        return hosts_opened(cgid, (const char *)reg(regs, DEPFENCE_REG_ARG1), flags);
     }
-    if (id == SYS_RENAMEAT || id == SYS_RENAMEAT2 || id == SYS_LINKAT)  /* new name: 4th */
-        return native(regs) ? hosts_named(ret, (const char *)reg(regs, DEPFENCE_REG_ARG3)) : 0;
-    if (id == SYS_SYMLINKAT)  /* (target, newdirfd, linkpath) */
-        return native(regs) ? hosts_named(ret, (const char *)reg(regs, DEPFENCE_REG_ARG2)) : 0;
-#ifdef SYS_OPEN
-    /* x86-64 only: asm-generic (arm64) has just the *at forms. */
-    if (id == SYS_OPEN || id == SYS_CREAT) {
-        if (!native(regs))
-            return 0;
-        __u64 flags = id == SYS_CREAT ? OPEN_MAKES : reg(regs, DEPFENCE_REG_ARG1);
-        return hosts_opened(ret, (const char *)reg(regs, DEPFENCE_REG_EXIT_ARG0), flags);
+    if (open_first) {
+        __u64 flags = creat ? OPEN_MAKES : reg(regs, DEPFENCE_REG_ARG1);
+        return hosts_opened(cgid, (const char *)reg(regs, DEPFENCE_REG_EXIT_ARG0), flags);
     }
-    if (id == SYS_RENAME || id == SYS_LINK || id == SYS_SYMLINK)  /* (old, new) */
-        return native(regs) ? hosts_named(ret, (const char *)reg(regs, DEPFENCE_REG_ARG1)) : 0;
-#endif
-    return 0;
+    __u32 at = name_fourth ? DEPFENCE_REG_ARG3 : name_third ? DEPFENCE_REG_ARG2 : DEPFENCE_REG_ARG1;
+    return hosts_named(cgid, (const char *)reg(regs, at));
 }
 
 /* sys_exit(struct pt_regs *regs, long ret) */
