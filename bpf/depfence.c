@@ -5,9 +5,10 @@
  *   subcgroups.c  before 5.14 only: the sub-cgroups fenced processes make
  *   procs.c     parent and argv of every fenced process
  *   mounts.c    pause a fenced process that changes its mounts
+ *   hostsfile.c pause a fenced process that writes or makes a hosts file
  *   escape.c    kill and report a fenced process moved out of its fence
  *   unix.c      a fenced process's connects to unix sockets
- *   syscalls.c  raw_syscalls: the syscalls of the four above, by number
+ *   syscalls.c  raw_syscalls: the syscalls of the five above, by number
  *   sockaddr.c  connect4/6, sendmsg4/6, recvmsg4/6: DNS redirect, socket owners
  *   sockcreate.c  sock_create: the owners of raw and ICMP sockets
  *   bypass.c    DNS queries that skip the proxy, judged by name in the packet
@@ -22,6 +23,7 @@
 #include "subcgroups.c"
 #include "procs.c"
 #include "mounts.c"
+#include "hostsfile.c"
 #include "escape.c"
 #include "unix.c"
 #include "syscalls.c"

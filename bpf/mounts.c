@@ -22,26 +22,41 @@
 struct view_event {
     __u64 cgid;
     __u32 pid;
-    __u32 pad;
+    __s32 fd;           /* a descriptor of the process to read too (hostsfile.c), or -1 */
 };
 
 BPF_RINGBUF_OUTPUT(view_events, 16);
 
-static __always_inline int view_changed(long ret)
+/* The fence of the current task, if its processes may be paused (not an adopted service:
+ * its hosts file is the machine's). */
+static __always_inline struct fence_cfg *pausable_fence(__u64 *cgid)
 {
-    __u64 cgid;
-    if (ret != 0)
-        return 0;
-    struct fence_cfg *fence = fence_of_task(&cgid);
+    struct fence_cfg *fence = fence_of_task(cgid);
     if (!fence || (fence->flags & FENCE_ADOPTED))
-        return 0;  /* an adopted service is never paused: its hosts file is the machine's */
+        return 0;
+    return fence;
+}
+
+/* Stop the current process until userspace has read its hosts file (and the file at
+ * `fd`, when not -1), and tell userspace. */
+static __always_inline int pause_to_look(__u64 cgid, __s32 fd)
+{
     struct view_event e = {};
     e.cgid = cgid;
     e.pid = bpf_get_current_pid_tgid() >> 32;
+    e.fd = fd;
     /* Only pause when userspace will hear of it and let the process go on. */
     if (view_events.ringbuf_output(&e, sizeof(e), 0) == 0)
         bpf_send_signal(SIGSTOP);
     else
         count_lost(cgid);
     return 0;
+}
+
+static __always_inline int view_changed(long ret)
+{
+    __u64 cgid;
+    if (ret != 0 || !pausable_fence(&cgid))
+        return 0;
+    return pause_to_look(cgid, -1);
 }

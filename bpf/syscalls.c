@@ -1,5 +1,5 @@
-/* raw_syscalls:sys_enter and sys_exit: the syscalls procs.c, mounts.c, escape.c
- * and unix.c watch, dispatched by number.
+/* raw_syscalls:sys_enter and sys_exit: the syscalls procs.c, mounts.c, hostsfile.c,
+ * escape.c and unix.c watch, dispatched by number.
  *
  * Why raw (measured on 6.18, bench/bench_exit.py): a classic syscalls:*
  * tracepoint is a perf event, and closing the last perf event of a tracepoint
@@ -11,7 +11,8 @@
  * well under a millisecond.
  *
  * The price: these two programs run for every syscall on the machine while
- * the programs are loaded, and return at once for all but thirteen numbers. That
+ * the programs are loaded, and return at once for all but the numbers below
+ * (write among them: hostsfile.c looks at a fenced process's writes). That
  * costs a getppid() +165 ns here against +70 ns for the classic tracepoints
  * (which filter by number before calling a program); a connect() or an
  * execve() costs microseconds, so a deploy script does not notice.
@@ -25,7 +26,7 @@
  *
  * Helpers (program type BPF_PROG_TYPE_RAW_TRACEPOINT), first kernel for this type:
  *   bpf_probe_read_kernel       5.5
- *   (and those of procs.c, mounts.c, escape.c, unix.c)
+ *   (and those of procs.c, mounts.c, hostsfile.c, escape.c, unix.c)
  * The raw tracepoints raw_syscalls:sys_enter/sys_exit exist from 4.17.
  */
 
@@ -69,19 +70,61 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     return record_exec((const char *)filename, (const char *const *)argv);
 }
 
+/* The exits hostsfile.c watches: writes into a descriptor, and syscalls that make a name,
+ * by a process that may be paused (mounts.c pausable_fence), when they succeeded; checked
+ * in that order, cheapest first (a write that is not a fenced process's reads nothing).
+ * The arguments are read from the registers the call left (syscalls preserve them), the
+ * first one from REG_EXIT_ARG0 (arm64's x0 is the return value by then). */
+static __always_inline int hosts_exit(long id, __u64 regs, long ret)
+{
+    int write_first = id == SYS_WRITE || id == SYS_PWRITE64 || id == SYS_WRITEV ||
+                      id == SYS_PWRITEV || id == SYS_PWRITEV2 || id == SYS_FTRUNCATE ||
+                      id == SYS_SENDFILE;
+    int write_third = id == SYS_COPY_FILE_RANGE || id == SYS_SPLICE;  /* (in, off_in, out, ...) */
+    int open_at = id == SYS_OPENAT || id == SYS_OPENAT2;
+    int name_fourth = id == SYS_RENAMEAT || id == SYS_RENAMEAT2 || id == SYS_LINKAT;
+    int name_third = id == SYS_SYMLINKAT;  /* (target, newdirfd, linkpath) */
+    int open_first = 0, creat = 0, name_second = 0;
+#ifdef SYS_OPEN
+    /* x86-64 only: asm-generic (arm64) has just the *at forms. */
+    creat = id == SYS_CREAT;
+    open_first = id == SYS_OPEN || creat;
+    name_second = id == SYS_RENAME || id == SYS_LINK || id == SYS_SYMLINK;  /* (old, new) */
+#endif
+    __u64 cgid;
+    if (!(write_first || write_third || open_at || name_fourth || name_third || open_first ||
+          name_second) ||
+        ret < 0 || !pausable_fence(&cgid) || !native(regs))
+        return 0;
+    if (write_first || write_third)
+        return hosts_written(cgid, reg(regs, write_first ? DEPFENCE_REG_EXIT_ARG0 : DEPFENCE_REG_ARG2));
+    if (open_at) {
+        __u64 flags = reg(regs, DEPFENCE_REG_ARG2);
+        if (id == SYS_OPENAT2)
+            flags = open_how_flags(flags);
+        return hosts_opened(cgid, (const char *)reg(regs, DEPFENCE_REG_ARG1), flags);
+    }
+    if (open_first) {
+        __u64 flags = creat ? OPEN_MAKES : reg(regs, DEPFENCE_REG_ARG1);
+        return hosts_opened(cgid, (const char *)reg(regs, DEPFENCE_REG_EXIT_ARG0), flags);
+    }
+    __u32 at = name_fourth ? DEPFENCE_REG_ARG3 : name_third ? DEPFENCE_REG_ARG2 : DEPFENCE_REG_ARG1;
+    return hosts_named(cgid, (const char *)reg(regs, at));
+}
+
 /* sys_exit(struct pt_regs *regs, long ret) */
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
     __u64 regs = ctx->args[0];
     long id = reg(regs, DEPFENCE_REG_NR);
+    long ret = ctx->args[1];
     if (id != SYS_EXECVE && id != SYS_EXECVEAT && id != SYS_CONNECT && id != SYS_MOUNT &&
         id != SYS_MOVE_MOUNT && id != SYS_CHROOT && id != SYS_PIVOT_ROOT && id != SYS_SETNS &&
         id != SYS_CLONE3 && id != SYS_SOCKET && id != SYS_SENDTO && id != SYS_SENDMSG &&
         id != SYS_SENDMMSG)
-        return 0;
+        return hosts_exit(id, regs, ret);
     if (!native(regs))
         return 0;
-    long ret = ctx->args[1];
     if (id == SYS_EXECVE || id == SYS_EXECVEAT)
         return commit_exec(ret);
     if (id == SYS_CONNECT)

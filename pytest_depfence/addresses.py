@@ -10,10 +10,11 @@ each address keeps the names it belongs to and the origin, for the report.
 from __future__ import annotations
 
 import ipaddress
+import os
+import stat
 import struct
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, Union
 
@@ -260,15 +261,89 @@ def resolve(name: str, upstream: tuple[str, int], timeout: float = 2.0) -> Answe
     return resolved
 
 
-def hosts_entries(path: str = "/etc/hosts") -> list[tuple[IPAddress, tuple[str, ...]]]:
-    """(address, names) per line of a hosts file; unreadable files and bad lines are skipped."""
+HostsEntries = list[tuple[IPAddress, tuple[str, ...]]]
+
+#: Bytes of a hosts file read: blocklist hosts files run to a few MiB; a bigger file is
+#: judged by its first HOSTS_MAX bytes rather than read whole into memory.
+HOSTS_MAX = 64 << 20
+
+
+@dataclass(frozen=True)
+class HostsFile:
+    """What a hosts file said, and which file it was as the kernel names it."""
+
+    entries: HostsEntries
+    #: (dev, ino): the inode's superblock device in the kernel's encoding (major << 20 |
+    #: minor) and its number; None when nothing was read.
+    key: tuple[int, int] | None
+
+
+def read_hosts(
+    path: str = "/etc/hosts", mountinfo: str = "/proc/thread-self/mountinfo"
+) -> HostsFile:
+    """Read a hosts file: its entries and its inode (`HostsFile.key`).
+
+    Only a regular file is read (a FIFO bind-mounted as /etc/hosts would block the
+    reader forever, a device never end), opened non-blocking; anything else, or a file
+    that cannot be opened, reads as no entries. The device is the superblock's as the
+    mount table `mountinfo` (of the namespace `path` is resolved in) gives it, which is
+    what the kernel's programs see (a btrfs subvolume's stat() shows another); when the
+    mount is not found there, stat()'s.
+    """
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines: Iterable[str] = f.read().splitlines()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
-        return []
+        return HostsFile([], None)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return HostsFile([], None)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(HOSTS_MAX)
+        dev = _mount_dev(fd, mountinfo)
+        if dev is None:
+            dev = os.major(info.st_dev) << 20 | os.minor(info.st_dev)
+        return HostsFile(parse_hosts(data.decode("utf-8", errors="replace")), (dev, info.st_ino))
+    except OSError:
+        return HostsFile([], None)
+    finally:
+        os.close(fd)
+
+
+def _mount_dev(fd: int, mountinfo: str) -> int | None:
+    """The kernel's device number of the superblock under descriptor `fd` (of this
+    process), from its mount's line in `mountinfo`; None when that cannot be read."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            fdinfo = f.read()
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return None
+    for line in fdinfo.splitlines():
+        if line.startswith("mnt_id:"):
+            return mount_dev(table, int(line.split(":", 1)[1]))
+    return None
+
+
+def mount_dev(mountinfo: str, mount_id: int) -> int | None:
+    """The device (major << 20 | minor) of mount `mount_id` in a /proc/<pid>/mountinfo text
+    (`ID PARENT MAJOR:MINOR ROOT POINT ...`); None when it is not there or unreadable."""
+    for line in mountinfo.splitlines():
+        fields = line.split(maxsplit=3)
+        if len(fields) < 3 or fields[0] != str(mount_id):
+            continue
+        major, _, minor = fields[2].partition(":")
+        if not (major.isdigit() and minor.isdigit()):
+            return None
+        return int(major) << 20 | int(minor)
+    return None
+
+
+def parse_hosts(text: str) -> HostsEntries:
+    """(address, names) per line of a hosts file's text; bad lines are skipped."""
     entries = []
-    for line in lines:
+    for line in text.splitlines():
         fields = line.split("#", 1)[0].split()
         if len(fields) < 2:
             continue

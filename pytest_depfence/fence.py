@@ -28,7 +28,7 @@ from functools import partial
 from typing import IO, Any
 
 from . import confine, kernel, options
-from .addresses import AddressBook, hosts_entries, resolve
+from .addresses import AddressBook, read_hosts, resolve
 from .adopt import Adopted
 from .cgroup import CgroupTree, FenceCgroup
 from .contract import check_name, program_of
@@ -269,7 +269,6 @@ class Fence:
         programs, judge, proxy = self._programs, self._judge, self._proxy
         assert programs is not None and judge is not None and proxy is not None
         assert self._refuser is not None and self._tools is not None
-        judge.learn_hosts(hosts_entries())
         listener = kernel.Listener(
             run.on_connection, run.on_bypass, self._view_changed, run.on_escape, run.on_unix
         )
@@ -354,6 +353,8 @@ class Fence:
         )
         programs.register(cgroup_id, config)
         teardown.push(lambda: programs.unregister(cgroup_id))
+        if not adopted:  # what its processes see as /etc/hosts: this thread's
+            self._learn_hosts_file(cgroup_id, "/etc/hosts", "/proc/thread-self/mountinfo")
         links = programs.attach(dir_fd)
         teardown.push(lambda: _close_all(links))
         programs.subscribe(cgroup_id, listener)
@@ -443,10 +444,24 @@ class Fence:
             for service in self.services:
                 teardown.push(service.stop)
 
-    def _view_changed(self, pid: int) -> None:
-        """A fenced process changed its mounts: learn the hosts file it now sees."""
-        if self._judge is not None:
-            self._judge.learn_hosts(hosts_entries(f"/proc/{pid}/root/etc/hosts"))
+    def _view_changed(self, cgroup_id: int, pid: int, fd: int) -> None:
+        """A fenced process changed its mounts, or wrote or made a hosts file (and waits,
+        stopped): learn the hosts file it now sees, and the file at its descriptor `fd`."""
+        mountinfo = f"/proc/{pid}/mountinfo"
+        self._learn_hosts_file(cgroup_id, f"/proc/{pid}/root/etc/hosts", mountinfo)
+        if fd >= 0:
+            self._learn_hosts_file(cgroup_id, f"/proc/{pid}/fd/{fd}", mountinfo)
+
+    def _learn_hosts_file(self, cgroup_id: int, path: str, mountinfo: str) -> None:
+        """Learn a hosts file's addresses; then a fenced process that writes into it is
+        paused until it has been read again (bpf/hostsfile.c)."""
+        judge, programs = self._judge, self._programs
+        if judge is None or programs is None:
+            return
+        read = read_hosts(path, mountinfo)
+        judge.learn_hosts(read.entries)
+        if read.key is not None:
+            programs.watch_hosts_file(cgroup_id, *read.key)
 
 
 def _command(

@@ -229,7 +229,11 @@ class BypassEventStruct(ctypes.Structure):
 class ViewEventStruct(ctypes.Structure):
     """struct view_event (mounts.c)."""
 
-    _fields_ = [("cgid", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    _fields_ = [
+        ("cgid", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),  # a descriptor to read too (hostsfile.c), or -1
+    ]
 
 
 class EscapeEventStruct(ctypes.Structure):

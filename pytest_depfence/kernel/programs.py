@@ -54,8 +54,10 @@ class Listener:
 
     on_connection: Callable[[ConnEvent], None]
     on_bypass: Callable[[BypassEvent], None]
-    #: A process of the fence changed its mounts and is stopped until this returns.
-    on_view_change: Callable[[int], None]
+    #: A process of the fence changed its mounts, or wrote or made a hosts file, and is
+    #: stopped until this returns: (fence cgroup id, pid, a descriptor of it to read as
+    #: well, or -1).
+    on_view_change: Callable[[int, int, int], None]
     #: A process of the fence was moved to a cgroup outside it; it has been killed
     #: (moves within the fence are not reported).
     on_escape: Callable[[EscapeEvent], None] | None = None
@@ -107,6 +109,10 @@ class Programs:
         self._addrs = bpf.get_table(b"addrs")
         self._names = bpf.get_table(b"names")
         self._lost = bpf.get_table(b"lost_events")
+        self._hosts_files = bpf.get_table(b"hosts_files")
+        #: (dev, ino) of each hosts file in `hosts_files` -> the fence cgroups that read it.
+        self._hosts_readers: dict[tuple[int, int], set[int]] = {}
+        self._hosts_lock = threading.Lock()
         self._events_lock = threading.Lock()
         self._listeners: dict[int, Listener] = {}
         #: Fence cgroup id -> its directory (an fd of our own): what lies below it.
@@ -166,6 +172,15 @@ class Programs:
         _delete_keys(self._lost, [self._lost.Key(cgroup_id)])
         self._forget_sockets(cgroup_id)
         self.take_contacts({cgroup_id})
+        with self._hosts_lock:
+            unread = []
+            for key, readers in self._hosts_readers.items():
+                readers.discard(cgroup_id)
+                if not readers:
+                    unread.append(key)
+            for key in unread:
+                del self._hosts_readers[key]
+            _delete_keys(self._hosts_files, [self._file_key(*key) for key in unread])
 
     def _forget_sockets(self, cgroup_id: int) -> None:
         """One pass over each socket map: the owners recorded for the cgroup's sockets (and
@@ -183,6 +198,23 @@ class Programs:
             batch.delete(self._redirected, [k for k, _ in redirected if k.value in cookies])
         flows = batch.entries(self._flows)
         batch.delete(self._flows, [k for k, owner in flows if owner.cgid == cgroup_id])
+
+    # -- hosts files ------------------------------------------------------------
+    def _file_key(self, dev: int, ino: int) -> Any:
+        key = self._hosts_files.Key()
+        key.dev = dev
+        key.ino = ino
+        return key
+
+    def watch_hosts_file(self, cgroup_id: int, dev: int, ino: int) -> None:
+        """Fence cgroup `cgroup_id` read the file (dev, ino) as a hosts file: a process of
+        a fence that writes into it is paused until it has been read again
+        (bpf/hostsfile.c); forgotten when no fence that read it is registered."""
+        with self._hosts_lock:
+            readers = self._hosts_readers.setdefault((dev, ino), set())
+            if not readers:
+                self._hosts_files[self._file_key(dev, ino)] = self._hosts_files.Leaf(1)
+            readers.add(cgroup_id)
 
     def attach(self, cgroup_fd: int) -> list[int]:
         """Attach every cgroup program to one cgroup; returns the link fds (close to detach)."""
@@ -289,10 +321,11 @@ class Programs:
         listener = self._listeners.get(raw.cgid)
         try:
             if listener is not None:
-                listener.on_view_change(raw.pid)
+                listener.on_view_change(raw.cgid, raw.pid, raw.fd)
         finally:
             try:
-                os.kill(raw.pid, signal.SIGCONT)  # mounts.c stopped it until we had looked
+                # mounts.c or hostsfile.c stopped it until we had looked
+                os.kill(raw.pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
 

@@ -25,6 +25,12 @@ record, so three things come from here:
   kernel's. Without BTF (or a field not found as a plain member) the three
   tracepoints that need them (sched_process_fork, cgroup_attach_task, and
   before 5.14 cgroup_mkdir/rmdir) stay classic: correct, slow to detach.
+- the offsets of the path from a task to the inode behind one of its file
+  descriptors (`task_struct.files` ... `super_block.s_dev`: FD_FIELDS), which
+  bpf/hostsfile.c follows to tell a write to a hosts file. They are a group of
+  their own: without them (DEPFENCE_NO_FD_INODE) only that check is off (a write
+  into a hosts file through a descriptor is not seen; renames and creations of
+  a file named hosts still are), the tracepoints above stay raw.
 """
 
 from __future__ import annotations
@@ -53,6 +59,29 @@ SYSCALLS = {
         "SENDTO": 44,
         "SENDMSG": 46,
         "SENDMMSG": 307,
+        # Writes into a file (hostsfile.c): the descriptor is the first argument, or the
+        # third (copy_file_range, splice).
+        "WRITE": 1,
+        "PWRITE64": 18,
+        "WRITEV": 20,
+        "PWRITEV": 296,
+        "PWRITEV2": 328,
+        "FTRUNCATE": 77,
+        "SENDFILE": 40,
+        "COPY_FILE_RANGE": 326,
+        "SPLICE": 275,
+        # Making a name (hostsfile.c): the new name is read from the arguments.
+        "OPEN": 2,
+        "CREAT": 85,
+        "OPENAT": 257,
+        "OPENAT2": 437,
+        "RENAME": 82,
+        "RENAMEAT": 264,
+        "RENAMEAT2": 316,
+        "LINK": 86,
+        "LINKAT": 265,
+        "SYMLINK": 88,
+        "SYMLINKAT": 266,
     },
     "aarch64": {
         "EXECVE": 221,
@@ -68,12 +97,32 @@ SYSCALLS = {
         "SENDTO": 206,
         "SENDMSG": 211,
         "SENDMMSG": 269,
+        "WRITE": 64,
+        "PWRITE64": 68,
+        "WRITEV": 66,
+        "PWRITEV": 70,
+        "PWRITEV2": 287,
+        "FTRUNCATE": 46,
+        "SENDFILE": 71,
+        "COPY_FILE_RANGE": 285,
+        "SPLICE": 76,
+        # asm-generic has no open, creat, rename, link nor symlink: only the *at forms.
+        "OPENAT": 56,
+        "OPENAT2": 437,
+        "RENAMEAT": 38,
+        "RENAMEAT2": 276,
+        "LINKAT": 37,
+        "SYMLINKAT": 36,
     },
 }
 
 #: Byte offsets in struct pt_regs (ptrace ABI): the syscall number as it is at syscall
 #: exit, the first three arguments and the fifth and sixth at entry, and the word telling
-#: a native caller.
+#: a native caller. At exit the arguments are still there but for arm64's x0, which
+#: holds the return value by then: REG_EXIT_ARG0 is x86-64's di, arm64's orig_x0 (the
+#: kernel's struct pt_regs, right after the UAPI user_pt_regs; unchanged since 3.7).
+#: REG_ARG3 is the fourth argument: x86-64's r10 (the syscall ABI's, not the C ABI's
+#: rcx), arm64's x3.
 #: x86-64: orig_ax; di, si, dx, r8, r9; cs == __USER_CS (0x33) for 64-bit code (its low
 #: byte: a Xen PV guest's is 0xe033, its 32-bit one 0xe023).
 #: arm64: x8 (the number, never clobbered by the kernel); x0, x1, x2, x4, x5; pstate without
@@ -84,6 +133,8 @@ REGS = {
         "REG_ARG0": 112,
         "REG_ARG1": 104,
         "REG_ARG2": 96,
+        "REG_ARG3": 56,
+        "REG_EXIT_ARG0": 112,
         "REG_ARG4": 72,
         "REG_ARG5": 64,
         "REG_MODE": 136,
@@ -95,6 +146,8 @@ REGS = {
         "REG_ARG0": 0,
         "REG_ARG1": 8,
         "REG_ARG2": 16,
+        "REG_ARG3": 24,
+        "REG_EXIT_ARG0": 272,
         "REG_ARG4": 32,
         "REG_ARG5": 40,
         "REG_MODE": 264,
@@ -110,6 +163,18 @@ BTF_FIELDS = {
     ("cgroup", "root"): "OFF_CGROUP_ROOT",
     ("kernfs_node", "id"): "OFF_KERNFS_ID",
     ("cgroup_root", "hierarchy_id"): "OFF_ROOT_HIERARCHY_ID",
+}
+
+#: task->files->fdt->fd[n]->f_inode->{i_ino, i_sb->s_dev}: the file behind a descriptor.
+FD_FIELDS = {
+    ("task_struct", "files"): "OFF_TASK_FILES",
+    ("files_struct", "fdt"): "OFF_FILES_FDT",
+    ("fdtable", "max_fds"): "OFF_FDTABLE_MAX_FDS",
+    ("fdtable", "fd"): "OFF_FDTABLE_FD",
+    ("file", "f_inode"): "OFF_FILE_INODE",
+    ("inode", "i_ino"): "OFF_INODE_INO",
+    ("inode", "i_sb"): "OFF_INODE_SB",
+    ("super_block", "s_dev"): "OFF_SB_DEV",
 }
 
 _BTF_MAGIC = 0xEB9F
@@ -132,8 +197,10 @@ def syscall_cflags(machine: str | None = None) -> list[str]:
     return flags
 
 
-def btf_offsets(path: Path | None = None) -> dict[str, int] | None:
-    """{-D name: byte offset} of every BTF_FIELDS field in the running kernel, or None
+def btf_offsets(
+    path: Path | None = None, fields: dict[tuple[str, str], str] = BTF_FIELDS
+) -> dict[str, int] | None:
+    """{-D name: byte offset} of every field of `fields` in the running kernel, or None
     when there is no BTF or a field is not a plain, byte-aligned member of its struct.
 
     The types are walked from the first until every struct is found: they come early
@@ -141,12 +208,12 @@ def btf_offsets(path: Path | None = None) -> dict[str, int] | None:
     """
     try:
         data = (path or VMLINUX_BTF).read_bytes()  # sysfs cannot be mmapped; 5 MiB read in ~2 ms
-        return _offsets_in(data)
+        return _offsets_in(data, fields)
     except (OSError, ValueError, struct.error):
         return None
 
 
-def _offsets_in(data: bytes) -> dict[str, int] | None:
+def _offsets_in(data: bytes, wanted_fields: dict[tuple[str, str], str]) -> dict[str, int] | None:
     magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
         "<HBBIIIII", data, 0
     )
@@ -154,7 +221,7 @@ def _offsets_in(data: bytes) -> dict[str, int] | None:
         return None
     strings = hdr_len + str_off
     wanted: dict[int, str] = {}  # name offset -> struct name
-    for name in {s for s, _ in BTF_FIELDS}:
+    for name in {s for s, _ in wanted_fields}:
         at = data.find(b"\0" + name.encode() + b"\0", strings, strings + str_len)
         if at < 0:
             return None
@@ -176,7 +243,7 @@ def _offsets_in(data: bytes) -> dict[str, int] | None:
             fields[wanted[name_off]] = members
         pos += 12 + _KIND_EXTRA.get(kind, 0) + _KIND_PER_MEMBER.get(kind, 0) * vlen
     offsets = {}
-    for (struct_name, field), define in BTF_FIELDS.items():
+    for (struct_name, field), define in wanted_fields.items():
         bits = fields.get(struct_name, {}).get(field)
         if bits is None or bits % 8:
             return None
@@ -189,8 +256,13 @@ def _string(data: bytes, at: int) -> str:
 
 
 def btf_cflags() -> list[str]:
-    """-D flags with the BTF offsets, or DEPFENCE_NO_BTF_OFFSETS (classic tracepoints)."""
-    offsets = btf_offsets()
-    if offsets is None:
-        return ["-DDEPFENCE_NO_BTF_OFFSETS=1"]
-    return [f"-DDEPFENCE_{name}={value}" for name, value in offsets.items()]
+    """-D flags with the BTF offsets, or DEPFENCE_NO_BTF_OFFSETS (classic tracepoints);
+    and those of FD_FIELDS, or DEPFENCE_NO_FD_INODE (writes through a descriptor unseen)."""
+    flags = []
+    for fields, missing in ((BTF_FIELDS, "NO_BTF_OFFSETS"), (FD_FIELDS, "NO_FD_INODE")):
+        offsets = btf_offsets(fields=fields)
+        if offsets is None:
+            flags.append(f"-DDEPFENCE_{missing}=1")
+        else:
+            flags += [f"-DDEPFENCE_{name}={value}" for name, value in offsets.items()]
+    return flags

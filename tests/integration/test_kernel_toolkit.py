@@ -134,12 +134,14 @@ def test_every_fallback_of_the_programs_compiles_and_loads_here_too(
 ) -> None:
     """Kernels older than 5.14 (tracing programs without bpf_get_current_ancestor_cgroup_id:
     subcgroups.c) and kernels without BTF (the struct offsets raw tracepoints need: classic
-    tracepoints for the three that read them) build here too; the rest is raw tracepoints.
+    tracepoints for the three that read them; hostsfile.c without its descriptor check)
+    build here too; the rest is raw tracepoints.
     A variant that needs what this kernel lacks is skipped (it runs the other one)."""
     if ancestors and not progload.has_helper(toolkit.PROG_TYPE_RAW_TRACEPOINT, 123):
         pytest.skip("this kernel's tracing programs lack bpf_get_current_ancestor_cgroup_id")
-    offsets = tracing.btf_cflags() if btf else ["-DDEPFENCE_NO_BTF_OFFSETS=1"]
-    if offsets == ["-DDEPFENCE_NO_BTF_OFFSETS=1"] and btf:
+    no_btf = ["-DDEPFENCE_NO_BTF_OFFSETS=1", "-DDEPFENCE_NO_FD_INODE=1"]
+    offsets = tracing.btf_cflags() if btf else no_btf
+    if offsets == no_btf and btf:
         pytest.skip("this kernel has no BTF")
     extra = [] if ancestors else ["-DDEPFENCE_NO_TRACING_ANCESTORS=1"]
     cgroup_tps = ["cgroup_attach_task"] + ([] if ancestors else ["cgroup_mkdir", "cgroup_rmdir"])

@@ -14,15 +14,28 @@ from pytest_depfence.errors import FenceUnavailable
 from pytest_depfence.kernel import bpf_source_dir, tracing
 
 
+def _c_text() -> str:
+    return "".join(p.read_text() for p in bpf_source_dir().iterdir() if p.suffix in (".c", ".h"))
+
+
 def _used_in_c() -> set[str]:
-    text = "".join(p.read_text() for p in bpf_source_dir().iterdir() if p.suffix in (".c", ".h"))
-    return set(re.findall(r"\b(SYS_[A-Z0-9_]+|DEPFENCE_(?:REG|MODE)_[A-Z0-9_]+)\b", text))
+    return set(re.findall(r"\b(SYS_[A-Z0-9_]+|DEPFENCE_(?:REG|MODE)_[A-Z0-9_]+)\b", _c_text()))
+
+
+def _optional_in_c() -> set[str]:
+    """The syscalls the C uses only inside `#ifdef SYS_X ... #endif` (x86-64 has them,
+    asm-generic has only their *at forms)."""
+    blocks = re.findall(r"#ifdef SYS_[A-Z0-9_]+\n(.*?)#endif", _c_text(), re.DOTALL)
+    return set(re.findall(r"\bSYS_[A-Z0-9_]+\b", "".join(blocks)))
 
 
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
 def test_every_syscall_name_the_c_uses_is_passed(machine):
     passed = {f[2:].split("=")[0] for f in tracing.syscall_cflags(machine)}
-    assert _used_in_c() == passed
+    optional = _optional_in_c()
+    assert _used_in_c() - optional == passed - optional
+    assert optional == {"SYS_OPEN", "SYS_CREAT", "SYS_RENAME", "SYS_LINK", "SYS_SYMLINK"}
+    assert (optional <= passed) == (machine == "x86_64")
 
 
 def test_an_unknown_architecture_is_refused_by_name():
@@ -93,9 +106,41 @@ def test_btf_that_does_not_give_every_offset_means_classic_tracepoints(tmp_path,
     assert tracing.btf_offsets(blob) is None
 
 
+FD_FIELDS = {
+    "task_struct": [("pid", 1264 * 8, 0), ("files", 1824 * 8, 0)],
+    "files_struct": [("count", 0, 0), ("fdt", 32 * 8, 0)],
+    "fdtable": [("max_fds", 0, 0), ("fd", 8 * 8, 0)],
+    "file": [("f_inode", 32 * 8, 0)],
+    "inode": [("i_sb", 40 * 8, 0), ("i_ino", 64 * 8, 0)],
+    "super_block": [("s_dev", 16 * 8, 0)],
+}
+
+
+def test_the_fd_to_inode_offsets_are_a_group_of_their_own(tmp_path, monkeypatch):
+    blob = tmp_path / "vmlinux"
+    blob.write_bytes(_btf({**FIELDS, **FD_FIELDS}))
+    monkeypatch.setattr(tracing, "VMLINUX_BTF", blob)
+    assert tracing.btf_offsets(blob, tracing.FD_FIELDS) == {
+        "OFF_TASK_FILES": 1824,
+        "OFF_FILES_FDT": 32,
+        "OFF_FDTABLE_MAX_FDS": 0,
+        "OFF_FDTABLE_FD": 8,
+        "OFF_FILE_INODE": 32,
+        "OFF_INODE_INO": 64,
+        "OFF_INODE_SB": 40,
+        "OFF_SB_DEV": 16,
+    }
+    assert "-DDEPFENCE_OFF_SB_DEV=16" in tracing.btf_cflags()
+    # Without one of them only the descriptor check is off; the tracepoints stay raw.
+    blob.write_bytes(_btf({**FIELDS, **{k: v for k, v in FD_FIELDS.items() if k != "file"}}))
+    flags = tracing.btf_cflags()
+    assert "-DDEPFENCE_NO_FD_INODE=1" in flags and "-DDEPFENCE_OFF_TASK_PID=1264" in flags
+    assert "-DDEPFENCE_NO_BTF_OFFSETS=1" not in flags
+
+
 def test_no_btf_or_a_foreign_file_means_classic_tracepoints(tmp_path, monkeypatch):
     assert tracing.btf_offsets(tmp_path / "absent") is None
     (tmp_path / "junk").write_bytes(b"\x7fELF" + bytes(64))
     assert tracing.btf_offsets(tmp_path / "junk") is None
     monkeypatch.setattr(tracing, "VMLINUX_BTF", tmp_path / "absent")
-    assert tracing.btf_cflags() == ["-DDEPFENCE_NO_BTF_OFFSETS=1"]
+    assert tracing.btf_cflags() == ["-DDEPFENCE_NO_BTF_OFFSETS=1", "-DDEPFENCE_NO_FD_INODE=1"]
