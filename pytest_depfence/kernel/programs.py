@@ -106,6 +106,9 @@ class Programs:
         self._contacts = bpf.get_table(b"contacts")
         self._procs = bpf.get_table(b"procs")
         self._procs_prev = bpf.get_table(b"procs_prev")
+        #: pid -> (since, flags, ppid, its decoded record): a record is decoded once per
+        #: exec (procs.c sets `since` at each exec and fork), not once per lookup.
+        self._decoded: dict[int, tuple[int, int, int, ProcRecord]] = {}
         self._addrs = bpf.get_table(b"addrs")
         self._names = bpf.get_table(b"names")
         self._lost = bpf.get_table(b"lost_events")
@@ -169,6 +172,8 @@ class Programs:
         gone = [k for k, leaf in self._procs.items() if leaf.cgid == cgroup_id]
         _delete_keys(self._procs, gone)
         _delete_keys(self._procs_prev, gone)  # a record before an exec is its pid's
+        for key in gone:
+            self._decoded.pop(key.value, None)
         _delete_keys(self._lost, [self._lost.Key(cgroup_id)])
         self._forget_sockets(cgroup_id)
         self.take_contacts({cgroup_id})
@@ -406,9 +411,21 @@ class Programs:
             return None
         if at_ns is not None and leaf.since > at_ns:
             try:
-                leaf = self._procs_prev[self._procs_prev.Key(pid)]
+                return self._decode(pid, self._procs_prev[self._procs_prev.Key(pid)])
             except KeyError:
                 pass  # not kept (evicted): the current record is the best there is
+        stamp = (leaf.since, leaf.flags, leaf.ppid)
+        known = self._decoded.get(pid)
+        if known is not None and known[:3] == stamp:
+            return known[3]
+        record = self._decode(pid, leaf)
+        if len(self._decoded) >= abi.MAX_PROCS:
+            self._decoded.clear()
+        self._decoded[pid] = (*stamp, record)
+        return record
+
+    @staticmethod
+    def _decode(pid: int, leaf: Any) -> ProcRecord:
         # A char-array field reads back cut at the first NUL; take the raw bytes.
         offset = type(leaf).args.offset
         raw = ctypes.string_at(ctypes.addressof(leaf) + offset, abi.ARGC * abi.ARGLEN)
