@@ -185,6 +185,15 @@ def _limits() -> str:
     return "; ".join(found)
 
 
+#: What compile+attach says of how a datagram's sender is named here (bpf/egress.c).
+SENDERS_PER_TASK = "a datagram is named by the task that sends it (cgroup_skb reads it: 6.10+)"
+SENDERS_BY_SOCKET = (
+    "a datagram is named by its socket's owner: this kernel's cgroup_skb programs cannot "
+    "read the sending task (6.10+ can); a child writing on its parent's socket is named "
+    "as the parent, and the report says `socket opened by`"
+)
+
+
 def _compile_and_attach() -> str:
     from . import kernel
     from .cgroup import CgroupTree, FenceCgroup
@@ -209,9 +218,11 @@ def _compile_and_attach() -> str:
             )
     finally:
         tree.remove()
+    per_task = "-DDEPFENCE_NO_SKB_CURRENT_TASK=1" not in kernel.toolkit.kernel_cflags()
     return (
         f"{len(links)} programs compiled in {compiled:.1f} s, attached to {cgroup.path}, "
-        "then detached and removed"
+        "then detached and removed\n"
+        + (SENDERS_PER_TASK if per_task else SENDERS_BY_SOCKET)
     )
 
 

@@ -112,3 +112,19 @@ def test_the_verdict_says_how_to_run_it_as_root(as_nobody):
     last = as_nobody.stdout.splitlines()[-1]
     assert last.endswith(f"the skipped ones need root: {as_root_command()}"), describe(as_nobody)
     assert as_root_command() == f"sudo {sys.executable} -m pytest_depfence doctor"
+
+
+def test_root_doctor_says_how_a_datagram_sender_is_named_here() -> None:
+    """compile+attach's second line: per task where cgroup_skb reads it (the probe the
+    programs were compiled with), else by socket; never both, never neither."""
+    if os.geteuid() != 0:
+        pytest.skip("compile+attach needs root")
+    from pytest_depfence.doctor import SENDERS_BY_SOCKET, SENDERS_PER_TASK
+    from pytest_depfence.kernel import toolkit
+
+    proc = run_doctor()
+    per_task = "-DDEPFENCE_NO_SKB_CURRENT_TASK=1" not in toolkit.kernel_cflags()
+    expected, other = (
+        (SENDERS_PER_TASK, SENDERS_BY_SOCKET) if per_task else (SENDERS_BY_SOCKET, SENDERS_PER_TASK)
+    )
+    assert expected in proc.stdout and other not in proc.stdout, describe(proc)
