@@ -93,7 +93,8 @@ def _item(kind: Any, array: Any, index: int) -> Any:
 
 
 def delete(table: Any, keys: list[Any]) -> None:
-    """Delete these keys of a bcc hash table; keys already gone are fine."""
+    """Delete these keys of a bcc table; keys already gone are fine. A map the kernel
+    deletes no batch of (an LPM trie) has them deleted one by one."""
     if not keys:
         return
     array = (table.Key * len(keys))(*keys)

@@ -82,15 +82,6 @@ def _in_tree(dir_fd: int, cgroup_id: int) -> bool:
     return False
 
 
-def _delete_keys(table: Any, keys: list[Any]) -> None:
-    """Delete entries of a bcc table; ones already gone are fine."""
-    for key in keys:
-        try:
-            del table[key]
-        except KeyError:
-            pass
-
-
 class Programs:
     """The loaded program set, shared by every fence of this process."""
 
@@ -169,12 +160,12 @@ class Programs:
             fd = self._dirs.pop(cgroup_id, None)
         if fd is not None:
             os.close(fd)
-        gone = [k for k, leaf in self._procs.items() if leaf.cgid == cgroup_id]
-        _delete_keys(self._procs, gone)
-        _delete_keys(self._procs_prev, gone)  # a record before an exec is its pid's
+        gone = [k for k, leaf in batch.entries(self._procs) if leaf.cgid == cgroup_id]
+        batch.delete(self._procs, gone)
+        batch.delete(self._procs_prev, gone)  # a record before an exec is its pid's
         for key in gone:
             self._decoded.pop(key.value, None)
-        _delete_keys(self._lost, [self._lost.Key(cgroup_id)])
+        batch.delete(self._lost, [self._lost.Key(cgroup_id)])
         self._forget_sockets(cgroup_id)
         self.take_contacts({cgroup_id})
         with self._hosts_lock:
@@ -185,7 +176,7 @@ class Programs:
                     unread.append(key)
             for key in unread:
                 del self._hosts_readers[key]
-            _delete_keys(self._hosts_files, [self._file_key(*key) for key in unread])
+            batch.delete(self._hosts_files, [self._file_key(*key) for key in unread])
 
     def _forget_sockets(self, cgroup_id: int) -> None:
         """One pass over each socket map: the owners recorded for the cgroup's sockets (and
@@ -257,7 +248,7 @@ class Programs:
         self._addrs[self._addr_key(fence_id, network)] = leaf
 
     def forget_networks(self, fence_id: int) -> None:
-        _delete_keys(self._addrs, [k for k in self._addrs.keys() if k.fence_id == fence_id])
+        batch.delete(self._addrs, [k for k in self._addrs.keys() if k.fence_id == fence_id])
 
     # -- names, for DNS that skips the proxy ------------------------------------
     def add_name(self, fence_id: int, name: str, kind: str) -> None:
@@ -270,7 +261,7 @@ class Programs:
         self._names[key] = leaf
 
     def forget_names(self, fence_id: int) -> None:
-        _delete_keys(self._names, [k for k in self._names.keys() if k.fence_id == fence_id])
+        batch.delete(self._names, [k for k in self._names.keys() if k.fence_id == fence_id])
 
     # -- events ---------------------------------------------------------------
     def subscribe(self, cgroup_id: int, listener: Listener) -> None:
