@@ -194,18 +194,25 @@ static __always_inline struct fence_cfg *fence_of_current(__u64 *fence_id)
     return 0;
 }
 
+/* The 8 bytes of kernel memory at `at` (a pointer, a register, an id); 0 when they
+ * cannot be read. */
+static __always_inline __u64 kernel_u64(__u64 at)
+{
+    __u64 value = 0;
+    bpf_probe_read_kernel(&value, sizeof(value), (void *)at);
+    return value;
+}
+
 #ifndef DEPFENCE_NO_BTF_OFFSETS
 /* The hierarchy and id of a struct cgroup (a raw tracepoint's argument), as the
  * classic cgroup tracepoints record them: cgrp->root->hierarchy_id (0: cgroup v2)
  * and cgrp->kn->id. The offsets are the running kernel's (BTF: kernel/tracing.py). */
 static __always_inline void cgroup_ids(__u64 cgrp, int *root, __u64 *id)
 {
-    __u64 ptr = 0;
-    bpf_probe_read_kernel(&ptr, sizeof(ptr), (void *)(cgrp + DEPFENCE_OFF_CGROUP_ROOT));
-    bpf_probe_read_kernel(root, sizeof(*root), (void *)(ptr + DEPFENCE_OFF_ROOT_HIERARCHY_ID));
-    ptr = 0;
-    bpf_probe_read_kernel(&ptr, sizeof(ptr), (void *)(cgrp + DEPFENCE_OFF_CGROUP_KN));
-    bpf_probe_read_kernel(id, sizeof(*id), (void *)(ptr + DEPFENCE_OFF_KERNFS_ID));
+    __u64 cgroup_root = kernel_u64(cgrp + DEPFENCE_OFF_CGROUP_ROOT);
+    bpf_probe_read_kernel(root, sizeof(*root),
+                          (void *)(cgroup_root + DEPFENCE_OFF_ROOT_HIERARCHY_ID));
+    *id = kernel_u64(kernel_u64(cgrp + DEPFENCE_OFF_CGROUP_KN) + DEPFENCE_OFF_KERNFS_ID);
 }
 #endif
 

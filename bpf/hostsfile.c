@@ -31,7 +31,7 @@
  *
  * Helpers (program type BPF_PROG_TYPE_RAW_TRACEPOINT), first kernel for this type:
  *   bpf_get_current_task        4.8
- *   bpf_probe_read_kernel       5.5
+ *   bpf_probe_read_kernel       5.5 (fence.h kernel_u64)
  *   bpf_probe_read_user         5.5
  *   bpf_probe_read_user_str     5.5
  *   (and those of mounts.c: pause_to_look)
@@ -54,38 +54,31 @@ struct file_key {
 BPF_HASH(hosts_files, struct file_key, __u32, 1024);
 
 #ifndef DEPFENCE_NO_FD_INODE
-static __always_inline __u64 kernel_ptr(__u64 at)
-{
-    __u64 value = 0;
-    bpf_probe_read_kernel(&value, sizeof(value), (void *)at);
-    return value;
-}
-
 /* Whether descriptor `fd` of the current task is a file in `hosts_files`:
  * task->files->fdt->fd[fd]->f_inode. The fd table is read without its RCU lock, as any
  * probe read is: a table being resized reads as the old one, which still holds fd. */
 static __always_inline int is_hosts_fd(__u64 fd)
 {
-    __u64 files = kernel_ptr(bpf_get_current_task() + DEPFENCE_OFF_TASK_FILES);
+    __u64 files = kernel_u64(bpf_get_current_task() + DEPFENCE_OFF_TASK_FILES);
     if (!files)
         return 0;
-    __u64 fdt = kernel_ptr(files + DEPFENCE_OFF_FILES_FDT);
+    __u64 fdt = kernel_u64(files + DEPFENCE_OFF_FILES_FDT);
     if (!fdt)
         return 0;
     __u32 max_fds = 0;
     bpf_probe_read_kernel(&max_fds, sizeof(max_fds), (void *)(fdt + DEPFENCE_OFF_FDTABLE_MAX_FDS));
     if (fd >= max_fds)
         return 0;
-    __u64 file = kernel_ptr(kernel_ptr(fdt + DEPFENCE_OFF_FDTABLE_FD) + fd * sizeof(__u64));
+    __u64 file = kernel_u64(kernel_u64(fdt + DEPFENCE_OFF_FDTABLE_FD) + fd * sizeof(__u64));
     if (!file)
         return 0;
-    __u64 inode = kernel_ptr(file + DEPFENCE_OFF_FILE_INODE);
+    __u64 inode = kernel_u64(file + DEPFENCE_OFF_FILE_INODE);
     if (!inode)
         return 0;
     struct file_key key = {};
-    key.ino = kernel_ptr(inode + DEPFENCE_OFF_INODE_INO);
+    key.ino = kernel_u64(inode + DEPFENCE_OFF_INODE_INO);
     bpf_probe_read_kernel(&key.dev, sizeof(key.dev),
-                          (void *)(kernel_ptr(inode + DEPFENCE_OFF_INODE_SB) + DEPFENCE_OFF_SB_DEV));
+                          (void *)(kernel_u64(inode + DEPFENCE_OFF_INODE_SB) + DEPFENCE_OFF_SB_DEV));
     return hosts_files.lookup(&key) != 0;
 }
 #endif

@@ -32,9 +32,7 @@
 
 static __always_inline __u64 reg(__u64 regs, __u32 off)
 {
-    __u64 value = 0;
-    bpf_probe_read_kernel(&value, sizeof(value), (void *)(regs + off));
-    return value;
+    return kernel_u64(regs + off);
 }
 
 /* Whether the syscall came from native (64-bit) code. */
