@@ -383,14 +383,31 @@ class StderrCapture:
         self._file.close()
 
 
+#: Loads tried when the verifier gives up because a signal came for this process: it
+#: answers EAGAIN then (a profiler or debugger stopping the process does it), and libbpf
+#: retries as many times.
+_LOAD_ATTEMPTS = 5
+
+
 def _captured(call: Callable[[], Any]) -> tuple[Any, Exception | None, str]:
-    """(result, exception, what C code printed to stderr meanwhile)."""
-    with StderrCapture() as log:
-        try:
-            return call(), None, ""
-        except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception; reported below
-            failure = exc
+    """(result, exception, what C code printed to stderr meanwhile); a load the verifier
+    gave up on for a pending signal is tried again."""
+    for _ in range(_LOAD_ATTEMPTS):
+        with StderrCapture() as log:
+            try:
+                return call(), None, ""
+            except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception; reported below
+                failure = exc
+        if not _interrupted(failure):
+            break
     return None, failure, log.text
+
+
+def _interrupted(failure: Exception) -> bool:
+    """Whether a load failed with EAGAIN: bcc says it only in words (os.strerror)."""
+    return getattr(failure, "errno", None) == errno.EAGAIN or str(failure).endswith(
+        os.strerror(errno.EAGAIN)
+    )
 
 
 def compile_programs(bcc: ModuleType, text: str, cflags: list[str]) -> Any:

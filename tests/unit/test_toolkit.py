@@ -8,6 +8,7 @@ the version and its fix. Real loads are in tests/integration/test_kernel_toolkit
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,34 @@ def test_a_syscall_load_failure_is_blamed_on_what_failed(monkeypatch, err, log, 
     else:
         assert "verifier" not in reason
     assert "attach_type" not in reason and "bcc 0.19" not in reason
+
+
+class Bcc025Interrupted(Bcc025):
+    """Stands in for bcc 0.25+ whose load the verifier gives up on `times` times because
+    a signal is pending (the kernel answers EAGAIN; py-spy's sampling did it for real)."""
+
+    def __init__(self, times: int) -> None:
+        self.times = times
+        self.tries = 0
+
+    def load_func(self, name: bytes, prog_type: int, attach_type: int = -1) -> Any:
+        self.tries += 1
+        if self.tries <= self.times:
+            raise Exception(f"Failed to load BPF program {name!r}: {os.strerror(errno.EAGAIN)}")
+        return progload.LoadedProgram(name, 7)
+
+
+def test_a_load_interrupted_by_a_signal_is_tried_again():
+    bcc = Bcc025Interrupted(times=2)
+    fn = toolkit.load_program(bcc, "f", toolkit.PROG_TYPE_CGROUP_SKB, 1)
+    assert (fn.fd, bcc.tries) == (7, 3)
+
+
+def test_a_load_interrupted_every_time_still_fails_with_the_reason():
+    bcc = Bcc025Interrupted(times=100)
+    with pytest.raises(FenceUnavailable, match="Resource temporarily unavailable"):
+        toolkit.load_program(bcc, "f", toolkit.PROG_TYPE_CGROUP_SKB, 1)
+    assert bcc.tries == 5
 
 
 def test_an_old_bcc_finds_tracepoints_under_debugfs_only(tmp_path, monkeypatch):
