@@ -109,7 +109,7 @@ static __always_inline int names_hosts(const char *path, int etc)
     struct path_buf *buf = path_scratch.lookup(&zero);
     if (!buf)
         return 0;
-    long n = bpf_probe_read_user_str(buf->s, sizeof(buf->s), path);
+    long n = read_user_str(buf->s, sizeof(buf->s), path);
     if (n <= 0)
         return 0;  /* the call succeeded, so the name was readable: it is gone (another thread) */
     if (n >= PATH_BUF)
@@ -143,6 +143,6 @@ static __always_inline int hosts_named(__u64 cgid, const char *path)
 static __always_inline __u64 open_how_flags(__u64 how)
 {
     __u64 flags = 0;
-    bpf_probe_read_user(&flags, sizeof(flags), (void *)how);
+    read_user(&flags, sizeof(flags), (void *)how);
     return flags;
 }

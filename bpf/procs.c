@@ -56,7 +56,7 @@ static __always_inline int record_exec(const char *filename, const char *const *
     p->flags = PROC_EXECED;
     p->cgid = cgid;
     p->argc = 0;
-    if (bpf_probe_read_user_str(p->exe, sizeof(p->exe), filename) < 0)
+    if (read_user_str(p->exe, sizeof(p->exe), filename) < 0)
         p->exe[0] = 0;
 
     /* A loop, not unrolled: 5.3+ verifiers take bounded loops, and clang unrolling
@@ -64,10 +64,10 @@ static __always_inline int record_exec(const char *filename, const char *const *
 #pragma clang loop unroll(disable)
     for (int i = 0; i < DEPFENCE_ARGC; i++) {
         const char *arg = 0;
-        bpf_probe_read_user(&arg, sizeof(arg), &argv[i]);
+        read_user(&arg, sizeof(arg), &argv[i]);
         if (!arg)
             break;
-        int len = bpf_probe_read_user_str(&p->args[i * DEPFENCE_ARGLEN], DEPFENCE_ARGLEN, arg);
+        int len = read_user_str(&p->args[i * DEPFENCE_ARGLEN], DEPFENCE_ARGLEN, arg);
         if (len < 0)
             break;
         if (len == DEPFENCE_ARGLEN)
@@ -75,7 +75,7 @@ static __always_inline int record_exec(const char *filename, const char *const *
         p->argc = i + 1;
         if (i == DEPFENCE_ARGC - 1) {
             const char *more = 0;
-            bpf_probe_read_user(&more, sizeof(more), &argv[i + 1]);
+            read_user(&more, sizeof(more), &argv[i + 1]);
             if (more)
                 p->flags |= PROC_TRUNCATED;
         }

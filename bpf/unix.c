@@ -77,7 +77,7 @@ static __always_inline int unix_connect_entered(const char *addr, int addrlen)
         return 0;
     __u16 family = 0;
     __u64 tid = bpf_get_current_pid_tgid();
-    if (bpf_probe_read_user(&family, sizeof(family), addr) != 0 || family != AF_UNIX_FAMILY) {
+    if (read_user(&family, sizeof(family), addr) != 0 || family != AF_UNIX_FAMILY) {
         unix_pending.delete(&tid);  /* an exit this thread never reached (signal): stale */
         return 0;
     }
@@ -91,7 +91,7 @@ static __always_inline int unix_connect_entered(const char *addr, int addrlen)
      * at the end of a page) and lose the whole path. Read back through volatile so
      * the mask the verifier needs is applied to the register passed. */
     __u32 size = *(volatile __u32 *)&pending.path_len & (UNIX_PATH_LEN - 1);
-    bpf_probe_read_user(pending.path, size, addr + 2);
+    read_user(pending.path, size, addr + 2);
     unix_pending.update(&tid, &pending);
     return 0;
 }
@@ -112,7 +112,7 @@ static __always_inline int unix_sendmsg_entered(const char *msg)
         const char *name;
         int namelen;
     } head = {};
-    if (bpf_probe_read_user(&head, sizeof(head), msg) != 0 || !head.name)
+    if (read_user(&head, sizeof(head), msg) != 0 || !head.name)
         return 0;
     return unix_connect_entered(head.name, head.namelen);
 }
