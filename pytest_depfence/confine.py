@@ -1,6 +1,7 @@
 """How a command enters its fence, and what keeps it there.
 
-A fenced command is started as `entry_argv(...)`, a chain of execs in one process:
+A fenced command is started as `entry_argv(...)`, a chain of execs in one process,
+by `start`:
 
 1. `/bin/sh -c 'echo 0 > "$0" && exec "$@"' PROCS ...` moves itself into the fence
    cgroup (a shell rather than preexec_fn: running Python in a forked child of a
@@ -11,32 +12,42 @@ A fenced command is started as `entry_argv(...)`, a chain of execs in one proces
    kernel refuses to migrate a task of that namespace to a cgroup outside its root
    (`cgroup_procs_write_permission`: ENOENT), whatever the mount it names it through
    and even as root; `ensure_nsdelegate` turns that option on where it is off;
-3. unless `raw_sockets=True`, `setpriv` takes CAP_NET_RAW out of the bounding and
-   inheritable sets (so out of the ambient set, and out of the permitted and
-   effective sets the exec computes for the command, root or setuid): no raw or
-   packet socket, which the connect-time hooks never see. A user namespace gives
-   every capability back inside it (`unshare -Urn`): a raw or packet socket made
-   there all the same kills its process (bpf/escape.c, FENCE_RAW_SOCKETS unset).
+3. unless `raw_sockets=True`, it is born without CAP_NET_RAW in its bounding,
+   inheritable and ambient sets (so without it in the permitted and effective sets
+   every exec computes, root or setuid): `start` forks it from a thread of its own
+   that dropped it first. Capabilities are per thread and a child inherits its
+   forking thread's; a new thread inherits its creator's namespaces (a lab's network
+   namespace is the calling thread's). No raw or packet socket, which the
+   connect-time hooks never see. A user namespace gives every capability back inside
+   it (`unshare -Urn`): a raw or packet socket made there all the same kills its
+   process (bpf/escape.c, FENCE_RAW_SOCKETS unset). This was an exec of util-linux's
+   `setpriv` (1.2-1.6 ms of every run here).
 
-Both tools are util-linux's (on Debian 11 setpriv is its own package); their paths
-are found once, so a command's own PATH cannot change what enters the fence.
+`unshare` is util-linux's; its path is found once, so a command's own PATH cannot
+change what enters the fence.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import FenceUnavailable
 
 MOUNTINFO = "/proc/self/mountinfo"
 _MOVE_IN = ("/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"')
-_NO_NET_RAW = ("--bounding-set", "-net_raw", "--inh-caps", "-net_raw", "--ambient-caps", "-net_raw")
+
+CAP_NET_RAW = 13
+_PR_CAPBSET_READ, _PR_CAPBSET_DROP = 23, 24
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_LOWER = 47, 3
+_CAPABILITY_VERSION_3 = 0x20080522
 
 # mount(2) flags for the per-mount and per-superblock options /proc/self/mountinfo
 # shows as words: a remount that does not repeat them would clear them.
@@ -60,7 +71,6 @@ _FLAG_WORDS = {
 @dataclass(frozen=True)
 class Tools:
     unshare: str
-    setpriv: str
 
 
 _lock = threading.Lock()
@@ -80,26 +90,86 @@ def prepare(mountinfo: str = MOUNTINFO) -> Tools:
 
 
 def find_tools() -> Tools:
-    found = {name: shutil.which(name) for name in ("unshare", "setpriv")}
-    missing = [name for name, path in found.items() if path is None]
-    if missing:
+    unshare = shutil.which("unshare")
+    if unshare is None:
         raise FenceUnavailable(
-            f"{' and '.join(missing)} not found: fenced commands start through util-linux's "
-            "unshare (a cgroup namespace) and setpriv (no CAP_NET_RAW)",
-            fix="apt-get install util-linux (Debian 11: apt-get install setpriv)",
+            "unshare not found: fenced commands start through util-linux's unshare "
+            "(a cgroup namespace)",
+            fix="apt-get install util-linux",
         )
-    return Tools(unshare=str(found["unshare"]), setpriv=str(found["setpriv"]))
+    return Tools(unshare=unshare)
 
 
-def entry_argv(
-    tools: Tools, procs: Sequence[Path], argv: list[str], *, raw_sockets: bool
-) -> list[str]:
+def entry_argv(tools: Tools, procs: Sequence[Path], argv: list[str]) -> list[str]:
     """The command line that moves into each cgroup whose cgroup.procs is in `procs`, in
     order (the fence cgroup last; before it, the v1 cgroups of its limits: `limits`),
-    unshares the cgroup namespace, drops CAP_NET_RAW (unless raw_sockets), runs argv."""
+    unshares the cgroup namespace and runs argv."""
     moves = [arg for path in procs for arg in (*_MOVE_IN, str(path))]
-    caps = [] if raw_sockets else [tools.setpriv, *_NO_NET_RAW, "--"]
-    return [*moves, tools.unshare, "--cgroup", "--", *caps, *argv]
+    return [*moves, tools.unshare, "--cgroup", "--", *argv]
+
+
+P = TypeVar("P")
+
+
+def start(popen: Callable[[], P], *, raw_sockets: bool) -> P:
+    """`popen()` (it starts the entry chain), from a new thread without CAP_NET_RAW
+    unless `raw_sockets`: what it starts can never have it (step 3 above). The thread
+    is new each time, as a bounding set never grows back; what `popen` raises is
+    raised here."""
+    if raw_sockets:
+        return popen()
+    result: list[P] = []
+    failure: list[BaseException] = []
+
+    def spawn() -> None:
+        try:
+            drop_net_raw()
+            result.append(popen())
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=spawn, name="depfence-spawn")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def drop_net_raw() -> None:
+    """Take CAP_NET_RAW out of the calling thread's bounding, inheritable and ambient
+    sets, for good (what `setpriv --bounding-set -net_raw --inh-caps -net_raw
+    --ambient-caps -net_raw` does before its exec); its effective and permitted sets keep
+    it until the thread's child execs."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(failed: int, what: str) -> None:
+        if failed:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot take CAP_NET_RAW out of the {what} set: {os.strerror(err)}")
+
+    check(libc.prctl(_PR_CAPBSET_DROP, CAP_NET_RAW, 0, 0, 0) != 0, "bounding")
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)  # pid 0: this thread
+    data = (_CapData * 2)()
+    check(libc.capget(ctypes.byref(header), data) != 0, "inheritable (capget)")
+    data[0].inheritable &= ~(1 << CAP_NET_RAW)
+    check(libc.capset(ctypes.byref(header), data) != 0, "inheritable (capset)")
+    # The ambient set needs CAP_NET_RAW in the inheritable one, so it is empty of it now;
+    # lowered all the same, as setpriv does (EINVAL: a kernel before 4.3 has no such set).
+    if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_LOWER, CAP_NET_RAW, 0, 0) != 0:
+        check(ctypes.get_errno() != errno.EINVAL, "ambient")
 
 
 @dataclass(frozen=True)

@@ -317,15 +317,19 @@ class Fence:
     ) -> subprocess.Popen[bytes]:
         """Start `argv` in `cgroup`, entering it as `confine` says; output to pipes."""
         assert self._tools is not None
-        entry = confine.entry_argv(self._tools, cgroup.procs, argv, raw_sockets=self.raw_sockets)
-        return subprocess.Popen(
-            entry,
-            cwd=cwd,
-            env=dict(env) if env is not None else None,
-            stdin=subprocess.DEVNULL if stdin is None else stdin,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        entry = confine.entry_argv(self._tools, cgroup.procs, argv)
+
+        def popen() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                entry,
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+
+        return confine.start(popen, raw_sockets=self.raw_sockets)
 
     def _enclose(
         self,

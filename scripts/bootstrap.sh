@@ -2,7 +2,7 @@
 # Make this machine able to run pytest-depfence's full test suite, as root:
 #   - distro packages: bcc (python3-bpfcc; the PyPI `bcc` is an unrelated package),
 #     the real clients the lab tests drive (curl, wget, dig, busybox nslookup, git), bpftool;
-#     util-linux's unshare and setpriv, which every fenced command starts through;
+#     util-linux's unshare, which every fenced command starts through, and setpriv (tests);
 #   - a kernel header tree at /lib/modules/$(uname -r)/build, which bcc compiles against;
 #   - the virtualenv .venv with the project installed editable, plus its test extras;
 #   - tracefs, for the tracepoints the project attaches to.
@@ -95,9 +95,9 @@ if [[ "$BENCH" == 1 ]]; then
     fi
 fi
 
-# Every fenced command starts through util-linux's unshare (its own cgroup namespace)
-# and setpriv (no CAP_NET_RAW). Both are in util-linux on Debian 12/13 and Ubuntu
-# 22.04/24.04; Debian 11 ships setpriv as a package of its own.
+# Every fenced command starts through util-linux's unshare (its own cgroup namespace);
+# the test suite runs some tests as nobody through setpriv. Both are in util-linux on
+# Debian 12/13 and Ubuntu 22.04/24.04; Debian 11 ships setpriv as a package of its own.
 if command -v unshare >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1; then
     say "unshare, setpriv: present"
 else

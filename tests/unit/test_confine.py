@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from pytest_depfence import confine, options
 from pytest_depfence.errors import ConfigError
 
-TOOLS = confine.Tools(unshare="/usr/bin/unshare", setpriv="/usr/bin/setpriv")
+TOOLS = confine.Tools(unshare="/usr/bin/unshare")
 PROCS = Path("/sys/fs/cgroup/depfence/1-2/run-1/cgroup.procs")
 HYBRID = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
 SYSTEMD = (
@@ -20,29 +22,55 @@ HAND = "50 24 0:30 / /cg ro,nosuid,noatime - cgroup2 none rw,memory_localevents,
 V1 = "30 24 0:26 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
 
 
-def test_the_chain_moves_in_then_unshares_then_drops_cap_net_raw() -> None:
-    argv = confine.entry_argv(TOOLS, [PROCS], ["./deploy.sh", "-x"], raw_sockets=False)
+def test_the_chain_moves_in_then_unshares() -> None:
+    argv = confine.entry_argv(TOOLS, [PROCS], ["./deploy.sh", "-x"])
 
     assert argv[:4] == ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', str(PROCS)]
-    assert argv[4:7] == ["/usr/bin/unshare", "--cgroup", "--"]
-    setpriv = argv[7:-2]
-    assert setpriv[0] == "/usr/bin/setpriv" and setpriv[-1] == "--"
-    for flag in ("--bounding-set", "--inh-caps", "--ambient-caps"):
-        assert setpriv[setpriv.index(flag) + 1] == "-net_raw"
-    assert argv[-2:] == ["./deploy.sh", "-x"]
+    assert argv[4:] == ["/usr/bin/unshare", "--cgroup", "--", "./deploy.sh", "-x"]
 
 
 def test_each_cgroup_is_entered_in_order_the_fence_last() -> None:
     mirror = Path("/sys/fs/cgroup/memory/depfence/1-2/run-1/cgroup.procs")
-    argv = confine.entry_argv(TOOLS, [mirror, PROCS], ["true"], raw_sockets=True)
+    argv = confine.entry_argv(TOOLS, [mirror, PROCS], ["true"])
     move = ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"']
     unshare = ["/usr/bin/unshare", "--cgroup", "--"]
     assert argv == [*move, str(mirror), *move, str(PROCS), *unshare, "true"]
 
 
-def test_raw_sockets_leave_setpriv_out() -> None:
-    argv = confine.entry_argv(TOOLS, [PROCS], ["-dash-first"], raw_sockets=True)
-    assert argv[4:] == ["/usr/bin/unshare", "--cgroup", "--", "-dash-first"]
+def capabilities(status: str) -> dict[str, bool]:
+    """Whether each set in /proc/PID/status text holds CAP_NET_RAW."""
+    return {
+        line.split(":")[0]: bool(int(line.split()[1], 16) >> confine.CAP_NET_RAW & 1)
+        for line in status.splitlines()
+        if line.startswith("Cap")
+    }
+
+
+def status_of_a_child(*, raw_sockets: bool) -> str:
+    child = confine.start(
+        lambda: subprocess.Popen(["cat", "/proc/self/status"], stdout=subprocess.PIPE, text=True),
+        raw_sockets=raw_sockets,
+    )
+    out, _ = child.communicate(timeout=10)
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: only root holds CAP_NET_RAW to drop")
+def test_a_child_started_without_raw_sockets_never_holds_cap_net_raw_and_its_starter_keeps_it():
+    mine = capabilities(Path("/proc/thread-self/status").read_text())
+    assert mine["CapBnd"] and mine["CapEff"]
+
+    assert capabilities(status_of_a_child(raw_sockets=False)) == {
+        name: False for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+    }
+    assert capabilities(status_of_a_child(raw_sockets=True))["CapEff"]
+    # The calling thread, and so the test process, keeps it.
+    assert capabilities(Path("/proc/thread-self/status").read_text()) == mine
+
+
+def test_what_starting_raises_is_raised_in_the_callers_thread() -> None:
+    with pytest.raises(FileNotFoundError):
+        confine.start(lambda: subprocess.Popen(["/nonexistent/depfence-x"]), raw_sockets=False)
 
 
 def mountinfo(tmp_path: Path, *lines: str) -> str:
