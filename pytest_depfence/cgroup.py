@@ -149,11 +149,24 @@ def wait_empty(path: Path, timeout: float) -> bool:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a cgroup directory and its children (they must be empty of processes)."""
-    if not path.exists():
+    """Remove a cgroup directory and its children (they must be empty of processes): one
+    rmdir when it has none, as nearly every run's cgroup (listing a cgroup directory
+    costs a stat per file of it)."""
+    try:
+        path.rmdir()
         return
-    for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
-        remove_tree(child)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+            raise
+    try:
+        with os.scandir(path) as entries:
+            children = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return
+    for child in sorted(children, reverse=True):
+        remove_tree(Path(child))
     try:
         path.rmdir()
     except FileNotFoundError:
