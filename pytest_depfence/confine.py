@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import threading
@@ -148,12 +149,17 @@ class _CapData(ctypes.Structure):
     ]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def drop_net_raw() -> None:
     """Take CAP_NET_RAW out of the calling thread's bounding, inheritable and ambient
     sets, for good (what `setpriv --bounding-set -net_raw --inh-caps -net_raw
     --ambient-caps -net_raw` does before its exec); its effective and permitted sets keep
     it until the thread's child execs."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
 
     def check(failed: int, what: str) -> None:
         if failed:
