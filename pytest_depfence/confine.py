@@ -164,7 +164,12 @@ def drop_net_raw() -> None:
     def check(failed: int, what: str) -> None:
         if failed:
             err = ctypes.get_errno()
-            raise OSError(err, f"cannot take CAP_NET_RAW out of the {what} set: {os.strerror(err)}")
+            raise FenceUnavailable(
+                f"cannot take CAP_NET_RAW out of the {what} set of the thread that starts "
+                f"the fenced command: {os.strerror(err)}",
+                fix="run as root (the bounding set needs CAP_SETPCAP), or fence with "
+                "raw_sockets=True to leave CAP_NET_RAW to the command",
+            )
 
     check(libc.prctl(_PR_CAPBSET_DROP, CAP_NET_RAW, 0, 0, 0) != 0, "bounding")
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)  # pid 0: this thread

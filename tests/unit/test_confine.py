@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,29 @@ def test_the_library_and_the_cli_check_it_too() -> None:
     args = _parser().parse_args(["run", "--raw-sockets", "--", "true"])
     assert plan(args).raw_sockets is True
     assert plan(_parser().parse_args(["run", "--", "true"])).raw_sockets is False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: setpriv drops CAP_SETPCAP from it")
+def test_a_starter_that_may_not_drop_cap_net_raw_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    marker = tmp_path / "started"
+    code = (
+        "import subprocess, sys\n"
+        "from pytest_depfence import confine\n"
+        "from pytest_depfence.errors import FenceUnavailable\n"
+        "try:\n"
+        f"    touch = lambda: subprocess.Popen(['touch', {str(marker)!r}])\n"
+        "    confine.start(touch, raw_sockets=False)\n"
+        "except FenceUnavailable as exc:\n"
+        "    print(exc.reason, '|', exc.fix)\n"
+    )
+    done = subprocess.run(
+        [setpriv, "--bounding-set", "-setpcap", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "cannot take CAP_NET_RAW out of the bounding set" in done.stdout
+    assert "Operation not permitted" in done.stdout and "raw_sockets=True" in done.stdout
+    assert not marker.exists()
