@@ -108,6 +108,35 @@ if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-index
     finish 125
 fi
 
+# --- the cgroup-BPF static key, kept on -------------------------------------------
+# Before 5.13 one static key guards every cgroup-BPF hook in the kernel, and each fence's
+# attach and detach turns it on and off again, patching kernel text (inet_release and the
+# like) every time. Under TCG a vCPU has twice been left spinning at such a site, in
+# close(), for minutes (soft lockup; Debian 11's 5.10), and the lane failed. A program
+# attached to an empty cgroup for the whole run keeps the key on: a fence's attach then
+# only counts. BPF_PROG_ATTACH's attachment outlives the process that made it. Nothing
+# runs in that cgroup, so the program never runs.
+KEEP=/sys/fs/cgroup/vm-keep-cgroup-bpf-key
+mkdir -p "$KEEP"
+if ! python3 - "$KEEP" >"$RESULTS/keep-key.log" 2>&1 <<'PY'
+import ctypes, os, sys
+from bcc import BPF
+bpf = BPF(text=b"int keep(struct __sk_buff *skb) { return 1; }")
+fn = bpf.load_func(b"keep", 8)  # BPF_PROG_TYPE_CGROUP_SKB
+# BPF_PROG_ATTACH (8) by syscall (321, x86-64): bcc 0.18 has no attach_func().
+# union bpf_attr: target_fd, attach_bpf_fd, attach_type (BPF_CGROUP_INET_EGRESS), flags.
+attr = (ctypes.c_uint32 * 4)(os.open(sys.argv[1], os.O_RDONLY), fn.fd, 1, 0)
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.syscall(321, 8, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+    sys.exit("BPF_PROG_ATTACH: " + os.strerror(ctypes.get_errno()))
+PY
+then
+    cat "$RESULTS/keep-key.log"
+    say "error: could not attach the program that keeps the cgroup-BPF static key on"
+    finish 125
+fi
+say "cgroup-BPF static key kept on ($KEEP)"
+
 # --- the suite ------------------------------------------------------------------
 
 PYTEST_ARGS=()
