@@ -41,9 +41,11 @@ def main(args: list[str]) -> int:
         worst = worst or int(code)
         if junit and Path(junit).is_file():
             try:
-                print("\n".join(failures(Path(junit))) or "    (no failed test in its JUnit XML)")
+                failed = failures(Path(junit))
             except ET.ParseError as err:
-                print(f"    {junit}: unreadable JUnit XML ({err})")
+                failed = [f"    {junit}: unreadable JUnit XML ({err})"]
+            if failed or code != "0":
+                print("\n".join(failed) or "    (no failed test in its JUnit XML)")
         elif code != "0":
             print(f"    no JUnit XML at {junit or '-'}")
             if console and Path(console).is_file():
