@@ -14,6 +14,7 @@ fenced scripts wait on FIFOs while the maps are looked at.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import socket
@@ -219,6 +220,26 @@ def test_a_whole_map_is_read_and_deleted_in_batches(fences) -> None:
         assert [k for k, _ in batch.entries(table) if k.cgid == 0] == []
     finally:
         batch.delete(table, keys)
+
+
+def test_a_map_of_large_values_is_read_a_bounded_chunk_at_a_time_and_whole(fences) -> None:
+    """Process records (4.4 KB each) are read no more than `batch.CHUNK_BYTES` a syscall,
+    and every one of them: here three chunks and more. The pids are above any pid_max,
+    so no program ever looks them up."""
+    from pytest_depfence.kernel import batch
+
+    table = load().table("procs")
+    per_call = batch.CHUNK_BYTES // (ctypes.sizeof(table.Key) + ctypes.sizeof(table.Leaf))
+    assert 1 <= per_call < batch.CHUNK
+    pids = range(0x7FFF0000, 0x7FFF0000 + 3 * per_call + 5)
+    keys = [table.Key(pid) for pid in pids]
+    for key in keys:
+        table[key] = table.Leaf()
+    try:
+        assert {k.value for k, _ in batch.entries(table) if k.value in pids} == set(pids)
+    finally:
+        batch.delete(table, keys)
+    assert [k for k, _ in batch.entries(table) if k.value in pids] == []
 
 
 #: Makes a raw socket (`rawsocks`: sockcreate.c), says so on argv[1], waits on argv[2].
