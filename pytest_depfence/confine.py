@@ -46,7 +46,7 @@ MOUNTINFO = "/proc/self/mountinfo"
 _MOVE_IN = ("/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"')
 
 CAP_NET_RAW = 13
-_PR_CAPBSET_READ, _PR_CAPBSET_DROP = 23, 24
+_PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_LOWER = 47, 3
 _CAPABILITY_VERSION_3 = 0x20080522
 
@@ -109,17 +109,17 @@ def entry_argv(tools: Tools, procs: Sequence[Path], argv: list[str]) -> list[str
     return [*moves, tools.unshare, "--cgroup", "--", *argv]
 
 
-P = TypeVar("P")
+_P = TypeVar("_P")
 
 
-def start(popen: Callable[[], P], *, raw_sockets: bool) -> P:
+def start(popen: Callable[[], _P], *, raw_sockets: bool) -> _P:
     """`popen()` (it starts the entry chain), from a new thread without CAP_NET_RAW
     unless `raw_sockets`: what it starts can never have it (step 3 above). The thread
     is new each time, as a bounding set never grows back; what `popen` raises is
     raised here."""
     if raw_sockets:
         return popen()
-    result: list[P] = []
+    result: list[_P] = []
     failure: list[BaseException] = []
 
     def spawn() -> None:
