@@ -236,7 +236,7 @@ def ensure_nsdelegate(mountinfo: str = MOUNTINFO) -> None:
     if mount is None or mount.nsdelegate:
         return  # no cgroup2 at all: cgroup.py says so, with its fix
     flags, data = mount.remount_request()
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     text = ctypes.c_char_p
     libc.mount.argtypes = [text, text, text, ctypes.c_ulong, text]
     failed = libc.mount(b"cgroup2", os.fsencode(mount.path), b"cgroup2", flags, data.encode())
