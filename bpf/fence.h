@@ -40,7 +40,8 @@ struct fence_cfg {
     __u16 refuser_port; /* host byte order: bound, never listening */
     __u16 flags;        /* FENCE_* */
     __u8 outage;        /* OUTAGE_*: refuse (EPERM), reset (to the refuser port), blackhole */
-    __u8 pad;
+    __u8 touched;       /* set by the programs that record its sockets (sockaddr.c,
+                         * sockcreate.c): only then has unregistering it maps to sweep */
 };
 
 /* An address or network of a fence: learned from DNS, the hosts file, or a rule.

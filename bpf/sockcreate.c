@@ -29,8 +29,10 @@ int sock_create(struct bpf_sock *ctx)
     if (type != SOCK_RAW && !icmp)
         return 1;
     __u64 cgid;
-    if (!fence_of_current(&cgid))
+    struct fence_cfg *fence = fence_of_current(&cgid);
+    if (!fence)
         return 1;
+    fence->touched = 1;
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     struct owner o = {};
     o.pid = pid_tgid >> 32;

@@ -151,9 +151,13 @@ class Programs:
 
     def unregister(self, cgroup_id: int) -> None:
         """Forget a fence cgroup and everything recorded of it: its process records, its
-        sockets' owners and DNS destinations, its DNS flows, its uncounted contacts."""
+        sockets' owners and DNS destinations, its DNS flows, its uncounted contacts (the
+        socket maps only if its programs ever recorded a socket of it: `touched`)."""
+        fence_key = self._fences.Key(cgroup_id)
+        touched = True
         try:
-            del self._fences[self._fences.Key(cgroup_id)]
+            touched = bool(self._fences[fence_key].touched)
+            del self._fences[fence_key]
         except KeyError:
             pass
         with self._events_lock:  # not while the events thread walks it
@@ -166,8 +170,9 @@ class Programs:
         for key in gone:
             self._decoded.pop(key.value, None)
         batch.delete(self._lost, [self._lost.Key(cgroup_id)])
-        self._forget_sockets(cgroup_id)
-        self.take_contacts({cgroup_id})
+        if touched:
+            self._forget_sockets(cgroup_id)
+            self.take_contacts({cgroup_id})
         with self._hosts_lock:
             unread = []
             for key, readers in self._hosts_readers.items():
