@@ -14,7 +14,7 @@ It knows nothing of policies, BPF maps or pytest.
 - `listeners`: the loopback sockets; `connection`: one TCP client;
 - `forwarder`: UDP queries over one persistent upstream socket, answers matched
   back by id and question; `upstream`: a TCP query's own connection upstream;
-- `tickets`: each query's progress, what `drain()` waits for; `barrier`: its start;
+- `tickets`: each query's progress, what `drain()` waits for;
 - `tcp`: TCP clients, a reader thread each, their queries forwarded on a pool;
 - `proxy`: `DnsProxy`, its event loop (all of UDP), its answering and `drain()`.
 """

@@ -8,9 +8,11 @@ client. One thread, no hand-offs: the judge's work is all a query costs.
 TCP clients each get a thread, and their queries a pool thread for the
 upstream, as a silent upstream must never hold a reader.
 
-``drain()`` is the barrier a fence uses to know every query of a finished run
-has been observed. It never waits for the upstream: a query still waiting for
-its answer is observed by drain() itself, with the verdict `query` gave it.
+``drain()`` is how a fence knows every query of a finished run has been
+observed. It starts once nothing waits unread on a listener and the loop is not
+reading one (so every query that reached the proxy is read, or on a connection it
+sees), and never waits for the upstream: a query still waiting for its answer is
+observed by drain() itself, with the verdict `query` gave it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from types import TracebackType
 from typing import Any, Callable
 
 from . import listeners, wire
-from .barrier import PREFIX, Barriers
 from .connection import Connection
 from .forwarder import UdpUpstream, Waiting
 from .tcp import TcpClients
@@ -101,7 +102,10 @@ class DnsProxy(TcpClients):
         self._conn_seq = itertools.count(1)
         self._conn_last = 0
         self._connections: dict[int, Connection] = {}
-        self._barriers = Barriers()
+        # True while the loop reads a listener (a datagram or a connection taken from it
+        # is not yet judged or registered); drain() reads it after the listeners.
+        self._reading = False
+        self._listen_poll = select.poll()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -118,6 +122,8 @@ class DnsProxy(TcpClients):
         self._upstream_addr = addr
         bound = listeners.bind(self.host4, self.host6)
         self._listeners, self.port, self.has_ipv6 = bound, bound.port, bound.has_ipv6
+        for sock in (*bound.udp, *bound.tcp):
+            self._listen_poll.register(sock, select.POLLIN)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._udp_upstream = UdpUpstream(family, addr, self.upstream_timeout)
@@ -232,24 +238,31 @@ class DnsProxy(TcpClients):
     # -- UDP, on the loop thread ---------------------------------------------------
 
     def _read_udp(self, sock: socket.socket, listen_port: int) -> None:
-        # In the order they came, each judged before the next is read: a barrier
-        # datagram is seen only once every query before it is observed or forwarded.
-        for _ in range(_UDP_BATCH):
-            try:
-                data, addr = sock.recvfrom(wire.MAX_MESSAGE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except ConnectionRefusedError:
-                # A stale ICMP error for an earlier reply; the listener is fine.
-                continue
-            if data.startswith(PREFIX) and self._barriers.udp_arrived(data):
-                continue
-            reply = None
-            try:
-                reply = self._query_udp(sock, data, addr, listen_port)
-            except Exception as exc:
-                self._record(exc)
-            self._send_udp(sock, addr, reply)
+        # In the order they came, each observed or forwarded before the next is read.
+        self._reading = True
+        try:
+            for _ in range(_UDP_BATCH):
+                try:
+                    data, addr = sock.recvfrom(wire.MAX_MESSAGE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return
+                except ConnectionRefusedError:
+                    # A stale ICMP error for an earlier reply; the listener is fine.
+                    continue
+                reply = None
+                try:
+                    reply = self._query_udp(sock, data, addr, listen_port)
+                except Exception as exc:
+                    self._record(exc)
+                self._send_udp(sock, addr, reply)
+        finally:
+            self._read_done()
+
+    def _read_done(self) -> None:
+        """The loop has judged what it read from a listener (drain() may be waiting)."""
+        with self._state:
+            self._reading = False
+            self._state.notify_all()
 
     def _query_udp(
         self, sock: socket.socket, data: bytes, addr: tuple[Any, ...], listen_port: int
@@ -364,14 +377,13 @@ class DnsProxy(TcpClients):
         if not self._started or self._stopped:
             return
         deadline = time.monotonic() + timeout
-        assert self._listeners is not None
-        try:
-            self._barriers.pass_udp(self._listeners.udp, deadline)
-            self._barriers.pass_tcp(self._listeners.tcp, deadline)
-        except TimeoutError as exc:
-            # The loop is still busy with what came before: say with what.
-            raise self._drain_timeout(timeout, self._tickets.busy(self._tickets.last), -1) from exc
         with self._state:
+            while not self._listeners_read():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    # The loop is still busy with what came before: say with what.
+                    raise self._drain_timeout(timeout, self._tickets.busy(self._tickets.last), -1)
+                self._state.wait(min(remaining, _DRAIN_POLL))
             conn_cutoff = self._conn_last
         cutoff: int | None = None
         while True:
@@ -398,6 +410,13 @@ class DnsProxy(TcpClients):
                 self._observe(ticket.query, ticket.verdict)
             finally:
                 self._tickets.close(ticket)
+
+    def _listeners_read(self) -> bool:
+        """No datagram or connection waits on a listener, and the loop is not judging or
+        registering one it took: every query that reached the proxy is read, or on a
+        connection drain() sees. Readable is checked before `_reading` (the loop sets it
+        before it reads), as `Connection.idle` does; under `_state`, one poll at a time."""
+        return not self._listen_poll.poll(0) and not self._reading
 
     @staticmethod
     def _drain_timeout(timeout: float, busy: Counter[str], tcp_left: int) -> TimeoutError:

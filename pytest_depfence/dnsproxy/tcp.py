@@ -21,7 +21,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import upstream, wire
-from .barrier import Barriers
 from .connection import Connection
 from .tickets import Ticket, Tickets
 from .types import Query
@@ -39,7 +38,7 @@ class TcpClients:
     # The proxy's state this half shares (set by DnsProxy.__init__ and start()).
     upstream_timeout: float
     _stopping: threading.Event
-    _barriers: Barriers
+    _reading: bool
     _state: threading.Condition
     _tickets: Tickets
     _conn_seq: itertools.count[int]
@@ -64,6 +63,8 @@ class TcpClients:
 
         def _settle(self, ticket: Ticket, verdict: Any) -> None: ...
 
+        def _read_done(self) -> None: ...
+
     def _cut_tcp_upstreams(self) -> None:
         for sock in list(self._tcp_upstreams):
             try:
@@ -73,27 +74,28 @@ class TcpClients:
 
     def _accept(self, listener: socket.socket) -> None:
         listen_port = listener.getsockname()[1]
-        while True:
-            try:
-                sock, addr = listener.accept()
-            except BlockingIOError:
-                return
-            except (ConnectionAbortedError, ConnectionResetError):
-                continue
-            client = (addr[0], addr[1])
-            if self._barriers.tcp_arrived(client):
-                sock.close()
-                continue
-            sock.settimeout(_TCP_SEND_TIMEOUT)
-            with self._state:
-                seq = next(self._conn_seq)
-                self._conn_last = seq
-                conn = Connection(seq, sock, client, listen_port)
-                self._connections[seq] = conn
-            conn.thread = threading.Thread(
-                target=self._serve_tcp, args=(conn,), name=f"depfence-dns-tcp-{seq}", daemon=True
-            )
-            conn.thread.start()
+        self._reading = True
+        try:
+            while True:
+                try:
+                    sock, addr = listener.accept()
+                except BlockingIOError:
+                    return
+                except (ConnectionAbortedError, ConnectionResetError):
+                    continue
+                sock.settimeout(_TCP_SEND_TIMEOUT)
+                with self._state:
+                    seq = next(self._conn_seq)
+                    self._conn_last = seq
+                    conn = Connection(seq, sock, (addr[0], addr[1]), listen_port)
+                    self._connections[seq] = conn
+                name = f"depfence-dns-tcp-{seq}"
+                conn.thread = threading.Thread(
+                    target=self._serve_tcp, args=(conn,), name=name, daemon=True
+                )
+                conn.thread.start()
+        finally:
+            self._read_done()
 
     def _serve_tcp(self, conn: Connection) -> None:
         buffer = b""

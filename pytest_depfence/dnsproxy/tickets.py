@@ -7,7 +7,7 @@ is left to do until its answer comes, so `drain()` does not wait for it; whoever
 claims it first observes it, the thread with the upstream's answer or `drain()`
 (with `query`'s verdict), and only that one: every query is observed once.
 A UDP query is judged on the loop thread that reads it, before the loop reads
-the next datagram (so before any drain barrier behind it): it gets a ticket
+the next datagram (drain() starts once the loop has none left): it gets a ticket
 only when it is forwarded (`open_upstream`).
 """
 
