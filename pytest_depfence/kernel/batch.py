@@ -18,7 +18,7 @@ import errno
 import os
 from typing import Any
 
-from .progload import _SYS_BPF
+from .progload import bpf
 
 _BPF_MAP_LOOKUP_BATCH = 24
 _BPF_MAP_DELETE_BATCH = 27
@@ -46,14 +46,9 @@ class _BatchAttr(ctypes.Structure):
     ]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _call(cmd: int, attr: _BatchAttr) -> int:
     """The syscall's errno (0: success); attr.count says how many entries it did."""
-    if _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
-        return 0
-    return ctypes.get_errno()
+    return bpf(cmd, attr)[1]
 
 
 def entries(table: Any) -> list[tuple[Any, Any]]:

@@ -23,6 +23,13 @@ from typing import Any
 
 _BPF_PROG_LOAD = 5
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def bpf(cmd: int, attr: Any) -> tuple[int, int]:
+    """The bpf(2) syscall `cmd` on the ctypes structure `attr`: (its result, errno or 0)."""
+    result = _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    return int(result), ctypes.get_errno() if result < 0 else 0
 
 
 @dataclass(frozen=True)
@@ -110,9 +117,7 @@ def libbcc(bpf: Any) -> Any:
 
 
 def _prog_load(attr: _ProgLoadAttr) -> tuple[int, int]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
-    return int(fd), ctypes.get_errno() if fd < 0 else 0
+    return bpf(_BPF_PROG_LOAD, attr)
 
 
 def _verifier_log(attr: _ProgLoadAttr) -> str:

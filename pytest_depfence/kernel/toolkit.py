@@ -38,7 +38,7 @@ from typing import Any, cast
 from ..cgroup import cgroup2_mount
 from ..errors import FenceUnavailable
 from . import tracing
-from .progload import _SYS_BPF, has_helper, libbcc, load_by_syscall
+from .progload import bpf, has_helper, libbcc, load_by_syscall
 
 #: Set to a path list to say where the distro's `bcc` package lives (and only there).
 BCC_PATH_ENV = "DEPFENCE_BCC_PATH"
@@ -527,14 +527,12 @@ def table_max_entries(table: Any) -> int:
 
 def bpf_link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     """A bpf_link of a program to a cgroup: it detaches when the fd is closed or we die."""
-    libc = ctypes.CDLL(None, use_errno=True)
     attr = (ctypes.c_uint32 * 16)()  # union bpf_attr, zero-padded
     attr[0], attr[1], attr[2], attr[3] = prog_fd, target_fd, attach_type, 0
-    fd = libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    fd, err = bpf(_BPF_LINK_CREATE, attr)
     if fd < 0:
-        err = ctypes.get_errno()
         raise OSError(err, f"BPF_LINK_CREATE: {os.strerror(err)}")
-    return int(fd)
+    return fd
 
 
 def probe_link_support(prog_fd: int) -> None:
