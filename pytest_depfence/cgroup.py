@@ -242,6 +242,7 @@ class CgroupTree:
         self.mount = mount or cgroup2_mount()
         self.parent = self.mount / PARENT
         self.session = self.parent / session_name()
+        self._mirrors_swept = False
 
     def ensure(self) -> Path:
         """Create this session's directory and start its guardian (see `sweep`)."""
@@ -250,15 +251,18 @@ class CgroupTree:
 
     def sweep(self) -> list[Path]:
         """Run at every fence open: kill and remove the sessions of dead owners (and their
-        limits' v1 cgroups), and make sure this session's directory exists and its
-        guardian is running."""
+        limits' v1 cgroups: at this process's first sweep and whenever one of those
+        sessions was removed here, as a guardian that removes a session removes them
+        too), and make sure this session's directory exists and its guardian is running."""
         from .limits import sweep_mirrors
 
         for _ in range(5):
             try:
                 self.parent.mkdir(exist_ok=True)
                 removed = sweep_stale(self.parent)
-                sweep_mirrors()  # after: their processes were the v2 sessions'
+                if removed or not self._mirrors_swept:
+                    sweep_mirrors()  # after: their processes were the v2 sessions'
+                    self._mirrors_swept = True
                 self.session.mkdir(exist_ok=True)
                 break
             except FileNotFoundError:
