@@ -1,10 +1,11 @@
 """What each further fence costs a test: open + run `true` + close, against a bare cgroup cycle.
 
 The baseline, measured in the same process and run: what any cgroup-based
-fence must do at the least — mkdir a cgroup under the session's directory,
-attach the same already-loaded programs to it (bpf_link each), spawn `true`
-in it (the shell step that moves into the cgroup, as every fenced command
-starts), wait, close the links, rmdir. The figure: `Fence(...)` opened, `run(["true"])`,
+fence must do at the least — mkdir a cgroup (beside the fences' tree, so that it
+has no programs but its own), attach the same already-loaded programs to it
+(bpf_link each), spawn `true` in it (the shell step that moves into the cgroup,
+as every fenced command starts), wait, close the links, rmdir. (A fence links
+its programs once, to its session's directory, which each run's cgroup inherits.) The figure: `Fence(...)` opened, `run(["true"])`,
 closed (the programs already loaded: it is not the process's first fence),
 plus, apart, `run(["true"])` on an open fence (what a second run of a test costs).
 Both run in interleaved rounds, the order alternating; each round times a
@@ -24,16 +25,15 @@ import time
 from collections.abc import Callable
 
 from pytest_depfence import Fence, Policy, kernel
-from pytest_depfence.fence import _session_tree
+from pytest_depfence.cgroup import cgroup2_mount
 
 POLICY = Policy.no_egress("github.com")
 
 
 def bare_cycle(programs: kernel.Programs) -> Callable[[], None]:
-    session = _session_tree().session
+    path = cgroup2_mount() / f"depfence-bench-bare-{os.getpid()}"
 
     def cycle() -> None:
-        path = session / f"bare-{os.getpid()}"
         path.mkdir()
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         links = programs.attach(fd)

@@ -4,12 +4,16 @@ Layout: <cgroup2 mount>/depfence/<owner pid>-<owner start time>/<run>. The
 owner part lets a later process tell a crashed session's directories from a
 live one's, so `sweep_stale` can kill what was left running and remove them.
 
-Each owning process has a guardian (`pytest_depfence.guardian`, started with
-the session directory) that holds copies of the runs' bpf_links: when the owner
-dies, it kills the session's processes and removes the directories within a
-second, and only then lets the programs go, instead of leaving the processes
-running unfenced until some later sweep. The owner's side of that (starting
-it, handing it the links, restarting one that died) lives here.
+The fence's programs are attached to the session directory, once per process
+(`CgroupTree.enclose`): every run's and service's cgroup, made under it, has
+them from its mkdir on (a cgroup's effective programs include its ancestors'),
+and a run attaches, detaches and hands over nothing. Each owning process has a
+guardian (`pytest_depfence.guardian`, started with the session directory) that
+holds copies of those bpf_links: when the owner dies, it kills the session's
+processes and removes the directories within a second, and only then lets the
+programs go, instead of leaving the processes running unfenced until some later
+sweep. The owner's side of that (starting it, handing it the links, restarting
+one that died) lives here.
 """
 
 from __future__ import annotations
@@ -210,10 +214,6 @@ class FenceCgroup:
     def pids(self) -> list[int]:
         return pids_of(self.path)
 
-    def hold(self, links: list[int]) -> None:
-        """Give the session's guardian copies of this cgroup's bpf_links (see `hold_links`)."""
-        hold_links(self.path.parent, links)
-
     def kill(self) -> None:
         if self.path.exists():
             kill_all(self.path)
@@ -243,6 +243,12 @@ class CgroupTree:
         self.parent = self.mount / PARENT
         self.session = self.parent / session_name()
         self._mirrors_swept = False
+        self._lock = threading.Lock()
+        #: The session directory's bpf_links (`enclose`), the directory's cgroup id, and
+        #: the guardian that holds copies of them.
+        self._links: list[int] = []
+        self._links_of: int | None = None
+        self._holder: Guardian | None = None
 
     def ensure(self) -> Path:
         """Create this session's directory and start its guardian (see `sweep`)."""
@@ -281,6 +287,25 @@ class CgroupTree:
         guard(self.session)
         return removed
 
+    def enclose(self, attach: Callable[[int], list[int]]) -> None:
+        """Attach the programs to the session directory (`attach(dir_fd)` returns the
+        bpf_links), so that every cgroup made under it has them, and make sure the
+        running guardian holds copies: once, and again should the directory have been
+        made anew (its links went with the old one) or the guardian restarted. Before
+        each run's cgroup is made; after `sweep`."""
+        with self._lock:
+            directory = os.stat(self.session).st_ino
+            if directory != self._links_of:
+                fd = os.open(self.session, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    links = attach(fd)
+                finally:
+                    os.close(fd)
+                close_all(self._links)
+                self._links, self._links_of, self._holder = links, directory, None
+            if self._holder is None or not self._holder.running():
+                self._holder = hold_links(self.session, self._links)
+
     def v2_path(self, path: Path) -> str:
         """A cgroup directory's path from the v2 root, as /proc/PID/cgroup says it."""
         return "/" + str(path.relative_to(self.mount)) if path != self.mount else "/"
@@ -289,9 +314,20 @@ class CgroupTree:
         """Remove this session's directory, and the shared parent when no other session uses it."""
         from .limits import remove_mirrors
 
+        with self._lock:
+            close_all(self._links)  # the guardian's copies go with its directory
+            self._links, self._links_of, self._holder = [], None, None
         for path in (self.session, self.parent):
             remove_if_unused(path)
         remove_mirrors(self.session.name)
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def sweep_stale(parent: Path) -> list[Path]:
@@ -378,21 +414,23 @@ def guard(session: Path) -> Guardian:
         return started
 
 
-def hold_links(session: Path, links: list[int]) -> None:
-    """Hand a run's bpf_links to the session's guardian: should this process die, they stay
-    attached until the guardian has killed the run. FenceUnavailable when no guardian takes them."""
-    for attempt in (1, 2):
+def hold_links(session: Path, links: list[int]) -> Guardian:
+    """Hand the session's bpf_links to its guardian, and return that guardian: should this
+    process die, they stay attached until the guardian has killed the session's runs.
+    FenceUnavailable when no guardian takes them."""
+    failure: OSError | None = None
+    for _ in range(2):
         current = guard(session)
         try:
             current.hold(links)
-            return
+            return current
         except OSError as exc:
             current.close()  # it died since guard() looked: the next guard() starts another
-            if attempt == 2:
-                raise FenceUnavailable(
-                    f"the fence guardian of {session} does not take the run's programs: {exc}",
-                    fix="report this output; a run is not started without its guardian",
-                ) from exc
+            failure = exc
+    raise FenceUnavailable(
+        f"the fence guardian of {session} does not take the programs: {failure}",
+        fix="report this output; a run is not started without its guardian",
+    ) from failure
 
 
 def start_guardian(session: Path) -> Guardian:

@@ -30,7 +30,7 @@ from typing import IO, Any
 from . import confine, kernel, options
 from .addresses import AddressBook, read_hosts, resolve
 from .adopt import Adopted
-from .cgroup import CgroupTree, FenceCgroup
+from .cgroup import CgroupTree, FenceCgroup, close_all
 from .contract import check_name, program_of
 from .dnsproxy import DnsProxy
 from .errors import CommandFailed, ConfigError, EgressViolation, LimitExceeded
@@ -298,13 +298,16 @@ class Fence:
     def _fence_cgroup(
         self, teardown: Teardown, label: str, name: str, listener: kernel.Listener
     ) -> tuple[FenceCgroup, Member]:
-        """A new cgroup of the session, inside the fence, its links held by the guardian
-        (should this process die, it is killed before they go)."""
+        """A new cgroup of the session, inside the fence: it has the programs the session
+        directory has, whose links the guardian holds (should this process die, the
+        cgroup is killed before they go)."""
         tree = _session_tree()
+        assert self._programs is not None
+        tree.enclose(self._programs.attach)
         cgroup = FenceCgroup(tree.session, label, self.limits)
         teardown.push(cgroup.close)
         member = Member(name, cgroup.id, cgroup.path, tree.v2_path(cgroup.path))
-        cgroup.hold(self._enclose(teardown, cgroup.id, cgroup.dir_fd, listener))
+        self._enclose(teardown, cgroup.id, cgroup.dir_fd, listener)
         return cgroup, member
 
     def _spawn(
@@ -339,9 +342,10 @@ class Fence:
         listener: kernel.Listener,
         *,
         adopted: bool = False,
-    ) -> list[int]:
-        """Put a cgroup inside the fence: registered, the programs attached, its events to
-        `listener`; undone by `teardown`. Returns the bpf_link fds."""
+    ) -> None:
+        """Put a cgroup inside the fence: registered, its events to `listener`, and (an
+        adopted service's, outside the session) the programs attached; undone by
+        `teardown`."""
         programs, judge, proxy, refuser = self._programs, self._judge, self._proxy, self._refuser
         assert programs is not None and judge is not None
         assert proxy is not None and refuser is not None
@@ -355,15 +359,15 @@ class Fence:
             adopted=adopted,
             raw_sockets=self.raw_sockets,
         )
-        programs.register(cgroup_id, config)
+        programs.register(cgroup_id, config, dir_fd)
         teardown.push(lambda: programs.unregister(cgroup_id))
-        if not adopted:  # what its processes see as /etc/hosts: this thread's
+        if adopted:
+            links = programs.attach(dir_fd)
+            teardown.push(lambda: close_all(links))
+        else:  # what its processes see as /etc/hosts: this thread's
             self._learn_hosts_file(cgroup_id, "/etc/hosts", "/proc/thread-self/mountinfo")
-        links = programs.attach(dir_fd)
-        teardown.push(lambda: _close_all(links))
         programs.subscribe(cgroup_id, listener)
         teardown.push(lambda: programs.unsubscribe(cgroup_id))
-        return links
 
     def _adopt(
         self, run: Run, teardown: Teardown, adopted: Adopted, listener: kernel.Listener
@@ -523,8 +527,3 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)

@@ -28,14 +28,15 @@ run: there is no moment without a fence. Rejected:
 
 The lifeline. The guardian's stdin is a unix socket whose other end only the
 owner holds (not inheritable, so nothing the owner starts keeps it). The
-owner sends each run's links over it (`FenceCgroup.hold`, SCM_RIGHTS; fds in
-flight are held by the socket too). Its EOF comes as the kernel closes the
+owner sends the session directory's links over it (`CgroupTree.enclose`, once;
+SCM_RIGHTS, and fds in flight are held by the socket too). Its EOF comes as the kernel closes the
 owner's files, up to a second before the pidfd reports the exit; EOF counts
 only when the owner is exiting (PF_EXITING), else the pidfd alone tells. The
 pidfd (Linux 5.3+; else /proc/PID/stat every 0.1 s, a zombie counting as
 gone) is opened before the owner's start time is checked, so a reused pid is
 never mistaken for the owner. Links whose cgroup is not a directory of the
-session (a run that ended, an adopted service's cgroup) are closed at once.
+session (one made anew) are closed once PRUNE_AT links are held (the cgroup's
+removal detached them already).
 
 It must outlive what kills the owner, so it is in a session of its own
 (`setsid`: a terminal's SIGINT or SIGHUP to the owner's process group misses
@@ -87,6 +88,9 @@ from .limits import remove_mirrors
 POLL_INTERVAL = 0.1
 #: How long the guardian keeps trying to empty and remove the session before giving up.
 PATIENCE = 30.0
+#: Links held before those of cgroups no longer in the session are closed (removing a
+#: cgroup detached its links already: a held one only keeps a little memory).
+PRUNE_AT = 4 * MAX_FDS
 #: The task flag the kernel sets first thing in do_exit() (include/linux/sched.h).
 PF_EXITING = 0x00000004
 
@@ -208,7 +212,8 @@ class Links:
         except OSError:
             return False
         self.fds += fds
-        self.prune()
+        if len(self.fds) >= PRUNE_AT:
+            self.prune()
         return bool(data or fds)
 
     def prune(self) -> None:
@@ -268,7 +273,9 @@ def wait_gone(
     timeout = None if pidfd is not None else POLL_INTERVAL * 1000
     held = links or Links(Path("/nonexistent"))
     try:
-        while alive(owner, start):  # the pidfd was opened first: it is this very process
+        # The pidfd was opened first: it is this very process, and turns readable as it
+        # exits (no /proc read at every wake-up then, which the owner's sends cause).
+        while pidfd is not None or alive(owner, start):
             for fd, _ in poller.poll(timeout):
                 if fd == pidfd:
                     return

@@ -135,7 +135,17 @@ class Programs:
         return self._bpf.get_table(name.encode())
 
     # -- fences ---------------------------------------------------------------
-    def register(self, cgroup_id: int, fence: KernelFence) -> None:
+    def register(self, cgroup_id: int, fence: KernelFence, dir_fd: int) -> None:
+        """Cgroup `cgroup_id` (its directory open at `dir_fd`) is a fence's: its processes
+        are judged by `fence` (the programs it has, attached to it or an ancestor, look
+        it up). A copy of `dir_fd` is kept until `unregister`: which cgroups are inside
+        the fence (`_on_escape_event`)."""
+        own = os.dup(dir_fd)
+        with self._events_lock:
+            old = self._dirs.get(cgroup_id)
+            self._dirs[cgroup_id] = own
+        if old is not None:
+            os.close(old)
         leaf = self._fences.Leaf()
         leaf.fence_id = fence.fence_id
         leaf.proxy_port = fence.proxy_port
@@ -218,7 +228,8 @@ class Programs:
             readers.add(cgroup_id)
 
     def attach(self, cgroup_fd: int) -> list[int]:
-        """Attach every cgroup program to one cgroup; returns the link fds (close to detach)."""
+        """Attach every cgroup program to one cgroup (and so to every cgroup below it);
+        returns the link fds (close to detach)."""
         links: list[int] = []
         try:
             for name, attach_type in toolkit.ATTACH_TYPES.items():
@@ -227,13 +238,6 @@ class Programs:
             for fd in links:
                 os.close(fd)
             raise
-        # Kept until unregister(): which cgroups are inside the fence (_on_escape_event).
-        own = os.dup(cgroup_fd)
-        with self._events_lock:
-            old = self._dirs.get(os.fstat(own).st_ino)
-            self._dirs[os.fstat(own).st_ino] = own
-        if old is not None:
-            os.close(old)
         return links
 
     # -- addresses ------------------------------------------------------------
@@ -351,7 +355,7 @@ class Programs:
     def _below(self, fence_id: int, cgroup_id: int) -> bool:
         """Whether cgroup `cgroup_id` is fence `fence_id`'s or one below it (its directory tree).
 
-        Unknown fence (never attached here), unreadable tree: False, so the process is killed.
+        Unknown fence (never registered here), unreadable tree: False, so the process is killed.
         """
         fd = self._dirs.get(fence_id)
         if fd is None:

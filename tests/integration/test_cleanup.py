@@ -31,6 +31,7 @@ from helpers_cgroup import cgroup_of
 import pytest_depfence
 from pytest_depfence.cgroup import PARENT, cgroup2_mount, session_name, sweep_stale
 from pytest_depfence.errors import FenceUnavailable
+from pytest_depfence.kernel.toolkit import ATTACH_TYPES
 
 if TYPE_CHECKING:
     from pytest_depfence.lab import Lab
@@ -57,10 +58,12 @@ with Fence(Policy.no_egress("github.com"), upstream=upstream) as fence:
 """
 
 
-def attached(path: Path, *, tree: bool = False) -> Any:
-    """`bpftool cgroup show PATH` (programs) or `bpftool cgroup tree PATH` (cgroup entries)."""
+def attached(path: Path, *, tree: bool = False, effective: bool = False) -> Any:
+    """`bpftool cgroup show PATH` (programs; `effective`: its ancestors' too) or `bpftool
+    cgroup tree PATH` (cgroup entries)."""
     done = subprocess.run(
-        [BPFTOOL, "-j", "cgroup", "tree" if tree else "show", str(path)],
+        [BPFTOOL, "-j", "cgroup", "tree" if tree else "show", str(path)]
+        + (["effective"] if effective else []),
         capture_output=True,
         text=True,
         timeout=30,
@@ -114,7 +117,7 @@ def test_crashed_session_leaves_nothing_attached_and_is_swept(
         run_cgroup = cgroup_of(int(sleeper_pid))  # read from outside the fence's namespace
         session_dir = run_cgroup.parent
         assert session_dir.name.startswith(f"{session.pid}-")
-        names = {p["name"] for p in attached(run_cgroup)}
+        names = {p["name"] for p in attached(run_cgroup, effective=True)}
         assert {"connect4", "sendmsg4", "recvmsg4", "egress"} <= names  # the live fence
 
         session.kill()  # the session only, by its pid: it gets no chance to clean up
@@ -139,7 +142,8 @@ def test_crashed_session_leaves_nothing_attached_and_is_swept(
 
 
 def test_nothing_left_behind() -> None:
-    """After every other test: no run cgroup, no stale session, no program attached.
+    """After every other test: no run cgroup, no stale session, no program attached but
+    the fence's own, to this live session's directory (linked once, till this process exits).
 
     Needs no lab: it only reads the cgroup tree and asks bpftool.
     """
@@ -165,4 +169,7 @@ def test_nothing_left_behind() -> None:
         for entry in attached(parent, tree=True)
         if ours(entry["cgroup"]) and entry.get("programs")
     }
+    own = programs.pop(str(mine), None)
     assert programs == {}, "programs still attached"
+    if own is not None:
+        assert sorted(own) == sorted(ATTACH_TYPES), f"{mine} has programs not the fence's"

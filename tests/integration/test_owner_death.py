@@ -223,8 +223,9 @@ def test_owner_sigkill_kills_the_fenced_script_within_a_second(
         run = cgroup_of(script_pid)
         assert run.parent == session
         (guard,) = guardians_of(owner.pid)
-        # The guardian holds the run's links: the programs stay until it has killed the run.
-        assert held_links(guard).count(run.stat().st_ino) >= 4
+        # The guardian holds the links of the session, whose programs the run has: they
+        # stay until it has killed the run.
+        assert held_links(guard).count(session.stat().st_ino) >= 4
         assert not escapes.exists(), "the fence let a connection through while its owner lived"
 
         killed = time.monotonic()
