@@ -5,12 +5,13 @@ fence must do at the least — mkdir a cgroup (beside the fences' tree, so that 
 has no programs but its own), attach the same already-loaded programs to it
 (bpf_link each), spawn `true` in it (the shell step that moves into the cgroup,
 as every fenced command starts), wait, close the links, rmdir. (A fence links
-its programs once, to its session's directory, which each run's cgroup inherits.) The figure: `Fence(...)` opened, `run(["true"])`,
-closed (the programs already loaded: it is not the process's first fence),
-plus, apart, `run(["true"])` on an open fence (what a second run of a test costs).
-Both run in interleaved rounds, the order alternating; each round times a
-batch; the figures are medians per cycle over the rounds, with min-max.
-Everything runs inside the lab's network namespace.
+its programs once, to its session's directory, which each run's cgroup inherits.)
+The figure: `Fence(...)` opened, `run(["true"])`, closed (the programs already
+loaded: it is not the process's first fence), plus, apart, `run(["true"])` on an
+open fence (what a second run of a test costs). Both run in interleaved rounds,
+the order alternating; each round times a batch; the figures are medians per
+cycle over the rounds, with min-max. Everything runs inside the lab's network
+namespace.
 
 Run as root:  .venv/bin/python bench/bench_per_test.py [--rounds N] [--batch N]
 """

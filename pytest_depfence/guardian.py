@@ -29,12 +29,12 @@ run: there is no moment without a fence. Rejected:
 The lifeline. The guardian's stdin is a unix socket whose other end only the
 owner holds (not inheritable, so nothing the owner starts keeps it). The
 owner sends the session directory's links over it (`CgroupTree.enclose`, once;
-SCM_RIGHTS, and fds in flight are held by the socket too). Its EOF comes as the kernel closes the
-owner's files, up to a second before the pidfd reports the exit; EOF counts
-only when the owner is exiting (PF_EXITING), else the pidfd alone tells. The
-pidfd (Linux 5.3+; else /proc/PID/stat every 0.1 s, a zombie counting as
-gone) is opened before the owner's start time is checked, so a reused pid is
-never mistaken for the owner. Links whose cgroup is not a directory of the
+SCM_RIGHTS, and fds in flight are held by the socket too). Its EOF comes as the
+kernel closes the owner's files, up to a second before the pidfd reports the
+exit; EOF counts only when the owner is exiting (PF_EXITING), else the pidfd
+alone tells. The pidfd (Linux 5.3+; else /proc/PID/stat every 0.1 s, a zombie
+counting as gone) is opened before the owner's start time is checked, so a
+reused pid is never mistaken for the owner. Links whose cgroup is not a directory of the
 session (one made anew) are closed once PRUNE_AT links are held (the cgroup's
 removal detached them already).
 
