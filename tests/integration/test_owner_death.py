@@ -34,6 +34,7 @@ from pytest_depfence.cgroup import (
     start_time,
 )
 from pytest_depfence.errors import FenceUnavailable
+from pytest_depfence.kernel.toolkit import ATTACH_TYPES
 
 if TYPE_CHECKING:
     from pytest_depfence import Fence, Policy
@@ -363,6 +364,30 @@ def _read_until_eof(fd: int, timeout: float) -> str:
             return b"".join(chunks).decode(errors="replace")
         chunks.append(chunk)
     pytest.fail("the owner's output pipe stayed open")
+
+
+def test_a_guardian_that_died_is_replaced_and_given_the_programs_links(
+    fences: Callable[..., Fence],
+) -> None:
+    """The programs are linked once, to the session directory: a guardian started anew
+    (this one was killed) gets their links before the next run starts, so the owner's
+    death stays covered."""
+    fence = fences(pytest_depfence.Policy.no_egress("github.com"))
+    fence.run(["true"])
+    session = session_of(os.getpid())
+    (first,) = guardians_of(os.getpid())
+    assert held_links(first).count(session.stat().st_ino) == len(ATTACH_TYPES)
+    pidfd = os.pidfd_open(first)
+    try:
+        os.kill(first, signal.SIGKILL)  # this process's own guardian, started by its fence
+        assert exited(pidfd, within=10), "the guardian outlived SIGKILL"
+    finally:
+        os.close(pidfd)
+
+    fence.run(["true"])
+    (second,) = guardians_of(os.getpid())
+    assert second != first
+    assert held_links(second).count(session.stat().st_ino) == len(ATTACH_TYPES)
 
 
 # --------------------------------------------------------------------------- stale sessions
