@@ -345,7 +345,7 @@ def _assert_holds_nothing_of(guard: int, owner: int) -> None:
     output = {_inode(f"/proc/{owner}/fd/{fd}") for fd in (1, 2)}
     held = {int(fd.name): os.readlink(fd) for fd in Path(f"/proc/{guard}/fd").iterdir()}
     assert {_inode(f"/proc/{guard}/fd/{fd}") for fd in held} & output == set()
-    # stdin: the lifeline (a unix socket to the owner); the owner's pidfd; the run's links.
+    # stdin: the lifeline (a unix socket to the owner); the owner's pidfd; the session's links.
     assert held.pop(0).startswith("socket:"), held
     assert (held.pop(1), held.pop(2)) == ("/dev/null", "/dev/null")
     assert set(held.values()) == {"anon_inode:[pidfd]", "anon_inode:bpf_link"}, held
