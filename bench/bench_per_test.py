@@ -13,7 +13,15 @@ the order alternating; each round times a batch; the figures are medians per
 cycle over the rounds, with min-max. Everything runs inside the lab's network
 namespace.
 
-Run as root:  .venv/bin/python bench/bench_per_test.py [--rounds N] [--batch N]
+Spaced like tests: the same cycles, each after an untimed pause (`--pause-ms`, a
+test's own work), timed one by one. A run's first step moves it into its cgroup,
+and from kernel 6.0 on such a migration waits for an RCU grace period when none
+happened in the last few milliseconds, unless the cgroup2 mount has
+`favordynmods`, which a fence turns on (confine.py): back-to-back cycles never
+wait, spaced ones would (16-17 ms a run here before the fence turned it on; from
+6.18 the kernel cannot turn it off again, so a machine measures the "before" once).
+
+Run as root:  .venv/bin/python bench/bench_per_test.py [--rounds N] [--batch N] [--pause-ms N]
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from pytest_depfence import Fence, Policy, kernel
+from pytest_depfence import Fence, Policy, confine, kernel
 from pytest_depfence.cgroup import cgroup2_mount
 
 POLICY = Policy.no_egress("github.com")
@@ -73,12 +81,44 @@ def rounds_of(
     return per_cycle
 
 
+def spaced_rounds(
+    variants: dict[str, Callable[[], None]], rounds: int, batch: int, pause: float
+) -> dict[str, list[float]]:
+    """Like rounds_of, each cycle after an untimed `pause` and timed alone (median of a
+    batch)."""
+    per_cycle: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for round_no in range(rounds + 1):
+        for name in names if round_no % 2 else names[::-1]:
+            times = []
+            for _ in range(batch):
+                time.sleep(pause)
+                start = time.perf_counter()
+                variants[name]()
+                times.append((time.perf_counter() - start) * 1000)
+            if round_no:
+                per_cycle[name].append(statistics.median(times))
+    return per_cycle
+
+
+def show(title: str, per_cycle: dict[str, list[float]]) -> None:
+    print(title)
+    for name, values in per_cycle.items():
+        print(
+            f"  {name:45} {statistics.median(values):6.2f} ms"
+            f"  (min {min(values):.2f}, max {max(values):.2f})"
+        )
+    base, whole, run = (statistics.median(v) for v in per_cycle.values())
+    print(f"  ratio: fence cycle {whole / base:.2f}x bare, a run alone {run / base:.2f}x bare")
+
+
 def main() -> None:
     from pytest_depfence.lab import Lab
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--pause-ms", type=float, default=30.0)
     args = parser.parse_args()
     with Lab() as lab:
         programs = kernel.load()
@@ -90,17 +130,19 @@ def main() -> None:
                 "run(true) on an open fence": lambda: fence.run(["true"]),
             }
             per_cycle = rounds_of(variants, args.rounds, args.batch)
-    print(
-        f"per-test cost: medians of {args.rounds} interleaved rounds of {args.batch} cycles "
-        f"(load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs)"
-    )
-    for name, values in per_cycle.items():
-        print(
-            f"  {name:45} {statistics.median(values):6.2f} ms"
-            f"  (min {min(values):.2f}, max {max(values):.2f})"
-        )
-    base, whole, run = (statistics.median(v) for v in per_cycle.values())
-    print(f"  ratio: fence cycle {whole / base:.2f}x bare, a run alone {run / base:.2f}x bare")
+            spaced = spaced_rounds(
+                variants, args.rounds, max(1, args.batch // 2), args.pause_ms / 1000
+            )
+            mount = confine.read_cgroup2_mount()
+    load = f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs"
+    show(f"per-test cost, back to back: medians of {args.rounds} interleaved rounds of "
+         f"{args.batch} cycles ({load})", per_cycle)  # fmt: skip
+    show(f"spaced like tests, {args.pause_ms:.0f} ms apart: medians of {args.rounds} rounds of "
+         f"{max(1, args.batch // 2)} cycles each timed alone", spaced)  # fmt: skip
+    if mount is not None and mount.favordynmods:
+        print("  cgroup2 mount: favordynmods on (a spaced migration waits for no grace period)")
+    else:
+        print("  cgroup2 mount: no favordynmods (a kernel before 6.0 has none, and needs none)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ by `start`:
    (/proc/self/cgroup reads `0::/`). With `nsdelegate` on the cgroup2 mount, the
    kernel refuses to migrate a task of that namespace to a cgroup outside its root
    (`cgroup_procs_write_permission`: ENOENT), whatever the mount it names it through
-   and even as root; `ensure_nsdelegate` turns that option on where it is off;
+   and even as root; `ensure_mount_options` turns that option on where it is off;
 3. unless `raw_sockets=True`, it is born without CAP_NET_RAW in its bounding,
    inheritable and ambient sets (so without it in the permitted and effective sets
    every exec computes, root or setuid): `start` forks it from a thread of its own
@@ -25,6 +25,15 @@ by `start`:
 
 `unshare` is util-linux's; its path is found once, so a command's own PATH cannot
 change what enters the fence.
+
+Step 1 is a migration, and a migration write-locks the kernel's
+cgroup_threadgroup_rwsem. From 6.0 on that lock is per-CPU by default, and
+write-locking it waits for an RCU grace period whenever no migration happened in
+the last few milliseconds: 14-35 ms on this 2-CPU machine, at every run of a test
+(back-to-back runs of `true` hide it). The cgroup2 option `favordynmods` keeps the
+lock out of per-CPU mode, so a migration costs what it did before 6.0 (forks and
+exits take the lock's slow read side instead), and `ensure_mount_options` turns it on
+too where the kernel has it. A kernel without it (before 6.0) never waits there.
 """
 
 from __future__ import annotations
@@ -76,17 +85,19 @@ class Tools:
 
 _lock = threading.Lock()
 _tools: Tools | None = None
+#: The kernel refused `favordynmods` (before 6.0 it has no such option): not asked again.
+_no_favordynmods = False
 
 
 def prepare(mountinfo: str = MOUNTINFO) -> Tools:
-    """At each fence's open: the entry tools (found once) and nsdelegate on (checked
-    each time: a remount anywhere can turn it off); FenceUnavailable says what is
-    missing and the fix."""
+    """At each fence's open: the entry tools (found once) and the cgroup2 mount's options
+    on (checked each time: a remount anywhere can turn them off); FenceUnavailable says
+    what is missing and the fix."""
     global _tools
     with _lock:
         if _tools is None:
             _tools = find_tools()
-        ensure_nsdelegate(mountinfo)
+        ensure_mount_options(mountinfo)
         return _tools
 
 
@@ -195,16 +206,20 @@ class Cgroup2Mount:
     def nsdelegate(self) -> bool:
         return "nsdelegate" in self.super_options
 
-    def remount_request(self) -> tuple[int, str]:
-        """mount(2) flags and data that turn nsdelegate on and keep every other option."""
+    @property
+    def favordynmods(self) -> bool:
+        return "favordynmods" in self.super_options
+
+    def remount_request(self, option: str = "nsdelegate") -> tuple[int, str]:
+        """mount(2) flags and data that turn `option` on and keep every other option."""
         words = (*self.mount_options, *self.super_options)
         flags = MS_REMOUNT
         for word in words:
             flags |= _FLAG_WORDS.get(word, 0)
         if not {"noatime", "relatime"} & set(words):
             flags |= MS_STRICTATIME  # else the kernel's default, relatime, replaces it
-        fs_options = [w for w in self.super_options if w not in ("rw", "nsdelegate", *_FLAG_WORDS)]
-        return flags, ",".join([*fs_options, "nsdelegate"])
+        fs_options = [w for w in self.super_options if w not in ("rw", option, *_FLAG_WORDS)]
+        return flags, ",".join([*fs_options, option])
 
 
 def read_cgroup2_mount(mountinfo: str = MOUNTINFO) -> Cgroup2Mount | None:
@@ -223,29 +238,41 @@ def read_cgroup2_mount(mountinfo: str = MOUNTINFO) -> Cgroup2Mount | None:
     return None
 
 
-def ensure_nsdelegate(mountinfo: str = MOUNTINFO) -> None:
-    """Make the cgroup2 hierarchy refuse migrations out of a cgroup namespace.
+def ensure_mount_options(mountinfo: str = MOUNTINFO) -> None:
+    """Make the cgroup2 hierarchy refuse migrations out of a cgroup namespace, and make a
+    migration cheap (`favordynmods`, where the kernel has it: see the module's notes).
 
     Without `nsdelegate` (a flag of the one cgroup2 hierarchy, set by remounting any
     of its mounts) a root process in a cgroup namespace can still move itself to any
     cgroup it can name. systemd mounts cgroup2 with it; hosts that mount it by hand
     often do not, so the fence remounts it, keeping every other option. The kernel
-    takes the flag only from a process in the initial cgroup namespace.
+    takes the flags only from a process in the initial cgroup namespace. Both stay on.
     """
+    global _no_favordynmods
     mount = read_cgroup2_mount(mountinfo)
-    if mount is None or mount.nsdelegate:
+    if mount is None:
         return  # no cgroup2 at all: cgroup.py says so, with its fix
-    flags, data = mount.remount_request()
+    if not mount.nsdelegate:
+        error, path = _remount(mount, "nsdelegate"), mount.path
+        mount = read_cgroup2_mount(mountinfo)
+        if mount is None or not mount.nsdelegate:
+            raise FenceUnavailable(
+                f"cgroup2 at {path} is mounted without nsdelegate, so a fenced root process "
+                "could move itself out of its fence, and turning it on failed"
+                + (f" ({error})" if error else " (not in the initial cgroup namespace?)"),
+                fix=f"on the host: mount -o remount,nsdelegate {path}",
+            )
+    if not mount.favordynmods and not _no_favordynmods:
+        # Only speed is at stake: a kernel that refuses it (EINVAL before 6.0, EPERM in a
+        # container) leaves runs slower, and nsdelegate on (the remount keeps it).
+        _no_favordynmods = _remount(mount, "favordynmods") is not None
+
+
+def _remount(mount: Cgroup2Mount, option: str) -> str | None:
+    """Remount `mount` with `option` on and every other option kept; the error, or None."""
+    flags, data = mount.remount_request(option)
     libc = _libc()
     text = ctypes.c_char_p
     libc.mount.argtypes = [text, text, text, ctypes.c_ulong, text]
     failed = libc.mount(b"cgroup2", os.fsencode(mount.path), b"cgroup2", flags, data.encode())
-    error = os.strerror(ctypes.get_errno()) if failed else None
-    after = read_cgroup2_mount(mountinfo)
-    if after is None or not after.nsdelegate:
-        raise FenceUnavailable(
-            f"cgroup2 at {mount.path} is mounted without nsdelegate, so a fenced root process "
-            "could move itself out of its fence, and turning it on failed"
-            + (f" ({error})" if error else " (not in the initial cgroup namespace?)"),
-            fix=f"on the host: mount -o remount,nsdelegate {mount.path}",
-        )
+    return os.strerror(ctypes.get_errno()) if failed else None

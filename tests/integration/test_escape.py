@@ -4,6 +4,7 @@
   hierarchy with nsdelegate: a root process writing its pid into a cgroup.procs
   outside the fence (named through the host's own mount) gets ENOENT from the kernel,
   stays fenced, and its next connect to github.com's address is refused and named.
+  The fence also turns on favordynmods where the kernel has it, keeping nsdelegate.
 - CAP_NET_RAW is gone from every capability set unless the test opts in
   (`fence(raw_sockets=True)`, `Fence(raw_sockets=True)`, `depfence run --raw-sockets`):
   ping, AF_PACKET and raw IP sockets fail with EPERM. test_backstop.py covers what
@@ -33,7 +34,7 @@ import pytest
 from helpers_cgroup import cgroup_of
 from helpers_net import skip_or_fail
 
-from pytest_depfence import Fence, Policy
+from pytest_depfence import Fence, Policy, confine
 from pytest_depfence.cgroup import CgroupTree, cgroup2_mount
 from pytest_depfence.output import OUTPUT_GRACE
 
@@ -166,6 +167,18 @@ def test_a_fenced_root_process_cannot_move_itself_out(
     assert [(e.domain, e.blocked_at, e.pid, e.cmdline) for e in refused] == [
         ("github.com", "connect", pid, shlex.join(CURL))
     ]
+
+
+def test_an_open_fence_leaves_nsdelegate_on_and_favordynmods_on_where_the_kernel_has_it(
+    fenced: Fence,
+) -> None:
+    # favordynmods (6.0+) spares each run's migration into its cgroup an RCU grace period
+    # (confine.py); a kernel without it refuses it, and the refused remount must not
+    # have taken nsdelegate with it.
+    mount = confine.read_cgroup2_mount()
+    assert mount is not None and mount.nsdelegate, mount
+    release = tuple(int(part) for part in os.uname().release.split(".")[:2])
+    assert mount.favordynmods == (release >= (6, 0)), (os.uname().release, mount)
 
 
 # --------------------------------------------------------------------------- CAP_NET_RAW

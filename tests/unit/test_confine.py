@@ -1,4 +1,5 @@
-"""How a command enters its fence: the exec chain, and the remount that turns nsdelegate on."""
+"""How a command enters its fence: the exec chain, and the remount that turns nsdelegate (and
+favordynmods) on."""
 
 from __future__ import annotations
 
@@ -119,9 +120,21 @@ def test_without_an_atime_word_the_remount_keeps_strictatime(tmp_path: Path) -> 
     assert mount.remount_request() == (confine.MS_REMOUNT | confine.MS_STRICTATIME, "nsdelegate")
 
 
-def test_nsdelegate_already_on_needs_no_remount(tmp_path: Path) -> None:
-    # A remount would fail without root; with the option on, none is tried.
-    confine.ensure_nsdelegate(mountinfo(tmp_path, V1, SYSTEMD))
+def test_favordynmods_is_asked_for_with_nsdelegate_and_every_other_option_kept(
+    tmp_path: Path,
+) -> None:
+    mount = confine.read_cgroup2_mount(mountinfo(tmp_path, SYSTEMD))
+    assert mount is not None and not mount.favordynmods
+    assert mount.remount_request("favordynmods") == (
+        confine.MS_REMOUNT | 2 | 4 | 8 | 1 << 21,
+        "nsdelegate,memory_recursiveprot,favordynmods",
+    )
+
+
+def test_options_already_on_need_no_remount(tmp_path: Path) -> None:
+    # Any remount would be tried on the path in this file: with both options on, none is.
+    both = SYSTEMD.replace("memory_recursiveprot", "memory_recursiveprot,favordynmods")
+    confine.ensure_mount_options(mountinfo(tmp_path, V1, both))
 
 
 # --------------------------------------------------------------------------- the option
