@@ -27,7 +27,9 @@
  * judged here by destination, with the owner sockcreate.c recorded; a
  * refused one is dropped and reported. Their UDP or TCP payload is judged
  * after that as any DNS past the proxy (bypass.c). Packets of fenced sockets
- * no hook saw at all are judged by destination too, with no process. Such a
+ * with no owner on record (no hook saw the socket, or `sockets` evicted its
+ * owner) are judged by destination too, and their UDP or TCP payload as DNS
+ * past the proxy, with no process (or the datagram's sender, as above). Such a
  * socket may live in a sub-cgroup of the fence (a script's own cgroup, a
  * container), so its fence is found by walking the packet's cgroup up, and
  * the event names the fence's cgroup. It is also where outage "blackhole"
@@ -201,17 +203,24 @@ int egress(struct __sk_buff *skb)
     __u32 l4 = l4_of(skb, &proto, daddr);
     if (!l4)
         return 1;
-    if (!owned) {
+    who.ts = bpf_ktime_get_ns();
+    if (owned) {
+        who.by_socket = 1;
+    } else {
         /* An adopted service's ownerless packets are its replies on connections it
          * accepted and what its sockets from before the run send: its own business,
          * never cut (its new connections were judged at connect). */
         if (fence->flags & FENCE_ADOPTED)
             return 1;
-        return judge_packet(cgid, fence, daddr, proto, 0);
+        if (!judge_packet(cgid, fence, daddr, proto, 0))
+            return 0;
+        /* Its payload is judged below all the same: the owner of a socket a hook saw is
+         * gone once `sockets` evicted it (a script that made more sockets than the map
+         * holds), and DNS past the proxy must not pass unjudged for that. A datagram's
+         * sender is named where this kernel allows (datagram_sender), else no process. */
+        who.cgid = cgid;
     }
-    who.by_socket = 1;
-    who.ts = bpf_ktime_get_ns();
-    int is_raw = raw != 0;
+    int is_raw = raw != 0;  /* owned: rawsocks names its owner */
     if (is_raw || proto == IPPROTO_UDP)
         datagram_sender(&who);
     if (is_raw && !judge_packet(cgid, fence, daddr, proto, &who))
@@ -227,6 +236,8 @@ int egress(struct __sk_buff *skb)
         return 1;
     if (!is_loopback(daddr) || ports[1] != bpf_htons(fence->proxy_port))
         return judge_bypass(skb, &who, fence, daddr, proto, l4, ports[1]);
+    if (!who.pid)
+        return 1;  /* the proxy finds no flow: "no fenced socket sent this message" */
 
     struct flow_key key = {};
     key.proxy_port = fence->proxy_port;

@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 
 #: Why a packet the backstop dropped names no process.
 OWNERLESS = (
-    "a socket no hook of the fence saw made or used (it predates the fence's programs, "
-    "or came from outside): the kernel records no process for its packets"
+    "a socket whose owner the kernel does not know: no hook of the fence saw it made or "
+    "used (it predates the fence's programs, or came from outside), or its record was "
+    "evicted (more sockets than the kernel's map holds)"
 )
 #: An escape's rule: who moved the process out of its fence.
 MOVED_ITSELF = "moved itself out of the fence"

@@ -387,7 +387,11 @@ class Run:
     def on_bypass(self, query: BypassEvent) -> None:
         key = (query.pid, query.name, query.address, query.port, query.protocol, query.txid)
         if self.first_report(("bypass", *key)):
-            who = self.who(query.pid, query.cgroup_id, query.time_ns, query.by_socket)
+            who = (
+                self.who(query.pid, query.cgroup_id, query.time_ns, query.by_socket)
+                if query.pid
+                else Attribution(None, None, (), OWNERLESS)
+            )
             self.add(query.time_ns, self.judge.bypass(query, who), query.cgroup_id)
 
     @_guarded

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_depfence.judge import UNJUDGED_QUERY
+from pytest_depfence.judge import OWNERLESS, UNJUDGED_QUERY
 from pytest_depfence.kernel import abi
 
 if TYPE_CHECKING:
@@ -138,6 +138,55 @@ def test_more_questions_than_judged_is_dropped(fenced: Fence, tmp_path: Path) ->
     names = [f"q{i}.mirror.internal" for i in range(abi.DNS_QUESTIONS_MAX + 1)]
     result, got = send(fenced, tmp_path, [query(*(question(n) for n in names))])
     assert_dropped(result, got, unjudged(abi.Unjudged.TOO_MANY_QUESTIONS))
+
+
+# Connects a UDP socket to the resolver's second port, then makes COUNT more sockets, each
+# connected (so recorded as a socket's owner) and closed, then sends the query on the
+# first; prints JSON {"pid", "answered", "error"}.
+EVICTING_CLIENT = """\
+import json, os, select, socket, sys
+host, port, count, message = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.connect((host, port))
+for _ in range(count):
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.connect(("10.77.3.1", 9))
+    other.close()
+error = ""
+try:
+    sock.send(bytes.fromhex(message))
+    answered = bool(select.select([sock], [], [], 1.5)[0]) and bool(sock.recv(4096))
+except OSError as exc:
+    answered, error = False, type(exc).__name__
+print(json.dumps({"pid": os.getpid(), "answered": answered, "error": error}))
+"""
+
+
+@NO_GITHUB
+def test_a_socket_whose_owner_the_kernel_map_evicted_is_still_judged(
+    fenced: Fence, tmp_path: Path
+) -> None:
+    # The socket-owner map is an LRU: more sockets than it holds evict the first one's
+    # owner. Its DNS to a resolver past the proxy must be judged all the same.
+    from pytest_depfence import kernel
+    from pytest_depfence.kernel.toolkit import table_max_entries
+
+    count = table_max_entries(kernel.load()._bpf.get_table(b"sockets")) + 8192
+    script = tmp_path / "evict.py"
+    script.write_text(EVICTING_CLIENT)
+    message = query(question("github.com")).hex()
+    argv = [sys.executable, str(script), V4, str(PORT), str(count), message]
+    result = fenced.run(argv, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout.splitlines()[-1])
+
+    assert not got["answered"], f"an answer reached the client; events: {result.events}"
+    dropped = [e for e in bypasses(result) if e.verdict == "blocked"]
+    assert [(e.domain, e.blocked_at, e.port) for e in dropped] == [
+        ("github.com", "packet", PORT)
+    ], result.events
+    # Named where the kernel names a datagram's sender (6.10+), else said to be unknown.
+    assert (dropped[0].pid, dropped[0].unattributed) in ((got["pid"], None), (None, OWNERLESS))
 
 
 # --------------------------------------------------------------------------- unjudgeable names
