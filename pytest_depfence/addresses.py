@@ -79,12 +79,16 @@ class AddressBook:
         self.judge(ipaddress.ip_network(self.note(address, name, origin)), verdict)
 
     def judge(self, network: IPNetwork, verdict: str) -> None:
-        """Tell the kernel how to judge a network; a block, once given, is never lifted."""
+        """Tell the kernel how to judge a network; a block, once given, is never lifted.
+        Under the lock: the kernel's last verdict is the one recorded here (a block and
+        an allow of one address, from two answers at once, cannot land in the other
+        order), and a verdict the kernel refused (its map full) is not recorded, so the
+        next answer with that address tries again instead of passing as known."""
         with self._lock:
             if self._verdicts.get(network) == "block" or self._verdicts.get(network) == verdict:
                 return
+            self._sink.add_network(self.fence_id, network, verdict)
             self._verdicts[network] = verdict
-        self._sink.add_network(self.fence_id, network, verdict)
 
     def names_of(self, address: str | IPAddress) -> list[Learned]:
         with self._lock:

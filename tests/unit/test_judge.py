@@ -396,3 +396,27 @@ def test_a_query_past_the_proxy(audited: bool) -> None:
     assert event.verdict == ("allowed" if audited else "blocked")
     assert event.outage == (None if audited else "dropped")
     assert event.rule == 'no_egress("github.com") [marker at test_x.py:3]'
+
+
+class FullTrie(Trie):
+    """Stands in for the kernel's address trie when it is full: the first `full` updates
+    fail as bcc's table update does."""
+
+    def __init__(self, full: int) -> None:
+        super().__init__()
+        self.full = full
+
+    def add_network(self, fence_id: int, network: object, verdict: str) -> None:
+        if self.full:
+            self.full -= 1
+            raise Exception("Could not update table: No space left on device")  # noqa: TRY002
+        super().add_network(fence_id, network, verdict)
+
+
+def test_a_block_the_kernel_refused_is_tried_again_not_taken_as_known() -> None:
+    trie = FullTrie(full=1)
+    book = AddressBook(7, trie)
+    with pytest.raises(Exception, match="No space left"):
+        book.learn(GITHUB, "github.com", "dns", "block")
+    book.learn(GITHUB, "github.com", "dns", "block")
+    assert trie.verdicts == {f"{GITHUB}/32": "block"}
