@@ -252,20 +252,22 @@ def ensure_mount_options(mountinfo: str = MOUNTINFO) -> None:
     mount = read_cgroup2_mount(mountinfo)
     if mount is None:
         return  # no cgroup2 at all: cgroup.py says so, with its fix
+    path, error = mount.path, None
     if not mount.nsdelegate:
-        error, path = _remount(mount, "nsdelegate"), mount.path
+        error = _remount(mount, "nsdelegate")
         mount = read_cgroup2_mount(mountinfo)
-        if mount is None or not mount.nsdelegate:
-            raise FenceUnavailable(
-                f"cgroup2 at {path} is mounted without nsdelegate, so a fenced root process "
-                "could move itself out of its fence, and turning it on failed"
-                + (f" ({error})" if error else " (not in the initial cgroup namespace?)"),
-                fix=f"on the host: mount -o remount,nsdelegate {path}",
-            )
-    if not mount.favordynmods and not _no_favordynmods:
+    if mount is not None and mount.nsdelegate and not mount.favordynmods and not _no_favordynmods:
         # Only speed is at stake: a kernel that refuses it (EINVAL before 6.0, EPERM in a
-        # container) leaves runs slower, and nsdelegate on (the remount keeps it).
+        # container) leaves runs slower. The remount keeps nsdelegate: checked below.
         _no_favordynmods = _remount(mount, "favordynmods") is not None
+        mount = read_cgroup2_mount(mountinfo)
+    if mount is None or not mount.nsdelegate:
+        raise FenceUnavailable(
+            f"cgroup2 at {path} is mounted without nsdelegate, so a fenced root process "
+            "could move itself out of its fence, and turning it on failed"
+            + (f" ({error})" if error else " (not in the initial cgroup namespace?)"),
+            fix=f"on the host: mount -o remount,nsdelegate {path}",
+        )
 
 
 def _remount(mount: Cgroup2Mount, option: str) -> str | None:

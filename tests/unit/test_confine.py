@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_depfence import confine, options
-from pytest_depfence.errors import ConfigError
+from pytest_depfence.errors import ConfigError, FenceUnavailable
 
 TOOLS = confine.Tools(unshare="/usr/bin/unshare")
 PROCS = Path("/sys/fs/cgroup/depfence/1-2/run-1/cgroup.procs")
@@ -196,3 +196,26 @@ def test_a_starter_that_may_not_drop_cap_net_raw_says_so_and_starts_nothing(tmp_
     assert "cannot take CAP_NET_RAW out of the bounding set" in done.stdout
     assert "Operation not permitted" in done.stdout and "raw_sockets=True" in done.stdout
     assert not marker.exists()
+
+
+def test_a_mount_that_cannot_take_nsdelegate_makes_the_fence_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file names a directory that is no mount at all: the remount fails (EINVAL as
+    # root, EPERM otherwise), and nothing on the machine changes.
+    monkeypatch.setattr(confine, "_no_favordynmods", False)
+    line = f"50 24 0:30 / {tmp_path} rw - cgroup2 none rw\n"
+    with pytest.raises(FenceUnavailable) as info:
+        confine.ensure_mount_options(mountinfo(tmp_path, line))
+    assert f"cgroup2 at {tmp_path} is mounted without nsdelegate" in str(info.value)
+    assert info.value.fix == f"on the host: mount -o remount,nsdelegate {tmp_path}"
+    assert not confine._no_favordynmods  # not asked for while nsdelegate is missing
+
+
+def test_a_refused_favordynmods_is_not_asked_for_again_and_the_fence_stays_available(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(confine, "_no_favordynmods", False)
+    line = f"50 24 0:30 / {tmp_path} rw - cgroup2 none rw,nsdelegate\n"
+    confine.ensure_mount_options(mountinfo(tmp_path, line))
+    assert confine._no_favordynmods
