@@ -107,7 +107,18 @@ def _cgroup2() -> str:
             f"cgroup v2 is mounted at {mount}, but it is not writable here",
             fix="run it as root where the cgroup v2 tree is mounted read-write",
         )
-    return f"mounted at {mount}"
+    from .confine import read_cgroup2_mount
+
+    found = read_cgroup2_mount()
+    wanted = ("nsdelegate", "favordynmods")
+    missing = [o for o in wanted if found is None or o not in found.super_options]
+    if not missing:
+        return f"mounted at {mount}, with {' and '.join(wanted)}"
+    return (
+        f"mounted at {mount}, without {' and '.join(missing)}: a fence turns nsdelegate on, "
+        "and favordynmods where the kernel has it (6.0+: a run's move into its cgroup "
+        "waits for no RCU grace period)"
+    )
 
 
 def _cgroup2_unprivileged() -> str:

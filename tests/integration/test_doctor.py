@@ -128,3 +128,16 @@ def test_root_doctor_says_how_a_datagram_sender_is_named_here() -> None:
         (SENDERS_PER_TASK, SENDERS_BY_SOCKET) if per_task else (SENDERS_BY_SOCKET, SENDERS_PER_TASK)
     )
     assert expected in proc.stdout and other not in proc.stdout, describe(proc)
+
+
+def test_root_doctor_says_which_fence_options_the_cgroup2_mount_lacks(as_root):
+    from pytest_depfence.confine import read_cgroup2_mount
+
+    status, detail = as_root["cgroup v2"]
+    mount = read_cgroup2_mount()
+    assert status == "OK" and mount is not None, detail
+    missing = [o for o in ("nsdelegate", "favordynmods") if o not in mount.super_options]
+    if missing:
+        assert f"without {' and '.join(missing)}: a fence turns" in detail, detail
+    else:
+        assert detail == f"mounted at {cgroup2_mount()}, with nsdelegate and favordynmods"
