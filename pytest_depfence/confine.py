@@ -85,7 +85,7 @@ class Tools:
 
 _lock = threading.Lock()
 _tools: Tools | None = None
-#: The kernel refused `favordynmods` (before 6.0 it has no such option): not asked again.
+#: The kernel did not take `favordynmods` (before 6.0 it has no such option): not asked again.
 _no_favordynmods = False
 
 
@@ -257,10 +257,12 @@ def ensure_mount_options(mountinfo: str = MOUNTINFO) -> None:
         error = _remount(mount, "nsdelegate")
         mount = read_cgroup2_mount(mountinfo)
     if mount is not None and mount.nsdelegate and not mount.favordynmods and not _no_favordynmods:
-        # Only speed is at stake: a kernel that refuses it (EINVAL before 6.0, EPERM in a
-        # container) leaves runs slower. The remount keeps nsdelegate: checked below.
-        _no_favordynmods = _remount(mount, "favordynmods") is not None
+        # Only speed is at stake: a kernel that refuses it (EINVAL before 6.0, EPERM, or
+        # ignores it outside the initial cgroup namespace) leaves runs slower, and is not
+        # asked again. The remount keeps nsdelegate: checked below.
+        _remount(mount, "favordynmods")
         mount = read_cgroup2_mount(mountinfo)
+        _no_favordynmods = mount is None or not mount.favordynmods
     if mount is None or not mount.nsdelegate:
         raise FenceUnavailable(
             f"cgroup2 at {path} is mounted without nsdelegate, so a fenced root process "
