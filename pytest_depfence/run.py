@@ -249,7 +249,9 @@ class Run:
     ) -> Attribution:
         """The process `pid` of member `cgroup_id`, its command line and ancestry (as they
         were at `at_ns`, CLOCK_MONOTONIC, when given); `by_socket`: `pid` is the socket's
-        owner, not surely the sender."""
+        owner, not surely the sender. Pid 0: the kernel knew no process (OWNERLESS)."""
+        if not pid:
+            return Attribution(None, None, (), OWNERLESS)
         member = self.members.get(cgroup_id)
         if member is None:
             return Attribution(None, None, (), f"sent from another cgroup (id {cgroup_id})")
@@ -307,10 +309,7 @@ class Run:
                 contact.reported += 1
             if seen:
                 return
-        if conn.pid:
-            who = self.who(conn.pid, conn.cgroup_id, conn.time_ns, conn.by_socket)
-        else:
-            who = Attribution(None, None, (), OWNERLESS)  # always a packet: reported once
+        who = self.who(conn.pid, conn.cgroup_id, conn.time_ns, conn.by_socket)
         if contact is not None and self.peers.is_local(conn.address):
             # One record per process and local endpoint, as for unix sockets (the kernel's
             # key also has the hook: a connect and a datagram are counted apart).
@@ -387,11 +386,7 @@ class Run:
     def on_bypass(self, query: BypassEvent) -> None:
         key = (query.pid, query.name, query.address, query.port, query.protocol, query.txid)
         if self.first_report(("bypass", *key)):
-            who = (
-                self.who(query.pid, query.cgroup_id, query.time_ns, query.by_socket)
-                if query.pid
-                else Attribution(None, None, (), OWNERLESS)
-            )
+            who = self.who(query.pid, query.cgroup_id, query.time_ns, query.by_socket)
             self.add(query.time_ns, self.judge.bypass(query, who), query.cgroup_id)
 
     @_guarded
