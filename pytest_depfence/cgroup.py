@@ -13,21 +13,16 @@ holds copies of those bpf_links: when the owner dies, it kills the session's
 processes and removes the directories within a second, and only then lets the
 programs go, instead of leaving the processes running unfenced until some later
 sweep. The owner's side of that (starting it, handing it the links, restarting
-one that died) lives here.
+one that died) lives there too.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
 import os
-import resource
 import select
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +32,7 @@ from typing import TYPE_CHECKING
 from .errors import FenceUnavailable
 
 if TYPE_CHECKING:
+    from .guardian import Guardian
     from .limits import Limits
 
 PARENT = "depfence"
@@ -260,6 +256,7 @@ class CgroupTree:
         limits' v1 cgroups: at this process's first sweep and whenever one of those
         sessions was removed here, as a guardian that removes a session removes them
         too), and make sure this session's directory exists and its guardian is running."""
+        from .guardian import guard  # it imports this module
         from .limits import sweep_mirrors
 
         for _ in range(5):
@@ -293,6 +290,8 @@ class CgroupTree:
         running guardian holds copies: once, and again should the directory have been
         made anew (its links went with the old one) or the guardian restarted. Before
         each run's cgroup is made; after `sweep`."""
+        from .guardian import hold_links  # it imports this module
+
         with self._lock:
             directory = os.stat(self.session).st_ino
             if directory != self._links_of:
@@ -349,167 +348,3 @@ def sweep_stale(parent: Path) -> list[Path]:
             continue  # another process swept it first
         removed.append(session)
     return removed
-
-
-# ----------------------------------------------------------------------------- guardians
-#: The guardian's one line on stdout once it watches the owner: "ready PID START".
-READY = "ready"
-#: How long a guardian may take to start (a Python interpreter on a loaded CI machine).
-GUARDIAN_START_TIMEOUT = 30.0
-#: At most this many descriptors in one message on the lifeline (SCM_RIGHTS).
-MAX_FDS = 32
-_guardians: dict[Path, Guardian] = {}
-_guardians_lock = threading.Lock()
-
-
-class Guardian:
-    """The owner's handle on a running guardian: its pid, a pidfd to see it exit, and our end
-    of its lifeline (a unix socket: its stdin), closed by nothing but this process's exit."""
-
-    def __init__(self, pid: int, start: str, lifeline: socket.socket) -> None:
-        self.pid = pid
-        self.start = start
-        self.lifeline = lifeline
-        self._send_lock = threading.Lock()
-        self.pidfd: int | None = None
-        try:
-            self.pidfd = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            pass  # before 5.3 (or gone already): running() reads /proc instead
-        if self.pidfd is not None and start_time(pid) != start:
-            self.close()  # the pid was reused before we held it: that guardian is gone
-
-    def running(self) -> bool:
-        if self.lifeline.fileno() < 0:
-            return False
-        if self.pidfd is not None:
-            poller = select.poll()  # not select(): the pidfd may be above FD_SETSIZE
-            poller.register(self.pidfd, select.POLLIN)
-            return not poller.poll(0)
-        return alive(self.pid, self.start)
-
-    def hold(self, fds: list[int]) -> None:
-        """Give the guardian its own copies of `fds` (bpf_links of this session's cgroups)."""
-        with self._send_lock:
-            for at in range(0, len(fds), MAX_FDS):
-                socket.send_fds(self.lifeline, [b"L"], fds[at : at + MAX_FDS], socket.MSG_NOSIGNAL)
-
-    def close(self) -> None:
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
-        self.lifeline.close()
-
-
-def guard(session: Path) -> Guardian:
-    """Make sure this process's session has a running guardian; start one if not."""
-    with _guardians_lock:
-        current = _guardians.get(session)
-        if current is not None and current.running():
-            return current
-        if current is not None:
-            current.close()
-            del _guardians[session]
-        _guardians[session] = started = start_guardian(session)
-        return started
-
-
-def hold_links(session: Path, links: list[int]) -> Guardian:
-    """Hand the session's bpf_links to its guardian, and return that guardian: should this
-    process die, they stay attached until the guardian has killed the session's runs.
-    FenceUnavailable when no guardian takes them."""
-    failure: OSError | None = None
-    for _ in range(2):
-        current = guard(session)
-        try:
-            current.hold(links)
-            return current
-        except OSError as exc:
-            current.close()  # it died since guard() looked: the next guard() starts another
-            failure = exc
-    raise FenceUnavailable(
-        f"the fence guardian of {session} does not take the programs: {failure}",
-        fix="report this output; a run is not started without its guardian",
-    ) from failure
-
-
-def start_guardian(session: Path) -> Guardian:
-    """Start `python -m pytest_depfence.guardian` for `session` (named for this process)
-    and wait until it watches this process; FenceUnavailable when it cannot."""
-    owner, _, start = session.name.partition("-")
-    package_root = Path(__file__).resolve().parent.parent
-    argv = [sys.executable, "-S", "-m", "pytest_depfence.guardian", owner, start, str(session)]
-    fix = (
-        f"run `{' '.join(argv)}` by hand to see why; a fence is not built without "
-        "the guardian that removes it when this process dies"
-    )
-    if not sys.executable:
-        raise FenceUnavailable("no Python interpreter to start the fence guardian with", fix=fix)
-    # Ours is not inheritable: nothing this process starts keeps the lifeline open after it.
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=theirs.fileno(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-            start_new_session=True,
-            cwd="/",
-            env={"PYTHONPATH": str(package_root)},
-        )
-    except OSError as exc:
-        ours.close()
-        raise FenceUnavailable(f"cannot start the fence guardian: {exc}", fix=fix) from exc
-    finally:
-        theirs.close()
-    code, said = _handshake(proc)
-    words = said.split()
-    if code != 0 or len(words) != 3 or words[0] != READY or not words[1].isdigit():
-        ours.close()
-        shown = said.strip() or f"exit status {code}, nothing said"
-        raise FenceUnavailable(f"the fence guardian did not start: {shown}", fix=fix)
-    return Guardian(int(words[1]), words[2], _renumber_high(ours))
-
-
-def _renumber_high(sock: socket.socket) -> socket.socket:
-    """The same socket on a high descriptor number, so that it closes early when we die.
-
-    An exiting process's files are released highest descriptor first (its
-    task_work runs newest first; measured on 6.18). Closing bcc's programs takes
-    tens of milliseconds (raw tracepoints), up to a second on a kernel without
-    BTF, where three stay classic: on a descriptor above theirs, the lifeline's
-    EOF reaches the guardian first.
-    """
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    floor = min(soft, 1024) - 16
-    if floor <= sock.fileno():
-        return sock
-    try:
-        high = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, floor)
-    except OSError:
-        return sock  # every high number is taken: the pidfd still tells, later
-    sock.close()
-    return socket.socket(fileno=high)
-
-
-def _handshake(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    """The starter's exit status and what the guardian said, once every writer closed the pipe."""
-    deadline = time.monotonic() + GUARDIAN_START_TIMEOUT
-    assert proc.stdout is not None
-    chunks: list[bytes] = []
-    with proc.stdout:
-        fd = proc.stdout.fileno()
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not select.select([fd], [], [], remaining)[0]:
-                break
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    try:
-        code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        code = proc.wait()
-    return code, b"".join(chunks).decode(errors="replace")

@@ -30,7 +30,6 @@ from pytest_depfence.cgroup import (
     CgroupTree,
     cgroup2_mount,
     remove_tree,
-    start_guardian,
     start_time,
 )
 from pytest_depfence.errors import FenceUnavailable
@@ -437,7 +436,8 @@ def _stale_session(tmp_path: Path) -> tuple[Path, subprocess.Popen[bytes]]:
 
 def test_a_guardian_that_cannot_start_is_a_reason_not_a_silent_fail_open(tmp_path: Path) -> None:
     with pytest.raises(FenceUnavailable) as info:
-        start_guardian(tmp_path / "not-depfence" / f"{os.getpid()}-{start_time(os.getpid())}")
+        session = tmp_path / "not-depfence" / f"{os.getpid()}-{start_time(os.getpid())}"
+        guardian.start_guardian(session)
     assert "the fence guardian did not start" in info.value.reason
     assert "is not the fence session of pid" in info.value.reason
     assert info.value.fix is not None and "pytest_depfence.guardian" in info.value.fix
