@@ -91,28 +91,37 @@ def _owner_alive(name: str) -> bool:
     return pid.isdigit() and alive(int(pid), start)
 
 
+#: How long the processes of a cgroup get to die of cgroup.kill before each is killed by its
+#: pid as well.
+KILL_WRITE_GRACE = 0.05
+#: Between rounds of killing by pid, the wait for the cgroup to empty.
+KILL_ROUND = 0.1
+
+
 def kill_all(path: Path, timeout: float = 10.0) -> None:
-    """Kill every process in the cgroup (and below) and wait until it is empty."""
+    """Kill every process in the cgroup (and below) and wait until it is empty.
+
+    cgroup.kill (5.14+) kills the whole subtree in one write, forks included, but
+    passes over a process whose main thread has exited while others run on
+    (measured on 6.18: it lives on, and its threads keep the network); a kill() of
+    its pid ends it. So what is left after a moment is killed by pid, in rounds
+    until the cgroup is empty (a fork between listing and killing escapes one
+    round), as everything is where there is no cgroup.kill."""
     kill_file = path / "cgroup.kill"
-    if kill_file.exists():  # 5.14+: one write kills the whole subtree, forks included
+    if kill_file.exists():
         kill_file.write_text("1")
-    else:
-        _kill_by_listing(path)
-    if not wait_empty(path, timeout):
-        raise RuntimeError(f"processes in {path} survived SIGKILL for {timeout}s")
-
-
-def _kill_by_listing(path: Path) -> None:
-    # Without cgroup.kill, a fork between reading and killing escapes one round; repeat.
-    for _ in range(100):
-        pids = pids_of(path)
-        if not pids:
+        if wait_empty(path, KILL_WRITE_GRACE):
             return
-        for pid in pids:
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        for pid in pids_of(path):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if wait_empty(path, min(remaining, KILL_ROUND)):
+            return
+    raise RuntimeError(f"processes in {path} survived SIGKILL for {timeout}s")
 
 
 def pids_of(path: Path) -> list[int]:

@@ -49,9 +49,18 @@ def exited(pidfd: int, within: float = 5.0) -> bool:
 # Each starts a sleeper that leaves the script's process tree (pid to the "pids"
 # FIFO), waits for "go", then exits without waiting for it. The test reads the
 # sleeper's cgroup from outside (the fence's cgroup namespace shows it as `/`).
+# "main-thread-exited": a process whose main thread has gone (pthread_exit) while another
+# runs on, which cgroup.kill passes over (6.18).
+LEADER_EXITS = (
+    "import ctypes, os, sys, threading, time; "
+    "threading.Thread(target=time.sleep, args=(1000,)).start(); "
+    "open(sys.argv[1], 'w').write(f'{os.getpid()}\\n'); "
+    "ctypes.CDLL(None).pthread_exit(None)"
+)
 DAEMONISE = {
     "setsid": 'setsid sh -c \'echo $$ > "$0"; exec sleep 1000\' "$1" &',
     "double-fork": '( sh -c \'echo $$ > "$0"; exec sleep 1000\' "$1" & ) ;',
+    "main-thread-exited": f'python3 -c "{LEADER_EXITS}" "$1" &',
 }
 
 
