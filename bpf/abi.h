@@ -21,6 +21,9 @@
 #ifndef DEPFENCE_MAX_PROCS
 #error "DEPFENCE_MAX_PROCS is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif
+#ifndef DEPFENCE_MAX_LIVE
+#error "DEPFENCE_MAX_LIVE is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
 #ifndef DNS_NAME_MAX
 #error "DNS_NAME_MAX is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif

@@ -6,9 +6,11 @@
  * makes next are not fenced. cgroup:cgroup_attach_task fires after every
  * successful move, in the context of the process that WROTE the pid, which
  * may be the moved process itself or any other one. So the moved process is
- * found by the tracepoint's pid in `procs`, where procs.c recorded at fork
- * and exec the fence of every fenced process: a live record of a registered
- * fence makes it a fenced process, whoever moves it.
+ * found by the tracepoint's pid in `live`, where procs.c files at fork and
+ * exec the fence of every fenced process until its last thread exits: an
+ * entry of a registered fence makes it a fenced process, whoever moves it
+ * (however many processes came and went since, and whether or not its main
+ * thread still runs).
  *
  * Who stops it:
  * - it moved itself (the writer is the moved process, and is now in the
@@ -30,7 +32,7 @@
  * matches no record.
  *
  * A child that clone3(CLONE_INTO_CGROUP) starts in a cgroup outside the fence
- * is not moved: it is born there. procs.c records it at the fork (from its
+ * is not moved: it is born there. procs.c files it at the fork (from its
  * fenced parent), and on x86-64 a new child returns from clone3 through the
  * syscall-exit path, so sys_exit_clone3 runs in the child's own context with
  * ret 0: its own cgroup says whether it is in its fence, and if not it is
@@ -78,16 +80,15 @@ struct escape_event {
 
 BPF_RINGBUF_OUTPUT(escape_events, 16);
 
-/* The record of `pid` when it is a fenced process: alive, of a registered fence the
- * fence owns (an adopted service's processes come and go as its manager says). */
-static __always_inline struct proc *fenced_process(__u32 pid)
+/* The fence of `pid` when it is a live fenced process (`live`, procs.c), of a
+ * registered fence; else 0. */
+static __always_inline __u64 fenced_process(__u32 pid)
 {
-    struct proc *p = procs.lookup(&pid);
-    if (!p || (p->flags & PROC_EXITED))
-        return 0;  /* not a fenced process (or a reused pid of one) */
-    __u64 fence_id = p->cgid;
-    struct fence_cfg *fence = fences.lookup(&fence_id);
-    return fence && !(fence->flags & FENCE_ADOPTED) ? p : 0;
+    __u64 *cgid = live.lookup(&pid);
+    if (!cgid)
+        return 0;
+    __u64 fence_id = *cgid;
+    return fences.lookup(&fence_id) ? fence_id : 0;
 }
 
 /* Whether the current task is in fence `fence_id`: its cgroup or one below. */
@@ -125,11 +126,8 @@ static __always_inline int task_moved(int dst_root, __u64 dst_id, __u32 pid, con
 {
     if (dst_root != 0)
         return 0;  /* a v1 hierarchy */
-    struct proc *p = fenced_process(pid);
-    if (!p)
-        return 0;
-    __u64 fence_id = p->cgid;
-    if (dst_id == fence_id)
+    __u64 fence_id = fenced_process(pid);
+    if (!fence_id || dst_id == fence_id)
         return 0;
     __u32 writer = bpf_get_current_pid_tgid() >> 32;
     __u8 killed = 0;
@@ -172,11 +170,13 @@ static __always_inline int clone3_exited(long ret)
     __u32 pid = pid_tgid >> 32;
     if ((__u32)pid_tgid != pid)
         return 0;  /* a new thread: in its process's cgroup */
-    struct proc *p = fenced_process(pid);
-    if (!p || current_in(p->cgid))
+    __u64 fence_id = fenced_process(pid);
+    if (!fence_id || current_in(fence_id))
         return 0;
     __u8 killed = bpf_send_signal(SIGKILL) == 0;
-    report_escape(p->cgid, pid, p->ppid, bpf_get_current_cgroup_id(), killed, ESCAPE_BORN, 0);
+    struct proc *p = procs.lookup(&pid);
+    report_escape(fence_id, pid, p ? p->ppid : 0, bpf_get_current_cgroup_id(), killed,
+                  ESCAPE_BORN, 0);
     return 0;
 }
 

@@ -148,6 +148,12 @@ BPF_TABLE("lru_hash", __u64, struct owner, sockets, 65536);
 BPF_TABLE("lru_hash", __u64, struct orig_dst, redirected, 65536);
 BPF_TABLE("lru_hash", struct flow_key, struct owner, dnsflows, 65536);
 BPF_TABLE("lru_hash", __u32, struct proc, procs, DEPFENCE_MAX_PROCS);
+/* The fenced processes alive now, by pid, and the fence of each: what escape.c
+ * knows a moved process by. Not an LRU: `procs` keeps the dead too and evicts the
+ * least used, a long-sleeping process among them once a script has started a few
+ * thousand others; a process missing here could leave unseen. Added at fork and
+ * exec (procs.c), removed when its last thread exits. */
+BPF_HASH(live, __u32, __u64, DEPFENCE_MAX_LIVE);
 BPF_LPM_TRIE(addrs, struct addr_key, struct addr_rule, 65536);
 BPF_RINGBUF_OUTPUT(conn_events, 256);
 /* Events a fence's programs could not report (a ring buffer was full), by fence cgroup:

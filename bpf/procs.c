@@ -14,6 +14,13 @@
  * held when the message left. The cost: one record copied per exec of a
  * recorded process (~4 KiB, map to map).
  *
+ * Each live fenced process is also in `live` (fence.h) from its fork or first
+ * exec in a fence until its last thread exits (not its main thread: a process
+ * whose main thread exited while others run on is alive), so escape.c knows it
+ * however many others came and went. Threads are not recorded: a process's
+ * messages and moves are by its pid. With no room left in `live`, the fence's
+ * lost-event count goes up: the run is not vouched for.
+ *
  * execve/execveat come through raw_syscalls (syscalls.c); fork and exit are
  * the sched tracepoints, raw. The fork's child pid is read from its task_struct
  * at the offset the running kernel's BTF gives (kernel/tracing.py); without
@@ -41,6 +48,16 @@ BPF_TABLE("lru_hash", __u32, struct proc, procs_prev, 1024);  /* a quarter of `p
 static __always_inline int in_fence(__u64 *cgid)
 {
     return fence_of_task(cgid) != 0;
+}
+
+/* `pid` is a live process of fence `cgid` (not an adopted one's: its manager's). */
+static __always_inline void set_live(__u32 pid, __u64 cgid)
+{
+    struct fence_cfg *fence = fences.lookup(&cgid);
+    if (!fence || (fence->flags & FENCE_ADOPTED))
+        return;
+    if (live.update(&pid, &cgid))
+        count_lost(cgid);
 }
 
 static __always_inline int record_exec(const char *filename, const char *const *argv)
@@ -102,6 +119,7 @@ static __always_inline int commit_exec(long ret)
          * it, every one of the new program after it. */
         p->since = bpf_ktime_get_ns();
         procs.update(&tgid, p);
+        set_live(tgid, p->cgid);
     }
     pending.delete(&tgid);
     return 0;
@@ -112,6 +130,7 @@ static __always_inline int record_fork(__u32 child)
     __u64 cgid;
     if (!in_fence(&cgid))
         return 0;
+    set_live(child, cgid);
     __u32 ppid = bpf_get_current_pid_tgid() >> 32;
     struct proc *c = procs.lookup(&child);
     if (c && !(c->flags & PROC_EXITED)) {
@@ -155,23 +174,44 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 }
 #else
 /* sched_process_fork(struct task_struct *parent, struct task_struct *child):
- * the classic tracepoint's child_pid is child->pid. */
+ * the classic tracepoint's child_pid is child->pid. A new thread (its tgid is
+ * its creator's) is not a process. */
 RAW_TRACEPOINT_PROBE(sched_process_fork)
 {
-    __u32 child = 0;
+    __u32 child = 0, tgid = 0;
     bpf_probe_read_kernel(&child, sizeof(child),
                           (void *)(ctx->args[1] + DEPFENCE_OFF_TASK_PID));
+    bpf_probe_read_kernel(&tgid, sizeof(tgid),
+                          (void *)(ctx->args[1] + DEPFENCE_OFF_TASK_TGID));
+    if (child != tgid)
+        return 0;
     return record_fork(child);
 }
 #endif
+
+/* Whether the exiting task is its process's last: do_exit() has taken it off
+ * current->signal->live before the tracepoint. Without BTF offsets: its main
+ * thread's exit counts (a process that outlives it is taken for gone). */
+static __always_inline int process_exits(__u64 pid_tgid)
+{
+#ifdef DEPFENCE_NO_BTF_OFFSETS
+    return (__u32)pid_tgid == pid_tgid >> 32;
+#else
+    __u64 signal = kernel_u64(bpf_get_current_task() + DEPFENCE_OFF_TASK_SIGNAL);
+    int threads = 1;
+    bpf_probe_read_kernel(&threads, sizeof(threads), (void *)(signal + DEPFENCE_OFF_SIGNAL_LIVE));
+    return threads == 0;
+#endif
+}
 
 /* sched_process_exit(struct task_struct *p, ...): p is the current task. */
 RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!process_exits(pid_tgid))
+        return 0;  /* a thread; the process lives on */
     __u32 tgid = pid_tgid >> 32;
-    if ((__u32)pid_tgid != tgid)
-        return 0;  /* a thread, not the process */
+    live.delete(&tgid);
     struct proc *p = procs.lookup(&tgid);
     if (p)
         p->flags |= PROC_EXITED;

@@ -393,6 +393,12 @@ class Run:
     def on_escape(self, escape: EscapeEvent) -> None:
         """A process of a member was moved out of the fence (and killed: kernel.Listener)."""
         who = self.who(escape.pid, escape.cgroup_id)
+        if who.pid is None:
+            # Its record is gone (more processes came since than the kernel keeps), but
+            # the kernel named the pid itself; /proc may still have its command line.
+            argv = read_proc_cmdline(escape.pid)
+            cmdline = shlex.join(argv) if argv else None
+            who = Attribution(escape.pid, cmdline, (), None if argv else who.unattributed)
         mover = None if escape.writer == escape.pid else self.describe(escape.writer)
         self.add(escape.time_ns, self.judge.escape(escape, who, mover), escape.cgroup_id)
 

@@ -33,6 +33,9 @@ ARGC = 16
 ARGLEN = 256
 #: Process records kept at once (an LRU map: the oldest go first).
 MAX_PROCS = 4096
+#: Fenced processes alive at once that escape.c can know as fenced (`live`: never evicted;
+#: one more is a lost event, so the run is not vouched for).
+MAX_LIVE = 32768
 #: Longest DNS name (wire form) and most labels bypass.c judges; powers of two (masks).
 DNS_NAME_MAX = 128
 DNS_LABELS_MAX = 32
@@ -163,6 +166,7 @@ def defines() -> list[tuple[str, str]]:
         ("DEPFENCE_ARGC", str(ARGC)),
         ("DEPFENCE_ARGLEN", str(ARGLEN)),
         ("DEPFENCE_MAX_PROCS", str(MAX_PROCS)),
+        ("DEPFENCE_MAX_LIVE", str(MAX_LIVE)),
         ("DNS_NAME_MAX", str(DNS_NAME_MAX)),
         ("DNS_LABELS_MAX", str(DNS_LABELS_MAX)),
         ("DNS_QUESTIONS_MAX", str(DNS_QUESTIONS_MAX)),

@@ -159,6 +159,9 @@ REGS = {
 #: (struct, field) -> the -D name of its byte offset.
 BTF_FIELDS = {
     ("task_struct", "pid"): "OFF_TASK_PID",
+    ("task_struct", "tgid"): "OFF_TASK_TGID",
+    ("task_struct", "signal"): "OFF_TASK_SIGNAL",
+    ("signal_struct", "live"): "OFF_SIGNAL_LIVE",
     ("cgroup", "kn"): "OFF_CGROUP_KN",
     ("cgroup", "root"): "OFF_CGROUP_ROOT",
     ("kernfs_node", "id"): "OFF_KERNFS_ID",

@@ -194,7 +194,7 @@ def test_a_child_started_outside_the_fence_never_reaches_github(
 # --------------------------------------------------------------------------- moved by another
 
 
-def run_in_background(fenced: Fence, script: str, check: bool) -> Any:
+def run_in_background(fenced: Fence, script: str | list[str], check: bool) -> Any:
     pool = ThreadPoolExecutor(1)
     future = pool.submit(fenced.run, script, check=check, timeout=30)
     pool.shutdown(wait=False)
@@ -239,6 +239,46 @@ def test_a_process_moved_out_by_another_is_killed_at_once_and_named(
     assert [cmdline for _, cmdline in event.ancestry][:1] == [
         f"/bin/sh -c 'sleep 1000 & echo $! > {ready}; read x < {go}'"
     ]
+
+
+# A fenced process escape.c must still know as one when it is moved: one whose main thread
+# has exited while another runs on (a process until its last thread exits), and one that
+# started before more processes than the kernel keeps records of (`live` is not an LRU).
+# Each writes its pid to $1.
+STILL_FENCED = {
+    "main-thread-exited": (
+        'python3 -c "import ctypes, os, sys, threading, time; '
+        "threading.Thread(target=time.sleep, args=(1000,)).start(); "
+        "open(sys.argv[1], 'w').write(f'{os.getpid()}\\\\n'); "
+        'ctypes.CDLL(None).pthread_exit(None)" "$1" &'
+    ),
+    "after-5000-processes": (
+        'sleep 1000 & s=$!; python3 -c "import os\n'
+        "for _ in range(5000):\n"
+        "    pid = os.fork()\n"
+        '    os._exit(0) if pid == 0 else os.waitpid(pid, 0)"; echo $s > "$1";'
+    ),
+}
+
+
+@pytest.mark.parametrize("how", list(STILL_FENCED))
+@NO_GITHUB
+def test_a_process_moved_out_is_known_as_fenced_however_it_lives(
+    fenced: Fence, fifo: Any, how: str
+) -> None:
+    ready, go = fifo("ready"), fifo("go")
+    script = f'{STILL_FENCED[how]} read x < "$2"'
+    future = run_in_background(fenced, ["sh", "-c", script, "sh", str(ready), str(go)], check=False)
+    pid = 0
+    try:
+        pid = int(ready.read_line(timeout=120))
+        (cgroup2_mount() / "cgroup.procs").write_text(str(pid))
+        assert dead_within(pid, 1.0), f"pid {pid} ({how}) moved out of the fence is still running"
+    finally:
+        go.write_line()
+        kill_if_alive(pid)
+    (event,) = escapes(future.result().violations)
+    assert (event.pid, event.outage, event.moved_by) == (pid, "killed", os.getpid())
 
 
 # --------------------------------------------------------------------------- within the fence

@@ -71,7 +71,13 @@ def _btf(structs: dict[str, list[tuple[str, int, int]]], filler: int = 3) -> byt
 
 
 FIELDS = {
-    "task_struct": [("state", 0, 0), ("pid", 1264 * 8, 0), ("tgid", 1268 * 8, 0)],
+    "task_struct": [
+        ("state", 0, 0),
+        ("pid", 1264 * 8, 0),
+        ("tgid", 1268 * 8, 0),
+        ("signal", 1904 * 8, 0),
+    ],
+    "signal_struct": [("sigcnt", 0, 0), ("live", 4 * 8, 0)],
     "cgroup": [("kn", 256 * 8, 0), ("root", 696 * 8, 0)],
     "kernfs_node": [("id", 96 * 8, 0)],
     "cgroup_root": [("hierarchy_id", 12 * 8, 0)],
@@ -83,6 +89,9 @@ def test_btf_offsets_are_read_from_the_structs(tmp_path: Path):
     blob.write_bytes(_btf(FIELDS))
     assert tracing.btf_offsets(blob) == {
         "OFF_TASK_PID": 1264,
+        "OFF_TASK_TGID": 1268,
+        "OFF_TASK_SIGNAL": 1904,
+        "OFF_SIGNAL_LIVE": 4,
         "OFF_CGROUP_KN": 256,
         "OFF_CGROUP_ROOT": 696,
         "OFF_KERNFS_ID": 96,
@@ -93,7 +102,7 @@ def test_btf_offsets_are_read_from_the_structs(tmp_path: Path):
 @pytest.mark.parametrize(
     "broken",
     [
-        {**FIELDS, "task_struct": [("tgid", 1268 * 8, 0)]},  # no pid member
+        {**FIELDS, "task_struct": [("tgid", 1268 * 8, 0), ("signal", 1904 * 8, 0)]},  # no pid
         {**FIELDS, "kernfs_node": [("flags", 0, 0), ("id", 96 * 8, 16)]},  # a bitfield
         {**FIELDS, "cgroup_root": [("hierarchy_id", 12 * 8 + 4, 0)]},  # not byte-aligned
         {k: v for k, v in FIELDS.items() if k != "cgroup"},  # no struct cgroup
@@ -107,7 +116,7 @@ def test_btf_that_does_not_give_every_offset_means_classic_tracepoints(tmp_path,
 
 
 FD_FIELDS = {
-    "task_struct": [("pid", 1264 * 8, 0), ("files", 1824 * 8, 0)],
+    "task_struct": [*FIELDS["task_struct"], ("files", 1824 * 8, 0)],
     "files_struct": [("count", 0, 0), ("fdt", 32 * 8, 0)],
     "fdtable": [("max_fds", 0, 0), ("fd", 8 * 8, 0)],
     "file": [("f_inode", 32 * 8, 0)],
