@@ -127,6 +127,8 @@ class Fence:
         #: Every service started, running or stopped, in order.
         self.services: list[Service] = []
         self._service_members: dict[str, Member] = {}
+        #: The proxy's dropped queries counted so far (`_count_dropped`).
+        self._dropped = 0
 
     # -- lifecycle ----------------------------------------------------------------
     def open(self) -> Fence:
@@ -285,7 +287,10 @@ class Fence:
             self._outside_runs.count_contacts(
                 {member.cgroup_id for member in self._service_members.values()}
             )
+        assert self._outside_runs is not None
+        self._count_dropped(self._outside_runs)  # since the last run: its services'
         self._current = run
+        teardown.push(partial(self._count_dropped, run))
         teardown.push(run.count_lost)
         teardown.push(run.count_contacts)
         teardown.push(lambda: setattr(self, "_current", None))
@@ -294,6 +299,16 @@ class Fence:
         proc = self._spawn(cgroup, argv, cwd, env, stdin)
         member.root_pid = proc.pid
         return proc, cgroup
+
+    def _count_dropped(self, run: Run) -> None:
+        """A violation for `run` if the kernel dropped queries to the proxy since the last
+        count (`Judge.dropped_queries`): after the proxy drained, every query it did not
+        read was one of them."""
+        assert self._proxy is not None and self._judge is not None
+        dropped = self._proxy.dropped()
+        if dropped > self._dropped:
+            run.add(time.monotonic_ns(), self._judge.dropped_queries(dropped - self._dropped))
+        self._dropped = max(dropped, self._dropped)
 
     def _fence_cgroup(
         self, teardown: Teardown, label: str, name: str, listener: kernel.Listener

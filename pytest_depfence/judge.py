@@ -64,6 +64,11 @@ LOST = (
     "the kernel could not report {count} event(s) of {member} (a ring buffer was full): "
     "what they recorded is unknown, so the run is not vouched for"
 )
+#: Queries to the fence's proxy the kernel dropped unread (a receive buffer was full).
+DROPPED_QUERIES = (
+    "the kernel dropped {count} DNS quer{ies} to the fence's proxy unread (its receive "
+    "buffer was full): what they asked is unknown, so the run is not vouched for"
+)
 #: Why a loss names no process.
 LOST_WHO = "lost events name no process"
 #: The rule of a contact with a local service outside the fence that egress_only forbids:
@@ -335,6 +340,15 @@ class Judge:
     def lost(self, count: int, member: str) -> EgressEvent:
         """Events of `member` the kernel dropped: a violation in every mode (fail closed:
         one of them may have been a forbidden one)."""
+        return self._loss(LOST.format(count=count, member=member))
+
+    def dropped_queries(self, count: int) -> EgressEvent:
+        """Queries the kernel dropped before the proxy read them: a violation in every
+        mode, as lost events are (`lost`)."""
+        return self._loss(DROPPED_QUERIES.format(count=count, ies="y" if count == 1 else "ies"))
+
+    @staticmethod
+    def _loss(rule: str) -> EgressEvent:
         return EgressEvent(
             domain=None,
             address=None,
@@ -342,7 +356,7 @@ class Judge:
             protocol="lost",
             verdict="blocked",
             blocked_at=None,
-            rule=LOST.format(count=count, member=member),
+            rule=rule,
             pid=None,
             cmdline=None,
             unattributed=LOST_WHO,

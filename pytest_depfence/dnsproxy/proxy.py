@@ -136,6 +136,13 @@ class DnsProxy(TcpClients):
         self._loop_thread.start()
         return self
 
+    def dropped(self) -> int:
+        """Queries the kernel dropped before the proxy could read them (its UDP listeners'
+        receive buffers were full), since it started: each unread, unjudged, unanswered."""
+        if self._listeners is None or self._stopped:
+            return 0
+        return self._listeners.dropped()
+
     def stop(self) -> None:
         """Close every socket and join every thread; safe to call more than once."""
         if self._stopped or not self._started:

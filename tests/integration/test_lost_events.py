@@ -69,3 +69,30 @@ def test_a_full_ring_buffer_fails_the_run(fences, lab, monkeypatch, tmp_path: Pa
     [lost] = [v for v in caught.value.violations if v.is_loss]
     assert "could not report" in str(lost.rule) and "of command" in str(lost.rule)
     assert "(events lost)" in str(caught.value)
+
+
+#: Queries for an allowed name sent back to back, none of their answers read.
+QUERIES = """
+import socket, struct, sys
+name = b"\\x06mirror\\x08internal\\x00"
+query = struct.pack(">HHHHHH", 0, 0x0100, 1, 0, 0, 0) + name + b"\\x00\\x01\\x00\\x01"
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    for txid in range(int(sys.argv[2])):
+        s.sendto(struct.pack(">H", txid) + query[2:], (sys.argv[1], 53))
+"""
+
+
+def test_queries_the_proxy_never_read_fail_the_run(fences, lab, monkeypatch) -> None:
+    """The kernel drops datagrams a socket has no room for: at the proxy, each was a query
+    neither judged nor recorded. Its listeners are made with room for almost nothing here,
+    so that a burst of queries overflows them for sure."""
+    from pytest_depfence.dnsproxy import listeners
+
+    monkeypatch.setattr(listeners, "RECEIVE_BUFFER", 1)
+    fence = fences(Policy.no_egress("github.com"), mode="audit")
+    result = fence.run([sys.executable, "-c", QUERIES, lab.RESOLVER4, "2000"], timeout=60)
+    [dropped] = [v for v in result.violations if v.is_loss]
+    assert "DNS queries to the fence's proxy unread" in str(dropped.rule)
+    count = int(str(dropped.rule).split("dropped ")[1].split()[0])
+    judged = [e for e in result.events if e.domain == "mirror.internal"]
+    assert count > 0 and count + len(judged) == 2000
