@@ -121,6 +121,9 @@
 #ifndef UNJUDGED_POINTER
 #error "UNJUDGED_POINTER is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif
+#ifndef UNJUDGED_GSO
+#error "UNJUDGED_GSO is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
+#endif
 #ifndef UNJUDGED_TOO_LONG
 #error "UNJUDGED_TOO_LONG is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif

@@ -13,6 +13,13 @@
  * start with a whole length prefix and header) is dropped and reported too,
  * with the reason (UNJUDGED_*): fail closed. Audit mode reports and lets go.
  *
+ * A UDP send of several datagrams at once (GSO: the UDP_SEGMENT option or
+ * control message) leaves as one packet, which the kernel cuts into its
+ * datagrams after this program: each is a message of its own, at the payload
+ * plus k * gso_size. Judging every one would multiply this program's
+ * verification by their number (up to GSO_SEGS_MAX), so such a packet with any
+ * DNS-shaped datagram is unjudged (UNJUDGED_GSO): no DNS client sends queries so.
+ *
  * Matching without string compares: userspace stores, per rule, a hash of the
  * rule's name in DNS wire form (lowercase, with length bytes, so labels stay
  * bounded); here the query's name is hashed from its end, and the hash at
@@ -33,6 +40,8 @@
  * below it only), and the UNJUDGED_* reasons. */
 
 #define DNS_HDR_LEN 12
+/* Datagrams of one UDP GSO send looked at: UDP_MAX_SEGMENTS, 64 or (6.9+) 128. */
+#define GSO_SEGS_MAX 128
 /* The label walk's own stop: the name's final zero. */
 #define STOP_END 0x80
 
@@ -299,6 +308,30 @@ static __always_inline int dns_shaped(struct __sk_buff *skb, __u32 off, __u8 pro
     return 0;
 }
 
+/* Whether a UDP GSO packet (skb->gso_segs > 1) holds a DNS-shaped datagram: any of
+ * them query-shaped, or all of them sent to port 53. `off`: the first one's payload. */
+static __always_inline int gso_dns_shaped(struct __sk_buff *skb, __u32 off, __be16 dport)
+{
+    __u32 size = skb->gso_size, segs = skb->gso_segs, shaped = 0;
+    if (dport == bpf_htons(DNS_PORT) || segs > GSO_SEGS_MAX)
+        return 1;
+    OPAQUE(segs);
+    /* Every round, the ones past the last datagram masked out, and query_shaped()
+     * without its jumps: the loop leaves the verifier one state, not one per way out
+     * (each of which would have the rest of the program verified again). */
+    for (__u32 k = 0; k < GSO_SEGS_MAX; k++) {
+        __u8 hdr[DNS_HDR_LEN] = {};
+        bpf_skb_load_bytes(skb, off + k * size, hdr, sizeof(hdr));  /* zeroes: no query */
+        __u32 flags = hdr[2], questions = hdr[4] | hdr[5];
+        __u32 records = hdr[6] | hdr[7] | hdr[8] | hdr[9];
+        OPAQUE(flags);
+        OPAQUE(questions);
+        OPAQUE(records);
+        shaped |= LESS(k, segs) & EQ(flags & 0xf8, 0) & NONZERO(questions) & EQ(records, 0);
+    }
+    return shaped;
+}
+
 /* 1: let the packet go; 0: drop it (a forbidden query that bypassed the proxy,
  * or a DNS-shaped one that cannot be judged). `o`: who sent it (egress.c). */
 static __always_inline int judge_bypass(struct __sk_buff *skb, struct owner *o,
@@ -315,6 +348,8 @@ static __always_inline int judge_bypass(struct __sk_buff *skb, struct owner *o,
             return 1;  /* no payload: SYN, ACK, FIN */
     }
     int verdict = dns_shaped(skb, off, proto, dport);
+    if (proto == IPPROTO_UDP && skb->gso_segs > 1 && gso_dns_shaped(skb, off, dport))
+        verdict = -UNJUDGED_GSO;
     if (!verdict)
         return 1;
     int zero = 0;

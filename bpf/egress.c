@@ -4,8 +4,10 @@
  * This program sees the same packet leave the fenced socket, reads those
  * fields from the headers (IPv4 options, IPv6 extension headers and all) and
  * files its sender under them, with the time it left, before the packet can
- * reach the proxy. So attribution survives the sender exiting at once, a DNS
- * id reused on another socket cannot be mistaken for this one, and a sender
+ * reach the proxy (each datagram of a UDP GSO send under its own id: the
+ * kernel cuts the packet into them after this program). So attribution
+ * survives the sender exiting at once, a DNS id reused on another socket
+ * cannot be mistaken for this one, and a sender
  * that execs right after is named by the program that sent it (procs.c keeps
  * the record its exec replaced).
  *
@@ -175,6 +177,23 @@ static __always_inline void datagram_sender(struct owner *who)
 #endif
 }
 
+/* Files the sender of each datagram of a UDP GSO send to the proxy (the kernel cuts
+ * it into them after this program) under its own DNS id; the first is filed already. */
+static __always_inline void file_gso_flows(struct __sk_buff *skb, __u32 payload,
+                                           struct flow_key *key, struct owner *who)
+{
+    __u32 size = skb->gso_size, segs = skb->gso_segs;
+    OPAQUE(segs);
+    /* Not left early: a loop with one way out leaves the verifier one state. */
+    for (__u32 k = 1; k < GSO_SEGS_MAX; k++) {
+        __be16 txid = 0;
+        bpf_skb_load_bytes(skb, payload + k * size, &txid, sizeof(txid));
+        key->txid = bpf_ntohs(txid);
+        if (k < segs)
+            dnsflows.update(key, who);
+    }
+}
+
 int egress(struct __sk_buff *skb)
 {
     __u64 cookie = bpf_get_socket_cookie(skb);
@@ -251,5 +270,7 @@ int egress(struct __sk_buff *skb)
         key.txid = bpf_ntohs(txid);
     }
     dnsflows.update(&key, &who);
+    if (proto == IPPROTO_UDP && skb->gso_segs > 1)
+        file_gso_flows(skb, l4 + 8, &key, &who);
     return 1;
 }

@@ -125,6 +125,7 @@ class Unjudged(enum.IntEnum):
     TOO_MANY_QUESTIONS = 5  # more than DNS_QUESTIONS_MAX questions in the packet
     SPLIT = 6  # a TCP segment not holding whole messages (length prefix and header)
     NOT_A_QUERY = 7  # sent to port 53 but not a query
+    GSO = 8  # several datagrams in one send (UDP GSO), one of them DNS-shaped
 
 
 #: Why a DNS query was not judged, as the report says it (Unjudged -> text).
@@ -136,6 +137,7 @@ UNJUDGED_TEXTS: dict[int, str] = {
     Unjudged.TOO_MANY_QUESTIONS: f"more than {DNS_QUESTIONS_MAX} questions",
     Unjudged.SPLIT: "TCP segment without a whole length prefix and header",
     Unjudged.NOT_A_QUERY: "not a query",
+    Unjudged.GSO: "several datagrams sent as one (UDP GSO)",
 }
 
 

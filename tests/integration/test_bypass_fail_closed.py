@@ -34,13 +34,17 @@ NO_GITHUB = pytest.mark.no_egress("github.com")
 ONLY_MIRROR = pytest.mark.egress_only("mirror.internal", V4)
 
 # Sends each hex chunk as its own send() (UDP: datagrams; TCP: segments, TCP_NODELAY and a
-# pause between), then waits for an answer; prints JSON {"answered": bool, "error": str}.
+# pause between; "gso": all in one send, cut by the kernel into datagrams the size of the
+# first: UDP_SEGMENT), then waits for an answer; prints JSON {"answered": bool, "error": str}.
 CLIENT = """\
 import json, select, socket, sys, time
 family, transport, host, port, *chunks = sys.argv[1:]
 fam = socket.AF_INET6 if family == "6" else socket.AF_INET
 kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
 sock = socket.socket(fam, kind)
+if transport == "gso":
+    sock.setsockopt(socket.SOL_UDP, 103, len(bytes.fromhex(chunks[0])))  # UDP_SEGMENT
+    chunks = ["".join(chunks)]
 if family == "6dst":  # a destination-options header before UDP (needs CAP_NET_RAW)
     sock.close()
     sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -89,6 +93,12 @@ def send(
     return result, json.loads(result.stdout.splitlines()[-1])
 
 
+def gso_datagrams(first: bytes, last: bytes) -> list[bytes]:
+    """Two messages as the datagrams of one UDP GSO send: every one but the last is the
+    segment size (the first's, padded with zeros to fit the last)."""
+    return [first + bytes(max(0, len(last) - len(first))), last]
+
+
 def bypasses(result: FenceResult) -> list[EgressEvent]:
     return [e for e in result.events if e.address in (V4, V6) and e.qtype is not None]
 
@@ -131,6 +141,48 @@ def test_a_second_question_for_a_blocked_name_is_judged(fenced: Fence, tmp_path:
     result, got = send(fenced, tmp_path, [message])
     event = assert_dropped(result, got, 'no_egress("github.com")')
     assert event.domain == "api.github.com"
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param("4", marks=NO_GITHUB, id="4-no_egress"),
+        pytest.param("6", marks=NO_GITHUB, id="6-no_egress"),
+        pytest.param("4", marks=ONLY_MIRROR, id="4-egress_only"),
+    ],
+)
+def test_queries_sent_as_one_udp_gso_packet_are_dropped(
+    fenced: Fence, tmp_path: Path, family: str
+) -> None:
+    """The kernel cuts a GSO packet into its datagrams after the fence's program: an
+    allowed query first (padded to the datagram size), a forbidden one after it."""
+    chunks = gso_datagrams(
+        query(question("mirror.internal"), txid=1), query(question("api.github.com"), txid=2)
+    )
+    result, got = send(fenced, tmp_path, chunks, transport="gso", family=family)
+    assert got["error"] == "PermissionError"
+    assert_dropped(result, got, unjudged(abi.Unjudged.GSO))
+
+
+@NO_GITHUB
+def test_each_query_of_a_udp_gso_packet_to_the_proxy_is_named(
+    fenced: Fence, tmp_path: Path
+) -> None:
+    """Sent to port 53 (redirected to the proxy), each datagram is a query the proxy
+    judges; each names its sender, as any query does."""
+    chunks = gso_datagrams(
+        query(question("mirror.internal"), txid=1), query(question("api.github.com"), txid=2)
+    )
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    argv = [sys.executable, str(script), "4", "gso", V4, "53", *(c.hex() for c in chunks)]
+    result = fenced.run(argv, check=False, timeout=30)
+    asked = {e.domain: e for e in result.events if e.blocked_at in ("dns", None) and e.domain}
+    assert set(asked) >= {"mirror.internal", "api.github.com"}, result.events
+    assert {asked[name].pid for name in ("mirror.internal", "api.github.com")} == {
+        asked["mirror.internal"].pid
+    }
+    assert asked["api.github.com"].pid is not None and not asked["api.github.com"].unattributed
 
 
 @NO_GITHUB
