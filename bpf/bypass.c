@@ -4,7 +4,8 @@
  * resolver on any other port (dig @resolver -p 5300). egress.c hands every
  * other UDP datagram and TCP segment of a fenced socket here. One that is
  * DNS-shaped -- sent to port 53, or whose header is a query's (QR=0, QUERY,
- * questions, no answers) -- has the name of every question matched against
+ * questions, no answers; in a TCP segment, any of its first whole messages'
+ * header) -- has the name of every question matched against
  * the fence's name rules, the same label-bounded, case-insensitive matching as
  * the proxy's; a forbidden one is dropped and reported. A DNS-shaped message
  * this code cannot judge (a compression pointer in a question, a name over
@@ -79,6 +80,7 @@ struct name_work {
     __u64 suffix[DNS_NAME_MAX];   /* hash of name[i..end] */
     __u8 bounds[DNS_LABELS_MAX];   /* offsets of the label starts */
     __u32 off, end, left, tcp;     /* where judge_messages stands (kept in memory) */
+    __u32 start;                   /* where the first message to judge starts (dns_shaped) */
     __u32 matched;                 /* a rule matched (kept in memory: see match_name) */
 };
 
@@ -244,15 +246,12 @@ static __always_inline int open_tcp_message(struct __sk_buff *skb, struct dns_cu
  * back with volatile loads: the verifier takes such reads as any values, so every
  * path into a round is one state and a question is verified once per round, not
  * once per way of getting there (that was 5/6 of the egress program's load time). */
-static __always_inline int judge_messages(struct __sk_buff *skb, __u32 off, __u8 proto,
-                                          struct fence_cfg *fence, struct bypass_event *ev)
+static __always_inline int judge_messages(struct __sk_buff *skb, __u8 proto,
+                                          struct fence_cfg *fence, struct bypass_event *ev,
+                                          struct name_work *w)
 {
-    int zero = 0;
-    struct name_work *w = name_scratch.lookup(&zero);
-    if (!w)
-        return -UNJUDGED_TRUNCATED;
     int tcp = proto == IPPROTO_TCP;
-    struct dns_cursor c = {off, 0, 0};
+    struct dns_cursor c = {*(volatile __u32 *)&w->start, 0, 0};
     int verdict = tcp ? open_tcp_message(skb, &c, ev) : open_message(skb, &c, skb->len, ev);
     if (verdict)
         return verdict;
@@ -290,20 +289,38 @@ static __always_inline int judge_messages(struct __sk_buff *skb, __u32 off, __u8
     return -UNJUDGED_TOO_MANY_QUESTIONS;
 }
 
-/* Whether a packet past the proxy is DNS to judge: 1 yes, 0 no, -UNJUDGED_SPLIT
- * for a TCP segment that starts with a query's header but no length prefix
- * (the prefix went alone, in an earlier segment). `off`: the L4 payload. */
+/* Whether a packet past the proxy is DNS to judge: 1 yes (w->start: where its first
+ * message to judge starts), 0 no, -UNJUDGED_SPLIT for a TCP segment that starts
+ * with a query's header but no length prefix (the prefix went alone, in an earlier
+ * segment). `off`: the L4 payload. A TCP segment to another port than 53 is DNS
+ * when any of its first DNS_QUESTIONS_MAX whole messages is a query: what comes
+ * before that one (messages that are not queries) is not judged, what comes after
+ * is, as in any segment. */
 static __always_inline int dns_shaped(struct __sk_buff *skb, __u32 off, __u8 proto,
-                                      __be16 dport)
+                                      __be16 dport, struct name_work *w)
 {
+    *(volatile __u32 *)&w->start = off;
     if (dport == bpf_htons(DNS_PORT))
         return 1;
     __u8 hdr[DNS_HDR_LEN];
-    __u32 at = proto == IPPROTO_TCP ? off + 2 : off;
-    if (!bpf_skb_load_bytes(skb, at, hdr, sizeof(hdr)) && query_shaped(hdr))
-        return 1;
-    if (proto == IPPROTO_TCP && !bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) &&
-        query_shaped(hdr))
+    if (proto != IPPROTO_TCP)
+        return !bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) && query_shaped(hdr);
+    __u32 at = off;
+    for (int m = 0; m < DNS_QUESTIONS_MAX; m++) {
+        __u8 len[2];
+        if (bpf_skb_load_bytes(skb, at, len, sizeof(len)) ||
+            bpf_skb_load_bytes(skb, at + 2, hdr, sizeof(hdr)))
+            break;
+        if (query_shaped(hdr)) {
+            *(volatile __u32 *)&w->start = at;  /* read back as any value: one state */
+            return 1;
+        }
+        __u32 size = ((__u32)len[0] << 8) | len[1];
+        if (size < DNS_HDR_LEN)
+            break;  /* no DNS message: the segment is not length-prefixed DNS */
+        at += 2 + size;
+    }
+    if (!bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) && query_shaped(hdr))
         return -UNJUDGED_SPLIT;
     return 0;
 }
@@ -347,18 +364,23 @@ static __always_inline int judge_bypass(struct __sk_buff *skb, struct owner *o,
         if (off >= skb->len)
             return 1;  /* no payload: SYN, ACK, FIN */
     }
-    int verdict = dns_shaped(skb, off, proto, dport);
-    if (proto == IPPROTO_UDP && skb->gso_segs > 1 && gso_dns_shaped(skb, off, dport))
+    int zero = 0;
+    struct name_work *w = name_scratch.lookup(&zero);
+    struct bypass_event *ev = bypass_scratch.lookup(&zero);
+    if (!w || !ev)
+        return 0;  /* cannot happen (an array's only slot); fail closed all the same */
+    int verdict = dns_shaped(skb, off, proto, dport, w);
+    /* A flag, not two tests: what the verifier would learn of proto from them would
+     * make it verify judge_messages once per thing it knew (twice the program). */
+    __u32 gso = EQ(proto, IPPROTO_UDP) & LESS(1, skb->gso_segs);
+    OPAQUE(gso);
+    if (gso && gso_dns_shaped(skb, off, dport))
         verdict = -UNJUDGED_GSO;
     if (!verdict)
         return 1;
-    int zero = 0;
-    struct bypass_event *ev = bypass_scratch.lookup(&zero);
-    if (!ev)
-        return 0;  /* cannot happen (an array's only slot); fail closed all the same */
     __builtin_memset(ev, 0, sizeof(*ev));
     if (verdict > 0) {
-        verdict = judge_messages(skb, off, proto, fence, ev);
+        verdict = judge_messages(skb, proto, fence, ev, w);
         if (!verdict)
             return 1;
     }

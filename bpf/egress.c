@@ -177,19 +177,28 @@ static __always_inline void datagram_sender(struct owner *who)
 #endif
 }
 
+/* The datagram count of a UDP GSO send, kept in memory, where the verifier does not
+ * follow values: compared with the round in a register, it would leave the verifier
+ * another state for every round it could have ended in, each going through every
+ * later round (128 rounds: as much work as the rest of egress). */
+BPF_PERCPU_ARRAY(gso_segs, __u32, 1);
+
 /* Files the sender of each datagram of a UDP GSO send to the proxy (the kernel cuts
  * it into them after this program) under its own DNS id; the first is filed already. */
 static __always_inline void file_gso_flows(struct __sk_buff *skb, __u32 payload,
                                            struct flow_key *key, struct owner *who)
 {
-    __u32 size = skb->gso_size, segs = skb->gso_segs;
-    OPAQUE(segs);
-    /* Not left early: a loop with one way out leaves the verifier one state. */
+    int zero = 0;
+    __u32 *segs = gso_segs.lookup(&zero);
+    if (!segs)
+        return;
+    *segs = skb->gso_segs;
+    __u32 size = skb->gso_size;
     for (__u32 k = 1; k < GSO_SEGS_MAX; k++) {
         __be16 txid = 0;
         bpf_skb_load_bytes(skb, payload + k * size, &txid, sizeof(txid));
         key->txid = bpf_ntohs(txid);
-        if (k < segs)
+        if (k < *(volatile __u32 *)segs)
             dnsflows.update(key, who);
     }
 }

@@ -294,6 +294,20 @@ def test_second_pipelined_tcp_query_is_judged(fenced: Fence, tmp_path: Path) -> 
 
 
 @NO_GITHUB
+@pytest.mark.parametrize("before", [1, 3])
+def test_a_tcp_query_after_messages_that_are_no_queries_is_judged(
+    fenced: Fence, tmp_path: Path, before: int
+) -> None:
+    """Whole messages that are not queries (here NOTIFY: opcode 4) first in a segment do
+    not make the segment something other than DNS."""
+    notify = struct.pack("!HHHHHH", 7, 0x2000, 1, 0, 0, 0) + question("mirror.internal")
+    segment = framed(notify) * before + framed(query(question("github.com"), txid=2))
+    result, got = send(fenced, tmp_path, [segment], transport="tcp")
+    event = assert_dropped(result, got, 'no_egress("github.com")')
+    assert (event.domain, event.protocol) == ("github.com", "tcp")
+
+
+@NO_GITHUB
 def test_dig_over_tcp_still_works_for_an_allowed_name(fenced: Fence) -> None:
     argv = ["dig", f"@{V4}", "-p", str(PORT), "+time=1", "+tries=1", "+tcp", "mirror.internal"]
     result = fenced.run(argv, timeout=30)
