@@ -333,7 +333,11 @@ class Fence:
         env: Mapping[str, str] | None,
         stdin: int | IO[Any] | None,
     ) -> subprocess.Popen[bytes]:
-        """Start `argv` in `cgroup`, entering it as `confine` says; output to pipes."""
+        """Start `argv` in `cgroup`, entering it as `confine` says; output to pipes.
+
+        In a session of its own unless its stdin is a terminal (`depfence run` at a
+        prompt): a script's `kill 0` (`trap 'kill 0' EXIT`, to end its background jobs)
+        signals its own process group, which would otherwise be this process's too."""
         assert self._tools is not None
         entry = confine.entry_argv(self._tools, cgroup.procs, argv)
 
@@ -345,6 +349,7 @@ class Fence:
                 stdin=subprocess.DEVNULL if stdin is None else stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                start_new_session=not _is_terminal(stdin),
             )
 
         return confine.start(popen, raw_sockets=self.raw_sockets)
@@ -532,6 +537,15 @@ def _check(result: FenceResult, mode: str, limit: float | None) -> None:
     if failed:
         text = failure_text(result.command, result.returncode, result.stderr, timed_out_after)
         raise CommandFailed(text, result.returncode, result.stdout, result.stderr)
+
+
+def _is_terminal(stdin: int | IO[Any] | None) -> bool:
+    if stdin is None or stdin in (subprocess.PIPE, subprocess.DEVNULL):
+        return False
+    try:
+        return os.isatty(stdin if isinstance(stdin, int) else stdin.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

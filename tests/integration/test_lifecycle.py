@@ -96,6 +96,15 @@ def test_daemonised_grandchild_dies_with_the_run(
 
 
 @pytest.mark.no_egress("github.com")
+def test_a_script_ending_its_process_group_ends_only_its_own(fenced: Fence) -> None:
+    """`trap 'kill 0' EXIT` ends a script's background jobs with it: the process group
+    it signals is its own, not the test runner's (which this test would not outlive)."""
+    result = fenced.run(["sh", "-c", "sleep 1000 & trap 'kill 0' EXIT; echo started"], check=False)
+    assert result.stdout == "started\n"
+    assert result.returncode == -signal.SIGTERM
+
+
+@pytest.mark.no_egress("github.com")
 def test_timeout_kills_the_run_and_leaves_nothing(fenced: Fence) -> None:
     timeout = 0.5
     start = time.monotonic()
