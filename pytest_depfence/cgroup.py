@@ -314,6 +314,11 @@ class CgroupTree:
             if self._holder is None or not self._holder.running():
                 self._holder = hold_links(self.session, self._links)
 
+    def guardian_pid(self) -> int | None:
+        """The pid of the guardian holding this session's links (`enclose`), if one does."""
+        holder = self._holder
+        return holder.pid if holder is not None else None
+
     def v2_path(self, path: Path) -> str:
         """A cgroup directory's path from the v2 root, as /proc/PID/cgroup says it."""
         return "/" + str(path.relative_to(self.mount)) if path != self.mount else "/"

@@ -23,6 +23,11 @@ by `start`:
    process (bpf/escape.c, FENCE_RAW_SOCKETS unset). This was an exec of util-linux's
    `setpriv` (1.2-1.6 ms of every run here).
 
+4. whatever it runs may not reach the fence's programs, maps or links through
+   `bpf()`, nor signal, trace or take descriptors from the process that owns the
+   fence and its guardian: a seccomp filter (`seccomp.py`) the same thread puts on
+   itself before it forks, which the command inherits and cannot take off.
+
 `unshare` is util-linux's; its path is found once, so a command's own PATH cannot
 change what enters the fence.
 
@@ -49,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from . import seccomp
 from .errors import FenceUnavailable
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -123,19 +129,20 @@ def entry_argv(tools: Tools, procs: Sequence[Path], argv: list[str]) -> list[str
 _P = TypeVar("_P")
 
 
-def start(popen: Callable[[], _P], *, raw_sockets: bool) -> _P:
+def start(popen: Callable[[], _P], *, raw_sockets: bool, protect: Sequence[int]) -> _P:
     """`popen()` (it starts the entry chain), from a new thread without CAP_NET_RAW
-    unless `raw_sockets`: what it starts can never have it (step 3 above). The thread
-    is new each time, as a bounding set never grows back; what `popen` raises is
-    raised here."""
-    if raw_sockets:
-        return popen()
+    unless `raw_sockets` (step 3 above), with the seccomp filter that keeps what it
+    starts off the fence's programs and the `protect` pids (step 4). The thread is new
+    each time, as neither a bounding set nor a filter ever comes off; what `popen`
+    raises is raised here."""
     result: list[_P] = []
     failure: list[BaseException] = []
 
     def spawn() -> None:
         try:
-            drop_net_raw()
+            seccomp.install(protect)
+            if not raw_sockets:
+                drop_net_raw()
             result.append(popen())
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
             failure.append(exc)

@@ -352,7 +352,9 @@ class Fence:
                 start_new_session=not _is_terminal(stdin),
             )
 
-        return confine.start(popen, raw_sockets=self.raw_sockets)
+        guardian = _session_tree().guardian_pid()
+        protect = [os.getpid(), *([guardian] if guardian is not None else [])]
+        return confine.start(popen, raw_sockets=self.raw_sockets, protect=protect)
 
     def _enclose(
         self,

@@ -53,6 +53,7 @@ def status_of_a_child(*, raw_sockets: bool) -> str:
     child = confine.start(
         lambda: subprocess.Popen(["cat", "/proc/self/status"], stdout=subprocess.PIPE, text=True),
         raw_sockets=raw_sockets,
+        protect=[],
     )
     out, _ = child.communicate(timeout=10)
     return out
@@ -73,7 +74,9 @@ def test_a_child_started_without_raw_sockets_never_holds_cap_net_raw_and_its_sta
 
 def test_what_starting_raises_is_raised_in_the_callers_thread() -> None:
     with pytest.raises(FileNotFoundError):
-        confine.start(lambda: subprocess.Popen(["/nonexistent/depfence-x"]), raw_sockets=False)
+        confine.start(
+            lambda: subprocess.Popen(["/nonexistent/depfence-x"]), raw_sockets=False, protect=[]
+        )
 
 
 def mountinfo(tmp_path: Path, *lines: str) -> str:
@@ -184,7 +187,7 @@ def test_a_starter_that_may_not_drop_cap_net_raw_says_so_and_starts_nothing(tmp_
         "from pytest_depfence.errors import FenceUnavailable\n"
         "try:\n"
         f"    touch = lambda: subprocess.Popen(['touch', {str(marker)!r}])\n"
-        "    confine.start(touch, raw_sockets=False)\n"
+        "    confine.start(touch, raw_sockets=False, protect=[])\n"
         "except FenceUnavailable as exc:\n"
         "    print(exc.reason, '|', exc.fix)\n"
     )

@@ -1,0 +1,210 @@
+"""What a fenced command may not do to the fence itself: a seccomp filter (`install`).
+
+A fenced command runs as its caller does, root included, and keeps every
+capability but CAP_NET_RAW (`confine`): CAP_SYS_ADMIN is what a deploy script
+needs for `mount`, `unshare` and the like, and it is also all `bpf()` asks for.
+Measured without this filter: `bpftool link detach` on the fence's links, or
+`kill -9` of the guardian and the owner, and the script's next connections went
+out unjudged, with no event and a green run. So the thread that starts a fenced
+command installs, on itself, a filter its child inherits through every fork and
+exec and can never remove (seccomp filters only ever stack):
+
+- `bpf()` commands that reach a program, map or link by id or pinned path
+  (BPF_*_GET_FD_BY_ID, BPF_OBJ_GET) or detach one (BPF_LINK_DETACH, BPF_PROG_DETACH):
+  EPERM. The fence's programs, maps and links are reached no other way (their
+  descriptors are the owner's and the guardian's; a bpf-link file opened again
+  through /proc is not a link). So `bpftool prog show` and `bpftool map dump`
+  fail inside a fence; loading and attaching programs of one's own still works.
+- pidfd_getfd (a descriptor out of another process) and pidfd_send_signal (a
+  /proc/PID directory is a pidfd too): ENOSYS, so that tools fall back to kill().
+- kill, tgkill, rt_(tg)sigqueueinfo, pidfd_open, ptrace and process_vm_writev aimed
+  at a protected process (the owner, its guardian: `protect`), kill of their
+  process groups and kill(-1) (every process): EPERM. tkill (by thread id, which
+  for the owner's threads is not known here): EPERM always; glibc uses tgkill.
+
+The filter knows x86-64 (its x32 calls too) and i386 programs on it, and arm64;
+elsewhere none is installed. It is not a sandbox: a root script can still reach
+the owner's threads by ptrace, a service outside the fence (systemd) that kills
+for it, or the guardian's cgroup. README's "What still gets through" says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+import platform
+import struct
+from collections.abc import Iterable
+
+from .errors import FenceUnavailable
+
+#: bpf() commands a fenced command may not give (include/uapi/linux/bpf.h).
+BPF_OBJ_GET, BPF_PROG_DETACH = 7, 9
+BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID, BPF_LINK_GET_FD_BY_ID = 13, 14, 30
+BPF_LINK_DETACH = 34
+REFUSED_BPF = (
+    BPF_OBJ_GET,
+    BPF_PROG_DETACH,
+    BPF_PROG_GET_FD_BY_ID,
+    BPF_MAP_GET_FD_BY_ID,
+    BPF_LINK_GET_FD_BY_ID,
+    BPF_LINK_DETACH,
+)
+
+#: Syscall numbers by audit architecture (AUDIT_ARCH_*: the filter's `arch` field).
+AUDIT_ARCH_X86_64, AUDIT_ARCH_I386, AUDIT_ARCH_AARCH64 = 0xC000003E, 0x40000003, 0xC00000B7
+_X32_BIT = 0x40000000
+SYSCALLS = {
+    AUDIT_ARCH_X86_64: {
+        "bpf": 321, "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129,
+        "rt_tgsigqueueinfo": 297, "ptrace": 101, "process_vm_writev": 311,
+        "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438,
+    },
+    AUDIT_ARCH_I386: {
+        "bpf": 357, "kill": 37, "tkill": 238, "tgkill": 270, "rt_sigqueueinfo": 178,
+        "rt_tgsigqueueinfo": 335, "ptrace": 26, "process_vm_writev": 348,
+        "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438,
+    },
+    AUDIT_ARCH_AARCH64: {
+        "bpf": 280, "kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138,
+        "rt_tgsigqueueinfo": 240, "ptrace": 117, "process_vm_writev": 271,
+        "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438,
+    },
+}  # fmt: skip
+#: The architectures a machine's programs may be built for.
+ARCHES = {"x86_64": (AUDIT_ARCH_X86_64, AUDIT_ARCH_I386), "aarch64": (AUDIT_ARCH_AARCH64,)}
+
+# Classic BPF, as seccomp takes it (linux/filter.h, linux/seccomp.h).
+_LD_W_ABS, _JEQ_K, _AND_K, _RET_K = 0x20, 0x15, 0x54, 0x06
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
+_NR, _ARCH, _ARG0, _ARG1 = 0, 4, 16, 24  # offsets in struct seccomp_data (low 32 bits)
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+
+
+Instruction = tuple[int, int, int, int]
+
+
+def program(protected: Iterable[int], machine: str | None = None) -> list[Instruction]:
+    """The filter for `protected` pids (and their process groups) as (code, jt, jf, k)
+    instructions; empty for a machine it does not know."""
+    arches = ARCHES.get(machine or platform.machine(), ())
+    pids = sorted({p for p in protected if p > 0})
+    asm = _Assembler()
+    asm.load(_ARCH)
+    for arch in arches:
+        asm.jump_if(arch, f"arch{arch:x}")
+    asm.ret(_RET_ALLOW)  # another ABI: nothing known of it
+    for arch in arches:
+        nr = SYSCALLS[arch]
+        asm.label(f"arch{arch:x}")
+        asm.load(_NR)
+        if arch == AUDIT_ARCH_X86_64:
+            asm.emit(_AND_K, 0, 0, ~_X32_BIT & 0xFFFFFFFF)  # x32 calls: the same, plus a bit
+        asm.jump_if(nr["bpf"], "bpf")
+        for name in ("pidfd_getfd", "pidfd_send_signal"):
+            asm.jump_if(nr[name], "enosys")
+        asm.jump_if(nr["tkill"], "eperm")
+        asm.jump_if(nr["kill"], "kill")
+        for name in ("tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open"):
+            asm.jump_if(nr[name], "arg0")
+        asm.jump_if(nr["process_vm_writev"], "arg0")
+        asm.jump_if(nr["ptrace"], "arg1")
+        asm.ret(_RET_ALLOW)
+    asm.label("bpf")
+    asm.load(_ARG0)
+    for cmd in REFUSED_BPF:
+        asm.jump_if(cmd, "eperm")
+    asm.ret(_RET_ALLOW)
+    asm.label("kill")  # kill(pid): a process, -pgid its group, -1 everything
+    asm.load(_ARG0)
+    for pid in [-1, *pids, *(-group for group in _groups(pids))]:
+        asm.jump_if(pid & 0xFFFFFFFF, "eperm")
+    asm.ret(_RET_ALLOW)
+    for label, offset in (("arg0", _ARG0), ("arg1", _ARG1)):
+        asm.label(label)
+        asm.load(offset)
+        for pid in pids:
+            asm.jump_if(pid, "eperm")
+        asm.ret(_RET_ALLOW)
+    asm.label("eperm")
+    asm.ret(_RET_ERRNO | errno.EPERM)
+    asm.label("enosys")
+    asm.ret(_RET_ERRNO | errno.ENOSYS)
+    return asm.assemble() if arches else []
+
+
+def install(protected: Iterable[int]) -> None:
+    """Put the filter on the calling thread (never the whole process): what it forks
+    from now on inherits it. FenceUnavailable when the kernel refuses it."""
+    code = program(protected)
+    if not code:
+        return
+    raw = b"".join(struct.pack("=HBBI", *insn) for insn in code)
+    buffer = ctypes.create_string_buffer(raw, len(raw))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(code), ctypes.addressof(buffer))
+    libc = _libc()
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise FenceUnavailable(
+            "cannot put the seccomp filter that keeps a fenced command off the fence's own "
+            f"programs and guardian on the thread that starts it: {os.strerror(err)}",
+            fix="run as root (CAP_SYS_ADMIN), on a kernel with CONFIG_SECCOMP_FILTER",
+        )
+
+
+def _groups(pids: list[int]) -> set[int]:
+    """The process groups of `pids` (kill(-pgid) reaches every process of one)."""
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    return groups
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+class _Assembler:
+    """Classic BPF with labels: jumps are resolved to the forward offsets seccomp needs."""
+
+    def __init__(self) -> None:
+        self._code: list[tuple[int, int, int, int | str]] = []
+        self._labels: dict[str, int] = {}
+
+    def emit(self, code: int, jt: int, jf: int, k: int | str) -> None:
+        self._code.append((code, jt, jf, k))
+
+    def load(self, offset: int) -> None:
+        self.emit(_LD_W_ABS, 0, 0, offset)
+
+    def jump_if(self, value: int, label: str) -> None:
+        self._code.append((_JEQ_K, -1, 0, f"{value}:{label}"))
+
+    def ret(self, value: int) -> None:
+        self.emit(_RET_K, 0, 0, value)
+
+    def label(self, name: str) -> None:
+        self._labels[name] = len(self._code)
+
+    def assemble(self) -> list[Instruction]:
+        out = []
+        for at, (code, jt, jf, k) in enumerate(self._code):
+            if isinstance(k, str):
+                value, label = k.split(":")
+                jt = self._labels[label] - at - 1
+                if not 0 <= jt <= 255:
+                    raise ValueError(f"seccomp jump to {label} out of reach ({jt})")
+                k = int(value)
+            out.append((code, jt, jf, k))
+        return out

@@ -1,0 +1,82 @@
+"""A fenced root process cannot take its own fence apart (pytest_depfence/seccomp.py).
+
+Without the filter, measured: detaching the fence's bpf_links (what `bpftool link
+detach` does: each link's descriptor by its id, then BPF_LINK_DETACH), or killing the
+guardian and the owner, let the script's next connection to github.com through with
+no event. Here a real fenced command tries both, as root, and the fence holds.
+
+Lab addresses: github.com 10.77.1.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pytest_depfence import seccomp
+
+if TYPE_CHECKING:
+    from pytest_depfence import Fence
+
+if os.geteuid() != 0:
+    pytest.skip("fenced runs need root (cgroups, eBPF)", allow_module_level=True)
+
+NO_GITHUB = pytest.mark.no_egress("github.com")
+
+# Every bpf_link on the machine by id (BPF_LINK_GET_NEXT_ID is allowed), then the
+# descriptor of each (BPF_LINK_GET_FD_BY_ID): prints {"links": N, "refused": M, "got": K}.
+LINKS = r"""
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+BPF = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
+def bpf(cmd, value):
+    attr = ctypes.create_string_buffer(128)
+    ctypes.c_uint32.from_buffer(attr, 0).value = value
+    fd = libc.syscall(BPF, cmd, attr, 128)
+    return fd, ctypes.get_errno(), ctypes.c_uint32.from_buffer(attr, 4).value
+links = refused = got = 0
+start = 0
+while True:
+    rc, err, nxt = bpf(31, start)  # BPF_LINK_GET_NEXT_ID: the next id in attr+4
+    if rc < 0:
+        break
+    links, start = links + 1, nxt
+    fd, err, _ = bpf(30, nxt)  # BPF_LINK_GET_FD_BY_ID
+    if fd >= 0:
+        got += 1
+        os.close(fd)
+    elif err == errno.EPERM:
+        refused += 1
+print(json.dumps({"links": links, "refused": refused, "got": got}))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine not in seccomp.ARCHES, reason="no filter here")
+@NO_GITHUB
+def test_a_fenced_root_process_cannot_reach_the_fences_links(fenced: Fence) -> None:
+    result = fenced.run([sys.executable, "-c", LINKS], check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["links"] > 0, "no bpf_link at all: the fence's own must be there"
+    assert (seen["got"], seen["refused"]) == (0, seen["links"])
+    again = fenced.run(["curl", "-sS", "-m", "5", "http://10.77.1.1/"], check=False)
+    assert again.returncode != 0 and again.violations
+
+
+@pytest.mark.skipif(os.uname().machine not in seccomp.ARCHES, reason="no filter here")
+@NO_GITHUB
+def test_a_fenced_root_process_cannot_kill_its_owner_nor_its_guardian(fenced: Fence) -> None:
+    from pytest_depfence.fence import _session_tree
+
+    guardian = _session_tree().guardian_pid()
+    assert guardian is not None
+    # Signal 0: the kernel checks the right to signal and sends nothing, so should the
+    # filter ever fail, this test fails instead of killing the machine's processes.
+    script = f'kill -0 {guardian} {os.getpid()}; echo "kill: $?"; kill -0 -1; echo "all: $?"'
+    result = fenced.run(["sh", "-c", script], check=False, timeout=60)
+    assert "kill: 1" in result.stdout and "all: 1" in result.stdout, result.stderr
+    assert "Operation not permitted" in result.stderr

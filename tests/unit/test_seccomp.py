@@ -1,0 +1,90 @@
+"""The seccomp filter a fenced command inherits (pytest_depfence/seccomp.py).
+
+The program is checked as data everywhere; as root it is also put on a real thread by
+`confine.start`, and a real child tries what it refuses: signalling the protected pid
+(this test process) and its process group, reaching a BPF object by id, taking a
+descriptor with pidfd_getfd, while what it allows still works.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from pytest_depfence import confine, seccomp
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_every_jump_lands_inside_the_program_on_a_return(machine: str) -> None:
+    code = seccomp.program([os.getpid(), 1], machine=machine)
+    assert code, "no filter for a machine it knows"
+    returns = {at for at, (op, _, _, _) in enumerate(code) if op == 0x06}
+    for at, (op, jt, jf, _) in enumerate(code):
+        if op == 0x15:  # jeq: a label is a load or a return, never past the end
+            assert at + 1 + jt < len(code) and at + 1 + jf < len(code)
+    assert code[-1][0] == 0x06 and len(code) - 1 in returns
+
+
+def test_a_machine_it_does_not_know_gets_no_filter() -> None:
+    assert seccomp.program([os.getpid()], machine="riscv64") == []
+
+
+# A child of the filtered thread reports what each call gave: "ok" or the errno's name.
+PROBE = r"""
+import ctypes, errno, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+owner = int(sys.argv[1])
+nr = {"x86_64": {"bpf": 321, "pidfd_getfd": 438}, "aarch64": {"bpf": 280, "pidfd_getfd": 438}}[
+    os.uname().machine]
+def call(what, fn):
+    try:
+        fn()
+        print(what, "ok")
+    except OSError as exc:
+        print(what, errno.errorcode[exc.errno])
+def bpf_by_id():
+    attr = ctypes.create_string_buffer(128)
+    ctypes.c_uint32.from_buffer(attr, 0).value = 1  # prog id 1, whatever it is
+    if libc.syscall(nr["bpf"], 13, attr, 128) < 0 and ctypes.get_errno() == errno.EPERM:
+        raise OSError(errno.EPERM, "")
+def getfd():
+    if libc.syscall(nr["pidfd_getfd"], 0, 0, 0) < 0:
+        raise OSError(ctypes.get_errno(), "")
+call("kill-owner", lambda: os.kill(owner, 0))
+call("kill-group", lambda: os.killpg(os.getpgid(owner), 0))
+call("kill-everything", lambda: os.kill(-1, 0))
+call("kill-self", lambda: os.kill(os.getpid(), 0))
+call("bpf-by-id", bpf_by_id)
+call("pidfd-getfd", getfd)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a filter without no_new_privs")
+@pytest.mark.skipif(platform.machine() not in seccomp.ARCHES, reason="no filter here")
+def test_a_filtered_child_may_not_touch_the_protected_process_nor_bpf_objects() -> None:
+    child = confine.start(
+        lambda: subprocess.Popen(
+            [sys.executable, "-c", PROBE, str(os.getpid())],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        ),
+        raw_sockets=False,
+        protect=[os.getpid()],
+    )
+    out, _ = child.communicate(timeout=30)
+    said = dict(line.split() for line in out.splitlines())
+    assert said == {
+        "kill-owner": "EPERM",
+        "kill-group": "EPERM",
+        "kill-everything": "EPERM",
+        "kill-self": "ok",
+        "bpf-by-id": "EPERM",
+        "pidfd-getfd": "ENOSYS",
+    }
+    # The filter is the child's: this process and its threads are as free as before.
+    os.kill(os.getpid(), 0)
