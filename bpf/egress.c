@@ -271,6 +271,7 @@ int egress(struct __sk_buff *skb)
     key.proxy_port = fence->proxy_port;
     key.client_port = bpf_ntohs(ports[0]);
     key.proto = proto;
+    key.ip_version = skb->protocol == bpf_htons(ETH_P_IPV6) ? 6 : 4;
     if (proto == IPPROTO_UDP) {
         __be16 txid;
         /* 8 bytes of UDP header, then the DNS id. */

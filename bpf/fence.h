@@ -116,13 +116,15 @@ struct orig_dst {
     __u16 family;
 };
 
-/* A DNS message on its way to a proxy, keyed as the proxy sees it arrive. */
+/* A DNS message on its way to a proxy, keyed as the proxy sees it arrive. The IP
+ * version tells apart two sockets with one port, an IPv4 one and an IPv6-only one
+ * (each its own listener of the proxy's). */
 struct flow_key {
     __u16 proxy_port;   /* host order */
     __u16 client_port;  /* host order */
     __u16 txid;         /* DNS id for UDP; 0 for TCP (a connection is one socket) */
     __u8 proto;
-    __u8 pad;
+    __u8 ip_version;    /* 4 or 6: the packet's, as the listener it reaches */
 };
 
 /* A process seen in a fence: parent and argv, kept after it exits. */

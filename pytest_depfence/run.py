@@ -270,7 +270,7 @@ class Run:
     def query_owner(self, query: Query) -> Owner | None:
         """The fenced socket's owner that sent `query` (the kernel's flow map); None: none."""
         return self.programs.flow_owner(
-            query.transport, query.listen_port, query.client[1], query.txid
+            query.transport, query.listen_port, query.client, query.txid
         )
 
     @_guarded

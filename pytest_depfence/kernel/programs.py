@@ -382,12 +382,17 @@ class Programs:
         return {abi.decode_contact(k): count for k, count in taken}
 
     # -- attribution ----------------------------------------------------------
-    def flow_owner(self, proto: str, proxy_port: int, client_port: int, txid: int) -> Owner | None:
+    def flow_owner(
+        self, proto: str, proxy_port: int, client: tuple[str, int], txid: int
+    ) -> Owner | None:
+        """Who sent the message the proxy got on `proxy_port` from `client` (address,
+        port) with DNS id `txid` (UDP); None: no fenced socket did (bpf/egress.c)."""
         key = self._flows.Key()
         key.proxy_port = proxy_port
-        key.client_port = client_port
+        key.client_port = client[1]
         key.txid = txid if proto == "udp" else 0
         key.proto = 17 if proto == "udp" else 6
+        key.ip_version = 6 if ":" in client[0] else 4
         try:
             leaf = self._flows[key]
         except KeyError:

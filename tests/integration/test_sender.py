@@ -168,7 +168,8 @@ def test_a_sender_that_execs_right_after_its_query_is_named_by_what_sent_it(
                     # However late the proxy's side looks, the flow entry says when the query
                     # left, and the record that held then is the sender's.
                     assert fence._proxy is not None
-                    owner = programs.flow_owner("udp", fence._proxy.port, client_port, 0x1234)
+                    client = ("127.0.0.1", client_port)
+                    owner = programs.flow_owner("udp", fence._proxy.port, client, 0x1234)
                     assert owner is not None and owner.pid == pid
                     then = programs.process(pid, owner.time_ns)
                     assert then is not None and then.argv == tuple(argv)
@@ -234,3 +235,53 @@ def test_ping_to_a_blocked_address_is_named_as_ping(fenced: Fence) -> None:
     [event] = [e for e in result.violations if e.address == GITHUB]
     assert (event.blocked_at, event.protocol, event.domain) == ("packet", "icmp", "github.com")
     assert (event.pid, event.cmdline, event.unattributed) == (pid, shlex.join(ping), None)
+
+
+# --------------------------------------------------------------------------- one port, two sockets
+
+# argv: 4 or 6, the port, ready FIFO, go FIFO. A socket of that IP version bound to the
+# port (an IPv6-only one can share it with an IPv4 one) sends the query for github.com
+# with id 0x1234 to the lab resolver's port 53, says "VERSION PID" and waits for go.
+SAME_PORT = """\
+import os, socket, sys
+version, port, ready, go = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if version == "6":
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind(("::", port))
+    s.sendto(bytes.fromhex(QUERY), ("fd77::53", 53))
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    s.sendto(bytes.fromhex(QUERY), (RESOLVER, 53))
+with open(ready, "w") as out:
+    out.write(f"{version} {os.getpid()}\\n")
+open(go).readline()
+"""
+
+
+def test_two_sockets_on_one_port_and_one_dns_id_are_each_named(
+    fences: Callable[..., Fence], fifo: Callable[[str], Fifo], tmp_path: Path
+) -> None:
+    """The proxy tells the two apart by the listener each reaches (IPv4 or IPv6); so
+    must the kernel's flow map, or the later query names the sender of the earlier."""
+    fence = fences(Policy.no_egress("github.com"))
+    programs = load()
+    script = tmp_path / "same_port.py"
+    script.write_text(f"QUERY={GITHUB_A!r}\nRESOLVER={LAB_DNS!r}\n" + SAME_PORT)
+    ready, go = fifo("ready"), fifo("go")
+    port = 40053
+    both = f"{PY} {script} 4 {port} {ready} {go} & {PY} {script} 6 {port} {ready} {go}; wait"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(fence.run, ["sh", "-c", both], check=False, timeout=60)
+        try:
+            pids = dict(ready.read_line().split() for _ in range(2))
+            assert fence._proxy is not None
+            for version, host in (("4", "127.0.0.1"), ("6", "::1")):
+                owner = programs.flow_owner("udp", fence._proxy.port, (host, port), 0x1234)
+                assert owner is not None and owner.pid == int(pids[version]), version
+        finally:
+            go.write_line()
+            go.write_line()
+        result = future.result()
+    assert sorted(e.pid for e in github_events(result)) == sorted(int(p) for p in pids.values())
