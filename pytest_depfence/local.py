@@ -96,15 +96,13 @@ def socket_path(pid: int, path: str) -> str:
     An abstract name (@name) is a name; a process already gone: the path resolved here."""
     if path.startswith("@"):
         return path
+    root = f"/proc/{pid}/root"
     try:
-        base = os.readlink(f"/proc/{pid}/cwd")
-        root = f"/proc/{pid}/root"
-        os.stat(root)
+        absolute = os.path.join(os.readlink(f"/proc/{pid}/cwd"), path)  # `path` if absolute
+        # Python 3.9's realpath raises when the process exits while it reads the link.
+        resolved, prefix = os.path.realpath(root + absolute), os.path.realpath(root)
     except OSError:
         return os.path.realpath(path)
-    absolute = os.path.join(base, path)  # unchanged when `path` is absolute
-    resolved = os.path.realpath(root + absolute)
-    prefix = os.path.realpath(root)
     return "/" + os.path.relpath(resolved, prefix) if resolved.startswith(prefix) else resolved
 
 
