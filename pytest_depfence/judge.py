@@ -183,7 +183,7 @@ class Judge:
                     self.book.learn(address, cname, FROM_DNS, "block")
                 else:
                     self.book.note(address, cname, FROM_DNS)  # refused: never allowed
-            if cname == answer.names[0]:
+            if cname == name:
                 return verdict  # the query's own name: `query` judged it already
             return self._forbidden(decision.rule, via_cname=cname)
         for address in answer.addresses:  # every name of the chain is allowed

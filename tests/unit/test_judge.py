@@ -172,6 +172,19 @@ def test_a_cname_chain_through_a_blocked_name_forbids_the_query() -> None:
     ]
 
 
+def test_an_answer_for_a_blocked_name_to_a_query_that_only_looks_like_it_is_forbidden() -> None:
+    """The query's one label `github.com` (a dot inside it: `github\\.com`) is not the
+    name github.com; an upstream that answers it for github.com (the lab's does) gives
+    a blocked name's address, which is judged as a CNAME into it would be."""
+    j, trie = judge(NO_GITHUB)
+    asked = "github\\.com"
+    assert not j.query(asked).blocked
+    answer = reply("github.com", RR("github.com", QTYPE.A, rdata=A(str(GITHUB))))
+    verdict = j.answer(asked, answer, j.query(asked))
+    assert (verdict.blocked, verdict.forbidden, verdict.via_cname) == (True, True, "github.com")
+    assert trie.verdicts == {f"{GITHUB}/32": "block"}
+
+
 def test_an_allowed_answer_under_no_egress_is_noted_not_judged() -> None:
     j, trie = judge(NO_GITHUB)
     before = j.query("mirror.internal")
