@@ -87,11 +87,14 @@ _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 Instruction = tuple[int, int, int, int]
 
 
-def program(protected: Iterable[int], machine: str | None = None) -> list[Instruction]:
-    """The filter for `protected` pids (and their process groups) as (code, jt, jf, k)
-    instructions; empty for a machine it does not know."""
+def program(
+    protected: Iterable[int], machine: str | None = None, groups: Iterable[int] | None = None
+) -> list[Instruction]:
+    """The filter for `protected` pids and process `groups` (default: theirs) as (code,
+    jt, jf, k) instructions; empty for a machine it does not know."""
     arches = ARCHES.get(machine or platform.machine(), ())
     pids = sorted({p for p in protected if p > 0})
+    groups = _groups(pids) if groups is None else groups
     asm = _Assembler()
     asm.load(_ARCH)
     for arch in arches:
@@ -120,7 +123,7 @@ def program(protected: Iterable[int], machine: str | None = None) -> list[Instru
     asm.ret(_RET_ALLOW)
     asm.label("kill")  # kill(pid): a process, -pgid its group, -1 everything
     asm.load(_ARG0)
-    for pid in [-1, *pids, *(-group for group in _groups(pids))]:
+    for pid in [-1, *pids, *(-group for group in groups)]:
         asm.jump_if(pid & 0xFFFFFFFF, "eperm")
     asm.ret(_RET_ALLOW)
     for label, offset in (("arg0", _ARG0), ("arg1", _ARG1)):
@@ -139,16 +142,16 @@ def program(protected: Iterable[int], machine: str | None = None) -> list[Instru
 def install(protected: Iterable[int]) -> None:
     """Put the filter on the calling thread (never the whole process): what it forks
     from now on inherits it. FenceUnavailable when the kernel refuses it."""
-    code = program(protected)
-    if not code:
+    pids = tuple(sorted({p for p in protected if p > 0}))
+    raw = _packed(pids, tuple(sorted(_groups(pids))), platform.machine())
+    if not raw:
         return
-    raw = b"".join(struct.pack("=HBBI", *insn) for insn in code)
     buffer = ctypes.create_string_buffer(raw, len(raw))
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
-    fprog = SockFprog(len(code), ctypes.addressof(buffer))
+    fprog = SockFprog(len(raw) // _INSN.size, ctypes.addressof(buffer))
     libc = _libc()
     if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         err = ctypes.get_errno()
@@ -159,7 +162,16 @@ def install(protected: Iterable[int]) -> None:
         )
 
 
-def _groups(pids: list[int]) -> set[int]:
+_INSN = struct.Struct("=HBBI")
+
+
+@functools.lru_cache(maxsize=16)
+def _packed(pids: tuple[int, ...], groups: tuple[int, ...], machine: str) -> bytes:
+    """`program` as the kernel takes it; the same few pids come at every run."""
+    return b"".join(_INSN.pack(*insn) for insn in program(pids, machine, groups))
+
+
+def _groups(pids: Iterable[int]) -> set[int]:
     """The process groups of `pids` (kill(-pgid) reaches every process of one)."""
     groups = set()
     for pid in pids:
