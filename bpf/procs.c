@@ -208,9 +208,13 @@ static __always_inline int process_exits(__u64 pid_tgid)
 RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)pid_tgid, tgid = pid_tgid >> 32;
+#ifdef DEPFENCE_NO_BTF_OFFSETS
+    if (tid != tgid)
+        live.delete(&tid);  /* the classic fork tracepoint filed it as a process */
+#endif
     if (!process_exits(pid_tgid))
         return 0;  /* a thread; the process lives on */
-    __u32 tgid = pid_tgid >> 32;
     live.delete(&tgid);
     struct proc *p = procs.lookup(&tgid);
     if (p)
