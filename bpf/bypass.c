@@ -306,7 +306,8 @@ static __always_inline int dns_shaped(struct __sk_buff *skb, __u32 off, __u8 pro
     if (proto != IPPROTO_TCP)
         return !bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) && query_shaped(hdr);
     __u32 at = off;
-    for (int m = 0; m < DNS_QUESTIONS_MAX; m++) {
+    int m = 0;
+    for (; m < DNS_QUESTIONS_MAX; m++) {
         __u8 len[2];
         if (bpf_skb_load_bytes(skb, at, len, sizeof(len)) ||
             bpf_skb_load_bytes(skb, at + 2, hdr, sizeof(hdr)))
@@ -320,6 +321,10 @@ static __always_inline int dns_shaped(struct __sk_buff *skb, __u32 off, __u8 pro
             break;  /* no DNS message: the segment is not length-prefixed DNS */
         at += 2 + size;
     }
+    /* As many whole messages as are looked at, none a query, and room for another:
+     * a query after them would go unjudged (fail closed). */
+    if (m == DNS_QUESTIONS_MAX && at + 2 + DNS_HDR_LEN <= skb->len)
+        return -UNJUDGED_TOO_MANY_QUESTIONS;
     if (!bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) && query_shaped(hdr))
         return -UNJUDGED_SPLIT;
     return 0;
