@@ -160,6 +160,22 @@ static __always_inline int judge_packet(__u64 cgid, struct fence_cfg *fence, __u
     return (fence->flags & FENCE_AUDIT) ? 1 : 0;
 }
 
+/* Whether a packet of a socket the hooks judged at connect/sendmsg is judged here by
+ * its destination again: a datagram, or a TCP SYN. The destination the hooks saw is not
+ * always the packet's: a NAT rule of the namespace (`nft ... dnat to`, a fenced root
+ * script may add one) rewrites it after them. Once a connection, not once a segment:
+ * bulk TCP pays nothing. In audit mode and with outage "blackhole" a refused address was
+ * reported at connect already (blackhole drops its packets below). */
+static __always_inline int opens_flow(struct __sk_buff *skb, __u8 proto, __u32 l4)
+{
+    if (proto == IPPROTO_UDP)
+        return 1;
+    __u8 flags = 0;
+    if (proto != IPPROTO_TCP || bpf_skb_load_bytes(skb, l4 + 13, &flags, 1))
+        return 0;
+    return (flags & 0x12) == 0x02;  /* SYN without ACK */
+}
+
 /* A datagram leaves in its sender's sendmsg(): where this program may read the
  * current task, that task is the sender, when it is a process of the same fence.
  * Otherwise `who` stays the socket's owner (by_socket). */
@@ -252,6 +268,10 @@ int egress(struct __sk_buff *skb)
     if (is_raw || proto == IPPROTO_UDP)
         datagram_sender(&who);
     if (is_raw && !judge_packet(cgid, fence, daddr, proto, &who))
+        return 0;
+    if (owned && !is_raw && !(fence->flags & FENCE_AUDIT) &&
+        fence->outage != OUTAGE_BLACKHOLE && opens_flow(skb, proto, l4) &&
+        !judge_packet(cgid, fence, daddr, proto, &who))
         return 0;
     if (fence->outage == OUTAGE_BLACKHOLE && !(fence->flags & FENCE_AUDIT) &&
         refused(fence, daddr))

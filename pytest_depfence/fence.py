@@ -353,7 +353,7 @@ class Fence:
             )
 
         guardian = _session_tree().guardian_pid()
-        protect = [os.getpid(), *([guardian] if guardian is not None else [])]
+        protect = [os.getpid(), *_threads(), *([guardian] if guardian is not None else [])]
         return confine.start(popen, raw_sockets=self.raw_sockets, protect=protect)
 
     def _enclose(
@@ -539,6 +539,14 @@ def _check(result: FenceResult, mode: str, limit: float | None) -> None:
     if failed:
         text = failure_text(result.command, result.returncode, result.stderr, timed_out_after)
         raise CommandFailed(text, result.returncode, result.stdout, result.stderr)
+
+
+def _threads() -> list[int]:
+    """This process's thread ids: each signals the whole process (seccomp.py)."""
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return []
 
 
 def _is_terminal(stdin: int | IO[Any] | None) -> bool:

@@ -18,14 +18,19 @@ exec and can never remove (seccomp filters only ever stack):
 - pidfd_getfd (a descriptor out of another process) and pidfd_send_signal (a
   /proc/PID directory is a pidfd too): ENOSYS, so that tools fall back to kill().
 - kill, tgkill, rt_(tg)sigqueueinfo, pidfd_open, ptrace and process_vm_writev aimed
-  at a protected process (the owner, its guardian: `protect`), kill of their
-  process groups and kill(-1) (every process): EPERM. tkill (by thread id, which
-  for the owner's threads is not known here): EPERM always; glibc uses tgkill.
+  at a protected process or thread (the owner and its threads, its guardian: the
+  `protected` ids; a thread's id signals its whole process), kill of their process
+  groups and kill(-1) (every process): EPERM. So is fcntl(F_SETOWN) naming one of
+  them (SIGIO, whose default action ends a process, would go there when the file is
+  ready), and the requests that name one through a pointer: F_SETOWN_EX, FIOSETOWN,
+  SIOCSPGRP. tkill (by thread id, and the owner may make threads after the filter):
+  EPERM always; glibc uses tgkill.
 
 The filter knows x86-64 (its x32 calls too) and i386 programs on it, and arm64;
-elsewhere none is installed. It is not a sandbox: a root script can still reach
-the owner's threads by ptrace, a service outside the fence (systemd) that kills
-for it, or the guardian's cgroup. README's "What still gets through" says so.
+elsewhere none is installed. It is not a sandbox: a root script can still reach a
+thread the owner made after the run started, a service outside the fence (systemd)
+that kills for it, or the guardian's cgroup. Killing the owner ends the test
+session (red, never green); README's "What still gets through" says what is left.
 """
 
 from __future__ import annotations
@@ -53,26 +58,52 @@ REFUSED_BPF = (
     BPF_LINK_DETACH,
 )
 
-#: Syscall numbers by audit architecture (AUDIT_ARCH_*: the filter's `arch` field).
+#: fcntl() and ioctl() requests that name a process to signal when a file is ready
+#: (SIGIO's default action ends a process): F_SETOWN takes a pid or -pgid, checked;
+#: F_SETOWN_EX, FIOSETOWN and SIOCSPGRP take it through a pointer, so they are refused.
+F_SETOWN, F_SETOWN_EX = 8, 15
+FIOSETOWN, SIOCSPGRP = 0x8901, 0x8902
+
+#: Syscall numbers by audit architecture (AUDIT_ARCH_*: the filter's `arch` field); x32
+#: calls come as x86-64 ones with a bit set, a few under numbers of their own (512+).
 AUDIT_ARCH_X86_64, AUDIT_ARCH_I386, AUDIT_ARCH_AARCH64 = 0xC000003E, 0x40000003, 0xC00000B7
 _X32_BIT = 0x40000000
-SYSCALLS = {
+SYSCALLS: dict[int, dict[str, tuple[int, ...]]] = {
     AUDIT_ARCH_X86_64: {
-        "bpf": 321, "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129,
-        "rt_tgsigqueueinfo": 297, "ptrace": 101, "process_vm_writev": 311,
-        "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438,
+        "bpf": (321,), "kill": (62,), "tkill": (200,), "tgkill": (234,),
+        "rt_sigqueueinfo": (129, 524), "rt_tgsigqueueinfo": (297, 536), "ptrace": (101, 521),
+        "process_vm_writev": (311, 540), "pidfd_open": (434,), "pidfd_send_signal": (424,),
+        "pidfd_getfd": (438,), "fcntl": (72,), "ioctl": (16, 514),
     },
     AUDIT_ARCH_I386: {
-        "bpf": 357, "kill": 37, "tkill": 238, "tgkill": 270, "rt_sigqueueinfo": 178,
-        "rt_tgsigqueueinfo": 335, "ptrace": 26, "process_vm_writev": 348,
-        "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438,
+        "bpf": (357,), "kill": (37,), "tkill": (238,), "tgkill": (270,),
+        "rt_sigqueueinfo": (178,), "rt_tgsigqueueinfo": (335,), "ptrace": (26,),
+        "process_vm_writev": (348,), "pidfd_open": (434,), "pidfd_send_signal": (424,),
+        "pidfd_getfd": (438,), "fcntl": (55, 221), "ioctl": (54,),
     },
     AUDIT_ARCH_AARCH64: {
-        "bpf": 280, "kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138,
-        "rt_tgsigqueueinfo": 240, "ptrace": 117, "process_vm_writev": 271,
-        "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438,
+        "bpf": (280,), "kill": (129,), "tkill": (130,), "tgkill": (131,),
+        "rt_sigqueueinfo": (138,), "rt_tgsigqueueinfo": (240,), "ptrace": (117,),
+        "process_vm_writev": (271,), "pidfd_open": (434,), "pidfd_send_signal": (424,),
+        "pidfd_getfd": (438,), "fcntl": (25,), "ioctl": (29,),
     },
 }  # fmt: skip
+#: What each call is checked for: the label of its check in `program`.
+CHECKS = {
+    "bpf": "bpf",
+    "pidfd_getfd": "enosys",
+    "pidfd_send_signal": "enosys",
+    "tkill": "eperm",  # by thread id: any thread of the owner's, even one made later
+    "kill": "kill",
+    "tgkill": "arg0",
+    "rt_sigqueueinfo": "arg0",
+    "rt_tgsigqueueinfo": "arg0",
+    "pidfd_open": "arg0",
+    "process_vm_writev": "arg0",
+    "ptrace": "arg1",
+    "fcntl": "fcntl",
+    "ioctl": "ioctl",
+}
 #: The architectures a machine's programs may be built for.
 ARCHES = {"x86_64": (AUDIT_ARCH_X86_64, AUDIT_ARCH_I386), "aarch64": (AUDIT_ARCH_AARCH64,)}
 
@@ -80,7 +111,7 @@ ARCHES = {"x86_64": (AUDIT_ARCH_X86_64, AUDIT_ARCH_I386), "aarch64": (AUDIT_ARCH
 _LD_W_ABS, _JEQ_K, _AND_K, _RET_K = 0x20, 0x15, 0x54, 0x06
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
-_NR, _ARCH, _ARG0, _ARG1 = 0, 4, 16, 24  # offsets in struct seccomp_data (low 32 bits)
+_NR, _ARCH, _ARG0, _ARG1, _ARG2 = 0, 4, 16, 24, 32  # seccomp_data (low 32 bits)
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 
 
@@ -101,30 +132,40 @@ def program(
         asm.jump_if(arch, f"arch{arch:x}")
     asm.ret(_RET_ALLOW)  # another ABI: nothing known of it
     for arch in arches:
-        nr = SYSCALLS[arch]
         asm.label(f"arch{arch:x}")
         asm.load(_NR)
         if arch == AUDIT_ARCH_X86_64:
             asm.emit(_AND_K, 0, 0, ~_X32_BIT & 0xFFFFFFFF)  # x32 calls: the same, plus a bit
-        asm.jump_if(nr["bpf"], "bpf")
-        for name in ("pidfd_getfd", "pidfd_send_signal"):
-            asm.jump_if(nr[name], "enosys")
-        asm.jump_if(nr["tkill"], "eperm")
-        asm.jump_if(nr["kill"], "kill")
-        for name in ("tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open"):
-            asm.jump_if(nr[name], "arg0")
-        asm.jump_if(nr["process_vm_writev"], "arg0")
-        asm.jump_if(nr["ptrace"], "arg1")
+        for name, numbers in SYSCALLS[arch].items():
+            for number in numbers:
+                asm.jump_if(number, CHECKS[name])
         asm.ret(_RET_ALLOW)
     asm.label("bpf")
     asm.load(_ARG0)
     for cmd in REFUSED_BPF:
         asm.jump_if(cmd, "eperm")
     asm.ret(_RET_ALLOW)
-    asm.label("kill")  # kill(pid): a process, -pgid its group, -1 everything
+    # kill(pid) and F_SETOWN's pid: a process, -pgid its group (kill: -1 is everything).
+    signalled = [-1, *pids, *(-group for group in groups)]
+    asm.label("kill")
     asm.load(_ARG0)
-    for pid in [-1, *pids, *(-group for group in groups)]:
+    for pid in signalled:
         asm.jump_if(pid & 0xFFFFFFFF, "eperm")
+    asm.ret(_RET_ALLOW)
+    asm.label("fcntl")
+    asm.load(_ARG1)
+    asm.jump_if(F_SETOWN_EX, "eperm")
+    asm.jump_if(F_SETOWN, "setown")
+    asm.ret(_RET_ALLOW)
+    asm.label("setown")
+    asm.load(_ARG2)
+    for pid in signalled:
+        asm.jump_if(pid & 0xFFFFFFFF, "eperm")
+    asm.ret(_RET_ALLOW)
+    asm.label("ioctl")
+    asm.load(_ARG1)
+    asm.jump_if(FIOSETOWN, "eperm")
+    asm.jump_if(SIOCSPGRP, "eperm")
     asm.ret(_RET_ALLOW)
     for label, offset in (("arg0", _ARG0), ("arg1", _ARG1)):
         asm.label(label)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make this machine able to run pytest-depfence's full test suite, as root:
 #   - distro packages: bcc (python3-bpfcc; the PyPI `bcc` is an unrelated package),
-#     the real clients the lab tests drive (curl, wget, dig, busybox nslookup, git), bpftool;
+#     the real clients the lab tests drive (curl, wget, dig, busybox nslookup, git), nft, bpftool;
 #     util-linux's unshare, which every fenced command starts through, and setpriv (tests);
 #   - a kernel header tree at /lib/modules/$(uname -r)/build, which bcc compiles against;
 #   - the virtualenv .venv with the project installed editable, plus its test extras;
@@ -67,13 +67,13 @@ has_candidate() {
 # --- (a) distro packages -----------------------------------------------------
 
 NEEDED=(python3-bpfcc python3-venv python3-pip iproute2 curl wget dnsutils busybox git
-        ca-certificates make)
+        ca-certificates make nftables)
 MISSING=()
 for pkg in "${NEEDED[@]}"; do
     is_installed "$pkg" || MISSING+=("$pkg")
 done
 if [[ ${#MISSING[@]} -gt 0 ]]; then
-    say "missing packages: ${MISSING[*]} (bcc, venv, and the real clients the lab tests drive)"
+    say "missing packages: ${MISSING[*]} (bcc, venv, and the real clients and tools the lab tests drive)"
     apt_update_once
     apt_install "${MISSING[@]}"
 else

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 from typing import TYPE_CHECKING
 
@@ -80,3 +82,29 @@ def test_a_fenced_root_process_cannot_kill_its_owner_nor_its_guardian(fenced: Fe
     result = fenced.run(["sh", "-c", script], check=False, timeout=60)
     assert "kill: 1" in result.stdout and "all: 1" in result.stdout, result.stderr
     assert "Operation not permitted" in result.stderr
+
+
+NFT = shutil.which("nft")
+#: A NAT rule of the namespace: what a connect to mirror.internal's address reaches is
+#: github.com's (the kernel rewrites the packet after the connect hook judged it).
+DNAT = [
+    "add table ip depfence_tamper",
+    "add chain ip depfence_tamper out { type nat hook output priority -100 ; }",
+    "add rule ip depfence_tamper out ip daddr 10.77.3.1 tcp dport 80 dnat to 10.77.1.1:80",
+]
+
+
+@pytest.mark.skipif(NFT is None, reason="needs nft (apt-get install nftables)")
+@NO_GITHUB
+def test_a_nat_rule_does_not_take_a_connection_past_the_fence(fenced: Fence) -> None:
+    script = "; ".join(f"nft '{rule}'" for rule in DNAT)
+    try:
+        result = fenced.run(
+            ["sh", "-c", f"{script} && curl -sS -m 3 http://10.77.3.1/"], check=False, timeout=60
+        )
+    finally:
+        subprocess.run([str(NFT), "delete", "table", "ip", "depfence_tamper"], check=False)
+    assert "lab:github.com" not in result.stdout
+    refused = [e for e in result.violations if e.address == "10.77.1.1"]
+    assert refused and refused[0].blocked_at == "packet", result.events
+    assert refused[0].cmdline is not None and refused[0].cmdline.startswith("curl")

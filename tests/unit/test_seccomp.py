@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -35,7 +36,7 @@ def test_a_machine_it_does_not_know_gets_no_filter() -> None:
 
 # A child of the filtered thread reports what each call gave: "ok" or the errno's name.
 PROBE = r"""
-import ctypes, errno, os, signal, sys
+import ctypes, errno, fcntl, os, signal, sys
 libc = ctypes.CDLL(None, use_errno=True)
 owner = int(sys.argv[1])
 nr = {"x86_64": {"bpf": 321, "pidfd_getfd": 438}, "aarch64": {"bpf": 280, "pidfd_getfd": 438}}[
@@ -55,6 +56,10 @@ def getfd():
     if libc.syscall(nr["pidfd_getfd"], 0, 0, 0) < 0:
         raise OSError(ctypes.get_errno(), "")
 call("kill-owner", lambda: os.kill(owner, 0))
+call("kill-owner-thread", lambda: os.kill(int(sys.argv[2]), 0))
+r, w = os.pipe()
+call("sigio-to-owner", lambda: fcntl.fcntl(r, fcntl.F_SETOWN, owner))
+call("sigio-to-self", lambda: fcntl.fcntl(r, fcntl.F_SETOWN, os.getpid()))
 call("kill-group", lambda: os.killpg(os.getpgid(owner), 0))
 call("kill-everything", lambda: os.kill(-1, 0))
 call("kill-self", lambda: os.kill(os.getpid(), 0))
@@ -66,20 +71,30 @@ call("pidfd-getfd", getfd)
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a filter without no_new_privs")
 @pytest.mark.skipif(platform.machine() not in seccomp.ARCHES, reason="no filter here")
 def test_a_filtered_child_may_not_touch_the_protected_process_nor_bpf_objects() -> None:
-    child = confine.start(
-        lambda: subprocess.Popen(
-            [sys.executable, "-c", PROBE, str(os.getpid())],
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        ),
-        raw_sockets=False,
-        protect=[os.getpid()],
-    )
-    out, _ = child.communicate(timeout=30)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        child = confine.start(
+            lambda: subprocess.Popen(
+                [sys.executable, "-c", PROBE, str(os.getpid()), str(thread.native_id)],
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            ),
+            raw_sockets=False,
+            protect=[os.getpid(), thread.native_id or 0],
+        )
+        out, _ = child.communicate(timeout=30)
+    finally:
+        stop.set()
+        thread.join()
     said = dict(line.split() for line in out.splitlines())
     assert said == {
         "kill-owner": "EPERM",
+        "kill-owner-thread": "EPERM",
+        "sigio-to-owner": "EPERM",
+        "sigio-to-self": "ok",
         "kill-group": "EPERM",
         "kill-everything": "EPERM",
         "kill-self": "ok",
