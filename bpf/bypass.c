@@ -305,9 +305,8 @@ static __always_inline int dns_shaped(struct __sk_buff *skb, __u32 off, __u8 pro
     __u8 hdr[DNS_HDR_LEN];
     if (proto != IPPROTO_TCP)
         return !bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) && query_shaped(hdr);
-    __u32 at = off;
-    int m = 0;
-    for (; m < DNS_QUESTIONS_MAX; m++) {
+    __u32 at = off, whole = 0;
+    for (int m = 0; m < DNS_QUESTIONS_MAX; m++) {
         __u8 len[2];
         if (bpf_skb_load_bytes(skb, at, len, sizeof(len)) ||
             bpf_skb_load_bytes(skb, at + 2, hdr, sizeof(hdr)))
@@ -317,13 +316,15 @@ static __always_inline int dns_shaped(struct __sk_buff *skb, __u32 off, __u8 pro
             return 1;
         }
         __u32 size = ((__u32)len[0] << 8) | len[1];
-        if (size < DNS_HDR_LEN)
-            break;  /* no DNS message: the segment is not length-prefixed DNS */
+        /* Shorter than a header: no DNS message, skipped, as a resolver may skip it;
+         * and not counted as one (zeros, as many protocols begin, must not make the
+         * segment look like DNS below). */
+        whole += LESS(DNS_HDR_LEN - 1, size);
         at += 2 + size;
     }
-    /* As many whole messages as are looked at, none a query, and room for another:
-     * a query after them would go unjudged (fail closed). */
-    if (m == DNS_QUESTIONS_MAX && at + 2 + DNS_HDR_LEN <= skb->len)
+    /* As many whole messages as are looked at, every one DNS-sized and none a query,
+     * and room for another: a query after them would go unjudged (fail closed). */
+    if (whole == DNS_QUESTIONS_MAX && at + 2 + DNS_HDR_LEN <= skb->len)
         return -UNJUDGED_TOO_MANY_QUESTIONS;
     if (!bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) && query_shaped(hdr))
         return -UNJUDGED_SPLIT;

@@ -18,6 +18,7 @@ import ctypes
 import enum
 import errno
 import ipaddress
+import secrets
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -41,8 +42,13 @@ DNS_NAME_MAX = 128
 DNS_LABELS_MAX = 32
 #: Questions bypass.c judges in one packet (a TCP segment's messages together); more: unjudged.
 DNS_QUESTIONS_MAX = 4
-#: The multiplier of the name hash (the 64-bit FNV prime).
-NAME_HASH_MUL = 1099511628211
+#: The multiplier of the name hash: odd, and drawn anew by each process (the programs are
+#: compiled with it). bypass.c trusts a hash match without comparing the names, and with
+#: a multiplier known in advance a name that hashes like an allowed one can be computed
+#: (lattice reduction finds one in a minute): a forbidden query past the proxy that
+#: passes under egress_only. A name of at most DNS_NAME_MAX bytes cannot be made to
+#: collide under every odd multiplier at once.
+NAME_HASH_MUL = secrets.randbits(64) | 1
 #: Bytes kept of the destination path of a process moved out of its fence (escape.c).
 CGROUP_PATH_MAX = 256
 #: Bytes kept of a unix socket's path (unix.c): sun_path's 108, rounded up to a power of two.

@@ -294,15 +294,20 @@ def test_second_pipelined_tcp_query_is_judged(fenced: Fence, tmp_path: Path) -> 
 
 
 @NO_GITHUB
-@pytest.mark.parametrize("before", [1, 3, abi.DNS_QUESTIONS_MAX])
+@pytest.mark.parametrize(
+    ("before", "junk"),
+    [(1, "notify"), (3, "notify"), (abi.DNS_QUESTIONS_MAX, "notify"), (1, "short"), (3, "short")],
+)
 def test_a_tcp_query_after_messages_that_are_no_queries_is_judged(
-    fenced: Fence, tmp_path: Path, before: int
+    fenced: Fence, tmp_path: Path, before: int, junk: str
 ) -> None:
-    """Whole messages that are not queries (here NOTIFY: opcode 4) first in a segment do
-    not make the segment something other than DNS; past as many as are looked at, what
-    follows cannot be judged, and is dropped."""
+    """Whole messages that are not queries (NOTIFY: opcode 4; or shorter than a DNS
+    header, which a lenient resolver skips) first in a segment do not make the segment
+    something other than DNS; past as many as are looked at, what follows cannot be
+    judged, and is dropped."""
     notify = struct.pack("!HHHHHH", 7, 0x2000, 1, 0, 0, 0) + question("mirror.internal")
-    segment = framed(notify) * before + framed(query(question("github.com"), txid=2))
+    message = notify if junk == "notify" else bytes(5)
+    segment = framed(message) * before + framed(query(question("github.com"), txid=2))
     result, got = send(fenced, tmp_path, [segment], transport="tcp")
     if before < abi.DNS_QUESTIONS_MAX:
         event = assert_dropped(result, got, 'no_egress("github.com")')

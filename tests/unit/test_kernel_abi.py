@@ -270,3 +270,18 @@ def test_decode_argv_cuts_each_slot_at_its_nul():
 def test_the_sources_are_found_beside_the_package():
     assert (bpf_source_dir() / "abi.h").is_file()
     assert Path(bpf_source_dir(), "depfence.c").is_file()
+
+
+def test_each_process_hashes_names_with_a_multiplier_of_its_own() -> None:
+    """A multiplier known in advance lets a forbidden name be computed that hashes like an
+    allowed one (bypass.c trusts the hash); one drawn per process cannot be aimed at."""
+    import subprocess
+    import sys
+
+    code = "from pytest_depfence.kernel import abi; print(abi.NAME_HASH_MUL)"
+    drawn = {
+        int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, timeout=60).stdout)
+        for _ in range(3)
+    }  # fmt: skip
+    assert len(drawn) == 3 and all(m % 2 == 1 for m in drawn)
