@@ -51,7 +51,9 @@
  */
 
 #define IP_PROTO_OFF 9
+#define IP_SADDR_OFF 12
 #define IP_DADDR_OFF 16
+#define IP6_SADDR_OFF 8
 #define IP6_NEXTHDR_OFF 6
 #define IP6_DADDR_OFF 24
 #define IP6_HDR_LEN 40
@@ -59,6 +61,9 @@
  * is judged by its address only (its L4 header unread, as for any protocol). */
 #define IP6_EXT_MAX 8
 #define IP6_FRAG_LEN 8
+/* How close two senders of one flow key must come to be a clash (struct owner.clash):
+ * the proxy reads a query within this of its sending, however busy. */
+#define FLOW_CLASH_NS 2000000000ULL
 
 /* The IPv6 extension headers before the L4 one (hop-by-hop, routing, fragment,
  * destination options): *proto and *l4 move past each, up to IP6_EXT_MAX of
@@ -291,7 +296,12 @@ int egress(struct __sk_buff *skb)
     key.proxy_port = fence->proxy_port;
     key.client_port = bpf_ntohs(ports[0]);
     key.proto = proto;
-    key.ip_version = skb->protocol == bpf_htons(ETH_P_IPV6) ? 6 : 4;
+    if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+        bpf_skb_load_bytes(skb, IP6_SADDR_OFF, key.client, sizeof(key.client));
+    } else {
+        key.client[2] = bpf_htonl(0xffff);
+        bpf_skb_load_bytes(skb, IP_SADDR_OFF, &key.client[3], sizeof(key.client[3]));
+    }
     if (proto == IPPROTO_UDP) {
         __be16 txid;
         /* 8 bytes of UDP header, then the DNS id. */
@@ -299,6 +309,12 @@ int egress(struct __sk_buff *skb)
             return 1;
         key.txid = bpf_ntohs(txid);
     }
+    /* Two processes sending with one key at once (a socket shared across a fork, both
+     * asking with one id): the later would be taken for the sender of both. So the
+     * entry says so, and the proxy names neither. */
+    struct owner *before = dnsflows.lookup(&key);
+    if (before && before->pid != who.pid && who.ts - before->ts < FLOW_CLASH_NS)
+        who.clash = 1;
     dnsflows.update(&key, &who);
     if (proto == IPPROTO_UDP && skb->gso_segs > 1)
         file_gso_flows(skb, l4 + 8, &key, &who);

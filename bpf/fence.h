@@ -106,7 +106,8 @@ struct owner {
     __u64 cgid;
     __u64 ts;           /* dnsflows: when the message left (bpf_ktime_get_ns); else 0 */
     __u8 by_socket;     /* as event_head.by_socket */
-    __u8 pad[7];
+    __u8 clash;         /* dnsflows: another process sent with this key just before */
+    __u8 pad[6];
 };
 
 /* Where a redirected socket meant to send its DNS, to rewrite replies back. */
@@ -116,15 +117,16 @@ struct orig_dst {
     __u16 family;
 };
 
-/* A DNS message on its way to a proxy, keyed as the proxy sees it arrive. The IP
- * version tells apart two sockets with one port, an IPv4 one and an IPv6-only one
- * (each its own listener of the proxy's). */
+/* A DNS message on its way to a proxy, keyed as the proxy sees it arrive: from which
+ * address and port, with which id. The address tells apart sockets that share a port:
+ * an IPv4 one and an IPv6-only one, or two bound to different local addresses. */
 struct flow_key {
     __u16 proxy_port;   /* host order */
     __u16 client_port;  /* host order */
     __u16 txid;         /* DNS id for UDP; 0 for TCP (a connection is one socket) */
     __u8 proto;
-    __u8 ip_version;    /* 4 or 6: the packet's, as the listener it reaches */
+    __u8 pad;
+    __u32 client[4];    /* the packet's source, network order; IPv4 as ::ffff:a.b.c.d */
 };
 
 /* A process seen in a fence: parent and argv, kept after it exits. */

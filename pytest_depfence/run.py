@@ -40,6 +40,11 @@ if TYPE_CHECKING:
     from .kernel import BypassEvent, ConnEvent, EscapeEvent, Owner, Programs, UnixEvent
     from .kernel.abi import ContactKey
 
+#: Why a query names no process when two sent with its port and DNS id at once.
+CLASH = (
+    "two processes sent a query from this port with this DNS id at once (one socket, "
+    "shared across a fork): which of them asked this one is not known"
+)
 #: The listener of a local contact when nothing listens there by the time it is looked up.
 NO_LISTENER = "nothing listens there now (the connection was refused, or its listener closed)"
 
@@ -288,6 +293,8 @@ class Run:
     def _query_event(self, query: Query, verdict: DnsVerdict, owner: Owner | None) -> None:
         if owner is None:
             who = Attribution(None, None, (), "no fenced socket sent this message")
+        elif owner.clash:
+            who = Attribution(None, None, (), CLASH)
         else:
             who = self.who(owner.pid, owner.cgroup_id, owner.time_ns or None, owner.by_socket)
         event = self.judge.dns_event(query, verdict, who)

@@ -456,6 +456,8 @@ class Owner:
     #: When the message left (CLOCK_MONOTONIC); 0: not known.
     time_ns: int = 0
     by_socket: bool = False
+    #: Another process sent with the same flow key just before: which sent it is unknown.
+    clash: bool = False
 
 
 @dataclass(frozen=True)

@@ -392,7 +392,8 @@ class Programs:
         key.client_port = client[1]
         key.txid = txid if proto == "udp" else 0
         key.proto = 17 if proto == "udp" else 6
-        key.ip_version = 6 if ":" in client[0] else 4
+        address = abi.mapped(ipaddress.ip_address(client[0].partition("%")[0]))
+        ctypes.memmove(ctypes.addressof(key) + type(key).client.offset, address, 16)
         try:
             leaf = self._flows[key]
         except KeyError:
@@ -403,6 +404,7 @@ class Programs:
             cgroup_id=leaf.cgid,
             time_ns=leaf.ts,
             by_socket=bool(leaf.by_socket),
+            clash=bool(leaf.clash),
         )
 
     def process(self, pid: int, at_ns: int | None = None) -> ProcRecord | None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 import pytest
 
-from pytest_depfence import Policy, render
+from pytest_depfence import Policy, render, run
 from pytest_depfence.kernel import load, progload, toolkit
 
 if TYPE_CHECKING:
@@ -285,3 +285,42 @@ def test_two_sockets_on_one_port_and_one_dns_id_are_each_named(
             go.write_line()
         result = future.result()
     assert sorted(e.pid for e in github_events(result)) == sorted(int(p) for p in pids.values())
+
+
+# argv: the lab resolver. One UDP socket, connected: the process asks github.com with id
+# 0x4242, forks, and the child asks mirror.internal on the same socket with the same id.
+# Prints "PARENT CHILD".
+SHARED = """\
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 53))
+s.send(bytes.fromhex(QUERY))
+child = os.fork()
+if child == 0:
+    s.send(bytes.fromhex(QUERY)[:12] + bytes.fromhex(MIRROR))
+    os._exit(0)
+os.waitpid(child, 0)
+print(os.getpid(), child)
+"""
+#: mirror.internal/A's question, as it goes on the wire.
+MIRROR_QUESTION = "066d6972726f7208696e7465726e616c0000010001"
+
+
+@pytest.mark.skipif(
+    not skb_reads_current_task(), reason="before 6.10 a datagram names its socket's owner"
+)
+def test_two_processes_asking_with_one_socket_and_one_id_name_neither_wrongly(
+    fences: Callable[..., Fence], tmp_path: Path
+) -> None:
+    fence = fences(Policy.no_egress("github.com"))
+    script = tmp_path / "shared.py"
+    script.write_text(f"QUERY={GITHUB_A!r}\nMIRROR={MIRROR_QUESTION!r}\n" + SHARED)
+    result = fence.run([PY, str(script), LAB_DNS], check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    parent, child = (int(pid) for pid in result.stdout.split())
+    asked = {e.domain: e for e in result.events if e.domain in ("github.com", "mirror.internal")}
+    assert set(asked) == {"github.com", "mirror.internal"}, result.events
+    assert asked["github.com"].pid in (parent, None)
+    # The child's query came second: its flow entry says two processes used the key.
+    assert asked["mirror.internal"].pid is None
+    assert asked["mirror.internal"].unattributed == run.CLASH
