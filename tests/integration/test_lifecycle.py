@@ -101,7 +101,8 @@ def test_a_script_ending_its_process_group_ends_only_its_own(fenced: Fence) -> N
     it signals is its own, not the test runner's (which this test would not outlive)."""
     result = fenced.run(["sh", "-c", "sleep 1000 & trap 'kill 0' EXIT; echo started"], check=False)
     assert result.stdout == "started\n"
-    assert result.returncode == -signal.SIGTERM
+    # The shell's own status: its SIGTERM (dash 0.5.12), or 0 (0.5.11 ends its trap first).
+    assert result.returncode in (0, -signal.SIGTERM)
 
 
 @pytest.mark.no_egress("github.com")
