@@ -309,12 +309,17 @@ int egress(struct __sk_buff *skb)
             return 1;
         key.txid = bpf_ntohs(txid);
     }
-    /* Two processes sending with one key at once (a socket shared across a fork, both
-     * asking with one id): the later would be taken for the sender of both. So the
-     * entry says so, and the proxy names neither. */
+    /* Two programs sending with one key at once -- two processes (a socket shared across
+     * a fork, both asking with one id), or one that exec'd in between (its record's
+     * `since` is newer than the earlier message) -- the later would be taken for the
+     * sender of both. So the entry says so, and the proxy names neither. */
     struct owner *before = dnsflows.lookup(&key);
-    if (before && before->pid != who.pid && who.ts - before->ts < FLOW_CLASH_NS)
-        who.clash = 1;
+    if (before && who.ts - before->ts < FLOW_CLASH_NS) {
+        __u32 pid = who.pid;
+        struct proc *now = procs.lookup(&pid);
+        if (before->pid != who.pid || (now && now->since > before->ts))
+            who.clash = 1;
+    }
     dnsflows.update(&key, &who);
     if (proto == IPPROTO_UDP && skb->gso_segs > 1)
         file_gso_flows(skb, l4 + 8, &key, &who);

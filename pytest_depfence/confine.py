@@ -26,7 +26,13 @@ by `start`:
 4. whatever it runs may not reach the fence's programs, maps or links through
    `bpf()`, nor signal, trace or take descriptors from the process that owns the
    fence and its guardian: a seccomp filter (`seccomp.py`) the same thread puts on
-   itself before it forks, which the command inherits and cannot take off.
+   itself before it forks, which the command inherits and cannot take off. Nor may it
+   read or write their memory (/proc/PID/mem, measured: a root script rewrote a blocked
+   name's rule in the owner and fetched it with a green run): the same thread drops
+   CAP_SYS_PTRACE as it drops CAP_NET_RAW, and without it the kernel lets a process
+   trace only one whose capabilities are a subset of its own (commoncap), which the
+   owner's and guardian's full root set is not. A command's own children stay
+   traceable: strace and gdb work.
 
 `unshare` is util-linux's; its path is found once, so a command's own PATH cannot
 change what enters the fence.
@@ -61,6 +67,8 @@ MOUNTINFO = "/proc/self/mountinfo"
 _MOVE_IN = ("/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"')
 
 CAP_NET_RAW = 13
+CAP_SYS_PTRACE = 19
+_CAP_NAMES = {CAP_NET_RAW: "CAP_NET_RAW", CAP_SYS_PTRACE: "CAP_SYS_PTRACE"}
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_LOWER = 47, 3
 _CAPABILITY_VERSION_3 = 0x20080522
@@ -131,10 +139,10 @@ _P = TypeVar("_P")
 
 def start(popen: Callable[[], _P], *, raw_sockets: bool, protect: Sequence[int]) -> _P:
     """`popen()` (it starts the entry chain), from a new thread without CAP_NET_RAW
-    unless `raw_sockets` (step 3 above), with the seccomp filter that keeps what it
-    starts off the fence's programs and the `protect` pids (step 4). The thread is new
-    each time, as neither a bounding set nor a filter ever comes off; what `popen`
-    raises is raised here."""
+    unless `raw_sockets` (step 3 above), without CAP_SYS_PTRACE, and with the seccomp
+    filter that keeps what it starts off the fence's programs and the `protect` pids
+    (step 4). The thread is new each time, as neither a bounding set nor a filter ever
+    comes off; what `popen` raises is raised here."""
     result: list[_P] = []
     failure: list[BaseException] = []
 
@@ -142,7 +150,8 @@ def start(popen: Callable[[], _P], *, raw_sockets: bool, protect: Sequence[int])
         try:
             seccomp.install(protect)
             if not raw_sockets:
-                drop_net_raw()
+                drop_capability(CAP_NET_RAW)
+            drop_capability(CAP_SYS_PTRACE)
             result.append(popen())
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
             failure.append(exc)
@@ -172,32 +181,37 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def drop_net_raw() -> None:
-    """Take CAP_NET_RAW out of the calling thread's bounding, inheritable and ambient
-    sets, for good (what `setpriv --bounding-set -net_raw --inh-caps -net_raw
-    --ambient-caps -net_raw` does before its exec); its effective and permitted sets keep
-    it until the thread's child execs."""
+def drop_capability(cap: int) -> None:
+    """Take capability `cap` (CAP_NET_RAW, CAP_SYS_PTRACE) out of the calling thread's
+    bounding, inheritable and ambient sets, for good (what `setpriv --bounding-set -CAP
+    --inh-caps -CAP --ambient-caps -CAP` does before its exec); its effective and
+    permitted sets keep it until the thread's child execs."""
     libc = _libc()
+    name = _CAP_NAMES[cap]
 
     def check(failed: int, what: str) -> None:
         if failed:
             err = ctypes.get_errno()
             raise FenceUnavailable(
-                f"cannot take CAP_NET_RAW out of the {what} set of the thread that starts "
+                f"cannot take {name} out of the {what} set of the thread that starts "
                 f"the fenced command: {os.strerror(err)}",
-                fix="run as root (the bounding set needs CAP_SETPCAP), or fence with "
-                "raw_sockets=True to leave CAP_NET_RAW to the command",
+                fix="run as root (the bounding set needs CAP_SETPCAP)"
+                + (
+                    ", or fence with raw_sockets=True to leave CAP_NET_RAW to the command"
+                    if cap == CAP_NET_RAW
+                    else ""
+                ),
             )
 
-    check(libc.prctl(_PR_CAPBSET_DROP, CAP_NET_RAW, 0, 0, 0) != 0, "bounding")
+    check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0, "bounding")
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)  # pid 0: this thread
     data = (_CapData * 2)()
     check(libc.capget(ctypes.byref(header), data) != 0, "inheritable (capget)")
-    data[0].inheritable &= ~(1 << CAP_NET_RAW)
+    data[cap // 32].inheritable &= ~(1 << cap % 32)
     check(libc.capset(ctypes.byref(header), data) != 0, "inheritable (capset)")
-    # The ambient set needs CAP_NET_RAW in the inheritable one, so it is empty of it now;
-    # lowered all the same, as setpriv does (EINVAL: a kernel before 4.3 has no such set).
-    if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_LOWER, CAP_NET_RAW, 0, 0) != 0:
+    # The ambient set needs the capability in the inheritable one, so it is empty of it
+    # now; lowered all the same, as setpriv does (EINVAL: before 4.3 there is no such set).
+    if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_LOWER, cap, 0, 0) != 0:
         check(ctypes.get_errno() != errno.EINVAL, "ambient")
 
 

@@ -40,10 +40,10 @@ if TYPE_CHECKING:
     from .kernel import BypassEvent, ConnEvent, EscapeEvent, Owner, Programs, UnixEvent
     from .kernel.abi import ContactKey
 
-#: Why a query names no process when two sent with its port and DNS id at once.
+#: Why a query names no process when two programs sent with its port and DNS id at once.
 CLASH = (
-    "two processes sent a query from this port with this DNS id at once (one socket, "
-    "shared across a fork): which of them asked this one is not known"
+    "two programs sent a query from this port with this DNS id at once (one socket, "
+    "shared across a fork or an exec): which of them asked this one is not known"
 )
 #: The listener of a local contact when nothing listens there by the time it is looked up.
 NO_LISTENER = "nothing listens there now (the connection was refused, or its listener closed)"

@@ -324,3 +324,31 @@ def test_two_processes_asking_with_one_socket_and_one_id_name_neither_wrongly(
     # The child's query came second: its flow entry says two processes used the key.
     assert asked["mirror.internal"].pid is None
     assert asked["mirror.internal"].unattributed == run.CLASH
+
+
+# argv: the lab resolver. One connected UDP socket: asks github.com with id 0x4242, then
+# execs a program that asks mirror.internal on that socket with the same id.
+SEND_EXEC_SEND = """\
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 53))
+s.send(bytes.fromhex(QUERY))
+os.set_inheritable(s.fileno(), True)
+then = "import socket, sys; socket.socket(fileno=int(sys.argv[1])).send(bytes.fromhex(sys.argv[2]))"
+os.execv(sys.executable, [sys.executable, "-c", then, str(s.fileno()),
+                          QUERY[:24] + MIRROR])
+"""
+
+
+def test_a_query_and_one_with_its_id_after_an_exec_never_name_the_later_program(
+    fences: Callable[..., Fence], tmp_path: Path
+) -> None:
+    fence = fences(Policy.no_egress("github.com"))
+    script = tmp_path / "send_exec_send.py"
+    script.write_text(f"QUERY={GITHUB_A!r}\nMIRROR={MIRROR_QUESTION!r}\n" + SEND_EXEC_SEND)
+    result = fence.run([PY, str(script), LAB_DNS], check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    asked = {e.domain: e for e in result.events if e.domain in ("github.com", "mirror.internal")}
+    assert set(asked) == {"github.com", "mirror.internal"}, result.events
+    assert asked["github.com"].cmdline in (f"{PY} {script} {LAB_DNS}", None)
+    assert asked["mirror.internal"].unattributed == run.CLASH

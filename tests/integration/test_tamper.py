@@ -74,6 +74,7 @@ def test_a_fenced_root_process_cannot_reach_the_fences_links(fenced: Fence) -> N
 def test_a_fenced_root_process_cannot_kill_its_owner_nor_its_guardian(fenced: Fence) -> None:
     from pytest_depfence.fence import _session_tree
 
+    fenced.run(["true"])  # the guardian holds the links from the first run on
     guardian = _session_tree().guardian_pid()
     assert guardian is not None
     # Signal 0: the kernel checks the right to signal and sends nothing, so should the
@@ -108,3 +109,31 @@ def test_a_nat_rule_does_not_take_a_connection_past_the_fence(fenced: Fence) -> 
     refused = [e for e in result.violations if e.address == "10.77.1.1"]
     assert refused and refused[0].blocked_at == "packet", result.events
     assert refused[0].cmdline is not None and refused[0].cmdline.startswith("curl")
+
+
+# Opens the memory of each pid given, as a root script rewriting the owner's policy would,
+# then its own: prints "PID ok" or "PID ERRNO-NAME".
+MEMORY = r"""
+import errno, os, sys
+for pid in [*sys.argv[1:], str(os.getpid())]:
+    try:
+        os.close(os.open(f"/proc/{pid}/mem", os.O_RDWR))
+        print(pid, "ok")
+    except OSError as exc:
+        print(pid, errno.errorcode[exc.errno])
+"""
+
+
+@NO_GITHUB
+def test_a_fenced_root_process_cannot_open_the_memory_of_its_owner_nor_guardian(
+    fenced: Fence,
+) -> None:
+    from pytest_depfence.fence import _session_tree
+
+    fenced.run(["true"])  # the guardian holds the links from the first run on
+    guardian = _session_tree().guardian_pid()
+    assert guardian is not None
+    result = fenced.run([sys.executable, "-c", MEMORY, str(os.getpid()), str(guardian)])
+    said = dict(line.split() for line in result.stdout.splitlines())
+    assert said.pop(str(os.getpid())) == "EACCES" and said.pop(str(guardian)) == "EACCES"
+    assert list(said.values()) == ["ok"]  # its own memory is its own to open

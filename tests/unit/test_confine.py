@@ -40,10 +40,10 @@ def test_each_cgroup_is_entered_in_order_the_fence_last() -> None:
     assert argv == [*move, str(mirror), *move, str(PROCS), *unshare, "true"]
 
 
-def capabilities(status: str) -> dict[str, bool]:
-    """Whether each set in /proc/PID/status text holds CAP_NET_RAW."""
+def capabilities(status: str, cap: int = confine.CAP_NET_RAW) -> dict[str, bool]:
+    """Whether each set in /proc/PID/status text holds `cap`."""
     return {
-        line.split(":")[0]: bool(int(line.split()[1], 16) >> confine.CAP_NET_RAW & 1)
+        line.split(":")[0]: bool(int(line.split()[1], 16) >> cap & 1)
         for line in status.splitlines()
         if line.startswith("Cap")
     }
@@ -68,6 +68,10 @@ def test_a_child_started_without_raw_sockets_never_holds_cap_net_raw_and_its_sta
         name: False for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
     }
     assert capabilities(status_of_a_child(raw_sockets=True))["CapEff"]
+    # CAP_SYS_PTRACE goes either way: the owner's memory is closed to the command.
+    for raw_sockets in (False, True):
+        status = status_of_a_child(raw_sockets=raw_sockets)
+        assert not any(capabilities(status, confine.CAP_SYS_PTRACE).values())
     # The calling thread, and so the test process, keeps it.
     assert capabilities(Path("/proc/thread-self/status").read_text()) == mine
 
