@@ -1,7 +1,7 @@
 """How a command enters its fence, and what keeps it there.
 
-A fenced command is started as `entry_argv(...)`, a chain of execs in one process,
-by `start`:
+A fenced command (`command`: a str runs through /bin/sh -c) is started by `spawn` as
+`entry_argv(...)`, a chain of execs in one process, through `start`:
 
 1. `/bin/sh -c 'echo 0 > "$0" && exec "$@"' PROCS ...` moves itself into the fence
    cgroup (a shell rather than preexec_fn: running Python in a forked child of a
@@ -53,15 +53,17 @@ import ctypes
 import errno
 import functools
 import os
+import shlex
 import shutil
+import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, Any, TypeVar
 
 from . import seccomp
-from .errors import FenceUnavailable
+from .errors import ConfigError, FenceUnavailable
 
 MOUNTINFO = "/proc/self/mountinfo"
 _MOVE_IN = ("/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"')
@@ -135,6 +137,79 @@ def entry_argv(tools: Tools, procs: Sequence[Path], argv: list[str]) -> list[str
 
 
 _P = TypeVar("_P")
+
+
+def command(
+    cmd: str | Sequence[str],
+    cwd: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+) -> tuple[list[str], str]:
+    """argv to run (a str through /bin/sh -c) and the command as reports show it;
+    FileNotFoundError when it is not there."""
+    if isinstance(cmd, str):
+        argv, shown = ["/bin/sh", "-c", cmd], cmd
+    else:
+        argv, shown = [os.fspath(a) for a in cmd], shlex.join(os.fspath(a) for a in cmd)
+    if not argv:
+        raise ConfigError(repr(cmd), "the command is empty", "Fence.run()")
+    search_path = (env or os.environ).get("PATH", os.defpath)
+    if shutil.which(argv[0], path=search_path) is None and not os.path.isfile(
+        os.path.join(os.fspath(cwd or "."), argv[0])
+    ):
+        raise FileNotFoundError(2, "command not found", argv[0])
+    return argv, shown
+
+
+def spawn(
+    tools: Tools,
+    procs: Sequence[Path],
+    argv: list[str],
+    *,
+    cwd: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    stdin: int | IO[Any] | None,
+    raw_sockets: bool,
+    guardian: int | None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` through `entry_argv` (into each cgroup of `procs`), as `start` does,
+    with this process, its threads and its `guardian` protected; stdin as given (None:
+    empty), output to pipes.
+
+    In a session of its own unless its stdin is a terminal (`depfence run` at a
+    prompt): a script's `kill 0` (`trap 'kill 0' EXIT`, to end its background jobs)
+    signals its own process group, which would otherwise be this process's too."""
+    entry = entry_argv(tools, procs, argv)
+
+    def popen() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            entry,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=not _is_terminal(stdin),
+        )
+
+    protect = [os.getpid(), *_threads(), *([guardian] if guardian is not None else [])]
+    return start(popen, raw_sockets=raw_sockets, protect=protect)
+
+
+def _threads() -> list[int]:
+    """This process's thread ids: each signals the whole process (seccomp.py)."""
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return []
+
+
+def _is_terminal(stdin: int | IO[Any] | None) -> bool:
+    if stdin is None or stdin in (subprocess.PIPE, subprocess.DEVNULL):
+        return False
+    try:
+        return os.isatty(stdin if isinstance(stdin, int) else stdin.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def start(popen: Callable[[], _P], *, raw_sockets: bool, protect: Sequence[int]) -> _P:

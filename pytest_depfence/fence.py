@@ -18,8 +18,6 @@ import atexit
 import itertools
 import os
 import re
-import shlex
-import shutil
 import subprocess
 import threading
 import time
@@ -216,7 +214,7 @@ class Fence:
         """
         __tracebackhide__ = True  # pytest shows the test's line, not ours
         self.open()
-        argv, shown = _command(cmd, cwd, env)
+        argv, shown = confine.command(cmd, cwd, env)
         limit = self.timeout
         if timeout is not None:
             limit = options.validate("timeout", timeout, "Fence.run(timeout=)")
@@ -333,28 +331,13 @@ class Fence:
         env: Mapping[str, str] | None,
         stdin: int | IO[Any] | None,
     ) -> subprocess.Popen[bytes]:
-        """Start `argv` in `cgroup`, entering it as `confine` says; output to pipes.
-
-        In a session of its own unless its stdin is a terminal (`depfence run` at a
-        prompt): a script's `kill 0` (`trap 'kill 0' EXIT`, to end its background jobs)
-        signals its own process group, which would otherwise be this process's too."""
+        """Start `argv` in `cgroup`, as `confine.spawn` does; output to pipes."""
         assert self._tools is not None
-        entry = confine.entry_argv(self._tools, cgroup.procs, argv)
-
-        def popen() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                entry,
-                cwd=cwd,
-                env=dict(env) if env is not None else None,
-                stdin=subprocess.DEVNULL if stdin is None else stdin,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=not _is_terminal(stdin),
-            )
-
         guardian = _session_tree().guardian_pid()
-        protect = [os.getpid(), *_threads(), *([guardian] if guardian is not None else [])]
-        return confine.start(popen, raw_sockets=self.raw_sockets, protect=protect)
+        return confine.spawn(
+            self._tools, cgroup.procs, argv, cwd=cwd, env=env, stdin=stdin,
+            raw_sockets=self.raw_sockets, guardian=guardian,
+        )  # fmt: skip
 
     def _enclose(
         self,
@@ -420,7 +403,7 @@ class Fence:
         until `Service.stop()`); see `service.py`. `ready`: wait until it accepts
         connections there (a port of 127.0.0.1, HOST:PORT, unix:PATH)."""
         self.open()
-        argv, shown = _command(cmd, cwd, env)
+        argv, shown = confine.command(cmd, cwd, env)
         if name is None:  # the program's name: `python3 tools/migrations-service` -> its script
             name = re.sub(r"[^A-Za-z0-9._-]+", "-", program_of(shown).split()[-1]).strip("-.")
         name = check_name(name or "service", "Fence.service(name=)")
@@ -494,26 +477,6 @@ class Fence:
             programs.watch_hosts_file(cgroup_id, *read.key)
 
 
-def _command(
-    cmd: str | Sequence[str],
-    cwd: str | os.PathLike[str] | None,
-    env: Mapping[str, str] | None,
-) -> tuple[list[str], str]:
-    """argv to run and the command as reports show it; FileNotFoundError when it is not there."""
-    if isinstance(cmd, str):
-        argv, shown = ["/bin/sh", "-c", cmd], cmd
-    else:
-        argv, shown = [os.fspath(a) for a in cmd], shlex.join(os.fspath(a) for a in cmd)
-    if not argv:
-        raise ConfigError(repr(cmd), "the command is empty", "Fence.run()")
-    search_path = (env or os.environ).get("PATH", os.defpath)
-    if shutil.which(argv[0], path=search_path) is None and not os.path.isfile(
-        os.path.join(os.fspath(cwd or "."), argv[0])
-    ):
-        raise FileNotFoundError(2, "command not found", argv[0])
-    return argv, shown
-
-
 def _check(result: FenceResult, mode: str, limit: float | None) -> None:
     """`check=True`: forbidden egress raises EgressViolation (block mode; audit mode leaves
     it to the caller), a limit the run hit LimitExceeded (even when the command exited 0:
@@ -539,23 +502,6 @@ def _check(result: FenceResult, mode: str, limit: float | None) -> None:
     if failed:
         text = failure_text(result.command, result.returncode, result.stderr, timed_out_after)
         raise CommandFailed(text, result.returncode, result.stdout, result.stderr)
-
-
-def _threads() -> list[int]:
-    """This process's thread ids: each signals the whole process (seccomp.py)."""
-    try:
-        return [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        return []
-
-
-def _is_terminal(stdin: int | IO[Any] | None) -> bool:
-    if stdin is None or stdin in (subprocess.PIPE, subprocess.DEVNULL):
-        return False
-    try:
-        return os.isatty(stdin if isinstance(stdin, int) else stdin.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

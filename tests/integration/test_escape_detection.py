@@ -30,8 +30,10 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,18 +112,39 @@ def kill_if_alive(pid: int) -> None:
 # --------------------------------------------------------------------------- moved by itself
 
 
-NSENTER = pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs util-linux nsenter")
+NSENTER = pytest.mark.skipif(
+    shutil.which("nsenter") is None or shutil.which("setpriv") is None,
+    reason="needs util-linux nsenter and setpriv",
+)
+
+
+@pytest.fixture
+def outside_without_capabilities() -> Iterator[int]:
+    """A root process outside the fence with no capability at all: a fenced command (no
+    CAP_SYS_PTRACE) may open its namespaces, as it may not the owner's or init's."""
+    proc = subprocess.Popen(["setpriv", "--bounding-set=-all", "--inh-caps=-all", "sleep", "1000"])
+    try:
+        wait_exec(proc.pid, ["sleep", "1000"])
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @NO_GITHUB
 @pytest.mark.parametrize(
-    "way",
-    ["sh -c", pytest.param(f"nsenter --cgroup=/proc/{os.getpid()}/ns/cgroup sh -c", marks=NSENTER)],
+    "way", ["plain", pytest.param("outer", marks=NSENTER)],
     ids=["plain", "from-the-outer-cgroup-namespace"],
-)
-def test_a_process_moving_itself_out_never_reaches_github(fenced: Fence, way: str) -> None:
+)  # fmt: skip
+def test_a_process_moving_itself_out_never_reaches_github(
+    fenced: Fence, way: str, request: pytest.FixtureRequest
+) -> None:
+    how = "sh -c"
+    if way == "outer":
+        pid = request.getfixturevalue("outside_without_capabilities")
+        how = f"nsenter --cgroup=/proc/{pid}/ns/cgroup sh -c"
     move = f"echo $$ > {cgroup2_mount()}/cgroup.procs; {CURL}"
-    result = fenced.run(f"{way} '{move}'", check=False, timeout=30)
+    result = fenced.run(f"{how} '{move}'", check=False, timeout=30)
 
     assert "200" not in result.stdout, "the shell left the fence and reached github.com"
     moved = escapes(result.events)
@@ -136,6 +159,15 @@ def test_a_process_moving_itself_out_never_reaches_github(fenced: Fence, way: st
     assert event.cmdline is not None and "cgroup.procs" in event.cmdline, event
     # Killed in its write to cgroup.procs: curl never ran.
     assert result.stdout == "", result
+
+
+@NSENTER
+@NO_GITHUB
+def test_a_fenced_process_may_not_enter_the_owners_cgroup_namespace(fenced: Fence) -> None:
+    """The owner (and init) hold capabilities a fenced command lacks (CAP_SYS_PTRACE):
+    their namespaces are closed to it, the first step of leaving the fence's."""
+    result = fenced.run(f"nsenter --cgroup=/proc/{os.getpid()}/ns/cgroup true", check=False)
+    assert result.returncode != 0 and "Permission denied" in result.stderr, result.stderr
 
 
 # --------------------------------------------------------------------------- born outside

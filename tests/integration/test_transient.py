@@ -396,22 +396,19 @@ def test_an_adopted_process_leaving_its_cgroup_is_not_killed(
     fences(Policy.no_egress("github.com"))
     away = service_cgroup.parent / f"{service_cgroup.name}-away"
     away.mkdir()
-    moved = tmp_path / "moved"
+    moved, go = tmp_path / "moved", tmp_path / "go"
     os.mkfifo(moved)
+    os.mkfifo(go)
     # The child that moves is started during the run: a process the fence has a record of.
     child = f"echo $$ > {away}/cgroup.procs && echo $$ > {moved}; exec sleep 60"
     mover = subprocess.Popen(
-        ["sh", "-c", f"read go; sh -c '{child}'"],
-        stdin=subprocess.PIPE,
+        ["sh", "-c", f"read x < {go}; sh -c '{child}'"],
         preexec_fn=lambda: (service_cgroup / "cgroup.procs").write_text(str(os.getpid())),
     )
     try:
         services = [str(service_cgroup)]
         with Fence(Policy.no_egress("github.com"), upstream=lab.upstream, services=services) as f:
-            result = f.run(
-                ["sh", "-c", f"echo go > /proc/{mover.pid}/fd/0; read x < {moved}; echo $x"],
-                timeout=20,
-            )
+            result = f.run(["sh", "-c", f"echo go > {go}; read x < {moved}; echo $x"], timeout=20)
         moved_pid = int(result.stdout)
         assert (away / "cgroup.procs").read_text().split() == [str(moved_pid)], (
             "the adopted process was killed for leaving its cgroup"
