@@ -1,8 +1,9 @@
 """What a fenced command may not do to the fence itself: a seccomp filter (`install`).
 
 A fenced command runs as its caller does, root included, and keeps every
-capability but CAP_NET_RAW (`confine`): CAP_SYS_ADMIN is what a deploy script
-needs for `mount`, `unshare` and the like, and it is also all `bpf()` asks for.
+capability but CAP_NET_RAW and CAP_SYS_PTRACE (`confine`; without the latter the
+owner's and guardian's memory is closed to it): CAP_SYS_ADMIN is what a deploy
+script needs for `mount`, `unshare` and the like, and it is also all `bpf()` asks for.
 Measured without this filter: `bpftool link detach` on the fence's links, or
 `kill -9` of the guardian and the owner, and the script's next connections went
 out unjudged, with no event and a green run. So the thread that starts a fenced
