@@ -316,14 +316,20 @@ static __always_inline int dns_shaped(struct __sk_buff *skb, __u32 off, __u8 pro
             return 1;
         }
         __u32 size = ((__u32)len[0] << 8) | len[1];
-        /* Shorter than a header: no DNS message, skipped, as a resolver may skip it;
-         * and not counted as one (zeros, as many protocols begin, must not make the
-         * segment look like DNS below). */
-        whole += LESS(DNS_HDR_LEN - 1, size);
+        /* Counted as a DNS message: at least a header, and the header's four counts
+         * each below 64. Shorter ones are skipped, as a resolver may skip them, and
+         * not counted (zeros, as many protocols begin, are no DNS); nor is what merely
+         * has a length in front (random bytes of bulk TCP, a 64 KiB segment of them,
+         * chain four such "messages" often: those were dropped, measured). */
+        __u32 high = hdr[4] | hdr[6] | hdr[8] | hdr[10];
+        __u32 low = hdr[5] | hdr[7] | hdr[9] | hdr[11];
+        OPAQUE(high);
+        OPAQUE(low);
+        whole += LESS(DNS_HDR_LEN - 1, size) & EQ(high, 0) & LESS(low, 64);
         at += 2 + size;
     }
-    /* As many whole messages as are looked at, every one DNS-sized and none a query,
-     * and room for another: a query after them would go unjudged (fail closed). */
+    /* As many DNS messages as are looked at, none a query, and room for another: a
+     * query after them would go unjudged (fail closed). */
     if (whole == DNS_QUESTIONS_MAX && at + 2 + DNS_HDR_LEN <= skb->len)
         return -UNJUDGED_TOO_MANY_QUESTIONS;
     if (!bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) && query_shaped(hdr))

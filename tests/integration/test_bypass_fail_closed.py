@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -361,3 +363,40 @@ def test_an_ordinary_allowed_query_past_the_proxy_passes(
     result, got = send(fenced, tmp_path, chunks, transport=transport)
     assert got["answered"], result.events
     assert not bypasses(result)
+
+
+# argv: port, bytes. Sends that many random bytes over one TCP connection to 127.0.0.1.
+BULK = """\
+import os, socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as s:
+    s.sendall(os.urandom(int(sys.argv[2])))
+"""
+
+
+@NO_GITHUB
+def test_bulk_random_tcp_is_no_dns_to_judge(fenced: Fence, tmp_path: Path) -> None:
+    """Random bytes in 64 KiB segments often read as a chain of length-prefixed
+    "messages"; none of them is DNS, and none may be dropped as unjudged (they were:
+    iperf3 through a fence fell to 1% of its speed)."""
+    size = 16 << 20
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        received = []
+
+        def sink() -> None:
+            conn, _ = server.accept()
+            with conn:
+                while chunk := conn.recv(1 << 20):
+                    received.append(len(chunk))
+
+        thread = threading.Thread(target=sink)
+        thread.start()
+        script = tmp_path / "bulk.py"
+        script.write_text(BULK)
+        result = fenced.run(
+            [sys.executable, str(script), str(server.getsockname()[1]), str(size)], timeout=120
+        )
+        thread.join(timeout=60)
+    assert sum(received) == size
+    assert not [e for e in result.events if e.qtype is not None or e.forbidden], result.events
