@@ -141,39 +141,19 @@ def program(
             for number in numbers:
                 asm.jump_if(number, CHECKS[name])
         asm.ret(_RET_ALLOW)
-    asm.label("bpf")
-    asm.load(_ARG0)
-    for cmd in REFUSED_BPF:
-        asm.jump_if(cmd, "eperm")
-    asm.ret(_RET_ALLOW)
+    asm.refuse_if("bpf", _ARG0, REFUSED_BPF)
     # kill(pid) and F_SETOWN's pid: a process, -pgid its group (kill: -1 is everything).
-    signalled = [-1, *pids, *(-group for group in groups)]
-    asm.label("kill")
-    asm.load(_ARG0)
-    for pid in signalled:
-        asm.jump_if(pid & 0xFFFFFFFF, "eperm")
-    asm.ret(_RET_ALLOW)
+    signalled = [pid & 0xFFFFFFFF for pid in (-1, *pids, *(-group for group in groups))]
+    asm.refuse_if("kill", _ARG0, signalled)
     asm.label("fcntl")
     asm.load(_ARG1)
     asm.jump_if(F_SETOWN_EX, "eperm")
     asm.jump_if(F_SETOWN, "setown")
     asm.ret(_RET_ALLOW)
-    asm.label("setown")
-    asm.load(_ARG2)
-    for pid in signalled:
-        asm.jump_if(pid & 0xFFFFFFFF, "eperm")
-    asm.ret(_RET_ALLOW)
-    asm.label("ioctl")
-    asm.load(_ARG1)
-    asm.jump_if(FIOSETOWN, "eperm")
-    asm.jump_if(SIOCSPGRP, "eperm")
-    asm.ret(_RET_ALLOW)
-    for label, offset in (("arg0", _ARG0), ("arg1", _ARG1)):
-        asm.label(label)
-        asm.load(offset)
-        for pid in pids:
-            asm.jump_if(pid, "eperm")
-        asm.ret(_RET_ALLOW)
+    asm.refuse_if("setown", _ARG2, signalled)
+    asm.refuse_if("ioctl", _ARG1, (FIOSETOWN, SIOCSPGRP))
+    asm.refuse_if("arg0", _ARG0, pids)
+    asm.refuse_if("arg1", _ARG1, pids)
     asm.label("eperm")
     asm.ret(_RET_ERRNO | errno.EPERM)
     asm.label("enosys")
@@ -250,6 +230,14 @@ class _Assembler:
 
     def label(self, name: str) -> None:
         self._labels[name] = len(self._code)
+
+    def refuse_if(self, label: str, offset: int, values: Iterable[int]) -> None:
+        """At `label`: EPERM when the word at `offset` is one of `values`, else allow."""
+        self.label(label)
+        self.load(offset)
+        for value in values:
+            self.jump_if(value, "eperm")
+        self.ret(_RET_ALLOW)
 
     def assemble(self) -> list[Instruction]:
         out = []
