@@ -306,20 +306,29 @@ print(os.getpid(), child)
 MIRROR_QUESTION = "066d6972726f7208696e7465726e616c0000010001"
 
 
+def ask_twice(
+    fences: Callable[..., Fence], tmp_path: Path, code: str
+) -> tuple[FenceResult, dict[str, EgressEvent]]:
+    """Runs `code` (it asks github.com, then mirror.internal with the same id) fenced:
+    the result, and the event of each name."""
+    fence = fences(Policy.no_egress("github.com"))
+    script = tmp_path / "asker.py"
+    script.write_text(f"QUERY={GITHUB_A!r}\nMIRROR={MIRROR_QUESTION!r}\n" + code)
+    result = fence.run([PY, str(script), LAB_DNS], check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    asked = {e.domain: e for e in result.events if e.domain in ("github.com", "mirror.internal")}
+    assert set(asked) == {"github.com", "mirror.internal"}, result.events
+    return result, asked
+
+
 @pytest.mark.skipif(
     not skb_reads_current_task(), reason="before 6.10 a datagram names its socket's owner"
 )
 def test_two_processes_asking_with_one_socket_and_one_id_name_neither_wrongly(
     fences: Callable[..., Fence], tmp_path: Path
 ) -> None:
-    fence = fences(Policy.no_egress("github.com"))
-    script = tmp_path / "shared.py"
-    script.write_text(f"QUERY={GITHUB_A!r}\nMIRROR={MIRROR_QUESTION!r}\n" + SHARED)
-    result = fence.run([PY, str(script), LAB_DNS], check=False, timeout=60)
-    assert result.returncode == 0, result.stderr
+    result, asked = ask_twice(fences, tmp_path, SHARED)
     parent, child = (int(pid) for pid in result.stdout.split())
-    asked = {e.domain: e for e in result.events if e.domain in ("github.com", "mirror.internal")}
-    assert set(asked) == {"github.com", "mirror.internal"}, result.events
     assert asked["github.com"].pid in (parent, None)
     # The child's query came second: its flow entry says two processes used the key.
     assert asked["mirror.internal"].pid is None
@@ -343,12 +352,6 @@ os.execv(sys.executable, [sys.executable, "-c", then, str(s.fileno()),
 def test_a_query_and_one_with_its_id_after_an_exec_never_name_the_later_program(
     fences: Callable[..., Fence], tmp_path: Path
 ) -> None:
-    fence = fences(Policy.no_egress("github.com"))
-    script = tmp_path / "send_exec_send.py"
-    script.write_text(f"QUERY={GITHUB_A!r}\nMIRROR={MIRROR_QUESTION!r}\n" + SEND_EXEC_SEND)
-    result = fence.run([PY, str(script), LAB_DNS], check=False, timeout=60)
-    assert result.returncode == 0, result.stderr
-    asked = {e.domain: e for e in result.events if e.domain in ("github.com", "mirror.internal")}
-    assert set(asked) == {"github.com", "mirror.internal"}, result.events
-    assert asked["github.com"].cmdline in (f"{PY} {script} {LAB_DNS}", None)
+    result, asked = ask_twice(fences, tmp_path, SEND_EXEC_SEND)
+    assert asked["github.com"].cmdline in (f"{PY} {tmp_path / 'asker.py'} {LAB_DNS}", None)
     assert asked["mirror.internal"].unattributed == run.CLASH
