@@ -110,6 +110,12 @@ class Delivery:
                 self.error = exc
 
 
+def _from_proc(pid: int) -> Attribution | None:
+    """A live process as /proc names it (no ancestry); None when /proc has no command line."""
+    argv = read_proc_cmdline(pid)
+    return Attribution(pid, shlex.join(argv), ()) if argv else None
+
+
 @dataclass
 class Member:
     """A cgroup whose processes belong to the run: the command's, a service's, an adopted one."""
@@ -266,9 +272,7 @@ class Run:
         if who.pid is None and member.service:
             # An adopted service's processes started before the run: the kernel never saw
             # their exec, but they are alive (the event is theirs): /proc names them.
-            argv = read_proc_cmdline(pid)
-            if argv:
-                return Attribution(pid, shlex.join(argv), ())
+            return _from_proc(pid) or who
         return who
 
     # -- what the proxy and the kernel report ------------------------------------------
@@ -403,9 +407,7 @@ class Run:
         if who.pid is None:
             # Its record is gone (more processes came since than the kernel keeps), but
             # the kernel named the pid itself; /proc may still have its command line.
-            argv = read_proc_cmdline(escape.pid)
-            cmdline = shlex.join(argv) if argv else None
-            who = Attribution(escape.pid, cmdline, (), None if argv else who.unattributed)
+            who = _from_proc(escape.pid) or Attribution(escape.pid, None, (), who.unattributed)
         mover = None if escape.writer == escape.pid else self.describe(escape.writer)
         self.add(escape.time_ns, self.judge.escape(escape, who, mover), escape.cgroup_id)
 
@@ -414,8 +416,8 @@ class Run:
         record = self.programs.process(pid)
         if record is not None and not record.exited and record.cgroup_id in self.members:
             return f"pid {pid} {cmdline_of(record)}"
-        argv = read_proc_cmdline(pid)
-        return f"pid {pid} {shlex.join(argv)}" if argv else f"pid {pid}"
+        alive = _from_proc(pid)
+        return f"pid {pid} {alive.cmdline}" if alive else f"pid {pid}"
 
     # -- events ------------------------------------------------------------------------
     def add(
