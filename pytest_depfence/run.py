@@ -157,8 +157,9 @@ class Contact:
 class ProxyJudge:
     """The proxy's `DnsJudge`: the fence's judge, and the run that records the query.
 
-    A query's sender is looked up in the kernel's flow map when the query arrives and
-    kept until it is observed (after the upstream's answer, its failure, or drain()):
+    A query's sender is looked up in the kernel's flow map before its reply is sent
+    (`sender`; a forwarded query's while the upstream works on it) and kept until it is
+    observed (after the upstream's answer, its failure, or drain()):
     by then the flow entry may name another query's sender or be gone.
     """
 
@@ -169,13 +170,14 @@ class ProxyJudge:
         self._owners: dict[int, tuple[Query, Owner | None]] = {}
 
     def query(self, query: Query) -> DnsVerdict:
-        verdict = self._judge.query(query.name)
+        return self._judge.query(query.name)
+
+    def sender(self, query: Query) -> None:
         try:
             owner = self._recorder().query_owner(query)
         except Exception:  # noqa: BLE001 - looked up again when observed; that one is kept
-            return verdict
+            return
         self._owners[id(query)] = (query, owner)
-        return verdict
 
     def answer(self, query: Query, reply: bytes, verdict: DnsVerdict) -> DnsVerdict:
         return self._judge.answer(query.name, reply, verdict)
@@ -302,7 +304,9 @@ class Run:
         else:
             who = self.who(owner.pid, owner.cgroup_id, owner.time_ns or None, owner.by_socket)
         event = self.judge.dns_event(query, verdict, who)
-        self.add(time.monotonic_ns(), event, owner.cgroup_id if owner else None)
+        # The query's time, not its observation's (after the client had its answer).
+        at = query.received_ns or time.monotonic_ns()
+        self.add(at, event, owner.cgroup_id if owner else None)
 
     @_guarded
     def on_connection(self, conn: ConnEvent) -> None:

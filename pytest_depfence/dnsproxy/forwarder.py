@@ -23,7 +23,7 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Optional
 
 from . import wire
 from .tickets import Ticket
@@ -41,7 +41,7 @@ class Waiting:
 
     ticket: Ticket
     question: wire.Question
-    reply_to: Any  # the listener's (socket, client address)
+    reply_to: Callable[[Optional[bytes]], None]  # sends the client its reply (None: nothing)
     deadline: float
     upstream_id: int = 0
     done: bool = field(default=False)

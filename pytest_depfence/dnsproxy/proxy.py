@@ -2,9 +2,11 @@
 
 UDP, nearly every query, is served by one event loop thread: it reads a
 query, judges it, answers a blocked one or sends it upstream over one
-persistent socket (`forwarder`), and when the answer comes judges it (its
-addresses reach the kernel map), observes the query and only then answers the
-client. One thread, no hand-offs: the judge's work is all a query costs.
+persistent socket (`forwarder`) and looks up its sender while the upstream
+works; when the answer comes it judges it (its addresses reach the kernel map),
+answers the client, and only then observes the query. One thread, no
+hand-offs: the judge's work is all a query costs, and only the judging of the
+question and of the answer stands between the client and its answer.
 TCP clients each get a thread, and their queries a pool thread for the
 upstream, as a silent upstream must never hold a reader.
 
@@ -31,7 +33,7 @@ from typing import Any, Callable
 from . import listeners, wire
 from .connection import Connection
 from .forwarder import UdpUpstream, Waiting
-from .tcp import TcpClients
+from .tcp import Send, TcpClients
 from .tickets import Ticket, Tickets
 from .types import DnsJudge, Query
 
@@ -49,9 +51,9 @@ _DRAIN_POLL = 0.005
 class DnsProxy(TcpClients):
     """A loopback DNS proxy that answers blocked names itself and forwards the rest.
 
-    Every verdict comes from `judge` (see `DnsJudge`): a blocked query is observed
-    and answered at once; an allowed one is forwarded, its answer judged, then
-    observed and passed on. Anything unexpected in a
+    Every verdict comes from `judge` (see `DnsJudge`): a blocked query is answered
+    at once, then observed; an allowed one is forwarded, its answer judged and
+    passed on, then observed. Anything unexpected in a
     proxy thread, including an exception from the judge, is appended to
     ``errors`` and the proxy keeps serving (a query whose judging failed gets
     SERVFAIL); ``raise_errors()`` re-raises the first one in the caller's thread.
@@ -256,12 +258,10 @@ class DnsProxy(TcpClients):
                 except ConnectionRefusedError:
                     # A stale ICMP error for an earlier reply; the listener is fine.
                     continue
-                reply = None
                 try:
-                    reply = self._query_udp(sock, data, addr, listen_port)
+                    self._query_udp(sock, data, addr, listen_port)
                 except Exception as exc:
                     self._record(exc)
-                self._send_udp(sock, addr, reply)
         finally:
             self._read_done()
 
@@ -273,25 +273,29 @@ class DnsProxy(TcpClients):
 
     def _query_udp(
         self, sock: socket.socket, data: bytes, addr: tuple[Any, ...], listen_port: int
-    ) -> bytes | None:
-        """The reply to send now; None: nothing now (forwarded, or nothing to send)."""
+    ) -> None:
+        """Answer a datagram now (an error reply, a blocked name, a failed forward) or
+        forward it; the sender is looked up while the upstream works on it."""
+        send = partial(self._send_udp, sock, addr)
         question = wire.read_question(data)
         if not isinstance(question, wire.Question):
-            return question  # an error reply, or nothing
+            send(question)  # an error reply, or nothing
+            return
         query = Query(question.name, question.qtype, "udp", (addr[0], addr[1]), listen_port,
-                      question.txid)  # fmt: skip
-        verdict, reply = self._judge_query(query, question)
+                      question.txid, time.monotonic_ns())  # fmt: skip
+        verdict = self._judge_query(query, question, send)
         if verdict is None:
-            return reply
+            return
         forwarder = self._udp_upstream
         assert forwarder is not None
         ticket = self._tickets.open_upstream("udp", query, verdict)
-        waiting = Waiting(ticket, question, (sock, addr), forwarder.deadline())
-        if not forwarder.send(data, waiting):
+        forwarded = forwarder.send(data, Waiting(ticket, question, send, forwarder.deadline()))
+        # Its answer is read after this returns: the flow entry still names the sender.
+        self._sender(query)
+        if not forwarded:
+            send(wire.servfail(question))
             self._settle(ticket, verdict)
             self._tickets.close(ticket)
-            return wire.servfail(question)
-        return None
 
     def _read_upstream(self) -> None:
         assert self._udp_upstream is not None
@@ -300,13 +304,10 @@ class DnsProxy(TcpClients):
 
     def _answered(self, waiting: Waiting, reply: bytes | None) -> None:
         """The upstream's answer to a UDP query (None: it failed): judged, then sent."""
-        out = None
         try:
-            out = self._conclude(waiting.ticket, waiting.question, reply)
+            self._conclude(waiting.ticket, waiting.question, reply, waiting.reply_to)
         except Exception as exc:
             self._record(exc)
-        sock, addr = waiting.reply_to
-        self._send_udp(sock, addr, out)
 
     def _send_udp(self, sock: socket.socket, addr: tuple[Any, ...], reply: bytes | None) -> None:
         if reply is None:
@@ -319,41 +320,55 @@ class DnsProxy(TcpClients):
 
     # -- answering -----------------------------------------------------------
 
-    def _judge_query(self, query: Query, question: wire.Question) -> tuple[Any, bytes | None]:
-        """(query's verdict, None): forward it; (None, the reply): answered already (a
-        reply None: nothing is sent)."""
+    def _judge_query(self, query: Query, question: wire.Question, send: Send) -> Any:
+        """The query's verdict, to forward it with; None: answered already with `send` (a
+        blocked name, observed once the client has the outage; a judge that failed)."""
         try:
             verdict = self._judge.query(query)
         except Exception as exc:
             self._record(exc)
-            return None, wire.servfail(question)
+            send(wire.servfail(question))
+            return None
         if verdict.blocked:
-            # Never forwarded: observed now, whatever the upstream is doing.
+            # Never forwarded, whatever the upstream is doing; the sender looked up before
+            # the client has its answer and may ask again on the same flow.
+            self._sender(query)
+            send(wire.outage(question, verdict.rcode))
             self._observe(query, verdict)
-            return None, wire.outage(question, verdict.rcode)
-        return verdict, None
+            return None
+        return verdict
 
     def _conclude(
-        self, ticket: Ticket, question: wire.Question, answer: bytes | None
-    ) -> bytes | None:
-        """The reply to a forwarded query: the upstream's `answer` (None: it failed, the
-        client gets SERVFAIL) judged, its query observed (unless drain() did). Closes the
-        ticket."""
+        self, ticket: Ticket, question: wire.Question, answer: bytes | None, send: Send
+    ) -> None:
+        """Answer a forwarded query: the upstream's `answer` (None: it failed, the client
+        gets SERVFAIL) judged, the reply sent with `send` (once, whatever happens), then the
+        query observed (unless drain() did) and the ticket closed. Only the judging stands
+        between the upstream's answer and the client; drain() waits for the ticket."""
+        out: bytes | None = None
+        observe = False
+        query, verdict = ticket.query, ticket.verdict
+        assert query is not None
         try:
-            query, verdict = ticket.query, ticket.verdict
-            assert query is not None
-            reply = answer if answer is not None else wire.servfail(question)
-            if answer is not None:
+            if answer is None:
+                out = wire.servfail(question)
+            else:
                 try:
                     verdict = self._judge.answer(query, answer, verdict)
+                    out = answer
                 except Exception as exc:
                     self._record(exc)  # an answer nobody could check is not passed on
-                    reply = wire.servfail(question)
-            if self._tickets.claim(ticket):  # else drain() observed it
-                self._observe(query, verdict)
+                    out = wire.servfail(question)
+            if verdict.blocked:
+                out = wire.outage(question, verdict.rcode)
+            observe = self._tickets.claim(ticket)  # else drain() observed it
         finally:
-            self._tickets.close(ticket)
-        return wire.outage(question, verdict.rcode) if verdict.blocked else reply
+            try:
+                send(out)
+            finally:
+                if observe:
+                    self._observe(query, verdict)
+                self._tickets.close(ticket)
 
     def _settle(self, ticket: Ticket, verdict: Any) -> None:
         """Observe a forwarded query, if nobody has: the upstream's thread or drain()."""
@@ -363,6 +378,12 @@ class DnsProxy(TcpClients):
                 self._observe(ticket.query, verdict)
             finally:
                 self._tickets.close(ticket)
+
+    def _sender(self, query: Query) -> None:
+        try:
+            self._judge.sender(query)
+        except Exception as exc:
+            self._record(exc)
 
     def _observe(self, query: Query, verdict: Any) -> None:
         try:

@@ -15,6 +15,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from functools import partial
@@ -53,13 +54,13 @@ class TcpClients:
 
         def _record(self, exc: BaseException) -> None: ...
 
-        def _judge_query(
-            self, query: Query, question: wire.Question
-        ) -> tuple[Any, bytes | None]: ...
+        def _judge_query(self, query: Query, question: wire.Question, send: Send) -> Any: ...
 
         def _conclude(
-            self, ticket: Ticket, question: wire.Question, answer: bytes | None
-        ) -> bytes | None: ...
+            self, ticket: Ticket, question: wire.Question, answer: bytes | None, send: Send
+        ) -> None: ...
+
+        def _sender(self, query: Query) -> None: ...
 
         def _settle(self, ticket: Ticket, verdict: Any) -> None: ...
 
@@ -169,60 +170,72 @@ class TcpClients:
         self, ticket: Ticket, data: bytes, conn: Connection, send: Send
     ) -> Future[None] | None:
         """Answer one DNS message now, or (the future) once the upstream has."""
-        reply, forwarded = None, None
+        once = _Once(send)
+        forwarded = None
         try:
-            reply, forwarded = self._decide(ticket, data, conn, send)
+            forwarded = self._decide(ticket, data, conn, once)
         except Exception as exc:
             self._record(exc)
         finally:
             if forwarded is None:
+                once(None)  # nothing, if it was answered
                 self._tickets.close(ticket)
-                send(reply)
         return forwarded
 
     def _decide(
         self, ticket: Ticket, data: bytes, conn: Connection, send: Send
-    ) -> tuple[bytes | None, Future[None] | None]:
-        """(the reply to send now, None: nothing) or (None, the forward under way)."""
+    ) -> Future[None] | None:
+        """None: answered with `send` (or nothing to send); else the forward under way."""
         question = wire.read_question(data)
         if not isinstance(question, wire.Question):
-            return question, None  # an error reply, or nothing
-        query = Query(
-            question.name, question.qtype, "tcp", conn.client, conn.listen_port, question.txid
-        )
-        verdict, reply = self._judge_query(query, question)
+            send(question)  # an error reply, or nothing
+            return None
+        query = Query(question.name, question.qtype, "tcp", conn.client, conn.listen_port,
+                      question.txid, time.monotonic_ns())  # fmt: skip
+        verdict = self._judge_query(query, question, send)
         if verdict is None:
-            return reply, None
+            return None
+        self._sender(query)
         self._tickets.upstream(ticket, query, verdict)
         assert self._upstream_pool is not None
         try:
-            future = self._upstream_pool.submit(self._complete, ticket, question, data, send)
+            return self._upstream_pool.submit(self._complete, ticket, question, data, send)
         except RuntimeError:  # the proxy is stopping
+            send(wire.servfail(question))
             self._settle(ticket, verdict)
-            return wire.servfail(question), None
-        return None, future
+            return None
 
     def _complete(self, ticket: Ticket, question: wire.Question, data: bytes, send: Send) -> None:
-        """Forward a TCP query, then as `_conclude`; on a pool thread."""
-        reply: bytes | None = None
+        """Forward a TCP query, then `_conclude` it; on a pool thread."""
+        answer: bytes | None = None
         try:
-            try:
-                if self._stopping.is_set():
-                    raise wire.UpstreamFailure("the proxy is stopping")
-                answer: bytes | None = upstream.forward_tcp(
-                    data,
-                    question.txid,
-                    self._upstream_family,
-                    self._upstream_addr,
-                    self.upstream_timeout,
-                    self._tcp_upstreams,
-                )
-            except (wire.UpstreamFailure, OSError):
-                answer = None
-            reply = self._conclude(ticket, question, answer)
+            if self._stopping.is_set():
+                raise wire.UpstreamFailure("the proxy is stopping")
+            answer = upstream.forward_tcp(
+                data,
+                question.txid,
+                self._upstream_family,
+                self._upstream_addr,
+                self.upstream_timeout,
+                self._tcp_upstreams,
+            )
+        except (wire.UpstreamFailure, OSError):
+            pass
+        except Exception as exc:
+            self._record(exc)  # answered SERVFAIL, as a failed upstream
+        try:
+            self._conclude(ticket, question, answer, send)
         except Exception as exc:
             self._record(exc)
-            reply = None
-        finally:
-            self._tickets.close(ticket)
+
+
+class _Once:
+    """A `Send` that sends the first reply it is given and ignores the rest."""
+
+    def __init__(self, send: Send) -> None:
+        self._send: Send | None = send
+
+    def __call__(self, reply: bytes | None) -> None:
+        send, self._send = self._send, None
+        if send is not None:
             send(reply)

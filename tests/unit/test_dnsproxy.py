@@ -117,7 +117,8 @@ def upstream() -> Iterator[Upstream]:
 
 @dataclass
 class Seen:
-    """What the observer was told, in order."""
+    """What the observer was told, in order. It is told after the client's reply: a test
+    looks once `drain()` has returned."""
 
     queries: list[tuple[Query, Any]] = field(default_factory=list)
 
@@ -142,7 +143,8 @@ class StubVerdict:
 class StubJudge:
     """Stands in for the fence's judge (`judge.Judge` behind `run.ProxyJudge`): decides
     by name with `decide`, answers blocked names with `outage`'s rcode, keeps an allowed
-    query's verdict after the answer, and tells `observer` every query."""
+    query's verdict after the answer, notes each query it is told the sender of in
+    `senders`, and tells `observer` every query."""
 
     def __init__(
         self,
@@ -153,10 +155,14 @@ class StubJudge:
         self.decide = decide
         self.observer = observer
         self.rcode = OUTAGES[outage].rcode
+        self.senders: list[Query] = []
 
     def query(self, query: Query) -> StubVerdict:
         decision = self.decide(query.name)
         return StubVerdict(bool(decision.blocked), self.rcode, decision.rule)
+
+    def sender(self, query: Query) -> None:
+        self.senders.append(query)
 
     def answer(self, query: Query, reply: bytes, verdict: StubVerdict) -> StubVerdict:
         return verdict
@@ -328,6 +334,7 @@ def test_forwarded_answer_is_byte_identical_to_the_upstream(
     check(DNSRecord.parse(via_proxy))
     # Forwarded over the client's own transport.
     assert upstream.zone.asked[asked_before:] == [(name, transport)] * 2
+    dns.drain()
     assert [(q.name, q.qtype, q.transport) for q, _ in seen.queries] == [(name, qtype, transport)]
 
 
@@ -348,6 +355,7 @@ def test_truncated_udp_answer_then_tcp_retry_like_a_resolver(proxy: tuple[DnsPro
     full = DNSRecord.parse(ask_tcp(dns.port, packet))
     assert full.header.tc == 0
     assert sorted(str(rr.rdata)[1:3] for rr in full.rr) == [f"{i:02d}" for i in range(20)]
+    dns.drain()
     assert [q.transport for q, _ in seen.queries] == ["udp", "tcp"]
 
 
@@ -370,6 +378,7 @@ def test_two_queries_on_one_tcp_connection(
     _check_cname_chain(DNSRecord.parse(answers[2]))
     # Pipelined queries are forwarded side by side and each observed as its answer
     # comes (issue 10): replies keep the queries' order, observations need not.
+    dns.drain()
     assert sorted(q.txid for q, _ in seen.queries) == [1, 2, 3]
     assert len({q.client for q, _ in seen.queries}) == 1
 
@@ -429,6 +438,7 @@ def test_many_outstanding_udp_queries_share_one_upstream_socket(make_proxy: Prox
     assert [r.header.id for r in replies] == [0x4242] * 60
     assert [str(r.q.qname) for r in replies] == [f"h{i}.{ZONE}." for i in range(60)]
     assert [str(r.rr[0].rdata) for r in replies] == [f"192.0.2.{i}" for i in range(60)]
+    dns.drain()
     assert sorted(seen.names) == sorted(f"h{i}.{ZONE}" for i in range(60))
 
 
@@ -485,6 +495,7 @@ def test_blocked_name_gets_the_outage_answer(
     assert reply[4:12] == struct.pack("!HHHH", 1, 0, 0, 0)
     assert reply[12:] == packet[12:]
     assert "api.github.com" not in upstream.zone.names_asked()
+    dns.drain()
     [(query, decision)] = seen.queries
     assert query.name == "api.github.com"
     assert decision.blocked is True
@@ -506,6 +517,7 @@ def test_labels_that_only_look_like_the_blocked_name_are_forwarded(
     for name in ("notgithub.com", "github.com.evil.test"):
         assert rcode(ask_udp(dns.port, question(name))) in (RCODE.NOERROR, RCODE.NXDOMAIN)
         assert name in upstream.zone.names_asked()
+    dns.drain()
     assert [d.blocked for _, d in seen.queries] == [False, False]
 
 
@@ -550,6 +562,7 @@ def test_upstream_down_is_servfail_at_once(
     elapsed = time.monotonic() - started
     assert (txid(reply), rcode(reply)) == (404, RCODE.SERVFAIL)
     assert elapsed < 0.5, f"SERVFAIL took {elapsed:.3f}s; a refused upstream must not wait"
+    dns.drain()
     assert seen.names == [f"www.{ZONE}"]
 
 
@@ -622,6 +635,7 @@ def test_an_answer_matching_no_query_is_never_passed_on(
         sock.close()
     assert (txid(reply), rcode(reply)) == (0x0102, RCODE.SERVFAIL)
     assert reply[4:6] == b"\x00\x01"  # the question echoed, no answer records
+    dns.drain()
     assert seen.names == [f"www.{ZONE}"]
     assert dns.errors == []
 
@@ -687,6 +701,7 @@ def test_short_garbage_is_dropped_and_the_proxy_keeps_answering(
         sock.sendall(struct.pack("!H", len(good)) + good)
         # The first answer on the connection is the good query's: the garbage got none.
         assert txid(read_framed(sock)) == 9
+    dns.drain()
     assert [q.txid for q, _ in seen.queries] == [8, 9]
     assert dns.errors == []
 
@@ -710,12 +725,15 @@ def test_response_packets_are_ignored_and_other_opcodes_get_notimp(
 # -- the observer ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["WwW.Example.TEST.", "github.com"])
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
-def test_observer_gets_the_query_fields_before_the_reply(
-    proxy: tuple[DnsProxy, Seen], transport: str
+def test_the_sender_is_asked_for_before_the_reply_and_the_observer_told_by_drain(
+    make_proxy: ProxyFactory, transport: str, name: str
 ) -> None:
-    dns, seen = proxy
-    packet = question("WwW.Example.TEST.", "AAAA", txid=4242)
+    dns, seen = make_proxy()
+    judge = dns._judge
+    assert isinstance(judge, StubJudge)
+    packet = question(name, "AAAA", txid=4242)
     if transport == "udp":
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind(("127.0.0.1", 0))
@@ -728,18 +746,27 @@ def test_observer_gets_the_query_fields_before_the_reply(
             sock.sendall(struct.pack("!H", len(packet)) + packet)
             reply = read_framed(sock)
             client = sock.getsockname()
-    _check_www_aaaa(DNSRecord.parse(reply))
-    # No drain(): the observer must already have run when the reply arrived.
-    [(query, decision)] = seen.queries
-    assert query == Query(
-        name="www.example.test",
+    expected = Query(
+        name=name.lower().rstrip("."),
         qtype="AAAA",
         transport=transport,  # type: ignore[arg-type]
         client=("127.0.0.1", client[1]),
         listen_port=dns.port,
         txid=4242,
     )
-    assert decision.blocked is False
+    # No drain(): whose query it was is known before the client has its answer (it could
+    # ask again on the same flow right after); the observation may come later.
+    assert judge.senders == [expected]
+    dns.drain()
+    [(query, decision)] = seen.queries
+    assert query == expected
+    assert query.received_ns > 0
+    if name == "github.com":
+        assert rcode(reply) == RCODE.NXDOMAIN
+        assert decision.blocked is True
+    else:
+        _check_www_aaaa(DNSRecord.parse(reply))
+        assert decision.blocked is False
 
 
 def test_unknown_qtype_is_named_like_rfc3597(proxy: tuple[DnsProxy, Seen]) -> None:
@@ -747,6 +774,7 @@ def test_unknown_qtype_is_named_like_rfc3597(proxy: tuple[DnsProxy, Seen]) -> No
     packet = struct.pack("!6H", 7, 0x0100, 1, 0, 0, 0) + b"\x03www\x07example\x04test\x00"
     packet += struct.pack("!HH", 65280, 1)
     assert txid(ask_udp(dns.port, packet)) == 7
+    dns.drain()
     assert [(q.name, q.qtype) for q, _ in seen.queries] == [(f"www.{ZONE}", "TYPE65280")]
 
 
@@ -763,6 +791,7 @@ def test_observer_exception_is_recorded_and_the_query_still_answered(
     dns.raise_errors()  # nothing yet
     _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}"))))
     assert rcode(ask_tcp(dns.port, question("github.com"))) == RCODE.NXDOMAIN
+    dns.drain()
     assert calls == [f"www.{ZONE}", "github.com"]
     assert len(dns.errors) == 2
     with pytest.raises(RuntimeError, match=f"observer exploded on www.{ZONE}"):
@@ -883,6 +912,7 @@ def test_ipv6_listeners_share_the_port(upstream: Upstream, proxy: tuple[DnsProxy
     for transport in ("udp", "tcp"):
         assert ask(transport, dns.port, packet, host="::1") == ask(transport, upstream.port, packet)
     assert rcode(ask_udp(dns.port, question("github.com"), host="::1")) == RCODE.NXDOMAIN
+    dns.drain()
     assert [(q.client[0], q.transport, q.listen_port) for q, _ in seen.queries] == [
         ("::1", "udp", dns.port),
         ("::1", "tcp", dns.port),

@@ -1,5 +1,5 @@
-"""The fence's `run.ProxyJudge` names a query's sender as the kernel saw it when the query
-arrived, not when it is observed (after the upstream's answer, its failure, or drain()):
+"""The fence's `run.ProxyJudge` names a query's sender as the kernel saw it when the proxy
+asked (`sender`, before the reply), not when the query is observed (after the upstream's answer, its failure, or drain()):
 by then the flow entry (client port, DNS id) may be another query's, or gone."""
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def test_the_sender_is_the_one_the_kernel_named_when_the_query_arrived() -> None
     proxy_judge = _proxy_judge(run)
     query = _query("mirror.internal", 1)
     verdict = proxy_judge.query(query)
+    proxy_judge.sender(query)
     run.flows[(40000, 1)] = WGET  # the same port and id, another sender, while upstream waits
     proxy_judge.observe(query, verdict)
     assert run.told == [("looked up when asked", 1, CURL)]
@@ -68,6 +69,7 @@ def test_a_query_the_upstream_never_answered_keeps_its_sender() -> None:
     proxy_judge = _proxy_judge(run)
     query = _query("slow.internal", 2)
     verdict = proxy_judge.query(query)
+    proxy_judge.sender(query)
     run.flows.clear()  # evicted before drain() observes the query
     proxy_judge.observe(query, verdict)
     assert run.told == [("looked up when asked", 2, CURL)]
@@ -78,8 +80,10 @@ def test_equal_queries_in_flight_at_once_keep_their_own_senders() -> None:
     proxy_judge = _proxy_judge(run)
     first, again = _query("mirror.internal", 3), _query("mirror.internal", 3)
     verdicts = [proxy_judge.query(first)]
+    proxy_judge.sender(first)
     run.flows[(40000, 3)] = WGET
     verdicts.append(proxy_judge.query(again))
+    proxy_judge.sender(again)
     proxy_judge.observe(again, verdicts[1])
     proxy_judge.observe(first, verdicts[0])
     assert run.told == [("looked up when asked", 3, WGET), ("looked up when asked", 3, CURL)]
@@ -90,6 +94,7 @@ def test_a_blocked_query_is_observed_with_its_sender_and_nothing_is_kept() -> No
     proxy_judge = _proxy_judge(run)
     query = _query("api.github.com", 4)
     verdict = proxy_judge.query(query)
+    proxy_judge.sender(query)
     assert verdict.blocked
     proxy_judge.observe(query, verdict)
     assert run.told == [("looked up when asked", 4, CURL)]
@@ -101,6 +106,7 @@ def test_a_lookup_that_fails_on_arrival_is_made_again_when_observed() -> None:
     proxy_judge = _proxy_judge(run)
     query = _query("mirror.internal", 5)
     verdict = proxy_judge.query(query)
+    proxy_judge.sender(query)
     run.lookups_fail = False
     proxy_judge.observe(query, verdict)
     assert run.told == [("looked up when observed", 5, CURL)]
