@@ -65,25 +65,38 @@ class UdpUpstream:
             raise
         self._waiting: dict[int, Waiting] = {}
         self._order: deque[Waiting] = deque()  # by deadline: one timeout for all
+        self._queued: list[tuple[bytes, Waiting]] = []  # taken, not yet sent
 
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, data: bytes, waiting: Waiting) -> bool:
-        """Forward a query; False: it could not be (the caller answers SERVFAIL)."""
+    def queue(self, data: bytes, waiting: Waiting) -> bool:
+        """Take a query to forward (`flush` sends it); False: no room (the caller answers
+        SERVFAIL)."""
         if len(self._waiting) >= MAX_WAITING:
             return False
         upstream_id = random.getrandbits(16)
         while upstream_id in self._waiting:
             upstream_id = random.getrandbits(16)
-        try:
-            self.sock.send(_ID.pack(upstream_id) + data[2:])
-        except OSError:  # a refused or unreachable upstream, a full buffer
-            return False
         waiting.upstream_id = upstream_id
         self._waiting[upstream_id] = waiting
         self._order.append(waiting)
+        self._queued.append((_ID.pack(upstream_id) + data[2:], waiting))
         return True
+
+    def flush(self) -> list[Waiting]:
+        """Send the queued queries, back to back; those that could not be sent (a refused
+        or unreachable upstream, a full buffer) are returned, to be answered SERVFAIL."""
+        failed = []
+        send = self.sock.send
+        for packet, waiting in self._queued:
+            try:
+                send(packet)
+            except OSError:
+                self._finish(waiting)
+                failed.append(waiting)
+        self._queued.clear()
+        return failed
 
     def receive(self) -> list[tuple[Waiting, bytes | None]]:
         """Answers that arrived, with the client's id restored (None: SERVFAIL it)."""

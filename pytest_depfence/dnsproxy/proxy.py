@@ -233,8 +233,9 @@ class DnsProxy(TcpClients):
                     except Exception as exc:
                         self._record(exc)
                 now = time.monotonic()
-                for waiting in forwarder.expire(now):
-                    self._answered(waiting, None)
+                expired = forwarder.expire(now)
+                if expired:
+                    self._answer([(waiting, None) for waiting in expired])
 
     def _drain_wake(self) -> None:
         assert self._wake_r is not None
@@ -247,23 +248,32 @@ class DnsProxy(TcpClients):
     # -- UDP, on the loop thread ---------------------------------------------------
 
     def _read_udp(self, sock: socket.socket, listen_port: int) -> None:
-        # In the order they came, each observed or forwarded before the next is read.
+        # In the order they came, each judged (a blocked one answered) before the next is
+        # read; then what was allowed goes upstream, back to back (one wake-up of the
+        # upstream for the lot, not one for each).
         self._reading = True
+        queued: list[Waiting] = []
         try:
             for _ in range(_UDP_BATCH):
                 try:
                     data, addr = sock.recvfrom(wire.MAX_MESSAGE, socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    return
+                    break
                 except ConnectionRefusedError:
                     # A stale ICMP error for an earlier reply; the listener is fine.
                     continue
                 try:
-                    self._query_udp(sock, data, addr, listen_port)
+                    waiting = self._query_udp(sock, data, addr, listen_port)
                 except Exception as exc:
                     self._record(exc)
+                    continue
+                if waiting is not None:
+                    queued.append(waiting)
         finally:
-            self._read_done()
+            try:
+                self._forward(queued)
+            finally:
+                self._read_done()
 
     def _read_done(self) -> None:
         """The loop has judged what it read from a listener (drain() may be waiting)."""
@@ -273,41 +283,59 @@ class DnsProxy(TcpClients):
 
     def _query_udp(
         self, sock: socket.socket, data: bytes, addr: tuple[Any, ...], listen_port: int
-    ) -> None:
-        """Answer a datagram now (an error reply, a blocked name, a failed forward) or
-        forward it; the sender is looked up while the upstream works on it."""
+    ) -> Waiting | None:
+        """Answer a datagram now (an error reply, a blocked name, no room upstream), or
+        queue it for the upstream (`_forward` sends it)."""
         send = partial(self._send_udp, sock, addr)
         question = wire.read_question(data)
         if not isinstance(question, wire.Question):
             send(question)  # an error reply, or nothing
-            return
+            return None
         query = Query(question.name, question.qtype, "udp", (addr[0], addr[1]), listen_port,
                       question.txid, time.monotonic_ns())  # fmt: skip
         verdict = self._judge_query(query, question, send)
         if verdict is None:
-            return
+            return None
         forwarder = self._udp_upstream
         assert forwarder is not None
         ticket = self._tickets.open_upstream("udp", query, verdict)
-        forwarded = forwarder.send(data, Waiting(ticket, question, send, forwarder.deadline()))
-        # Its answer is read after this returns: the flow entry still names the sender.
+        waiting = Waiting(ticket, question, send, forwarder.deadline())
+        if forwarder.queue(data, waiting):
+            return waiting
         self._sender(query)
-        if not forwarded:
-            send(wire.servfail(question))
-            self._settle(ticket, verdict)
-            self._tickets.close(ticket)
+        self._answer([(waiting, None)])
+        return None
+
+    def _forward(self, queued: list[Waiting]) -> None:
+        """Send the queued queries upstream, then look up their senders while the upstream
+        works (their answers are read after this returns: each flow entry still names its
+        sender); one the upstream socket refused gets SERVFAIL."""
+        if not queued:
+            return
+        assert self._udp_upstream is not None
+        failed = self._udp_upstream.flush()
+        for waiting in queued:
+            assert waiting.ticket.query is not None
+            self._sender(waiting.ticket.query)
+        self._answer([(waiting, None) for waiting in failed])
 
     def _read_upstream(self) -> None:
         assert self._udp_upstream is not None
-        for waiting, reply in self._udp_upstream.receive():
-            self._answered(waiting, reply)
+        self._answer(self._udp_upstream.receive())
 
-    def _answered(self, waiting: Waiting, reply: bytes | None) -> None:
-        """The upstream's answer to a UDP query (None: it failed): judged, then sent."""
+    def _answer(self, answered: list[tuple[Waiting, bytes | None]]) -> None:
+        """Upstream answers to UDP queries (None: it failed): all judged, then all replies
+        sent back to back, then the queries observed."""
+        replies = []
+        for waiting, answer in answered:
+            reply, verdict = self._conclude(waiting.ticket, waiting.question, answer)
+            replies.append((waiting, reply, verdict))
         try:
-            self._conclude(waiting.ticket, waiting.question, reply, waiting.reply_to)
-        except Exception as exc:
-            self._record(exc)
+            for waiting, reply, _ in replies:
+                waiting.reply_to(reply)
+        finally:
+            for waiting, _, verdict in replies:
+                self._finish(waiting.ticket, verdict)
 
     def _send_udp(self, sock: socket.socket, addr: tuple[Any, ...], reply: bytes | None) -> None:
         if reply is None:
@@ -339,45 +367,40 @@ class DnsProxy(TcpClients):
         return verdict
 
     def _conclude(
-        self, ticket: Ticket, question: wire.Question, answer: bytes | None, send: Send
-    ) -> None:
-        """Answer a forwarded query: the upstream's `answer` (None: it failed, the client
-        gets SERVFAIL) judged, the reply sent with `send` (once, whatever happens), then the
-        query observed (unless drain() did) and the ticket closed. Only the judging stands
-        between the upstream's answer and the client; drain() waits for the ticket."""
-        out: bytes | None = None
-        observe = False
-        query, verdict = ticket.query, ticket.verdict
-        assert query is not None
+        self, ticket: Ticket, question: wire.Question, answer: bytes | None
+    ) -> tuple[bytes | None, Any]:
+        """(the reply to a forwarded query, the verdict to observe it with once the reply
+        is sent; None: drain() observed it): the upstream's `answer` (None: it failed, the
+        client gets SERVFAIL) judged. The caller sends the reply, then calls `_finish`.
+        Never raises: the reply is then None (nothing is sent)."""
         try:
+            query, verdict = ticket.query, ticket.verdict
+            assert query is not None
+            reply = answer
             if answer is None:
-                out = wire.servfail(question)
+                reply = wire.servfail(question)
             else:
                 try:
                     verdict = self._judge.answer(query, answer, verdict)
-                    out = answer
                 except Exception as exc:
                     self._record(exc)  # an answer nobody could check is not passed on
-                    out = wire.servfail(question)
+                    reply = wire.servfail(question)
             if verdict.blocked:
-                out = wire.outage(question, verdict.rcode)
-            observe = self._tickets.claim(ticket)  # else drain() observed it
-        finally:
-            try:
-                send(out)
-            finally:
-                if observe:
-                    self._observe(query, verdict)
-                self._tickets.close(ticket)
+                reply = wire.outage(question, verdict.rcode)
+            return reply, (verdict if self._tickets.claim(ticket) else None)
+        except Exception as exc:
+            self._record(exc)
+            return None, (ticket.verdict if self._tickets.claim(ticket) else None)
 
-    def _settle(self, ticket: Ticket, verdict: Any) -> None:
-        """Observe a forwarded query, if nobody has: the upstream's thread or drain()."""
-        if self._tickets.claim(ticket):
-            try:
+    def _finish(self, ticket: Ticket, verdict: Any) -> None:
+        """After a forwarded query's reply: observe it with `verdict` (None: drain() did)
+        and close its ticket."""
+        try:
+            if verdict is not None:
                 assert ticket.query is not None
                 self._observe(ticket.query, verdict)
-            finally:
-                self._tickets.close(ticket)
+        finally:
+            self._tickets.close(ticket)
 
     def _sender(self, query: Query) -> None:
         try:

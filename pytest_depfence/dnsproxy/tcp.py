@@ -57,12 +57,12 @@ class TcpClients:
         def _judge_query(self, query: Query, question: wire.Question, send: Send) -> Any: ...
 
         def _conclude(
-            self, ticket: Ticket, question: wire.Question, answer: bytes | None, send: Send
-        ) -> None: ...
+            self, ticket: Ticket, question: wire.Question, answer: bytes | None
+        ) -> tuple[bytes | None, Any]: ...
+
+        def _finish(self, ticket: Ticket, verdict: Any) -> None: ...
 
         def _sender(self, query: Query) -> None: ...
-
-        def _settle(self, ticket: Ticket, verdict: Any) -> None: ...
 
         def _read_done(self) -> None: ...
 
@@ -200,9 +200,8 @@ class TcpClients:
         assert self._upstream_pool is not None
         try:
             return self._upstream_pool.submit(self._complete, ticket, question, data, send)
-        except RuntimeError:  # the proxy is stopping
-            send(wire.servfail(question))
-            self._settle(ticket, verdict)
+        except RuntimeError:  # the proxy is stopping: SERVFAIL, as from a failed upstream
+            self._reply(ticket, question, None, send)
             return None
 
     def _complete(self, ticket: Ticket, question: wire.Question, data: bytes, send: Send) -> None:
@@ -223,10 +222,18 @@ class TcpClients:
             pass
         except Exception as exc:
             self._record(exc)  # answered SERVFAIL, as a failed upstream
+        self._reply(ticket, question, answer, send)
+
+    def _reply(
+        self, ticket: Ticket, question: wire.Question, answer: bytes | None, send: Send
+    ) -> None:
+        """Answer a forwarded query with the upstream's `answer` (None: SERVFAIL), then
+        observe it."""
+        reply, verdict = self._conclude(ticket, question, answer)
         try:
-            self._conclude(ticket, question, answer, send)
-        except Exception as exc:
-            self._record(exc)
+            send(reply)
+        finally:
+            self._finish(ticket, verdict)
 
 
 class _Once:

@@ -14,6 +14,7 @@ before any listener hears of it; so it is killed whoever listens.
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 import os
 import select
@@ -392,7 +393,7 @@ class Programs:
         key.client_port = client[1]
         key.txid = txid if proto == "udp" else 0
         key.proto = 17 if proto == "udp" else 6
-        address = abi.mapped(ipaddress.ip_address(client[0].partition("%")[0]))
+        address = _client_address(client[0])
         ctypes.memmove(ctypes.addressof(key) + type(key).client.offset, address, 16)
         try:
             leaf = self._flows[key]
@@ -446,6 +447,12 @@ class Programs:
             exe=bytes(leaf.exe).decode(errors="replace"),
             since_ns=leaf.since,
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _client_address(text: str) -> bytes:
+    """A DNS client's address as the flow map keys it (a few clients ask every query)."""
+    return abi.mapped(ipaddress.ip_address(text.partition("%")[0]))
 
 
 # -- once per process ---------------------------------------------------------------------
