@@ -1,6 +1,7 @@
 """The fence's `run.ProxyJudge` names a query's sender as the kernel saw it when the proxy
-asked (`sender`, before the reply), not when the query is observed (after the upstream's answer, its failure, or drain()):
-by then the flow entry (client port, DNS id) may be another query's, or gone."""
+asked (`sender`, before the reply), not when the query is observed (after the upstream's
+answer, its failure, or drain()): by then the flow entry (client port, DNS id) may be
+another query's, or gone."""
 
 from __future__ import annotations
 
