@@ -87,11 +87,18 @@ class UdpUpstream:
     def flush(self) -> list[Waiting]:
         """Send the queued queries, back to back; those that could not be sent (a refused
         or unreachable upstream, a full buffer) are returned, to be answered SERVFAIL."""
-        failed = []
+        failed: list[Waiting] = []
         send = self.sock.send
         for packet, waiting in self._queued:
+            if waiting.done:
+                continue  # failed with the rest below
             try:
                 send(packet)
+            except ConnectionRefusedError:
+                # An earlier query's ICMP port unreachable: nothing listens upstream, and
+                # every query sent or queued for it has failed (the error came once, for
+                # one of them; the others would wait for their timeout).
+                failed.extend(self._take_all())
             except OSError:
                 self._finish(waiting)
                 failed.append(waiting)

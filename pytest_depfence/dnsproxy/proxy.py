@@ -249,10 +249,14 @@ class DnsProxy(TcpClients):
 
     def _read_udp(self, sock: socket.socket, listen_port: int) -> None:
         # In the order they came, each judged (a blocked one answered) before the next is
-        # read; then what was allowed goes upstream, back to back (one wake-up of the
-        # upstream for the lot, not one for each).
+        # read. The first allowed one goes upstream at once (a lone query waits for
+        # nothing, and the upstream wakes while the rest are judged); the rest go back to
+        # back at the end (one wake-up of the upstream for the lot, not one each).
         self._reading = True
+        forwarder = self._udp_upstream
+        assert forwarder is not None
         queued: list[Waiting] = []
+        failed: list[Waiting] = []
         try:
             for _ in range(_UDP_BATCH):
                 try:
@@ -269,9 +273,11 @@ class DnsProxy(TcpClients):
                     continue
                 if waiting is not None:
                     queued.append(waiting)
+                    if len(queued) == 1:
+                        failed = forwarder.flush()
         finally:
             try:
-                self._forward(queued)
+                self._forward(queued, failed)
             finally:
                 self._read_done()
 
@@ -306,14 +312,15 @@ class DnsProxy(TcpClients):
         self._answer([(waiting, None)])
         return None
 
-    def _forward(self, queued: list[Waiting]) -> None:
-        """Send the queued queries upstream, then look up their senders while the upstream
-        works (their answers are read after this returns: each flow entry still names its
-        sender); one the upstream socket refused gets SERVFAIL."""
+    def _forward(self, queued: list[Waiting], failed: list[Waiting]) -> None:
+        """Send upstream what is queued and not yet sent, then look up the senders of
+        `queued` while the upstream works (their answers are read after this returns: each
+        flow entry still names its sender). Those the upstream socket refused (`failed`,
+        sent already, and any now) get SERVFAIL."""
         if not queued:
             return
         assert self._udp_upstream is not None
-        failed = self._udp_upstream.flush()
+        failed = failed + self._udp_upstream.flush()
         for waiting in queued:
             assert waiting.ticket.query is not None
             self._sender(waiting.ticket.query)

@@ -566,6 +566,30 @@ def test_upstream_down_is_servfail_at_once(
     assert seen.names == [f"www.{ZONE}"]
 
 
+def test_a_batch_of_queries_to_a_down_upstream_is_all_servfail_and_observed_once(
+    make_proxy: ProxyFactory, closed_port: int
+) -> None:
+    # Read in batches, forwarded back to back: sends the refused upstream fails (its ICMP
+    # error comes back on a later send) and queries it fails all at once (on a read) each
+    # get SERVFAIL, without waiting for the upstream timeout (longer than the clients').
+    dns, seen = make_proxy(upstream=("127.0.0.1", closed_port), upstream_timeout=60.0)
+    clients = []
+    for i in range(40):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(10)
+        clients.append(sock)
+    try:
+        for i, sock in enumerate(clients):
+            sock.sendto(question(f"h{i}.{ZONE}", txid=i), ("127.0.0.1", dns.port))
+        replies = [sock.recv(65535) for sock in clients]
+    finally:
+        for sock in clients:
+            sock.close()
+    assert [(txid(r), rcode(r)) for r in replies] == [(i, RCODE.SERVFAIL) for i in range(40)]
+    dns.drain()
+    assert sorted(seen.names) == sorted(f"h{i}.{ZONE}" for i in range(40))
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_silent_upstream_is_servfail_after_upstream_timeout(
     make_proxy: ProxyFactory, transport: str
