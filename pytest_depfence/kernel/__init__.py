@@ -43,7 +43,12 @@ _HOMES = {
 }
 
 
+_SUBMODULES = frozenset({"abi", "batch", "progload", "programs", "toolkit", "tracing"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # `kernel.toolkit.X` before anything imported it
+        return importlib.import_module(f".{name}", __name__)
     module = _HOMES.get(name, "toolkit" if name in __all__ else None)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

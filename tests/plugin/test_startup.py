@@ -17,11 +17,17 @@ import textwrap
 
 import pytest
 
-#: What only a fence needs: the fence itself, the toolkit's bcc, the lab's netlink library.
-HEAVY = ("pytest_depfence.fence", "bcc", "pyroute2")
-#: The DNS library arrives with `pytest_depfence.kernel` (abi -> addresses -> dnslib), which
-#: the header's machine check imports for `preflight`; the package must import abi and
-#: programs lazily before this holds (see kernel/__init__.py).
+#: What only a fence needs: the fence itself, the toolkit's bcc, the lab's netlink library,
+#: and the kernel package's ABI and program set (the header's machine check imports the
+#: package for `preflight`, which loads only its toolkit: kernel/__init__.py).
+HEAVY = (
+    "pytest_depfence.fence",
+    "bcc",
+    "pyroute2",
+    "pytest_depfence.kernel.abi",
+    "pytest_depfence.kernel.programs",
+)
+#: The DNS library, which only the proxy, the judge and the lab use.
 DNS = "dnslib"
 
 RECORD_MODULES = """
