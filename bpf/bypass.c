@@ -102,7 +102,9 @@ static __always_inline int query_shaped(__u8 *hdr)
 static __always_inline int walk_labels(struct bypass_event *ev, struct name_work *w, __u32 n,
                                        __u32 *end, __u32 *labels)
 {
-    __u32 short_stop = n < DNS_NAME_MAX ? UNJUDGED_TRUNCATED : UNJUDGED_TOO_LONG;
+    __u32 full = EQ(n, DNS_NAME_MAX);
+    OPAQUE(full);
+    __u32 short_stop = UNJUDGED_TRUNCATED * (full ^ 1) + UNJUDGED_TOO_LONG * full;
     __u32 pos = 0, count = 0, last = 0, stop = 0;
     for (__u32 k = 0; k < DNS_LABELS_MAX; k++) {
         __u32 c = ev->name[pos & (DNS_NAME_MAX - 1)];
@@ -152,7 +154,9 @@ static __always_inline __u32 match_name(struct bypass_event *ev, struct name_wor
     for (__u32 j = 0; j < DNS_NAME_MAX; j++) {
         __u32 i = (end - j) & (DNS_NAME_MAX - 1);
         __u32 c = ev->name[i];
+        OPAQUE(c);
         __u32 upper = (((c - 'A') >> 31) ^ 1) & ((('Z' - c) >> 31) ^ 1);
+        OPAQUE(upper);  /* else clang makes a jump of it: a state more every round */
         c += upper << 5;
         ev->name[i] = c;
         hash = hash * NAME_HASH_MUL + c;
@@ -181,8 +185,11 @@ static __always_inline int judge_question(struct __sk_buff *skb, __u32 off, __u3
     if (limit <= off)
         return -UNJUDGED_TRUNCATED;
     __u32 avail = limit - off;
-    __u32 n = avail < DNS_NAME_MAX ? avail : DNS_NAME_MAX;
-    /* Written so the verifier sees 1..DNS_NAME_MAX in the register passed. */
+    /* The lesser of the two without a jump (one state goes on, not one with n known and
+     * one without), written so the verifier sees 1..DNS_NAME_MAX in the register passed. */
+    __u32 over = LESS(DNS_NAME_MAX, avail);
+    OPAQUE(over);
+    __u32 n = avail * (over ^ 1) + DNS_NAME_MAX * over;
     n = ((n - 1) & (DNS_NAME_MAX - 1)) + 1;
     if (bpf_skb_load_bytes(skb, off, ev->name, n))
         return -UNJUDGED_TRUNCATED;

@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import IO, Any
 
@@ -62,6 +63,22 @@ def _session_tree() -> CgroupTree:
             atexit.register(tree.remove)
             _tree = tree
         return _tree
+
+
+def _load_programs_while(prepare: Callable[[], CgroupTree]) -> tuple[kernel.Programs, CgroupTree]:
+    """`kernel.load()`, and `prepare()` meanwhile. The first load compiles: most of a
+    second, in bcc's C code, which lets go of the GIL; the first `prepare()` makes the
+    session's cgroup and starts its guardian (another process; ~0.1 s). A failed load is
+    raised first: it was the first thing tried before they overlapped."""
+    if kernel.loaded():
+        return kernel.load(), prepare()
+    with ThreadPoolExecutor(1, thread_name_prefix="depfence-load") as pool:
+        loading = pool.submit(kernel.load)
+        try:
+            tree = prepare()
+        finally:
+            programs = loading.result()  # its failure, if any, over prepare()'s
+    return programs, tree
 
 
 class Fence:
@@ -133,10 +150,8 @@ class Fence:
         """Build the fence: load the programs, start the proxy, learn the blocked addresses."""
         if self._proxy is not None:
             return self
-        programs = self._programs = kernel.load()
-        self._tools = confine.prepare()
-        tree = _session_tree()
-        tree.sweep()  # every open: sweep dead owners' sessions, keep the guardian
+        programs, tree = _load_programs_while(self._prepare_machine)
+        self._programs = programs
         where_enforced(tree.mount, self.limits)  # a limit the machine cannot enforce: said now
         try:
             judge = Judge(self.policy, self.mode, self.outage, AddressBook(self.id, programs))
@@ -151,6 +166,12 @@ class Fence:
             self.close()
             raise
         return self
+
+    def _prepare_machine(self) -> CgroupTree:
+        self._tools = confine.prepare()
+        tree = _session_tree()
+        tree.sweep()  # every open: sweep dead owners' sessions, keep the guardian
+        return tree
 
     def _learn_rules(self, programs: kernel.Programs, judge: Judge) -> None:
         """Tell the kernel the rules: names (for DNS that skips the proxy), address rules,

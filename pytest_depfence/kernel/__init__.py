@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .abi import BypassEvent, ConnEvent, EscapeEvent, Owner, ProcRecord, UnixEvent
-    from .programs import KernelFence, Listener, Programs, load
+    from .programs import KernelFence, Listener, Programs, load, loaded
     from .toolkit import (
         BCC_INSTALL_HINT,
         BCC_PATH_ENV,
@@ -39,11 +39,11 @@ _HOMES = {
     **dict.fromkeys(
         ("BypassEvent", "ConnEvent", "EscapeEvent", "Owner", "ProcRecord", "UnixEvent"), "abi"
     ),
-    **dict.fromkeys(("KernelFence", "Listener", "Programs", "load"), "programs"),
+    **dict.fromkeys(("KernelFence", "Listener", "Programs", "load", "loaded"), "programs"),
 }
 
 
-_SUBMODULES = frozenset({"abi", "batch", "progload", "programs", "toolkit", "tracing"})
+_SUBMODULES = frozenset({"abi", "batch", "kallsyms", "progload", "programs", "toolkit", "tracing"})
 
 
 def __getattr__(name: str) -> Any:
@@ -75,6 +75,7 @@ __all__ = [
     "check_privileges",
     "import_bcc",
     "load",
+    "loaded",
     "preflight",
     "probe_link_support",
     "program_text",

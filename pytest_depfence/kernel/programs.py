@@ -462,6 +462,11 @@ _programs: Programs | None = None
 _failure: FenceUnavailable | None = None
 
 
+def loaded() -> bool:
+    """Whether `load()` has the programs already (else it compiles: most of a second)."""
+    return _programs is not None
+
+
 def load() -> Programs:
     """Compile and load the programs once per process; raise FenceUnavailable with the reason."""
     global _programs, _failure

@@ -397,13 +397,20 @@ _LOAD_ATTEMPTS = 5
 
 def _captured(call: Callable[[], Any]) -> tuple[Any, Exception | None, str]:
     """(result, exception, what C code printed to stderr meanwhile); a load the verifier
-    gave up on for a pending signal is tried again."""
+    gave up on for a pending signal is tried again. After a success, what was printed
+    goes on to stderr: a warning, or words of another thread (a first fence compiles
+    while its session is made: `fence._load_programs_while`)."""
     for _ in range(_LOAD_ATTEMPTS):
+        failure: Exception | None = None
         with StderrCapture() as log:
             try:
-                return call(), None, ""
+                result = call()
             except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception; reported below
                 failure = exc
+        if failure is None:
+            if log.text:
+                print(log.text, file=sys.stderr)
+            return result, None, ""
         if not _interrupted(failure):
             break
     return None, failure, log.text
@@ -417,11 +424,16 @@ def _interrupted(failure: Exception) -> bool:
 
 
 def compile_programs(bcc: ModuleType, text: str, cflags: list[str]) -> Any:
-    """bcc's BPF object for `text` (clang runs here, in memory), with `cflags` and what
-    this kernel's helpers need (`kernel_cflags`). bcc loads and attaches the tracepoint
+    """bcc's BPF object for `text` (clang runs here, in memory, in a thread that sees a
+    short /proc/kallsyms: `kallsyms`), with `cflags` and what this kernel's helpers need
+    (`kernel_cflags`). bcc loads and attaches the tracepoint
     programs here too: a refusal of one is reported as a load failure, not a compile one."""
+    from . import kallsyms  # noqa: PLC0415 - a thread pool: not for the report header's check
+
     flags = [*cflags, *kernel_cflags(), *COMPILE_FLAGS]
-    bpf, failure, log = _captured(lambda: bcc.BPF(text=text.encode(), cflags=flags))
+    bpf, failure, log = _captured(
+        lambda: kallsyms.call_with_short_kallsyms(lambda: bcc.BPF(text=text.encode(), cflags=flags))
+    )
     if failure is None:
         return bpf
     refused = re.match(r"Failed to load BPF program b?'?([\w.]+)", str(failure))

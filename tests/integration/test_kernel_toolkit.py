@@ -5,7 +5,8 @@ list stops the compile at bpf/abi.h's guard; a program the verifier rejects is
 blamed on the verifier, with its log; a program the kernel refuses before
 verifying it is not. The BPF_PROG_LOAD path that bcc 0.18..0.24 take (their
 load_func() has no attach_type) is run here on whatever bcc the machine has:
-every program loads with its attach type and attaches to a cgroup.
+every program loads with its attach type and attaches to a cgroup. The compile
+reads the short /proc/kallsyms of kernel/kallsyms.py, in its own thread only.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import tempfile
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 from helpers_net import skip_or_fail
 
 from pytest_depfence.errors import FenceUnavailable
-from pytest_depfence.kernel import abi, progload, program_text, toolkit, tracing
+from pytest_depfence.kernel import abi, kallsyms, progload, program_text, toolkit, tracing
 
 if os.geteuid() != 0:
     pytest.skip("loading programs needs root", allow_module_level=True)
@@ -47,6 +50,54 @@ def test_a_missing_define_stops_the_compile_at_its_guard(bcc: ModuleType) -> Non
     assert "could not compile the eBPF programs" in caught.value.reason
     assert '"DNS_NAME_MAX is not defined: pass the -D flags of' in caught.value.reason
     assert caught.value.fix
+
+
+#: Compiles only where bcc found bpf_probe_read_kernel in /proc/kallsyms: else bcc defines
+#: it as bpf_probe_read (its fallback for kernels before 5.5).
+SEES_PROBE_READ_KERNEL = b"""
+#ifdef bpf_probe_read_kernel
+#error bcc did not find bpf_probe_read_kernel in /proc/kallsyms
+#endif
+int f(struct __sk_buff *skb) { return 1; }
+"""
+
+
+def test_the_compile_reads_the_short_kallsyms_the_helpers_in_it(bcc: ModuleType) -> None:
+    assert kallsyms.call_with_short_kallsyms(kallsyms.KALLSYMS_PATH.read_bytes) == (
+        kallsyms.SHORT_KALLSYMS
+    )
+    assert toolkit.compile_programs(bcc, SEES_PROBE_READ_KERNEL.decode(), []) is not None
+
+
+def test_without_the_helpers_in_the_short_kallsyms_bcc_takes_them_for_missing(
+    bcc: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compile above passes because bcc read the short file: with nothing in it, the
+    same compile stops at the #error."""
+    monkeypatch.setattr(kallsyms, "SHORT_KALLSYMS", b"")
+    with pytest.raises(FenceUnavailable) as caught:
+        toolkit.compile_programs(bcc, SEES_PROBE_READ_KERNEL.decode(), [])
+    assert "bcc did not find bpf_probe_read_kernel" in caught.value.reason
+
+
+def test_the_short_kallsyms_is_seen_by_the_compile_thread_only(tmp_path: Path) -> None:
+    """Not by this thread after, nor by the machine (the mount went with the thread's own
+    namespace, and never reached pid 1's); its file is removed."""
+    before = set(Path(tempfile.gettempdir()).glob("depfence-kallsyms-*"))
+    kallsyms.call_with_short_kallsyms(lambda: None)
+    with kallsyms.KALLSYMS_PATH.open("rb") as real:
+        assert real.readline() not in kallsyms.SHORT_KALLSYMS.splitlines(keepends=True)
+    for pid in ("self", "1"):
+        assert "kallsyms" not in Path(f"/proc/{pid}/mountinfo").read_text()
+    assert set(Path(tempfile.gettempdir()).glob("depfence-kallsyms-*")) == before
+
+
+def test_what_the_compile_thread_raises_is_raised_in_the_caller() -> None:
+    def fails() -> None:
+        raise ValueError("from the compile thread")
+
+    with pytest.raises(ValueError, match="from the compile thread"):
+        kallsyms.call_with_short_kallsyms(fails)
 
 
 def test_a_verifier_rejection_is_blamed_on_the_verifier_with_its_log(bcc: ModuleType) -> None:
