@@ -145,30 +145,31 @@ static __always_inline void report(struct bpf_sock_addr *ctx, __u64 cgid, __u32 
         count_lost(cgid);
 }
 
-/* PASS, REFUSE, or TO_REFUSER (the caller rewrites the destination for its family). */
+/* PASS, REFUSE, or TO_REFUSER (the caller rewrites the destination for its family).
+ * One report() for every outcome: inlined once, not once per outcome. */
 static __always_inline int judge(struct bpf_sock_addr *ctx, struct fence_cfg *fence, __u64 cgid,
                                  __u32 *ip6, __u8 where)
 {
+    __u8 action = ACTION_REFUSED;
+    int verdict = REFUSE;
     if (!refused(fence, ip6)) {
         /* Loopback too: a local service may fetch for the caller (local.py names it). */
-        if (first_contact(ctx, cgid, ip6, where))
-            report(ctx, cgid, ip6, ACTION_ALLOWED, where);
-        return PASS;
+        if (!first_contact(ctx, cgid, ip6, where))
+            return PASS;
+        action = ACTION_ALLOWED;
+        verdict = PASS;
+    } else if (fence->flags & FENCE_AUDIT) {
+        action = ACTION_AUDITED;
+        verdict = PASS;
+    } else if (fence->outage == OUTAGE_RESET) {
+        action = ACTION_RESET;
+        verdict = TO_REFUSER;
+    } else if (fence->outage == OUTAGE_BLACKHOLE) {
+        action = ACTION_BLACKHOLE;
+        verdict = PASS;  /* egress.c drops its packets */
     }
-    if (fence->flags & FENCE_AUDIT) {
-        report(ctx, cgid, ip6, ACTION_AUDITED, where);
-        return PASS;
-    }
-    if (fence->outage == OUTAGE_RESET) {
-        report(ctx, cgid, ip6, ACTION_RESET, where);
-        return TO_REFUSER;
-    }
-    if (fence->outage == OUTAGE_BLACKHOLE) {
-        report(ctx, cgid, ip6, ACTION_BLACKHOLE, where);
-        return PASS;  /* egress.c drops its packets */
-    }
-    report(ctx, cgid, ip6, ACTION_REFUSED, where);
-    return REFUSE;
+    report(ctx, cgid, ip6, action, where);
+    return verdict;
 }
 
 /* The fence of the calling process, after recording it as the socket's owner. */
