@@ -227,7 +227,7 @@ static __always_inline void file_gso_flows(struct __sk_buff *skb, __u32 payload,
 int egress(struct __sk_buff *skb)
 {
     __u64 cookie = bpf_get_socket_cookie(skb);
-    struct owner *o = sockets.lookup(&cookie);
+    struct owner *o = socket_owner(cookie);
     struct owner *raw = rawsocks.lookup(&cookie);
     struct owner who = {};
     __u64 cgid = 0;

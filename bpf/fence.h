@@ -148,7 +148,14 @@ struct proc {
 };
 
 BPF_HASH(fences, __u64, struct fence_cfg, 1024);
-BPF_TABLE("lru_hash", __u64, struct owner, sockets, 65536);
+/* Each fenced socket's owner, by socket cookie: recorded at connect and sendmsg
+ * (sockaddr.c), read by egress.c. A plain hash, not an LRU: an LRU insert cost 0.6 us of
+ * a connect's 1.2 (bench_traffic.py's short connections, with kernel.bpf_stats_enabled).
+ * A run's or a fence's entries go when it ends (kernel/programs.py). A run that fills it
+ * spills into `sockets_spill`, an LRU: an owner evicted from there is judged as that of
+ * a socket no hook saw (egress.c). */
+BPF_TABLE("hash", __u64, struct owner, sockets, 65536);
+BPF_TABLE("lru_hash", __u64, struct owner, sockets_spill, 16384);
 BPF_TABLE("lru_hash", __u64, struct orig_dst, redirected, 65536);
 BPF_TABLE("lru_hash", struct flow_key, struct owner, dnsflows, 65536);
 BPF_TABLE("lru_hash", __u32, struct proc, procs, DEPFENCE_MAX_PROCS);
@@ -158,6 +165,12 @@ BPF_TABLE("lru_hash", __u32, struct proc, procs, DEPFENCE_MAX_PROCS);
  * thousand others; a process missing here could leave unseen. Added at fork and
  * exec (procs.c), removed when its last thread exits. */
 BPF_HASH(live, __u32, __u64, DEPFENCE_MAX_LIVE);
+
+static __always_inline struct owner *socket_owner(__u64 cookie)
+{
+    struct owner *o = sockets.lookup(&cookie);
+    return o ? o : sockets_spill.lookup(&cookie);
+}
 BPF_LPM_TRIE(addrs, struct addr_key, struct addr_rule, 65536);
 BPF_RINGBUF_OUTPUT(conn_events, 256);
 /* Events a fence's programs could not report (a ring buffer was full), by fence cgroup:

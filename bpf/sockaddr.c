@@ -39,15 +39,15 @@ static __always_inline void remember_owner(__u64 cookie, __u64 cgid, __u8 where)
     o.pid = pid_tgid >> 32;
     o.tid = (__u32)pid_tgid;
     o.cgid = cgid;
-    /* An LRU update costs more than the rest of connect4 together (measured: 0.4-0.6 us
-     * of 0.7-1.0): a socket that sends datagram after datagram keeps its owner (a connect
-     * is mostly a socket's first message: not looked up first). */
+    /* A socket that sends datagram after datagram keeps its owner: a lookup, not an
+     * update each time (a connect is mostly a socket's first message: not looked up). */
     if (where == AT_SENDMSG) {
-        struct owner *known = sockets.lookup(&cookie);
+        struct owner *known = socket_owner(cookie);
         if (known && known->pid == o.pid && known->tid == o.tid && known->cgid == cgid)
             return;
     }
-    sockets.update(&cookie, &o);
+    if (sockets.update(&cookie, &o))
+        sockets_spill.update(&cookie, &o);  /* `sockets` is full (fence.h) */
 }
 
 static __always_inline int is_dns(struct bpf_sock_addr *ctx)

@@ -92,7 +92,8 @@ class Programs:
         self._fns = fns
         self._fences = bpf.get_table(b"fences")
         self._flows = bpf.get_table(b"dnsflows")
-        self._sockets = bpf.get_table(b"sockets")
+        #: Socket owners: `sockets`, and `sockets_spill` once it is full (bpf/fence.h).
+        self._sockets = (bpf.get_table(b"sockets"), bpf.get_table(b"sockets_spill"))
         self._redirected = bpf.get_table(b"redirected")
         self._rawsocks = bpf.get_table(b"rawsocks")
         self._contacts = bpf.get_table(b"contacts")
@@ -198,13 +199,15 @@ class Programs:
         """One pass over each socket map: the owners recorded for the cgroup's sockets (and
         raw sockets: sockcreate.c), the DNS destinations of those sockets (`redirected` is
         keyed by socket cookie), and the DNS messages they sent (`dnsflows`). A socket whose
-        owner the LRU map already evicted leaves its `redirected` entry to that map's own
-        eviction."""
+        owner `sockets_spill` already evicted leaves its `redirected` entry to that map's
+        own eviction."""
         raw = [k for k, owner in batch.entries(self._rawsocks) if owner.cgid == cgroup_id]
         batch.delete(self._rawsocks, raw)
-        mine = [k for k, owner in batch.entries(self._sockets) if owner.cgid == cgroup_id]
-        batch.delete(self._sockets, mine)
-        cookies = {k.value for k in mine}
+        cookies: set[int] = set()
+        for table in self._sockets:
+            mine = [k for k, owner in batch.entries(table) if owner.cgid == cgroup_id]
+            batch.delete(table, mine)
+            cookies.update(k.value for k in mine)
         if cookies:
             redirected = batch.entries(self._redirected)
             batch.delete(self._redirected, [k for k, _ in redirected if k.value in cookies])

@@ -194,18 +194,24 @@ def test_more_questions_than_judged_is_dropped(fenced: Fence, tmp_path: Path) ->
     assert_dropped(result, got, unjudged(abi.Unjudged.TOO_MANY_QUESTIONS))
 
 
-# Connects a UDP socket to the resolver's second port, then makes COUNT more sockets, each
-# connected (so recorded as a socket's owner) and closed, then sends the query on the
-# first; prints JSON {"pid", "answered", "error"}.
+# Makes FILL sockets, each connected (so recorded as a socket's owner) and closed, then
+# connects a UDP socket to the resolver's second port, makes COUNT more, then sends the
+# query on that one; prints JSON {"pid", "answered", "error"}.
 EVICTING_CLIENT = """\
 import json, os, select, socket, sys
-host, port, count, message = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+host, message = sys.argv[1], sys.argv[5]
+port, fill, count = (int(a) for a in sys.argv[2:5])
+
+def connect_and_close(n):
+    for _ in range(n):
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other.connect(("10.77.3.1", 9))
+        other.close()
+
+connect_and_close(fill)
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.connect((host, port))
-for _ in range(count):
-    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    other.connect(("10.77.3.1", 9))
-    other.close()
+connect_and_close(count)
 error = ""
 try:
     sock.send(bytes.fromhex(message))
@@ -220,16 +226,19 @@ print(json.dumps({"pid": os.getpid(), "answered": answered, "error": error}))
 def test_a_socket_whose_owner_the_kernel_map_evicted_is_still_judged(
     fenced: Fence, tmp_path: Path
 ) -> None:
-    # The socket-owner map is an LRU: more sockets than it holds evict the first one's
-    # owner. Its DNS to a resolver past the proxy must be judged all the same.
+    # The socket-owner map (`sockets`) keeps a run's owners to its end; once it is full,
+    # they spill into an LRU (`sockets_spill`), where more sockets than it holds evict the
+    # first one's owner. Its DNS to a resolver past the proxy must be judged all the same.
     from pytest_depfence import kernel
     from pytest_depfence.kernel.toolkit import table_max_entries
 
-    count = table_max_entries(kernel.load()._bpf.get_table(b"sockets")) + 8192
+    programs = kernel.load()
+    fill = table_max_entries(programs.table("sockets"))
+    count = table_max_entries(programs.table("sockets_spill")) + 8192
     script = tmp_path / "evict.py"
     script.write_text(EVICTING_CLIENT)
     message = query(question("github.com")).hex()
-    argv = [sys.executable, str(script), V4, str(PORT), str(count), message]
+    argv = [sys.executable, str(script), V4, str(PORT), str(fill), str(count), message]
     result = fenced.run(argv, check=False, timeout=600)
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout.splitlines()[-1])

@@ -123,7 +123,12 @@ def _fence_cgroups(programs: Programs) -> set[int]:
 def _entries_of(programs: Programs, cgroups: set[int]) -> dict[str, int]:
     """How many entries each map holds for these fence cgroups (`redirected`: for their
     sockets, by cookie)."""
-    sockets = [k.value for k, o in programs.table("sockets").items() if o.cgid in cgroups]
+    sockets = [
+        k.value
+        for name in ("sockets", "sockets_spill")
+        for k, o in programs.table(name).items()
+        if o.cgid in cgroups
+    ]
     redirected = [k for k in programs.table("redirected").keys() if k.value in set(sockets)]
     flows = [k for k, o in programs.table("dnsflows").items() if o.cgid in cgroups]
     contacts = [k for k in programs.table("contacts").keys() if k.cgid in cgroups]
