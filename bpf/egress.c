@@ -181,6 +181,17 @@ static __always_inline int opens_flow(struct __sk_buff *skb, __u8 proto, __u32 l
     return (flags & 0x12) == 0x02;  /* SYN without ACK */
 }
 
+/* A TCP segment with no payload that opens nothing (an ACK, a FIN, a reset): of a socket
+ * the hooks judged, nothing below concerns it but a blackhole's drop. Two of a short
+ * connection's three segments; their flags and data offset in one load. */
+static __always_inline int settled_segment(struct __sk_buff *skb, __u32 l4)
+{
+    __u8 tcp[14];
+    if (bpf_skb_load_bytes(skb, l4, tcp, sizeof(tcp)))
+        return 0;
+    return !(tcp[13] & 0x02) && l4 + (tcp[12] >> 4) * 4 >= skb->len;  /* no SYN, no data */
+}
+
 /* A datagram leaves in its sender's sendmsg(): where this program may read the
  * current task, that task is the sender, when it is a process of the same fence.
  * Otherwise `who` stays the socket's owner (by_socket). */
@@ -251,6 +262,9 @@ int egress(struct __sk_buff *skb)
     __u32 daddr[4] = {0, 0, bpf_htonl(0xffff), 0};  /* IPv4 as v4-mapped */
     __u32 l4 = l4_of(skb, &proto, daddr);
     if (!l4)
+        return 1;
+    if (owned && !raw && proto == IPPROTO_TCP && fence->outage != OUTAGE_BLACKHOLE &&
+        settled_segment(skb, l4))
         return 1;
     who.ts = bpf_ktime_get_ns();
     if (owned) {
