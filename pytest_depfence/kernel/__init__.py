@@ -1,6 +1,7 @@
 """The kernel side: the bcc toolkit, the C<->Python contract, and the loaded programs.
 
     toolkit   finding bcc, checking the machine, compiling, bpf_link
+    kallsyms  the compile's thread, which sees a /proc/kallsyms of two lines
     progload  BPF_PROG_LOAD by syscall (bcc < 0.25) and the helper probe
     tracing   the raw tracepoints' machine-dependent -D flags (syscall ABI, BTF offsets)
     abi       every constant, event struct and hash both C and Python use
