@@ -171,6 +171,7 @@ static __always_inline struct owner *socket_owner(__u64 cookie)
     struct owner *o = sockets.lookup(&cookie);
     return o ? o : sockets_spill.lookup(&cookie);
 }
+
 BPF_LPM_TRIE(addrs, struct addr_key, struct addr_rule, 65536);
 BPF_RINGBUF_OUTPUT(conn_events, 256);
 /* Events a fence's programs could not report (a ring buffer was full), by fence cgroup:

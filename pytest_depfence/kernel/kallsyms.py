@@ -48,20 +48,23 @@ def call_with_short_kallsyms(call: Callable[[], T]) -> T:
 
 
 def _call_seeing_short_kallsyms(call: Callable[[], T]) -> T:
-    with tempfile.NamedTemporaryFile(prefix="depfence-kallsyms-") as short:
+    try:
+        short = tempfile.NamedTemporaryFile(prefix="depfence-kallsyms-")
+    except OSError:
+        return call()  # no temporary file to show: bcc reads the real one
+    with short:
         short.write(SHORT_KALLSYMS)
         short.flush()
         _see_instead_of_kallsyms(short.name.encode())
         return call()
 
 
-def _see_instead_of_kallsyms(path: bytes) -> bool:
-    """Whether this thread now sees `path` at /proc/kallsyms (in a mount namespace of its
-    own: never call it from a thread that lives on)."""
+def _see_instead_of_kallsyms(path: bytes) -> None:
+    """This thread sees `path` at /proc/kallsyms from now on, where it can be done (in a
+    mount namespace of its own: never call it from a thread that lives on)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if not KALLSYMS_PATH.exists() or libc.unshare(_CLONE_NEWNS) != 0:
-        return False
+        return
     # The copied tree shares propagation with the machine's until it is made private.
-    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
-        return False
-    return bool(libc.mount(path, bytes(KALLSYMS_PATH), None, _MS_BIND, None) == 0)
+    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0:
+        libc.mount(path, bytes(KALLSYMS_PATH), None, _MS_BIND, None)

@@ -92,6 +92,17 @@ def test_the_short_kallsyms_is_seen_by_the_compile_thread_only(tmp_path: Path) -
     assert set(Path(tempfile.gettempdir()).glob("depfence-kallsyms-*")) == before
 
 
+def test_without_a_temporary_file_the_compile_reads_the_real_kallsyms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def first_line() -> bytes:
+        with kallsyms.KALLSYMS_PATH.open("rb") as f:
+            return f.readline()
+
+    monkeypatch.setattr(tempfile, "tempdir", "/nonexistent-depfence-test-dir")
+    assert kallsyms.call_with_short_kallsyms(first_line) == first_line()
+
+
 def test_what_the_compile_thread_raises_is_raised_in_the_caller() -> None:
     def fails() -> None:
         raise ValueError("from the compile thread")
