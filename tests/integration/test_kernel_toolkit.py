@@ -80,7 +80,7 @@ def test_without_the_helpers_in_the_short_kallsyms_bcc_takes_them_for_missing(
     assert "bcc did not find bpf_probe_read_kernel" in caught.value.reason
 
 
-def test_the_short_kallsyms_is_seen_by_the_compile_thread_only(tmp_path: Path) -> None:
+def test_the_short_kallsyms_is_seen_by_the_compile_thread_only() -> None:
     """Not by this thread after, nor by the machine (the mount went with the thread's own
     namespace, and never reached pid 1's); its file is removed."""
     before = set(Path(tempfile.gettempdir()).glob("depfence-kallsyms-*"))
