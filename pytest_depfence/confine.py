@@ -1,13 +1,16 @@
 """How a command enters its fence, and what keeps it there.
 
 A fenced command (`command`: a str runs through /bin/sh -c) is started by `spawn` as
-`entry_argv(...)`, a chain of execs in one process, through `start`:
+`entry_argv(...)`, through `start`. Its first program is `depfence-enter PROCS... --
+ARGV` (enter.c, built by enter.py), which does steps 1 and 2 then execs the command
+as execvp does; where that cannot be built, the same steps are a chain of execs:
+`/bin/sh` for each move, then util-linux's `unshare --cgroup`.
 
-1. `/bin/sh -c 'echo 0 > "$0" && exec "$@"' PROCS ...` moves itself into the fence
-   cgroup (a shell rather than preexec_fn: running Python in a forked child of a
-   threaded process is not safe), so nothing the command runs is ever outside; on a
-   hybrid host with limits, one such step before it per v1 cgroup of the limits;
-2. `unshare --cgroup` gives it a cgroup namespace rooted at the fence cgroup
+1. It moves itself into the fence cgroup (writes 0 to its cgroup.procs: a program of
+   its own rather than preexec_fn, as running Python in a forked child of a threaded
+   process is not safe), so nothing the command runs is ever outside; on a hybrid
+   host with limits, into each v1 cgroup of the limits first;
+2. It unshares the cgroup namespace, rooted at the fence cgroup
    (/proc/self/cgroup reads `0::/`). With `nsdelegate` on the cgroup2 mount, the
    kernel refuses to migrate a task of that namespace to a cgroup outside its root
    (`cgroup_procs_write_permission`: ENOENT), whatever the mount it names it through
@@ -34,8 +37,8 @@ A fenced command (`command`: a str runs through /bin/sh -c) is started by `spawn
    owner's and guardian's full root set is not. A command's own children stay
    traceable: strace and gdb work.
 
-`unshare` is util-linux's; its path is found once, so a command's own PATH cannot
-change what enters the fence.
+The entry program's path is found once, so a command's own PATH cannot change what
+enters the fence.
 
 Step 1 is a migration, and a migration write-locks the kernel's
 cgroup_threadgroup_rwsem. From 6.0 on that lock is per-CPU by default, and
@@ -62,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from . import seccomp
+from . import enter, seccomp
 from .errors import ConfigError, FenceUnavailable
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -96,7 +99,11 @@ _FLAG_WORDS = {
 
 @dataclass(frozen=True)
 class Tools:
-    unshare: str
+    """What a command enters its fence through: `enter` (depfence-enter, enter.py), or
+    where it could not be built, the shell step and `unshare`."""
+
+    unshare: str | None
+    enter: str | None = None
 
 
 _lock = threading.Lock()
@@ -118,20 +125,24 @@ def prepare(mountinfo: str = MOUNTINFO) -> Tools:
 
 
 def find_tools() -> Tools:
+    helper = enter.helper()
     unshare = shutil.which("unshare")
-    if unshare is None:
+    if helper is None and unshare is None:
         raise FenceUnavailable(
             "unshare not found: fenced commands start through util-linux's unshare "
-            "(a cgroup namespace)",
+            f"(a cgroup namespace) where depfence-enter cannot be built ({enter.reason()})",
             fix="apt-get install util-linux",
         )
-    return Tools(unshare=unshare)
+    return Tools(unshare=unshare, enter=helper)
 
 
 def entry_argv(tools: Tools, procs: Sequence[Path], argv: list[str]) -> list[str]:
     """The command line that moves into each cgroup whose cgroup.procs is in `procs`, in
     order (the fence cgroup last; before it, the v1 cgroups of its limits: `limits`),
-    unshares the cgroup namespace and runs argv."""
+    unshares the cgroup namespace and runs argv: depfence-enter, else the chain."""
+    if tools.enter is not None:
+        return [tools.enter, *map(str, procs), "--", *argv]
+    assert tools.unshare is not None
     moves = [arg for path in procs for arg in (*_MOVE_IN, str(path))]
     return [*moves, tools.unshare, "--cgroup", "--", *argv]
 

@@ -196,6 +196,19 @@ def _limits() -> str:
     return "; ".join(found)
 
 
+def _entry() -> str:
+    """What a fenced command enters its fence through (confine.py)."""
+    from . import confine, enter
+
+    tools = confine.find_tools()
+    if tools.enter is not None:
+        return f"depfence-enter ({tools.enter}): a command enters its fence in one exec"
+    return (
+        f"/bin/sh and {tools.unshare}, about 1 ms more a run than depfence-enter, "
+        f"which is not used: {enter.reason()}"
+    )
+
+
 #: What compile+attach says of how a datagram's sender is named here (bpf/egress.c).
 SENDERS_PER_TASK = "a datagram is named by the task that sends it (cgroup_skb reads it: 6.10+)"
 SENDERS_BY_SOCKET = (
@@ -255,6 +268,7 @@ PROBES: tuple[Probe, ...] = (
     Probe("kernel headers", _headers),
     Probe("tracefs", _tracefs, _tracefs_unprivileged, "reading its tracepoints"),
     Probe("limits", _limits),
+    Probe("entry", _entry),
 )
 #: The detail of a check skipped for want of privileges.
 NEEDS_ROOT = "needs root (see privileges)"

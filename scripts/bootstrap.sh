@@ -2,7 +2,8 @@
 # Make this machine able to run pytest-depfence's full test suite, as root:
 #   - distro packages: bcc (python3-bpfcc; the PyPI `bcc` is an unrelated package),
 #     the real clients the lab tests drive (curl, wget, dig, busybox nslookup, git), nft, bpftool;
-#     util-linux's unshare, which every fenced command starts through, and setpriv (tests);
+#     gcc, which builds the small program every fenced command starts through (depfence-enter),
+#     util-linux's unshare, its stand-in without a compiler, and setpriv (tests);
 #   - a kernel header tree at /lib/modules/$(uname -r)/build, which bcc compiles against;
 #   - the virtualenv .venv with the project installed editable, plus its test extras;
 #   - tracefs, for the tracepoints the project attaches to.
@@ -67,7 +68,7 @@ has_candidate() {
 # --- (a) distro packages -----------------------------------------------------
 
 NEEDED=(python3-bpfcc python3-venv python3-pip iproute2 curl wget dnsutils busybox git
-        ca-certificates make nftables)
+        ca-certificates make nftables gcc)
 MISSING=()
 for pkg in "${NEEDED[@]}"; do
     is_installed "$pkg" || MISSING+=("$pkg")

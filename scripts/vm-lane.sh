@@ -50,7 +50,7 @@ CACHE_ROOT="${DEPFENCE_VM_CACHE:-/var/cache/depfence-vm}"
 DEB_PACKAGES=(
     linux-image-amd64 linux-headers-amd64 kmod initramfs-tools
     python3-bpfcc python3-venv python3-pip
-    iproute2 curl wget dnsutils busybox git ca-certificates util-linux procps
+    iproute2 curl wget dnsutils busybox git ca-certificates util-linux procps gcc
 )
 # Debugging aids (tests/integration/test_cleanup.py lists attached programs with bpftool);
 # a release whose archive cannot serve them still builds (bullseye-security has listed a

@@ -34,7 +34,7 @@ import pytest
 from helpers_cgroup import cgroup_of
 from helpers_net import skip_or_fail
 
-from pytest_depfence import Fence, Policy, confine
+from pytest_depfence import Fence, Policy, confine, enter
 from pytest_depfence.cgroup import CgroupTree, cgroup2_mount
 from pytest_depfence.output import OUTPUT_GRACE
 
@@ -130,9 +130,26 @@ def net_raw(status: str) -> dict[str, bool]:
 # --------------------------------------------------------------------------- cgroup moves
 
 
+@pytest.fixture(params=["depfence-enter", "sh + unshare"])
+def entry(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What fenced commands enter through (confine.py): depfence-enter, or the chain used
+    where it cannot be built. Asked for before `fenced`, which opens the fence."""
+    if request.param == "sh + unshare":
+        monkeypatch.setattr(confine, "_tools", confine.Tools(unshare=shutil.which("unshare")))
+    elif confine.prepare().enter is None:
+        assert shutil.which("cc") is None, enter.reason()  # a compiler whose build failed
+        pytest.skip(f"no depfence-enter here: {enter.reason()}")
+    return request.param
+
+
 @pytest.mark.no_egress("github.com")
 def test_a_fenced_root_process_cannot_move_itself_out(
-    fenced: Fence, lab: Lab, outside: Path, fifo: Callable[[str], Fifo], tmp_path: Path
+    entry: str,
+    fenced: Fence,
+    lab: Lab,
+    outside: Path,
+    fifo: Callable[[str], Fifo],
+    tmp_path: Path,
 ) -> None:
     # The host's real cgroup2 mount: its root, the fence's parent, a cgroup beside the tree.
     targets = [cgroup2_mount(), CgroupTree().session, outside]
@@ -167,6 +184,7 @@ def test_a_fenced_root_process_cannot_move_itself_out(
     assert [(e.domain, e.blocked_at, e.pid, e.cmdline) for e in refused] == [
         ("github.com", "connect", pid, shlex.join(CURL))
     ]
+    assert (fenced._tools.enter is None) == (entry == "sh + unshare")
 
 
 def test_an_open_fence_leaves_nsdelegate_on_and_favordynmods_on_where_the_kernel_has_it(

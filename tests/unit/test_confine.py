@@ -40,6 +40,13 @@ def test_each_cgroup_is_entered_in_order_the_fence_last() -> None:
     assert argv == [*move, str(mirror), *move, str(PROCS), *unshare, "true"]
 
 
+def test_depfence_enter_takes_every_cgroup_then_the_command() -> None:
+    mirror = Path("/sys/fs/cgroup/memory/depfence/1-2/run-1/cgroup.procs")
+    tools = confine.Tools(unshare=None, enter="/root/.cache/pytest-depfence/depfence-enter-x")
+    argv = confine.entry_argv(tools, [mirror, PROCS], ["./deploy.sh", "--", "-x"])
+    assert argv == [tools.enter, str(mirror), str(PROCS), "--", "./deploy.sh", "--", "-x"]
+
+
 def capabilities(status: str, cap: int = confine.CAP_NET_RAW) -> dict[str, bool]:
     """Whether each set in /proc/PID/status text holds `cap`."""
     return {

@@ -1,0 +1,213 @@
+/* depfence-enter: the first program of every fenced command (confine.py, enter.py).
+ *
+ *     depfence-enter PROCS... -- FILE ARG...
+ *
+ * Writes 0 to each PROCS file in order (so this process moves into each cgroup, the
+ * fence's last), unshares the cgroup namespace (rooted there), then runs FILE ARG...
+ * as execvp(3) does: FILE is searched in the PATH of its environment unless it holds
+ * a slash, and a file the kernel cannot run (ENOEXEC) runs through /bin/sh. If a step
+ * fails, FILE is never run: the reason goes to stderr and the exit status is 126 (127:
+ * FILE not found), as util-linux's unshare exits.
+ *
+ * One exec where the shell step and `unshare --cgroup` took two. Freestanding (no libc,
+ * so it needs no libc6-dev to build and nothing to load at exec): enter.py builds it
+ * with the C compiler at first use and keeps it in the user's cache. */
+
+#if defined(__x86_64__)
+#define SYS_WRITE 1
+#define SYS_CLOSE 3
+#define SYS_EXECVE 59
+#define SYS_EXIT_GROUP 231
+#define SYS_OPENAT 257
+#define SYS_UNSHARE 272
+
+static long sys3(long nr, long a, long b, long c)
+{
+    long ret;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(nr), "D"(a), "S"(b), "d"(c)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+
+__asm__(".text\n.globl _start\n_start:\n"
+        "\txor %ebp, %ebp\n\tmov %rsp, %rdi\n\tand $-16, %rsp\n\tcall enter\n\thlt\n");
+#elif defined(__aarch64__)
+#define SYS_OPENAT 56
+#define SYS_CLOSE 57
+#define SYS_WRITE 64
+#define SYS_EXIT_GROUP 94
+#define SYS_UNSHARE 97
+#define SYS_EXECVE 221
+
+static long sys3(long nr, long a, long b, long c)
+{
+    register long x8 __asm__("x8") = nr;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2) : "memory");
+    return x0;
+}
+
+__asm__(".text\n.globl _start\n_start:\n\tmov x0, sp\n\tbl enter\n");
+#else
+#error "depfence-enter knows x86-64 and arm64; elsewhere fenced commands start through sh"
+#endif
+
+#define AT_FDCWD -100
+#define O_WRONLY 01
+#define O_CLOEXEC 02000000
+#define CLONE_NEWCGROUP 0x02000000
+#define ENOENT 2
+#define ENOEXEC 8
+#define EACCES 13
+#define ENODEV 19
+#define ENOTDIR 20
+#define ENAMETOOLONG 36
+#define ESTALE 116
+#define ETIMEDOUT 110
+#define PATH_MAX 4096
+#define NAME_MAX 255
+
+static const char *const errno_names[] = {
+    [1] = "Operation not permitted",  [2] = "No such file or directory",
+    [7] = "Argument list too long",   [8] = "Exec format error",
+    [12] = "Cannot allocate memory",  [13] = "Permission denied",
+    [16] = "Device or resource busy", [20] = "Not a directory",
+    [22] = "Invalid argument",        [26] = "Text file busy",
+    [28] = "No space left on device", [36] = "File name too long",
+    [40] = "Too many levels of symbolic links",
+};
+
+static unsigned long length(const char *s)
+{
+    unsigned long n = 0;
+    while (s[n])
+        n++;
+    return n;
+}
+
+static void say(const char *s) { sys3(SYS_WRITE, 2, (long)s, (long)length(s)); }
+
+static void say_errno(long err)
+{
+    const char *name = 0;
+    char digits[24];
+    int i = sizeof(digits) - 1;
+    if (err > 0 && err < (long)(sizeof(errno_names) / sizeof(errno_names[0])))
+        name = errno_names[err];
+    if (name) {
+        say(name);
+        return;
+    }
+    digits[i] = 0;
+    do
+        digits[--i] = (char)('0' + err % 10);
+    while ((err /= 10) > 0 && i > 0);
+    say("errno ");
+    say(digits + i);
+}
+
+static void __attribute__((noreturn)) fail(const char *what, const char *name, long err)
+{
+    say("depfence-enter: ");
+    say(what);
+    say(name);
+    if (err) {
+        say(": ");
+        say_errno(err);
+    }
+    say("\n");
+    sys3(SYS_EXIT_GROUP, err == ENOENT ? 127 : 126, 0, 0);
+    __builtin_unreachable();
+}
+
+/* execve(path); on ENOEXEC, as glibc: /bin/sh path ARG... Returns the error (> 0). */
+static long run(const char *path, char **argv, char **envp)
+{
+    long err = -sys3(SYS_EXECVE, (long)path, (long)argv, (long)envp);
+    if (err == ENOEXEC) {
+        int argc = 0;
+        while (argv[argc])
+            argc++;
+        char *script[argc + 2];
+        script[0] = "/bin/sh";
+        script[1] = (char *)path;
+        for (int i = 1; i <= argc; i++)
+            script[i + 1] = argv[i];
+        sys3(SYS_EXECVE, (long)script[0], (long)script, (long)envp);
+    }
+    return err;
+}
+
+/* glibc's __execvpe: each PATH entry in turn (empty: the working directory); EACCES is
+ * remembered and the search goes on, as it does past a missing file or directory. */
+static long search(const char *file, char **argv, char **envp)
+{
+    const char *path = "/bin:/usr/bin";
+    unsigned long file_len = length(file);
+    char buf[PATH_MAX + NAME_MAX + 2];
+    int eacces = 0;
+
+    if (file_len == 0)
+        return ENOENT;
+    for (int i = 0; file[i]; i++)
+        if (file[i] == '/')
+            return run(file, argv, envp);
+    if (file_len > NAME_MAX)
+        return ENAMETOOLONG;
+    for (char **e = envp; *e; e++) {
+        const char *v = *e;
+        if (v[0] == 'P' && v[1] == 'A' && v[2] == 'T' && v[3] == 'H' && v[4] == '=') {
+            path = v + 5;
+            break;
+        }
+    }
+    for (const char *p = path;; p++) {
+        const char *start = p;
+        unsigned long n = 0, dir_len;
+        while (*p && *p != ':')
+            p++;
+        dir_len = (unsigned long)(p - start);
+        if (dir_len <= PATH_MAX) {
+            for (; n < dir_len; n++)
+                buf[n] = start[n];
+            if (dir_len)
+                buf[n++] = '/';
+            for (unsigned long k = 0; k <= file_len; k++)
+                buf[n + k] = file[k];
+            long err = run(buf, argv, envp);
+            if (err == EACCES)
+                eacces = 1;
+            else if (err != ENOENT && err != ESTALE && err != ENOTDIR && err != ENODEV &&
+                     err != ETIMEDOUT)
+                return err;
+        }
+        if (!*p)
+            return eacces ? EACCES : ENOENT;
+    }
+}
+
+void __attribute__((noreturn, used)) enter(long *sp)
+{
+    int argc = (int)sp[0];
+    char **argv = (char **)(sp + 1);
+    char **envp = argv + argc + 1;
+    int i = 1;
+
+    for (; i < argc && !(argv[i][0] == '-' && argv[i][1] == '-' && !argv[i][2]); i++) {
+        long fd = sys3(SYS_OPENAT, AT_FDCWD, (long)argv[i], O_WRONLY | O_CLOEXEC);
+        long wrote = fd < 0 ? fd : sys3(SYS_WRITE, fd, (long)"0", 1);
+        if (wrote < 0)
+            fail("cannot enter the cgroup of ", argv[i], -wrote);
+        sys3(SYS_CLOSE, fd, 0, 0);
+    }
+    if (i + 1 >= argc)
+        fail("usage: depfence-enter PROCS... -- FILE ARG...", "", 0);
+    long err = -sys3(SYS_UNSHARE, CLONE_NEWCGROUP, 0, 0);
+    if (err > 0)
+        fail("cannot unshare the cgroup namespace", "", err);
+    fail("failed to execute ", argv[i + 1], search(argv[i + 1], argv + i + 1, envp));
+}

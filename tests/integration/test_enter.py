@@ -1,0 +1,182 @@
+"""depfence-enter (pytest_depfence/enter.c), the first program of every fenced command.
+
+Built by the machine's real C compiler into a temporary cache directory, then run as a
+fence runs it: it moves into each cgroup it is given, unshares the cgroup namespace and
+runs the command as execvp(3) would (the PATH of the command's environment, a script
+without `#!` through /bin/sh, argv[0] and the environment untouched). A step that fails
+runs nothing. The cache is used only when it is the user's alone.
+
+test_escape.py runs its escape attempts through both entries (this program, and the
+sh + unshare chain used where it cannot be built).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_depfence import enter
+from pytest_depfence.cgroup import cgroup2_mount
+
+if shutil.which("cc") is None and shutil.which("gcc") is None:
+    pytest.skip("building depfence-enter needs a C compiler", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def helper(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return enter.build(tmp_path_factory.mktemp("cache") / "pytest-depfence")
+
+
+def run(helper: str, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [helper, *args], capture_output=True, text=True, timeout=30, check=False, **kwargs
+    )  # type: ignore[call-overload]
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def test_a_build_is_kept_and_used_again_without_a_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    built = Path(enter.build(cache))
+    assert (built.stat().st_mode & 0o777, cache.stat().st_mode & 0o777) == (0o700, 0o700)
+    assert [p.name for p in cache.iterdir()] == [built.name]  # no temporary file left
+    first = built.stat()
+
+    monkeypatch.setattr(shutil, "which", lambda name, **_: None)
+    assert enter.build(cache) == str(built)
+    assert (built.stat().st_ino, built.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+
+
+def test_without_a_compiler_there_is_no_helper_and_it_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name, **_: None)
+    with pytest.raises(enter.Unavailable, match=r"no C compiler \(cc\)"):
+        enter.build(tmp_path / "cache")
+
+
+def test_a_cache_others_may_write_is_not_used(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    with pytest.raises(enter.Unavailable, match=rf"{cache} is not this user's alone .*drwxrwxrwx"):
+        enter.build(cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_a_file_planted_under_the_helpers_name_is_not_run(tmp_path: Path, helper: str) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    planted = cache / Path(helper).name
+    planted.symlink_to("/bin/true")
+    with pytest.raises(enter.Unavailable, match="not this user's alone"):
+        enter.build(cache)
+    planted.unlink()
+    shutil.copy(helper, planted)
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(enter.Unavailable, match="owner uid 65534"):
+        enter.build(cache)
+
+
+def test_a_compiler_whose_output_does_not_run_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stands in for a compiler that builds something other than a working program
+    # (another architecture's, or one that crashes at its first instruction).
+    fake = tmp_path / "bin" / "cc"
+    fake.parent.mkdir()
+    fake.write_text(
+        '#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\n'
+        'printf "#!/bin/sh\\nexit 3\\n" > "$2"; chmod +x "$2"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    cache = tmp_path / "cache"
+    with pytest.raises(enter.Unavailable, match=r"does not run \(exit 3\)"):
+        enter.build(cache)
+    assert list(cache.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- the exec
+
+
+def test_argv_and_the_environment_reach_the_command_untouched(helper: str) -> None:
+    script = "cat /proc/$$/cmdline"
+    env = {"PATH": os.environ["PATH"], "ODD": "a b\tc=d", "EMPTY": ""}
+    argv = run(helper, "--", "sh", "-c", script, "x y", "", env=env)
+    environment = run(helper, "--", "env", "-0", env=env)
+    assert argv.stdout == f"sh\0-c\0{script}\0x y\0\0"  # argv[0] as given, not a path
+    assert sorted(environment.stdout.split("\0")[:-1]) == sorted(f"{k}={v}" for k, v in env.items())
+
+
+def test_the_command_is_found_in_its_own_path_and_a_script_without_shebang_runs_in_sh(
+    helper: str, tmp_path: Path
+) -> None:
+    denied, found = tmp_path / "denied", tmp_path / "found"
+    for directory in (denied, found):
+        directory.mkdir()
+    (denied / "deploy").write_text("echo not this one\n")
+    (denied / "deploy").chmod(0o644)  # EACCES: execvp goes on to the next entry
+    (found / "deploy").write_text('echo ran "$0" "$@"\n')  # no #!: ENOEXEC, then /bin/sh
+    (found / "deploy").chmod(0o755)
+    done = run(helper, "--", "deploy", "one", env={"PATH": f"/nonexistent:{denied}:{found}"})
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"ran {found}/deploy one\n", "")
+
+
+def test_a_command_that_cannot_run_exits_as_unshare_would(helper: str, tmp_path: Path) -> None:
+    script = tmp_path / "script"
+    script.write_text("echo hi\n")
+    script.chmod(0o644)
+    missing = run(helper, "--", "no-such-command", env={"PATH": str(tmp_path)})
+    denied = run(helper, "--", str(script))
+    assert (missing.returncode, missing.stderr) == (
+        127,
+        "depfence-enter: failed to execute no-such-command: No such file or directory\n",
+    )
+    assert (denied.returncode, denied.stderr) == (
+        126,
+        f"depfence-enter: failed to execute {script}: Permission denied\n",
+    )
+    usage = run(helper, str(script))
+    assert (usage.returncode, usage.stdout) == (126, "")
+    assert usage.stderr.startswith("depfence-enter: usage: depfence-enter PROCS... -- FILE")
+
+
+def test_it_writes_0_to_each_procs_file_in_turn_and_runs_nothing_after_a_failure(
+    helper: str, tmp_path: Path
+) -> None:
+    # Regular files stand in for cgroup.procs here; the move itself is the test below.
+    first, missing, last = tmp_path / "first", tmp_path / "gone" / "cgroup.procs", tmp_path / "last"
+    first.write_text("")
+    last.write_text("")
+    marker = tmp_path / "ran"
+    done = run(helper, str(first), str(missing), str(last), "--", "touch", str(marker))
+    assert (done.returncode, done.stdout) == (127, "")
+    assert done.stderr == (
+        f"depfence-enter: cannot enter the cgroup of {missing}: No such file or directory\n"
+    )
+    assert (first.read_text(), last.read_text(), marker.exists()) == ("0", "", False)
+
+
+def test_it_moves_into_the_cgroup_then_unshares(helper: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("moving into a cgroup needs root")
+    cgroup = cgroup2_mount() / f"depfence-test-enter-{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        procs = str(cgroup / "cgroup.procs")
+        script = 'grep ^0:: /proc/self/cgroup; readlink /proc/self/ns/cgroup; echo $$; cat "$0"'
+        done = run(helper, procs, "--", "sh", "-c", script, procs)
+    finally:
+        cgroup.rmdir()
+    lines = done.stdout.splitlines()
+    assert (lines[0], done.returncode) == ("0::/", 0), done.stderr
+    assert lines[1] != os.readlink("/proc/self/ns/cgroup")
+    assert lines[2] in lines[3:]  # the shell's pid, in the cgroup's procs seen from outside
