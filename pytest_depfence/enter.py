@@ -6,12 +6,15 @@ do in two (confine.py): about 1.1 ms less at every run here. Where it cannot be 
 (no C compiler, another architecture) or the cache is not safe to run from, fenced
 commands start through that chain as before, which `reason` says (`depfence doctor`).
 
-The cache holds what runs as the fence's owner at every run, root: the directory and
-the file must be the owner's and writable by nobody else, or they are not used. The
-file's name carries a digest of the source, the flags and the architecture, so a new
-version builds its own; it is built under a temporary name and renamed into place, so
-processes building at once (pytest-xdist) never run half a file. A new build runs once
-(`--` then `true`) before it is kept: a compiler whose output cannot run leaves none.
+The cache holds what runs as the fence's owner at every run, root: the file, its
+directory and every directory above it must be the owner's (or root's) and writable by
+nobody else (above it, a sticky directory such as /tmp will do), or they are not used:
+under `sudo -E` a cache in the invoking user's home could otherwise be swapped for one
+of that user's between the check and a run. The file's name carries a digest of the
+source, the flags and the architecture, so a new version builds its own; it is built
+under a temporary name and renamed into place, so processes building at once
+(pytest-xdist) never run half a file. A new build runs once (`--` then `true`) before
+it is kept: a compiler whose output cannot run leaves none.
 """
 
 from __future__ import annotations
@@ -76,12 +79,15 @@ def build(directory: Path) -> str:
     source = SOURCE.read_bytes()
     machine = platform.machine()
     digest = hashlib.sha256(source + repr((CFLAGS, machine)).encode()).hexdigest()[:16]
-    path = directory / f"depfence-enter-{machine}-{digest}"
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise Unavailable(f"cannot make the cache directory {directory}: {exc.strerror}") from exc
+    directory = Path(os.path.realpath(directory))
+    path = directory / f"depfence-enter-{machine}-{digest}"
     _check_owned(directory)
+    for above in directory.parents:  # a sticky /tmp: others cannot move what is root's
+        _check_owned(above, sticky=True)
     if os.path.lexists(path):
         _check_owned(path)
         return str(path)
@@ -121,11 +127,12 @@ def _compile(compiler: str, output: Path) -> None:
         )
 
 
-def _check_owned(path: Path) -> None:
-    """Unavailable unless `path` is this user's, not a symbolic link, and writable by no
-    one else."""
+def _check_owned(path: Path, *, sticky: bool = False) -> None:
+    """Unavailable unless `path` is this user's (or root's), not a symbolic link, and
+    writable by no one else (`sticky`: unless it is a sticky directory, like /tmp)."""
     st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+    shared = st.st_mode & 0o022 and not (sticky and st.st_mode & stat.S_ISVTX)
+    if stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, os.geteuid()) or shared:
         raise Unavailable(
             f"{path} is not this user's alone (owner uid {st.st_uid}, mode "
             f"{stat.filemode(st.st_mode)}): depfence-enter is not run from there"

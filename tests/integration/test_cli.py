@@ -424,6 +424,7 @@ CHECKS = [
     "kernel headers",
     "tracefs",
     "limits",
+    "entry",
     "compile+attach",
 ]
 

@@ -71,6 +71,17 @@ def test_a_cache_others_may_write_is_not_used(tmp_path: Path) -> None:
     assert list(cache.iterdir()) == []
 
 
+def test_a_cache_below_a_directory_others_may_write_is_not_used(tmp_path: Path) -> None:
+    # Under `sudo -E` the cache is in the invoking user's home: they could swap the
+    # directory for one of their own after the check. (Sticky /tmp, above tmp_path, is fine.)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(enter.Unavailable, match=rf"{shared} is not this user's alone"):
+        enter.build(shared / "home" / ".cache" / "pytest-depfence")
+    assert [p.name for p in (shared / "home" / ".cache" / "pytest-depfence").iterdir()] == []
+
+
 def test_a_file_planted_under_the_helpers_name_is_not_run(tmp_path: Path, helper: str) -> None:
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
