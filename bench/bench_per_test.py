@@ -3,8 +3,10 @@
 The baseline, measured in the same process and run: what any cgroup-based
 fence must do at the least — mkdir a cgroup (beside the fences' tree, so that it
 has no programs but its own), attach the same already-loaded programs to it
-(bpf_link each), spawn `true` in it (the shell step that moves into the cgroup,
-as every fenced command starts), wait, close the links, rmdir. (A fence links
+(bpf_link each), spawn `true` in it (a shell step that moves into the cgroup: how
+any tool can, and how a fenced command starts where depfence-enter cannot be built;
+with it, the move and the cgroup namespace take one exec of a small static
+program, confine.py), wait, close the links, rmdir. (A fence links
 its programs once, to its session's directory, which each run's cgroup inherits.)
 The figure: `Fence(...)` opened, `run(["true"])`, closed (the programs already
 loaded: it is not the process's first fence), plus, apart, `run(["true"])` on an
