@@ -1,5 +1,5 @@
 """`depfence-enter` (enter.c), the program a fenced command starts as: built once per
-machine and user with the C compiler, kept in the user's cache (`helper`).
+machine and user with the C compiler, kept in a cache (`cache_dir`, `helper`).
 
 It does in one exec what `/bin/sh` (the move into the cgroup) and `unshare --cgroup`
 do in two (confine.py): about 1.1 ms less at every run here. Where it cannot be built
@@ -9,8 +9,8 @@ commands start through that chain as before, which `reason` says (`depfence doct
 The cache holds what runs as the fence's owner at every run, root: the file, its
 directory and every directory above it must be the owner's (or root's) and writable by
 nobody else (above it, a sticky directory such as /tmp will do), or they are not used:
-under `sudo -E` a cache in the invoking user's home could otherwise be swapped for one
-of that user's between the check and a run. The file's name carries a digest of the
+a cache in another user's home could otherwise be swapped for one of that user's
+between the check and a run. The file's name carries a digest of the
 source, the flags and the architecture, so a new version builds its own; it is built
 under a temporary name and renamed into place, so processes building at once
 (pytest-xdist) never run half a file. A new build runs once (`--` then `true`) before
@@ -66,7 +66,10 @@ def reason() -> str | None:
 
 
 def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/pytest-depfence, or ~/.cache/pytest-depfence."""
+    """/var/cache/pytest-depfence for root (whose HOME may be the invoking user's, under
+    `sudo -E`), else $XDG_CACHE_HOME/pytest-depfence or ~/.cache/pytest-depfence."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/pytest-depfence")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     if not os.path.isabs(base):
         raise Unavailable(f"no cache directory: the home directory is not known ({base})")
@@ -88,8 +91,12 @@ def build(directory: Path) -> str:
     _check_owned(directory)
     for above in directory.parents:  # a sticky /tmp: others cannot move what is root's
         _check_owned(above, sticky=True)
+    if os.statvfs(directory).f_flag & os.ST_NOEXEC:
+        raise Unavailable(f"{directory} is on a file system mounted noexec")
     if os.path.lexists(path):
         _check_owned(path)
+        if not os.stat(path).st_mode & stat.S_IXUSR:
+            raise Unavailable(f"{path} is not executable")
         return str(path)
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,19 @@ def test_a_build_is_kept_and_used_again_without_a_compiler(
     monkeypatch.setattr(shutil, "which", lambda name, **_: None)
     assert enter.build(cache) == str(built)
     assert (built.stat().st_ino, built.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+
+
+def test_roots_cache_is_never_in_a_home_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `sudo -E` keeps the invoking user's HOME (and XDG_CACHE_HOME): root's helper must
+    # not live where that user may swap it.
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/home/someone/.cache")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert enter.cache_dir() == Path("/var/cache/pytest-depfence")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert enter.cache_dir() == Path("/home/someone/.cache/pytest-depfence")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert enter.cache_dir() == Path("/home/someone/.cache/pytest-depfence")
 
 
 def test_without_a_compiler_there_is_no_helper_and_it_says_why(
@@ -94,6 +108,25 @@ def test_a_file_planted_under_the_helpers_name_is_not_run(tmp_path: Path, helper
     os.chown(planted, 65534, 65534)
     with pytest.raises(enter.Unavailable, match="owner uid 65534"):
         enter.build(cache)
+
+
+def test_a_cache_on_a_noexec_mount_is_not_used(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("mounting a tmpfs needs root and unshare (util-linux)")
+    mount = tmp_path / "noexec"
+    mount.mkdir()
+    probe = (
+        "from pathlib import Path; from pytest_depfence import enter\n"
+        "try: enter.build(Path(__import__('sys').argv[1]))\n"
+        "except enter.Unavailable as exc: print(exc)\n"
+    )
+    script = 'mount -t tmpfs -o noexec,mode=0700 none "$0" && exec "$1" -c "$2" "$0/cache"'
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, mount,
+         sys.executable, probe],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.stdout == f"{mount}/cache is on a file system mounted noexec\n", done.stderr
 
 
 def test_a_compiler_whose_output_does_not_run_leaves_nothing(

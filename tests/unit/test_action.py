@@ -144,7 +144,7 @@ def test_action_scripts_take_inputs_only_through_the_environment(action):
 
 def test_action_installs_bcc_and_headers_then_runs_the_doctor(action):
     install, doctor = run_steps(action["runs"]["steps"]).values()
-    assert "packages=(python3-bpfcc)" in install
+    assert "packages=(python3-bpfcc gcc)" in install
     assert 'packages+=("linux-headers-$release")' in install
     assert 'ln -sfn "$tree" "$build"' in install, "links a distro tree when the kernel has none"
     assert f'sudo -E "$python" {DOCTOR}' in doctor
