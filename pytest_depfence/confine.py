@@ -131,7 +131,7 @@ def find_tools() -> Tools:
         raise FenceUnavailable(
             "unshare not found: fenced commands start through util-linux's unshare "
             f"(a cgroup namespace) where depfence-enter cannot be built ({enter.reason()})",
-            fix="apt-get install util-linux",
+            fix="apt-get install gcc (to build depfence-enter), or util-linux",
         )
     return Tools(unshare=unshare, enter=helper)
 

@@ -110,7 +110,9 @@ static void say_errno(long err)
     say(digits + i);
 }
 
-static void __attribute__((noreturn)) fail(const char *what, const char *name, long err)
+/* Says why and exits: 127 when the command is not there, 126 for every other failure. */
+static void __attribute__((noreturn)) fail(const char *what, const char *name, long err,
+                                           int status)
 {
     say("depfence-enter: ");
     say(what);
@@ -120,7 +122,7 @@ static void __attribute__((noreturn)) fail(const char *what, const char *name, l
         say_errno(err);
     }
     say("\n");
-    sys3(SYS_EXIT_GROUP, err == ENOENT ? 127 : 126, 0, 0);
+    sys3(SYS_EXIT_GROUP, status, 0, 0);
     __builtin_unreachable();
 }
 
@@ -201,13 +203,14 @@ void __attribute__((noreturn, used)) enter(long *sp)
         long fd = sys3(SYS_OPENAT, AT_FDCWD, (long)argv[i], O_WRONLY | O_CLOEXEC);
         long wrote = fd < 0 ? fd : sys3(SYS_WRITE, fd, (long)"0", 1);
         if (wrote < 0)
-            fail("cannot enter the cgroup of ", argv[i], -wrote);
+            fail("cannot enter the cgroup of ", argv[i], -wrote, 126);
         sys3(SYS_CLOSE, fd, 0, 0);
     }
     if (i + 1 >= argc)
-        fail("usage: depfence-enter PROCS... -- FILE ARG...", "", 0);
+        fail("usage: depfence-enter PROCS... -- FILE ARG...", "", 0, 126);
     long err = -sys3(SYS_UNSHARE, CLONE_NEWCGROUP, 0, 0);
     if (err > 0)
-        fail("cannot unshare the cgroup namespace", "", err);
-    fail("failed to execute ", argv[i + 1], search(argv[i + 1], argv + i + 1, envp));
+        fail("cannot unshare the cgroup namespace", "", err, 126);
+    err = search(argv[i + 1], argv + i + 1, envp);
+    fail("failed to execute ", argv[i + 1], err, err == ENOENT ? 127 : 126);
 }

@@ -51,6 +51,8 @@ def _found() -> str | Unavailable:
         return build(cache_dir())
     except Unavailable as exc:
         return exc
+    except OSError as exc:  # a directory above the cache that cannot be read, say
+        return Unavailable(f"cannot build or check depfence-enter: {exc}")
 
 
 def helper() -> str | None:

@@ -76,6 +76,25 @@ def test_without_a_compiler_there_is_no_helper_and_it_says_why(
         enter.build(tmp_path / "cache")
 
 
+def test_an_error_while_building_means_no_helper_not_a_failed_fence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Stands in for a cache directory root may not read (NFS with root_squash, say).
+    def unreadable(directory: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(enter, "build", unreadable)
+    enter._found.cache_clear()
+    try:
+        assert enter.helper() is None
+        assert enter.reason() == (
+            "cannot build or check depfence-enter: [Errno 13] Permission denied: "
+            f"'{enter.cache_dir()}'"
+        )
+    finally:
+        enter._found.cache_clear()
+
+
 def test_a_cache_others_may_write_is_not_used(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -202,7 +221,7 @@ def test_it_writes_0_to_each_procs_file_in_turn_and_runs_nothing_after_a_failure
     last.write_text("")
     marker = tmp_path / "ran"
     done = run(helper, str(first), str(missing), str(last), "--", "touch", str(marker))
-    assert (done.returncode, done.stdout) == (127, "")
+    assert (done.returncode, done.stdout) == (126, "")  # 127 is for a command not found
     assert done.stderr == (
         f"depfence-enter: cannot enter the cgroup of {missing}: No such file or directory\n"
     )
