@@ -6,7 +6,9 @@ has no programs but its own), attach the same already-loaded programs to it
 (bpf_link each), spawn `true` in it (a shell step that moves into the cgroup: how
 any tool can, and how a fenced command starts where depfence-enter cannot be built;
 with it, the move and the cgroup namespace take one exec of a small static
-program, confine.py), wait, close the links, rmdir. (A fence links
+program, confine.py), wait, close the links, rmdir. Where depfence-enter is built, a
+second bare cycle spawns `true` through it instead (the stricter baseline: a bare
+cycle as cheap to enter as a fence's), and the ratios against it are printed too. (A fence links
 its programs once, to its session's directory, which each run's cgroup inherits.)
 The figure: `Fence(...)` opened, `run(["true"])`, closed (the programs already
 loaded: it is not the process's first fence), plus, apart, `run(["true"])` on an
@@ -35,23 +37,26 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from pytest_depfence import Fence, Policy, confine, kernel
+from pytest_depfence import Fence, Policy, confine, enter, kernel
 from pytest_depfence.cgroup import cgroup2_mount
 
 POLICY = Policy.no_egress("github.com")
 
 
-def bare_cycle(programs: kernel.Programs) -> Callable[[], None]:
+def bare_cycle(programs: kernel.Programs, helper: str | None = None) -> Callable[[], None]:
+    """The bare cycle; with `helper` (depfence-enter), `true` enters through it instead
+    of the shell step."""
     path = cgroup2_mount() / f"depfence-bench-bare-{os.getpid()}"
+    procs = str(path / "cgroup.procs")
+    argv = ["/bin/sh", "-c", 'echo 0 > "$0" && exec true', procs]
+    if helper is not None:
+        argv = [helper, procs, "--", "true"]
 
     def cycle() -> None:
         path.mkdir()
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         links = programs.attach(fd)
-        subprocess.run(
-            ["/bin/sh", "-c", 'echo 0 > "$0" && exec true', str(path / "cgroup.procs")],
-            check=True,
-        )
+        subprocess.run(argv, check=True)
         for link in links:
             os.close(link)
         os.close(fd)
@@ -110,8 +115,13 @@ def show(title: str, per_cycle: dict[str, list[float]]) -> None:
             f"  {name:45} {statistics.median(values):6.2f} ms"
             f"  (min {min(values):.2f}, max {max(values):.2f})"
         )
-    base, whole, run = (statistics.median(v) for v in per_cycle.values())
+    base, whole, run, *entered = (statistics.median(v) for v in per_cycle.values())
     print(f"  ratio: fence cycle {whole / base:.2f}x bare, a run alone {run / base:.2f}x bare")
+    if entered:
+        print(
+            f"  against the bare cycle entering through depfence-enter: fence cycle "
+            f"{whole / entered[0]:.2f}x, a run alone {run / entered[0]:.2f}x"
+        )
 
 
 def main() -> None:
@@ -131,6 +141,9 @@ def main() -> None:
                 "fence: open + run(true) + close": fence_cycle(lab.upstream),
                 "run(true) on an open fence": lambda: fence.run(["true"]),
             }
+            helper = enter.helper()
+            if helper is not None:
+                variants["bare, entering through depfence-enter"] = bare_cycle(programs, helper)
             per_cycle = rounds_of(variants, args.rounds, args.batch)
             spaced = spaced_rounds(
                 variants, args.rounds, max(1, args.batch // 2), args.pause_ms / 1000
