@@ -13,6 +13,7 @@ import ipaddress
 import os
 import stat
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -302,8 +303,7 @@ def read_hosts(
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             return HostsFile([], None)
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(HOSTS_MAX)
+        data = _read_up_to(fd, HOSTS_MAX)
         dev = _mount_dev(fd, mountinfo)
         if dev is None:
             dev = os.major(info.st_dev) << 20 | os.minor(info.st_dev)
@@ -314,20 +314,36 @@ def read_hosts(
         os.close(fd)
 
 
+def _read_up_to(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from `fd`, to its end: os.read, as a buffered file object costs
+    more than this small read (at every run)."""
+    chunks, size = [], 0
+    while size < limit and (chunk := os.read(fd, min(limit - size, 1 << 16))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def _mount_dev(fd: int, mountinfo: str) -> int | None:
     """The kernel's device number of the superblock under descriptor `fd` (of this
     process), from its mount's line in `mountinfo`; None when that cannot be read."""
     try:
-        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
-            fdinfo = f.read()
-        with open(mountinfo, encoding="utf-8", errors="replace") as f:
-            table = f.read()
+        fdinfo = _read_file(f"/proc/self/fdinfo/{fd}").decode("ascii", errors="replace")
+        table = _read_file(mountinfo).decode("utf-8", errors="replace")
     except OSError:
         return None
     for line in fdinfo.splitlines():
         if line.startswith("mnt_id:"):
             return mount_dev(table, int(line.split(":", 1)[1]))
     return None
+
+
+def _read_file(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _read_up_to(fd, sys.maxsize)
+    finally:
+        os.close(fd)
 
 
 def mount_dev(mountinfo: str, mount_id: int) -> int | None:

@@ -106,7 +106,11 @@ def kill_all(path: Path, timeout: float = 10.0) -> None:
     (measured on 6.18: it lives on, and its threads keep the network); a kill() of
     its pid ends it. So what is left after a moment is killed by pid, in rounds
     until the cgroup is empty (a fork between listing and killing escapes one
-    round), as everything is where there is no cgroup.kill."""
+    round), as everything is where there is no cgroup.kill. An empty cgroup (nearly
+    every run's, once its command exited) is left as it is: nothing can enter it but
+    by a migration from outside."""
+    if wait_empty(path, 0):
+        return
     kill_file = path / "cgroup.kill"
     if kill_file.exists():
         kill_file.write_text("1")
@@ -271,7 +275,7 @@ class CgroupTree:
         for _ in range(5):
             try:
                 self.parent.mkdir(exist_ok=True)
-                removed = sweep_stale(self.parent)
+                removed = sweep_stale(self.parent, self.session.name)
                 if removed or not self._mirrors_swept:
                     sweep_mirrors()  # after: their processes were the v2 sessions'
                     self._mirrors_swept = True
@@ -343,8 +347,9 @@ def close_all(fds: list[int]) -> None:
             pass
 
 
-def sweep_stale(parent: Path) -> list[Path]:
-    """Kill and remove the fence cgroups of sessions whose owner process is gone."""
+def sweep_stale(parent: Path, own: str = "") -> list[Path]:
+    """Kill and remove the fence cgroups of sessions whose owner process is gone (`own`:
+    this process's session, alive without asking)."""
     removed: list[Path] = []
     try:
         with os.scandir(parent) as listing:  # d_type: no stat per entry
@@ -352,7 +357,7 @@ def sweep_stale(parent: Path) -> list[Path]:
     except (FileNotFoundError, NotADirectoryError):
         return removed
     for entry in entries:
-        if _owner_alive(entry.name):
+        if entry.name == own or _owner_alive(entry.name):
             continue
         session = Path(entry.path)
         try:
