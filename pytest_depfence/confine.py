@@ -1,10 +1,11 @@
 """How a command enters its fence, and what keeps it there.
 
 A fenced command (`command`: a str runs through /bin/sh -c) is started by `spawn` as
-`entry_argv(...)`, through `start`. Its first program is `depfence-enter PROCS... --
-ARGV` (enter.c, built by enter.py), which does steps 1 and 2 then execs the command
-as execvp does; where that cannot be built, the same steps are a chain of execs:
-`/bin/sh` for each move, then util-linux's `unshare --cgroup`.
+`entry_argv(...)`. Its first program is `depfence-enter [-c CAP]... [-f FILTER]
+PROCS... -- ARGV` (enter.c, built by enter.py), which does steps 1 to 4 then execs the
+command as execvp does; where that cannot be built, steps 1 and 2 are a chain of execs
+(`/bin/sh` for each move, then util-linux's `unshare --cgroup`) that `start` forks
+from a thread of its own that did steps 3 and 4 to itself first.
 
 1. It moves itself into the fence cgroup (writes 0 to its cgroup.procs: a program of
    its own rather than preexec_fn, as running Python in a forked child of a threaded
@@ -15,27 +16,28 @@ as execvp does; where that cannot be built, the same steps are a chain of execs:
    kernel refuses to migrate a task of that namespace to a cgroup outside its root
    (`cgroup_procs_write_permission`: ENOENT), whatever the mount it names it through
    and even as root; `ensure_mount_options` turns that option on where it is off;
-3. unless `raw_sockets=True`, it is born without CAP_NET_RAW in its bounding,
+3. unless `raw_sockets=True`, the command is born without CAP_NET_RAW in its bounding,
    inheritable and ambient sets (so without it in the permitted and effective sets
-   every exec computes, root or setuid): `start` forks it from a thread of its own
-   that dropped it first. Capabilities are per thread and a child inherits its
-   forking thread's; a new thread inherits its creator's namespaces (a lab's network
-   namespace is the calling thread's). No raw or packet socket, which the
-   connect-time hooks never see. A user namespace gives every capability back inside
-   it (`unshare -Urn`): a raw or packet socket made there all the same kills its
-   process (bpf/escape.c, FENCE_RAW_SOCKETS unset). This was an exec of util-linux's
-   `setpriv` (1.2-1.6 ms of every run here).
+   every exec computes, root or setuid): depfence-enter takes it out of its own sets
+   before its exec (`enter_options`: `-c 13`); the chain is forked from a thread that
+   dropped it first (capabilities are per thread and a child inherits its forking
+   thread's; a new thread inherits its creator's namespaces: a lab's network namespace
+   is the calling thread's). No raw or packet socket, which the connect-time hooks
+   never see. A user namespace gives every capability back inside it (`unshare -Urn`):
+   a raw or packet socket made there all the same kills its process (bpf/escape.c,
+   FENCE_RAW_SOCKETS unset). This was an exec of util-linux's `setpriv` (1.2-1.6 ms of
+   every run here), then that thread (0.2-0.3 ms with step 4).
 
 4. whatever it runs may not reach the fence's programs, maps or links through
    `bpf()`, nor signal, trace or take descriptors from the process that owns the
-   fence and its guardian: a seccomp filter (`seccomp.py`) the same thread puts on
-   itself before it forks, which the command inherits and cannot take off. Nor may it
-   read or write their memory (/proc/PID/mem, measured: a root script rewrote a blocked
-   name's rule in the owner and fetched it with a green run): the same thread drops
-   CAP_SYS_PTRACE as it drops CAP_NET_RAW, and without it the kernel lets a process
-   trace only one whose capabilities are a subset of its own (commoncap), which the
-   owner's and guardian's full root set is not. A command's own children stay
-   traceable: strace and gdb work.
+   fence and its guardian: a seccomp filter (`seccomp.py`) put on depfence-enter (`-f`,
+   the instructions in hex) or on the chain's thread before it forks, which the
+   command inherits and cannot take off. Nor may it read or write their memory
+   (/proc/PID/mem, measured: a root script rewrote a blocked name's rule in the owner
+   and fetched it with a green run): CAP_SYS_PTRACE goes as CAP_NET_RAW does (`-c 19`),
+   and without it the kernel lets a process trace only one whose capabilities are a
+   subset of its own (commoncap), which the owner's and guardian's full root set is not.
+   A command's own children stay traceable: strace and gdb work.
 
 The entry program's path is found once, so a command's own PATH cannot change what
 enters the fence.
@@ -136,12 +138,15 @@ def find_tools() -> Tools:
     return Tools(unshare=unshare, enter=helper)
 
 
-def entry_argv(tools: Tools, procs: Sequence[Path], argv: list[str]) -> list[str]:
+def entry_argv(
+    tools: Tools, procs: Sequence[Path], argv: list[str], options: Sequence[str] = ()
+) -> list[str]:
     """The command line that moves into each cgroup whose cgroup.procs is in `procs`, in
     order (the fence cgroup last; before it, the v1 cgroups of its limits: `limits`),
-    unshares the cgroup namespace and runs argv: depfence-enter, else the chain."""
+    unshares the cgroup namespace and runs argv: depfence-enter with its `options`
+    (`enter_options`), else the chain."""
     if tools.enter is not None:
-        return [tools.enter, *map(str, procs), "--", *argv]
+        return [tools.enter, *options, *map(str, procs), "--", *argv]
     assert tools.unshare is not None
     moves = [arg for path in procs for arg in (*_MOVE_IN, str(path))]
     return [*moves, tools.unshare, "--cgroup", "--", *argv]
@@ -182,16 +187,18 @@ def spawn(
     raw_sockets: bool,
     guardian: int | None,
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` through `entry_argv` (into each cgroup of `procs`), as `start` does,
-    with this process, its threads and its `guardian` protected; stdin as given (None:
-    empty), output to pipes.
+    """Start `argv` through `entry_argv` (into each cgroup of `procs`) without the
+    capabilities `start` drops and under its seccomp filter, with this process, its
+    threads and its `guardian` protected; stdin as given (None: empty), output to pipes.
+    depfence-enter drops them and takes the filter itself (`enter_options`), so it is
+    started from this thread; the chain is started by `start`.
 
     In a session of its own unless its stdin is a terminal (`depfence run` at a
     prompt): a script's `kill 0` (`trap 'kill 0' EXIT`, to end its background jobs)
     signals its own process group, which would otherwise be this process's too."""
-    entry = entry_argv(tools, procs, argv)
+    protect = [os.getpid(), *_threads(), *([guardian] if guardian is not None else [])]
 
-    def popen() -> subprocess.Popen[bytes]:
+    def popen(entry: list[str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             entry,
             cwd=cwd,
@@ -202,8 +209,23 @@ def spawn(
             start_new_session=not _is_terminal(stdin),
         )
 
-    protect = [os.getpid(), *_threads(), *([guardian] if guardian is not None else [])]
-    return start(popen, raw_sockets=raw_sockets, protect=protect)
+    if tools.enter is not None:
+        return popen(entry_argv(tools, procs, argv, enter_options(raw_sockets, protect)))
+    entry = entry_argv(tools, procs, argv)
+    return start(lambda: popen(entry), raw_sockets=raw_sockets, protect=protect)
+
+
+def enter_options(raw_sockets: bool, protect: Sequence[int]) -> list[str]:
+    """depfence-enter's options that do what `start`'s thread does: drop the capabilities
+    (`dropped`), then take the seccomp filter for `protect` (in hex)."""
+    options = [arg for cap in dropped(raw_sockets) for arg in ("-c", str(cap))]
+    raw = seccomp.packed(protect)
+    return [*options, "-f", raw.hex()] if raw else options
+
+
+def dropped(raw_sockets: bool) -> tuple[int, ...]:
+    """The capabilities a fenced command is born without (steps 3 and 4)."""
+    return (CAP_SYS_PTRACE,) if raw_sockets else (CAP_NET_RAW, CAP_SYS_PTRACE)
 
 
 def _threads() -> list[int]:
@@ -235,9 +257,8 @@ def start(popen: Callable[[], _P], *, raw_sockets: bool, protect: Sequence[int])
     def spawn() -> None:
         try:
             seccomp.install(protect)
-            if not raw_sockets:
-                drop_capability(CAP_NET_RAW)
-            drop_capability(CAP_SYS_PTRACE)
+            for cap in dropped(raw_sockets):
+                drop_capability(cap)
             result.append(popen())
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
             failure.append(exc)

@@ -6,9 +6,11 @@ owner's and guardian's memory is closed to it): CAP_SYS_ADMIN is what a deploy
 script needs for `mount`, `unshare` and the like, and it is also all `bpf()` asks for.
 Measured without this filter: `bpftool link detach` on the fence's links, or
 `kill -9` of the guardian and the owner, and the script's next connections went
-out unjudged, with no event and a green run. So the thread that starts a fenced
-command installs, on itself, a filter its child inherits through every fork and
-exec and can never remove (seccomp filters only ever stack):
+out unjudged, with no event and a green run. So a fenced command's first program,
+depfence-enter, installs on itself (`packed`, given in hex) a filter the command
+inherits through every fork and exec and can never remove (seccomp filters only ever
+stack); where the command starts through sh and unshare instead, the thread that
+forks them installs it on itself (`install`):
 
 - `bpf()` commands that reach a program, map or link by id or pinned path
   (BPF_*_GET_FD_BY_ID, BPF_OBJ_GET) or detach one (BPF_LINK_DETACH, BPF_PROG_DETACH):
@@ -161,11 +163,17 @@ def program(
     return asm.assemble() if arches else []
 
 
+def packed(protected: Iterable[int]) -> bytes:
+    """The filter for `protected` as the kernel takes it (struct sock_filter after struct
+    sock_filter: what depfence-enter is given in hex); empty for a machine it does not know."""
+    pids = tuple(sorted({p for p in protected if p > 0}))
+    return _packed(pids, tuple(sorted(_groups(pids))), platform.machine())
+
+
 def install(protected: Iterable[int]) -> None:
     """Put the filter on the calling thread (never the whole process): what it forks
     from now on inherits it. FenceUnavailable when the kernel refuses it."""
-    pids = tuple(sorted({p for p in protected if p > 0}))
-    raw = _packed(pids, tuple(sorted(_groups(pids))), platform.machine())
+    raw = packed(protected)
     if not raw:
         return
     buffer = ctypes.create_string_buffer(raw, len(raw))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from helpers_net import skip_or_fail
 
-from pytest_depfence import plugin
+from pytest_depfence import confine, enter, plugin
 
 if TYPE_CHECKING:
     from pytest_depfence import Fence, Policy
@@ -162,3 +163,17 @@ def fifo(tmp_path: Path) -> Iterator[Callable[[str], Fifo]]:
     yield make
     for f in made:
         f.close()
+
+
+@pytest.fixture(params=["depfence-enter", "sh + unshare"])
+def entry(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What fenced commands enter through (confine.py): depfence-enter, or the chain used
+    where it cannot be built. Asked for before `fenced`, which opens the fence.
+    depfence-enter drops the capabilities and takes the seccomp filter itself; for the
+    chain, the thread that starts it does (confine.start)."""
+    if request.param == "sh + unshare":
+        monkeypatch.setattr(confine, "_tools", confine.Tools(unshare=shutil.which("unshare")))
+    elif confine.prepare().enter is None:
+        assert shutil.which("cc") is None, enter.reason()  # a compiler whose build failed
+        pytest.skip(f"no depfence-enter here: {enter.reason()}")
+    return request.param

@@ -1,10 +1,11 @@
 """depfence-enter (pytest_depfence/enter.c), the first program of every fenced command.
 
 Built by the machine's real C compiler into a temporary cache directory, then run as a
-fence runs it: it moves into each cgroup it is given, unshares the cgroup namespace and
-runs the command as execvp(3) would (the PATH of the command's environment, a script
-without `#!` through /bin/sh, argv[0] and the environment untouched). A step that fails
-runs nothing. The cache is used only when it is the user's alone.
+fence runs it: it moves into each cgroup it is given, unshares the cgroup namespace,
+drops the capabilities and takes the seccomp filter it is given, then runs the command
+as execvp(3) would (the PATH of the command's environment, a script without `#!`
+through /bin/sh, argv[0] and the environment untouched). A step that fails runs nothing.
+The cache is used only when it is the user's alone.
 
 test_escape.py runs its escape attempts through both entries (this program, and the
 sh + unshare chain used where it cannot be built).
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_depfence import enter
+from pytest_depfence import confine, enter
 from pytest_depfence.cgroup import cgroup2_mount
 
 if shutil.which("cc") is None and shutil.which("gcc") is None:
@@ -209,7 +210,7 @@ def test_a_command_that_cannot_run_exits_as_unshare_would(helper: str, tmp_path:
     )
     usage = run(helper, str(script))
     assert (usage.returncode, usage.stdout) == (126, "")
-    assert usage.stderr.startswith("depfence-enter: usage: depfence-enter PROCS... -- FILE")
+    assert usage.stderr.startswith("depfence-enter: usage: depfence-enter [-c CAP]... [-f FILTER]")
 
 
 def test_it_writes_0_to_each_procs_file_in_turn_and_runs_nothing_after_a_failure(
@@ -243,3 +244,69 @@ def test_it_moves_into_the_cgroup_then_unshares(helper: str) -> None:
     assert (lines[0], done.returncode) == ("0::/", 0), done.stderr
     assert lines[1] != os.readlink("/proc/self/ns/cgroup")
     assert lines[2] in lines[3:]  # the shell's pid, in the cgroup's procs seen from outside
+
+
+def capabilities(status: str) -> dict[str, int]:
+    """CapInh, CapPrm, CapEff, CapBnd and CapAmb of a /proc/PID/status text."""
+    return {
+        key: int(value, 16)
+        for key, _, value in (line.partition(":\t") for line in status.splitlines())
+        if key.startswith("Cap")
+    }
+
+
+def test_it_drops_the_capabilities_it_is_given(helper: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("a bounding set is dropped with CAP_SETPCAP")
+    raw, ptrace = 1 << confine.CAP_NET_RAW, 1 << confine.CAP_SYS_PTRACE
+    kept = capabilities(run(helper, "--", "cat", "/proc/self/status").stdout)
+    done = run(helper, "-c", "13", "-c", "19", "--", "cat", "/proc/self/status")
+    assert done.returncode == 0, done.stderr
+    dropped = capabilities(done.stdout)
+    assert kept["CapBnd"] & raw and kept["CapPrm"] & ptrace  # root's, before
+    for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert dropped[key] == kept[key] & ~(raw | ptrace), key
+
+
+def test_it_takes_the_seccomp_filter_it_is_given(helper: str) -> None:
+    # The filter a fence gives, protecting this test's process: the command may not even
+    # probe it with signal 0, nor reach a program by id through bpf(); without the filter
+    # it may. (What the filter refuses, call by call: tests/unit/test_seccomp.py.)
+    options = confine.enter_options(raw_sockets=True, protect=[os.getpid()])
+    probe = (
+        "import ctypes, os, sys\n"
+        "try:\n    os.kill(int(sys.argv[1]), 0); print('signalled')\n"
+        "except PermissionError: print('refused')\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "attr = ctypes.create_string_buffer(128)\n"  # BPF_PROG_GET_FD_BY_ID, id 1
+        "attr[0] = 1\n"
+        "libc.syscall(321, 13, attr, 128)\n"
+        "print(os.strerror(ctypes.get_errno()))\n"
+        "print(open('/proc/self/status').read().split('Seccomp:')[1].split()[0])\n"
+    )
+    argv = [sys.executable, "-c", probe, str(os.getpid())]
+    fenced = run(helper, *options, "--", *argv)
+    plain = run(helper, "--", *argv)
+    assert fenced.stdout.splitlines() == ["refused", "Operation not permitted", "2"], fenced.stderr
+    assert plain.stdout.splitlines()[0] == "signalled"
+    assert plain.stdout.splitlines()[2] == "0"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("-c", "64", "not a capability number: 64"),
+        ("-c", "", "not a capability number: "),
+        ("-c", "NET_RAW", "not a capability number: NET_RAW"),
+        ("-f", "0600", "not a seccomp filter (whole instructions in hex): 0600"),
+        ("-f", "0600000000FF7F00", "not a seccomp filter (whole instructions in hex): 06"),
+        ("-f", "00" * 8 * 4097, "not a seccomp filter (whole instructions in hex): 0000"),
+    ],
+)
+def test_an_option_it_cannot_take_runs_nothing(
+    helper: str, tmp_path: Path, option: str, value: str, said: str
+) -> None:
+    marker = tmp_path / "ran"
+    done = run(helper, option, value, "--", "touch", str(marker))
+    assert (done.returncode, done.stdout, marker.exists()) == (126, "", False)
+    assert done.stderr.startswith(f"depfence-enter: {said}")

@@ -34,7 +34,7 @@ import pytest
 from helpers_cgroup import cgroup_of
 from helpers_net import skip_or_fail
 
-from pytest_depfence import Fence, Policy, confine, enter
+from pytest_depfence import Fence, Policy, confine
 from pytest_depfence.cgroup import CgroupTree, cgroup2_mount
 from pytest_depfence.output import OUTPUT_GRACE
 
@@ -130,18 +130,6 @@ def net_raw(status: str) -> dict[str, bool]:
 # --------------------------------------------------------------------------- cgroup moves
 
 
-@pytest.fixture(params=["depfence-enter", "sh + unshare"])
-def entry(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """What fenced commands enter through (confine.py): depfence-enter, or the chain used
-    where it cannot be built. Asked for before `fenced`, which opens the fence."""
-    if request.param == "sh + unshare":
-        monkeypatch.setattr(confine, "_tools", confine.Tools(unshare=shutil.which("unshare")))
-    elif confine.prepare().enter is None:
-        assert shutil.which("cc") is None, enter.reason()  # a compiler whose build failed
-        pytest.skip(f"no depfence-enter here: {enter.reason()}")
-    return request.param
-
-
 @pytest.mark.no_egress("github.com")
 def test_a_fenced_root_process_cannot_move_itself_out(
     entry: str,
@@ -203,7 +191,9 @@ def test_an_open_fence_leaves_nsdelegate_on_and_favordynmods_on_where_the_kernel
 
 
 @pytest.mark.no_egress("github.com")
-def test_no_cap_net_raw_in_a_default_fence(fenced: Fence, sockets_script: list[str]) -> None:
+def test_no_cap_net_raw_in_a_default_fence(
+    entry: str, fenced: Fence, sockets_script: list[str]
+) -> None:
     status = fenced.run(["cat", "/proc/self/status"], timeout=30)
     assert net_raw(status.stdout) == dict.fromkeys(CAP_SETS, False)
     assert "CapEff:\t0000000000000000" not in status.stdout  # only CAP_NET_RAW went
@@ -220,7 +210,9 @@ def test_no_cap_net_raw_in_a_default_fence(fenced: Fence, sockets_script: list[s
 
 @pytest.mark.no_egress("github.com")
 @pytest.mark.fence(raw_sockets=True)
-def test_the_marker_gives_raw_sockets_back(fenced: Fence, sockets_script: list[str]) -> None:
+def test_the_marker_gives_raw_sockets_back(
+    entry: str, fenced: Fence, sockets_script: list[str]
+) -> None:
     status = fenced.run(["cat", "/proc/self/status"], timeout=30)
     assert net_raw(status.stdout)["CapEff"] and net_raw(status.stdout)["CapBnd"]
 

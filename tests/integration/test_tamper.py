@@ -59,7 +59,7 @@ print(json.dumps({"links": links, "refused": refused, "got": got}))
 
 @pytest.mark.skipif(os.uname().machine not in seccomp.ARCHES, reason="no filter here")
 @NO_GITHUB
-def test_a_fenced_root_process_cannot_reach_the_fences_links(fenced: Fence) -> None:
+def test_a_fenced_root_process_cannot_reach_the_fences_links(entry: str, fenced: Fence) -> None:
     result = fenced.run([sys.executable, "-c", LINKS], check=False, timeout=60)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
@@ -71,7 +71,9 @@ def test_a_fenced_root_process_cannot_reach_the_fences_links(fenced: Fence) -> N
 
 @pytest.mark.skipif(os.uname().machine not in seccomp.ARCHES, reason="no filter here")
 @NO_GITHUB
-def test_a_fenced_root_process_cannot_kill_its_owner_nor_its_guardian(fenced: Fence) -> None:
+def test_a_fenced_root_process_cannot_kill_its_owner_nor_its_guardian(
+    entry: str, fenced: Fence
+) -> None:
     from pytest_depfence.fence import _session_tree
 
     fenced.run(["true"])  # the guardian holds the links from the first run on
@@ -126,7 +128,7 @@ for pid in [*sys.argv[1:], str(os.getpid())]:
 
 @NO_GITHUB
 def test_a_fenced_root_process_cannot_open_the_memory_of_its_owner_nor_guardian(
-    fenced: Fence,
+    entry: str, fenced: Fence
 ) -> None:
     from pytest_depfence.fence import _session_tree
 
