@@ -16,7 +16,9 @@ It knows nothing of policies, BPF maps or pytest.
   back by id and question; `upstream`: a TCP query's own connection upstream;
 - `tickets`: each query's progress, what `drain()` waits for;
 - `tcp`: TCP clients, a reader thread each, their queries forwarded on a pool;
-- `proxy`: `DnsProxy`, its event loop (all of UDP), its answering and `drain()`.
+- `loop`: the one event loop thread that serves every proxy of the process;
+- `proxy`: `DnsProxy`, its handlers on that loop (all of UDP), its answering and
+  `drain()`.
 """
 
 from .proxy import DnsProxy

@@ -1,14 +1,16 @@
 """`DnsProxy`: the listeners' loop, answering each query, forwarding, and `drain()`.
 
-UDP, nearly every query, is served by one event loop thread: it reads a
-query, judges it, answers a blocked one or sends it upstream over one
-persistent socket (`forwarder`) and looks up its sender while the upstream
-works; when the answer comes it judges it (its addresses reach the kernel map),
-answers the client, and only then observes the query. One thread, no
-hand-offs: the judge's work is all a query costs, and only the judging of the
-question and of the answer stands between the client and its answer.
-TCP clients each get a thread, and their queries a pool thread for the
-upstream, as a silent upstream must never hold a reader.
+UDP, nearly every query, is served by the process's one event loop thread
+(`loop.py`, shared by every proxy): it reads a query, judges it, answers a
+blocked one or sends it upstream over one persistent socket (`forwarder`) and
+looks up its sender while the upstream works; when the answer comes it judges
+it (its addresses reach the kernel map), answers the client, and only then
+observes the query. One thread, no hand-offs: the judge's work is all a query
+costs, and only the judging of the question and of the answer stands between
+the client and its answer. TCP clients each get a thread, and their queries a
+pool thread for the upstream, as a silent upstream must never hold a reader;
+a pool thread joins the network namespace the proxy was started in (where its
+connections to the upstream must be made), should the loop's be another.
 
 ``drain()`` is how a fence knows every query of a finished run has been
 observed. It starts once nothing waits unread on a listener and the loop is not
@@ -19,7 +21,10 @@ observed by drain() itself, with the verdict `query` gave it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
+import os
 import select
 import socket
 import threading
@@ -33,6 +38,7 @@ from typing import Any, Callable
 from . import listeners, wire
 from .connection import Connection
 from .forwarder import UdpUpstream, Waiting
+from .loop import LOOP
 from .tcp import Send, TcpClients
 from .tickets import Ticket, Tickets
 from .types import DnsJudge, Query
@@ -46,6 +52,22 @@ _UPSTREAM_WORKERS = 32
 # drain() cannot be woken by bytes arriving on a client connection, so it re-checks
 # the connections at this interval while it waits.
 _DRAIN_POLL = 0.005
+_NETNS = "/proc/thread-self/ns/net"
+_CLONE_NEWNET = 0x40000000
+
+
+def _join_netns(netns: int) -> None:
+    """Into the network namespace `netns` (an fd), unless this thread is there already."""
+    if os.fstat(netns).st_ino == os.stat(_NETNS).st_ino:
+        return
+    if _libc().setns(netns, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot join the DNS proxy's network namespace: {os.strerror(err)}")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 class DnsProxy(TcpClients):
@@ -89,9 +111,8 @@ class DnsProxy(TcpClients):
         self._started = False
         self._stopped = False
         self._stopping = threading.Event()
-        self._loop_thread: threading.Thread | None = None
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
+        #: The network namespace start() ran in (an fd), which TCP forwards are made in.
+        self._netns = -1
         self._udp_upstream: UdpUpstream | None = None
         # TCP queries' own connections to the upstream, cut by stop().
         self._tcp_upstreams: set[socket.socket] = set()
@@ -112,7 +133,7 @@ class DnsProxy(TcpClients):
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> DnsProxy:
-        """Bind the listeners on one free port and start serving in daemon threads."""
+        """Bind the listeners on one free port and start serving (`loop.LOOP`)."""
         if self._started:
             raise RuntimeError("DnsProxy.start() called twice")
         self._started = True
@@ -126,16 +147,19 @@ class DnsProxy(TcpClients):
         self._listeners, self.port, self.has_ipv6 = bound, bound.port, bound.has_ipv6
         for sock in (*bound.udp, *bound.tcp):
             self._listen_poll.register(sock, select.POLLIN)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._udp_upstream = UdpUpstream(family, addr, self.upstream_timeout)
+        forwarder = self._udp_upstream = UdpUpstream(family, addr, self.upstream_timeout)
+        self._netns = os.open(_NETNS, os.O_RDONLY | os.O_CLOEXEC)
         self._upstream_pool = ThreadPoolExecutor(
-            max_workers=_UPSTREAM_WORKERS, thread_name_prefix="depfence-dns-upstream"
+            max_workers=_UPSTREAM_WORKERS,
+            thread_name_prefix="depfence-dns-upstream",
+            initializer=self._pool_thread_started,
         )
-        self._loop_thread = threading.Thread(
-            target=self._loop, name="depfence-dns-loop", daemon=True
-        )
-        self._loop_thread.start()
+        handlers: dict[int, Callable[[], None]] = {forwarder.sock.fileno(): self._read_upstream}
+        for sock in bound.udp:
+            handlers[sock.fileno()] = partial(self._read_udp, sock, sock.getsockname()[1])
+        for sock in bound.tcp:
+            handlers[sock.fileno()] = partial(self._accept, sock)
+        LOOP.add(self, handlers)
         return self
 
     def dropped(self) -> int:
@@ -152,13 +176,7 @@ class DnsProxy(TcpClients):
             return
         self._stopped = True
         self._stopping.set()
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass
-        if self._loop_thread is not None:
-            self._loop_thread.join()
+        LOOP.remove(self)
         if self._listeners is not None:
             self._listeners.close()
         with self._state:
@@ -183,9 +201,8 @@ class DnsProxy(TcpClients):
         # waits for the upstream (drain() has observed them).
         if self._udp_upstream is not None:
             self._udp_upstream.close()
-        for sock in (self._wake_r, self._wake_w):
-            if sock is not None:
-                sock.close()
+        if self._netns >= 0:
+            os.close(self._netns)
 
     def __enter__(self) -> DnsProxy:
         return self.start()
@@ -209,41 +226,28 @@ class DnsProxy(TcpClients):
         with self._errors_lock:
             self.errors.append(exc)
 
-    def _loop(self) -> None:
-        assert self._wake_r is not None and self._listeners is not None
-        forwarder = self._udp_upstream
-        assert forwarder is not None
-        # epoll itself rather than `selectors`: its bookkeeping is a measurable part of a
-        # query's cost here.
-        handlers: dict[int, Callable[[], None]] = {self._wake_r.fileno(): self._drain_wake}
-        handlers[forwarder.sock.fileno()] = self._read_upstream
-        for sock in self._listeners.udp:
-            handlers[sock.fileno()] = partial(self._read_udp, sock, sock.getsockname()[1])
-        for sock in self._listeners.tcp:
-            handlers[sock.fileno()] = partial(self._accept, sock)
-        with select.epoll() as poller:
-            for fd in handlers:
-                poller.register(fd, select.EPOLLIN)
-            now = time.monotonic()
-            while not self._stopping.is_set():
-                timeout = forwarder.next_timeout(now)
-                for fd, _ in poller.poll(-1 if timeout is None else timeout):
-                    try:
-                        handlers[fd]()
-                    except Exception as exc:
-                        self._record(exc)
-                now = time.monotonic()
-                expired = forwarder.expire(now)
-                if expired:
-                    self._answer([(waiting, None) for waiting in expired])
-
-    def _drain_wake(self) -> None:
-        assert self._wake_r is not None
+    def _pool_thread_started(self) -> None:
+        """A pool thread starts in the namespaces of the thread that made it (a TCP
+        client's reader, made by the loop thread); its connections to the upstream must
+        be made in the proxy's network namespace. Should it fail, the pool takes no more
+        queries: each is answered SERVFAIL (`_decide`)."""
         try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+            _join_netns(self._netns)
+        except BaseException as exc:
+            self._record(exc)
+            raise
+
+    def _next_timeout(self, now: float) -> float | None:
+        """Seconds until the next UDP query waiting for the upstream times out (the loop)."""
+        assert self._udp_upstream is not None
+        return self._udp_upstream.next_timeout(now)
+
+    def _expire(self, now: float) -> None:
+        """SERVFAIL the UDP queries whose upstream answer is overdue (the loop)."""
+        assert self._udp_upstream is not None
+        expired = self._udp_upstream.expire(now)
+        if expired:
+            self._answer([(waiting, None) for waiting in expired])
 
     # -- UDP, on the loop thread ---------------------------------------------------
 

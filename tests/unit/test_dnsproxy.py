@@ -5,6 +5,7 @@ No root needed: everything listens on loopback high ports.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -465,11 +466,11 @@ def test_an_answer_echoing_the_name_in_another_case_is_matched(make_proxy: Proxy
 
 def test_udp_queries_start_no_threads(upstream: Upstream, proxy: tuple[DnsProxy, Seen]) -> None:
     dns, _ = proxy
-    before = {t.name for t in _proxy_threads()}
+    before = {t.name for t in _dns_threads()}
     for i in range(20):
         _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}", txid=i))))
         assert rcode(ask_udp(dns.port, question("github.com"))) == RCODE.NXDOMAIN
-    assert {t.name for t in _proxy_threads()} == before == {"depfence-dns-loop"}
+    assert {t.name for t in _dns_threads()} == before == {"depfence-dns-loop"}
 
 
 # -- blocked names ----------------------------------------------------------------
@@ -982,8 +983,51 @@ def test_host6_none_means_ipv4_only(make_proxy: ProxyFactory) -> None:
     _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}"))))
 
 
-def _proxy_threads() -> list[threading.Thread]:
+def _dns_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("depfence-dns")]
+
+
+def _proxy_threads() -> list[threading.Thread]:
+    """The threads of proxies: all but the loop that serves every proxy of the process."""
+    return [t for t in _dns_threads() if t.name != "depfence-dns-loop"]
+
+
+def test_one_loop_thread_serves_every_proxy_and_stays_for_the_next(upstream: Upstream) -> None:
+    with stub_proxy(upstream) as first, stub_proxy(upstream) as second:
+        loops = [t for t in _dns_threads() if t.name == "depfence-dns-loop"]
+        assert len(loops) == 1
+        for dns in (first, second):
+            _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}"))))
+        port = first.port
+    assert _listening(port) == set()
+    with stub_proxy(upstream) as third:
+        _check_www_a(DNSRecord.parse(ask_udp(third.port, question(f"www.{ZONE}"))))
+        assert [t for t in _dns_threads() if t.name == "depfence-dns-loop"] == loops
+    assert loops[0].is_alive()
+
+
+def test_a_child_forked_while_a_proxy_runs_serves_its_own(upstream: Upstream) -> None:
+    # The child has no loop thread (only the forking thread is copied): its first proxy
+    # must start one, not wait on the parent's, whose lock it may even have copied held.
+    with stub_proxy(upstream) as dns:
+        _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}"))))
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                with stub_proxy(upstream) as own:
+                    reply = DNSRecord.parse(ask_udp(own.port, question(f"www.{ZONE}")))
+                    status = 0 if reply.header.rcode == RCODE.NOERROR and reply.rr else 2
+            finally:
+                os._exit(status)
+        deadline = time.monotonic() + 30  # a bound for a child that hangs, not a timing
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
+        _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}"))))
 
 
 def test_stop_closes_everything_and_is_idempotent(upstream: Upstream) -> None:
