@@ -170,7 +170,8 @@ class DnsProxy(TcpClients):
         return self._listeners.dropped()
 
     def stop(self) -> None:
-        """Close every socket and join every thread; safe to call more than once."""
+        """Leave the loop, close every socket and join every thread of its own; safe to call
+        more than once."""
         if self._stopped or not self._started:
             self._stopped = True
             return
