@@ -277,14 +277,14 @@ static int nibble(char c)
     return -1;
 }
 
-/* FILTER into `filter`: its instruction count, or 0 when it is not whole instructions
- * in lower-case hex (1 to BPF_MAXINSNS of them). */
+/* FILTER (at most twice `filter`'s size) into `filter`: its instruction count, or 0 when
+ * it is not whole instructions in lower-case hex. */
 static unsigned long unhex(const char *s)
 {
     unsigned long n = 0;
     for (; s[0]; s += 2, n++) {
         int high = nibble(s[0]), low = high < 0 ? -1 : nibble(s[1]);
-        if (low < 0 || n == sizeof(filter))
+        if (low < 0)
             return 0;
         filter[n] = (unsigned char)(high << 4 | low);
     }
@@ -313,6 +313,8 @@ void __attribute__((noreturn, used)) enter(long *sp)
             if (cap < 0)
                 fail("not a capability number: ", argv[i + 1], 0, 126);
             caps[cap] = argv[i + 1];
+        } else if (length(argv[i + 1]) > 2 * sizeof(filter)) {
+            fail("a seccomp filter of more than 4096 instructions", "", 0, 126);
         } else if (!(fprog.len = (unsigned short)unhex(argv[i + 1]))) {
             fail("not a seccomp filter (whole instructions in hex): ", argv[i + 1], 0, 126);
         }

@@ -111,7 +111,10 @@ CHECKS = {
 ARCHES = {"x86_64": (AUDIT_ARCH_X86_64, AUDIT_ARCH_I386), "aarch64": (AUDIT_ARCH_AARCH64,)}
 
 # Classic BPF, as seccomp takes it (linux/filter.h, linux/seccomp.h).
-_LD_W_ABS, _JEQ_K, _AND_K, _RET_K = 0x20, 0x15, 0x54, 0x06
+_LD_W_ABS, _JA, _JEQ_K, _AND_K, _RET_K = 0x20, 0x05, 0x15, 0x54, 0x06
+#: A conditional jump reaches at most 255 instructions ahead: a check of more values than
+#: this returns EPERM from a copy of its own after each run of them.
+_NEAR = 250
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
 _NR, _ARCH, _ARG0, _ARG1, _ARG2 = 0, 4, 16, 24, 32  # seccomp_data (low 32 bits)
@@ -141,7 +144,7 @@ def program(
             asm.emit(_AND_K, 0, 0, ~_X32_BIT & 0xFFFFFFFF)  # x32 calls: the same, plus a bit
         for name, numbers in SYSCALLS[arch].items():
             for number in numbers:
-                asm.jump_if(number, CHECKS[name])
+                asm.far_jump_if(number, CHECKS[name])
         asm.ret(_RET_ALLOW)
     asm.refuse_if("bpf", _ARG0, REFUSED_BPF)
     # kill(pid) and F_SETOWN's pid: a process, -pgid its group (kill: -1 is everything).
@@ -149,8 +152,8 @@ def program(
     asm.refuse_if("kill", _ARG0, signalled)
     asm.label("fcntl")
     asm.load(_ARG1)
-    asm.jump_if(F_SETOWN_EX, "eperm")
-    asm.jump_if(F_SETOWN, "setown")
+    asm.far_jump_if(F_SETOWN_EX, "eperm")
+    asm.jump_if(F_SETOWN, "setown")  # the next check
     asm.ret(_RET_ALLOW)
     asm.refuse_if("setown", _ARG2, signalled)
     asm.refuse_if("ioctl", _ARG1, (FIOSETOWN, SIOCSPGRP))
@@ -193,6 +196,8 @@ def install(protected: Iterable[int]) -> None:
 
 
 _INSN = struct.Struct("=HBBI")
+#: The kernel's limits: instructions of a filter (BPF_MAXINSNS), and their size.
+MAX_INSNS, INSN_SIZE = 4096, _INSN.size
 
 
 @functools.lru_cache(maxsize=16)
@@ -231,7 +236,14 @@ class _Assembler:
         self.emit(_LD_W_ABS, 0, 0, offset)
 
     def jump_if(self, value: int, label: str) -> None:
+        """To `label`, at most 255 instructions ahead, if the loaded word is `value`."""
         self._code.append((_JEQ_K, -1, 0, f"{value}:{label}"))
+
+    def far_jump_if(self, value: int, label: str) -> None:
+        """To `label`, however far ahead, if the loaded word is `value`: past an
+        unconditional jump otherwise (the syscall checks run after every protected pid's)."""
+        self.emit(_JEQ_K, 0, 1, value)
+        self._code.append((_JA, 0, 0, f"ja:{label}"))
 
     def ret(self, value: int) -> None:
         self.emit(_RET_K, 0, 0, value)
@@ -240,21 +252,34 @@ class _Assembler:
         self._labels[name] = len(self._code)
 
     def refuse_if(self, label: str, offset: int, values: Iterable[int]) -> None:
-        """At `label`: EPERM when the word at `offset` is one of `values`, else allow."""
+        """At `label`: EPERM when the word at `offset` is one of `values`, else allow. Each
+        run of up to _NEAR values jumps to an EPERM just after it, so any number will do."""
         self.label(label)
         self.load(offset)
-        for value in values:
-            self.jump_if(value, "eperm")
-        self.ret(_RET_ALLOW)
+        listed = list(values)
+        runs = [listed[at : at + _NEAR] for at in range(0, len(listed), _NEAR)] or [[]]
+        for number, run in enumerate(runs):
+            refused = f"{label}-refused-{number}"
+            for value in run:
+                self.jump_if(value, refused)
+            if number < len(runs) - 1:
+                self.emit(_JA, 0, 0, 1)  # over the return below, to the next run
+            else:
+                self.ret(_RET_ALLOW)
+            self.label(refused)
+            self.ret(_RET_ERRNO | errno.EPERM)
 
     def assemble(self) -> list[Instruction]:
         out = []
         for at, (code, jt, jf, k) in enumerate(self._code):
             if isinstance(k, str):
                 value, label = k.split(":")
-                jt = self._labels[label] - at - 1
-                if not 0 <= jt <= 255:
-                    raise ValueError(f"seccomp jump to {label} out of reach ({jt})")
-                k = int(value)
+                offset = self._labels[label] - at - 1
+                if code == _JA:
+                    k = offset
+                else:
+                    jt, k = offset, int(value)
+                if not 0 <= offset <= (0xFFFFFFFF if code == _JA else 255):
+                    raise ValueError(f"seccomp jump to {label} out of reach ({offset})")
             out.append((code, jt, jf, k))
         return out

@@ -300,7 +300,8 @@ def test_it_takes_the_seccomp_filter_it_is_given(helper: str) -> None:
         ("-c", "NET_RAW", "not a capability number: NET_RAW"),
         ("-f", "0600", "not a seccomp filter (whole instructions in hex): 0600"),
         ("-f", "0600000000FF7F00", "not a seccomp filter (whole instructions in hex): 06"),
-        ("-f", "00" * 8 * 4097, "not a seccomp filter (whole instructions in hex): 0000"),
+        ("-f", "00" * 8 * 4097, "a seccomp filter of more than 4096 instructions"),
+        ("-f", "", "not a seccomp filter (whole instructions in hex): "),
     ],
 )
 def test_an_option_it_cannot_take_runs_nothing(

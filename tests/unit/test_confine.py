@@ -233,3 +233,13 @@ def test_a_refused_favordynmods_is_not_asked_for_again_and_the_fence_stays_avail
     line = f"50 24 0:30 / {tmp_path} rw - cgroup2 none rw,nsdelegate\n"
     confine.ensure_mount_options(mountinfo(tmp_path, line))
     assert confine._no_favordynmods
+
+
+def test_a_filter_over_the_kernels_limit_is_said_before_anything_starts() -> None:
+    # A process with about a thousand threads: each is protected by name in the filter,
+    # which would pass the kernel's 4096 instructions (it would refuse it: EINVAL).
+    protect = list(range(100_000, 101_000))
+    with pytest.raises(FenceUnavailable, match="over the kernel's 4096") as raised:
+        confine.enter_options(raw_sockets=False, protect=protect)
+    assert raised.value.fix == "open fences from a process with fewer threads"
+    assert confine.enter_options(raw_sockets=True, protect=protect[:10])[:2] == ["-c", "19"]
