@@ -27,7 +27,7 @@ from functools import partial
 from typing import IO, Any
 
 from . import confine, kernel, options
-from .addresses import AddressBook, read_hosts, resolve
+from .addresses import AddressBook, HostsFile, read_hosts, read_own_hosts, resolve
 from .adopt import Adopted
 from .cgroup import CgroupTree, FenceCgroup, close_all
 from .contract import check_name, program_of
@@ -391,7 +391,7 @@ class Fence:
             links = programs.attach(dir_fd)
             teardown.push(lambda: close_all(links))
         else:  # what its processes see as /etc/hosts: this thread's
-            self._learn_hosts_file(cgroup_id, "/etc/hosts", "/proc/thread-self/mountinfo")
+            self._learn_hosts(cgroup_id, read_own_hosts())
         programs.subscribe(cgroup_id, listener)
         teardown.push(lambda: programs.unsubscribe(cgroup_id))
 
@@ -487,12 +487,14 @@ class Fence:
             self._learn_hosts_file(cgroup_id, f"/proc/{pid}/fd/{fd}", mountinfo)
 
     def _learn_hosts_file(self, cgroup_id: int, path: str, mountinfo: str) -> None:
+        self._learn_hosts(cgroup_id, read_hosts(path, mountinfo))
+
+    def _learn_hosts(self, cgroup_id: int, read: HostsFile) -> None:
         """Learn a hosts file's addresses; then a fenced process that writes into it is
         paused until it has been read again (bpf/hostsfile.c)."""
         judge, programs = self._judge, self._programs
         if judge is None or programs is None:
             return
-        read = read_hosts(path, mountinfo)
         judge.learn_hosts(read.entries)
         if read.key is not None:
             programs.watch_hosts_file(cgroup_id, *read.key)
