@@ -1,4 +1,4 @@
-"""`DnsProxy`: the listeners' loop, answering each query, forwarding, and `drain()`.
+"""`DnsProxy`: its listeners on the loop, answering each query, forwarding, `drain()`.
 
 UDP, nearly every query, is served by the process's one event loop thread
 (`loop.py`, shared by every proxy): it reads a query, judges it, answers a
@@ -133,10 +133,19 @@ class DnsProxy(TcpClients):
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> DnsProxy:
-        """Bind the listeners on one free port and start serving (`loop.LOOP`)."""
+        """Bind the listeners on one free port and start serving (`loop.LOOP`); what a
+        failure left made is closed before it is raised."""
         if self._started:
             raise RuntimeError("DnsProxy.start() called twice")
         self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         host, port = self.upstream
         # Resolved once here so that a bad upstream fails the fence at start,
         # not as a SERVFAIL in the middle of a run.
@@ -160,7 +169,6 @@ class DnsProxy(TcpClients):
         for sock in bound.tcp:
             handlers[sock.fileno()] = partial(self._accept, sock)
         LOOP.add(self, handlers)
-        return self
 
     def dropped(self) -> int:
         """Queries the kernel dropped before the proxy could read them (its UDP listeners'

@@ -1006,6 +1006,28 @@ def test_one_loop_thread_serves_every_proxy_and_stays_for_the_next(upstream: Ups
     assert loops[0].is_alive()
 
 
+def test_a_start_that_fails_leaves_nothing_open(
+    upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_depfence.dnsproxy import proxy as proxy_module
+
+    class Refusing:
+        def add(self, *args: object) -> None:
+            raise OSError("injected: the loop takes no more")
+
+        def remove(self, *args: object) -> None:
+            pass
+
+    fds = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(proxy_module, "LOOP", Refusing())
+    dns = stub_proxy(upstream)
+    with pytest.raises(OSError, match="injected"):
+        dns.start()
+    assert dns.port and _listening(dns.port) == set()
+    assert set(os.listdir("/proc/self/fd")) == fds
+    assert _proxy_threads() == []
+
+
 def test_a_child_forked_while_a_proxy_runs_serves_its_own(upstream: Upstream) -> None:
     # The child has no loop thread (only the forking thread is copied): its first proxy
     # must start one, not wait on the parent's, whose lock it may even have copied held.
