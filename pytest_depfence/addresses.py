@@ -9,6 +9,7 @@ each address keeps the names it belongs to and the origin, for the report.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import select
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Callable, Protocol, Union
 
 from dnslib import QTYPE, DNSRecord
 from dnslib.label import DNSLabel
@@ -296,40 +297,52 @@ def read_hosts(
     what the kernel's programs see (a btrfs subvolume's stat() shows another); when the
     mount is not found there, stat()'s.
     """
+    read = _read_regular(path, lambda fd, _: _mount_dev(fd, mountinfo))
+    if read is None:
+        return HostsFile([], None)
+    info, data, dev = read
+    return HostsFile(_parse(data), (dev, info.st_ino))
+
+
+def _read_regular(
+    path: str, device: Callable[[int, os.stat_result], int | None]
+) -> tuple[os.stat_result, bytes, int] | None:
+    """A regular file's stat(), its first HOSTS_MAX bytes, and its superblock's device:
+    `device(fd, stat)`, else stat()'s; None when it is not one, or cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
-        return HostsFile([], None)
+        return None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            return HostsFile([], None)
+            return None
         data = _read_up_to(fd, HOSTS_MAX)
-        dev = _mount_dev(fd, mountinfo)
+        dev = device(fd, info)
         if dev is None:
             dev = os.major(info.st_dev) << 20 | os.minor(info.st_dev)
-        return HostsFile(parse_hosts(data.decode("utf-8", errors="replace")), (dev, info.st_ino))
+        return info, data, dev
     except OSError:
-        return HostsFile([], None)
+        return None
     finally:
         os.close(fd)
 
 
-#: A hosts file changed this close before it was read may change again under the same
-#: timestamp (file times advance by the clock tick, up to 10 ms): not read from memory.
-_SETTLED_NS = 50_000_000
+def _parse(data: bytes) -> HostsEntries:
+    return parse_hosts(data.decode("utf-8", errors="replace"))
 
 
 @dataclass(frozen=True)
 class _Seen:
-    """The last read of /etc/hosts as this process sees it (`read_own_hosts`)."""
+    """What the last `read_own_hosts` learned, and of what."""
 
     #: The process's mount namespace and root directory, as (dev, ino) pairs.
     view: tuple[int, int, int, int]
-    #: The file's stat(): (dev, ino, size, mtime_ns, ctime_ns).
-    stat: tuple[int, int, int, int, int]
-    read_ns: int  # CLOCK_REALTIME, as file times
-    hosts: HostsFile
+    #: The file as stat() names it (dev, ino), and its superblock's device.
+    file: tuple[int, int]
+    dev: int
+    digest: bytes  # of its bytes
+    entries: HostsEntries
 
 
 _seen: _Seen | None = None
@@ -352,41 +365,46 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def read_own_hosts(path: str = "/etc/hosts") -> HostsFile:
-    """`read_hosts(path)` as the calling thread sees it, at every run of a fence: the last
-    read again while nothing it depends on can have changed (the thread is in the
-    process's own mount namespace, which had no mount or unmount since, as poll() on
-    its mountinfo says; the same root; the same file: device, inode, size, mtime and
-    ctime, its last change well before that read); else read anew. A read costs
-    ~0.1-0.3 ms of a run (two /proc files and the file); this check four stat() and a
-    poll(). A thread in a mount namespace of its own is always read anew: holding its
-    mount table open would keep that namespace alive."""
-    global _seen, _mounts, _mounts_view
+    """`read_hosts(path)` as the calling thread sees it, at every run of a fence. The file
+    is read each time; from the last read, its entries are taken while its bytes are the
+    same, and its superblock's device (two /proc files: most of a read's 0.1-0.3 ms)
+    while the thread is in the process's own mount namespace, with the same root, no
+    mount changed there since (poll() on its mountinfo), and the file is the same inode.
+    A thread in a mount namespace of its own reads it all: holding its mount table open
+    would keep that namespace alive."""
+    global _seen
     view = _view()
     if view is None:
-        return read_hosts(path, "/proc/thread-self/mountinfo")
+        return read_hosts(path)
     with _seen_lock:
-        stat_now = _stat(path)
-        seen = _seen
-        if (
-            seen is not None
-            and stat_now is not None
-            and (seen.view, seen.stat) == (view, stat_now)
-            and not _mounts_changed(_mounts)
-        ):
-            return seen.hosts
-        if _mounts < 0 or _mounts_view != view:
-            if _mounts >= 0:
-                os.close(_mounts)
-            _mounts = os.open("/proc/thread-self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
-            _mounts_view = view
-        else:
-            _mounts_changed(_mounts)  # read now: a change from here on is the next one
-        _seen = None
-        read = read_hosts(path, "/proc/thread-self/mountinfo")
-        read_ns = time.time_ns()
-        if stat_now is not None and stat_now == _stat(path) and read_ns - stat_now[4] > _SETTLED_NS:
-            _seen = _Seen(view, stat_now, read_ns, read)
-        return read
+        changed = _mounts_changed(_mounts_of(view))
+        seen = _seen if _seen is not None and _seen.view == view else None
+
+        def device(fd: int, info: os.stat_result) -> int | None:
+            if seen is not None and not changed and seen.file == (info.st_dev, info.st_ino):
+                return seen.dev
+            return _mount_dev(fd, "/proc/thread-self/mountinfo")
+
+        read = _read_regular(path, device)
+        if read is None:
+            _seen = None
+            return HostsFile([], None)
+        info, data, dev = read
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        entries = seen.entries if seen is not None and seen.digest == digest else _parse(data)
+        _seen = _Seen(view, (info.st_dev, info.st_ino), dev, digest, entries)
+        return HostsFile(entries, (dev, info.st_ino))
+
+
+def _mounts_of(view: tuple[int, int, int, int]) -> int:
+    """The open mount table of `view` (this thread's), opened now if it is another's."""
+    global _mounts, _mounts_view
+    if _mounts < 0 or _mounts_view != view:
+        if _mounts >= 0:
+            os.close(_mounts)
+        _mounts = os.open("/proc/thread-self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        _mounts_view = view
+    return _mounts
 
 
 def _view() -> tuple[int, int, int, int] | None:
@@ -396,17 +414,6 @@ def _view() -> tuple[int, int, int, int] | None:
         return None
     root = os.stat("/")
     return namespace.st_dev, namespace.st_ino, root.st_dev, root.st_ino
-
-
-def _stat(path: str) -> tuple[int, int, int, int, int] | None:
-    """A regular file's identity and times (None: not one, or not there)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(info.st_mode):
-        return None
-    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def _mounts_changed(fd: int) -> bool:

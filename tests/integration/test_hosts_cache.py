@@ -1,10 +1,12 @@
-"""/etc/hosts at each fenced run: read again only when it may have changed.
+"""/etc/hosts at each fenced run: read each time, what it costs learned again only when
+it may have changed.
 
-`addresses.read_own_hosts` keeps the last read while the calling thread is in the
-process's own mount namespace, no mount changed there (poll() on its mountinfo), the
-root is the same and the file is (device, inode, size, mtime, ctime), its last change
-well before that read. Here a file of the test's stands in for /etc/hosts (the
-function takes its path), and the real reads are counted.
+`addresses.read_own_hosts` reads the file every time; it parses it again only when its
+bytes changed, and looks up its superblock's device in the mount table again (two
+/proc files, the costly part) only when the thread is not in the process's own mount
+namespace, a mount changed there (poll() on its mountinfo), the root changed or the
+file is another inode. Here a file of the test's stands in for /etc/hosts (the function
+takes its path), and the look-ups and parses are counted.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -28,90 +29,80 @@ V2 = "10.77.1.2 github.com\n"  # the same size
 
 
 @pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The paths `read_hosts` really read, from a cache that starts empty."""
-    seen: list[str] = []
-    real = addresses.read_hosts
+def work(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How often the mount table was read and the bytes parsed, from nothing kept."""
+    done = {"mount table": 0, "parse": 0}
+    mount_dev, parse = addresses._mount_dev, addresses._parse
 
-    def counting(path: str, mountinfo: str) -> addresses.HostsFile:
-        seen.append(path)
-        return real(path, mountinfo)
+    def counted_mount_dev(fd: int, mountinfo: str) -> int | None:
+        done["mount table"] += 1
+        return mount_dev(fd, mountinfo)
 
-    monkeypatch.setattr(addresses, "read_hosts", counting)
+    def counted_parse(data: bytes) -> addresses.HostsEntries:
+        done["parse"] += 1
+        return parse(data)
+
+    monkeypatch.setattr(addresses, "_mount_dev", counted_mount_dev)
+    monkeypatch.setattr(addresses, "_parse", counted_parse)
     monkeypatch.setattr(addresses, "_seen", None)
-    return seen
+    return done
 
 
 def names(read: addresses.HostsFile) -> list[tuple[str, tuple[str, ...]]]:
     return [(str(address), hostnames) for address, hostnames in read.entries]
 
 
-def test_an_unchanged_file_is_read_once_and_any_change_again(
-    tmp_path: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch
+def test_the_same_file_is_looked_up_and_parsed_once_and_its_changes_always_read(
+    tmp_path: Path, work: dict[str, int]
 ) -> None:
-    monkeypatch.setattr(addresses, "_SETTLED_NS", -(10**18))  # settled at once (next test)
     hosts = tmp_path / "hosts"
     hosts.write_text(V1)
     first = addresses.read_own_hosts(str(hosts))
     assert addresses.read_own_hosts(str(hosts)) == first
-    assert len(reads) == 1 and names(first) == [("10.77.1.1", ("github.com",))]
+    assert names(first) == [("10.77.1.1", ("github.com",))]
+    assert work == {"mount table": 1, "parse": 1}
 
-    hosts.write_text(V2)  # the same size: its times tell (set apart from the clock's tick)
-    os.utime(hosts, ns=(10**18, 10**18))
+    # The same size, every time stat() shows put back: only the bytes tell.
+    before = hosts.stat()
+    hosts.write_text(V2)
+    os.utime(hosts, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert names(addresses.read_own_hosts(str(hosts))) == [("10.77.1.2", ("github.com",))]
-    assert len(reads) == 2
+    assert work == {"mount table": 1, "parse": 2}
 
-    hosts.write_text(V2 + "10.77.1.3 api.github.com\n")  # longer
-    assert len(addresses.read_own_hosts(str(hosts)).entries) == 2
     replacement = tmp_path / "new"
-    replacement.write_text(V1)
-    replacement.replace(hosts)  # another inode under the name
-    assert names(addresses.read_own_hosts(str(hosts))) == [("10.77.1.1", ("github.com",))]
-    assert len(reads) == 4
-    assert addresses.read_own_hosts(str(hosts)).key == (
-        addresses.read_hosts(str(hosts), "/proc/thread-self/mountinfo").key
-    )
+    replacement.write_text(V2)
+    replacement.replace(hosts)  # another inode under the name: looked up again
+    again = addresses.read_own_hosts(str(hosts))
+    assert work == {"mount table": 2, "parse": 2}
+    assert again.key == addresses.read_hosts(str(hosts)).key != first.key
 
 
-def test_a_file_changed_just_before_its_read_is_read_again(
-    tmp_path: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A write in the same clock tick as the read would leave every time as it was.
-    monkeypatch.setattr(addresses, "_SETTLED_NS", 10 * 10**9)
-    hosts = tmp_path / "hosts"
-    hosts.write_text(V1)
-    addresses.read_own_hosts(str(hosts))
-    addresses.read_own_hosts(str(hosts))
-    assert len(reads) == 2
-
-
-def test_a_mount_in_the_processs_namespace_makes_it_read_again(tmp_path: Path) -> None:
+def test_a_mount_in_the_processs_namespace_makes_it_look_up_again(tmp_path: Path) -> None:
     # In a process with a mount namespace of its own (unshare -m), so nothing is mounted
     # on the machine: a tmpfs mounted anywhere there is a change poll() reports.
     hosts, mountpoint = tmp_path / "hosts", tmp_path / "mnt"
     hosts.write_text(V1)
     mountpoint.mkdir()
     script = f"""
-import os, subprocess
+import subprocess
 from pytest_depfence import addresses
-addresses._SETTLED_NS = -(10**18)
-reads = []
-real = addresses.read_hosts
-addresses.read_hosts = lambda path, mountinfo: (reads.append(path), real(path, mountinfo))[1]
+looked = []
+real = addresses._mount_dev
+addresses._mount_dev = lambda fd, mountinfo: (looked.append(fd), real(fd, mountinfo))[1]
 read = lambda: addresses.read_own_hosts({str(hosts)!r})
 read(); read()
-print(len(reads))
+print(len(looked))
 subprocess.run(["mount", "-t", "tmpfs", "none", {str(mountpoint)!r}], check=True)
 read(); read()
-print(len(reads))
+print(len(looked))
 """
     unshare = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script]
     done = subprocess.run(unshare, capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout.split() == ["1", "2"], done.stderr
 
 
-def test_a_thread_in_a_mount_namespace_of_its_own_is_read_each_time(
-    tmp_path: Path, reads: list[str]
+def test_a_thread_in_a_mount_namespace_of_its_own_reads_it_all(
+    tmp_path: Path, work: dict[str, int]
 ) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text(V1)
@@ -122,11 +113,11 @@ def test_a_thread_in_a_mount_namespace_of_its_own_is_read_each_time(
 
     got = private_hosts(hosts, twice)
     assert [names(read) for read in got] == [[("10.77.1.1", ("github.com",))]] * 2
-    assert reads == ["/etc/hosts", "/etc/hosts"]  # nothing kept of it
+    assert work == {"mount table": 2, "parse": 2}  # nothing kept of it
     assert addresses._seen is None and addresses._mounts_view == view
 
 
-def test_a_forked_child_keeps_nothing_of_its_parents(tmp_path: Path, reads: list[str]) -> None:
+def test_a_forked_child_keeps_nothing_of_its_parents(tmp_path: Path, work: dict[str, int]) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text(V1)
     addresses.read_own_hosts(str(hosts))
@@ -142,4 +133,3 @@ def test_a_forked_child_keeps_nothing_of_its_parents(tmp_path: Path, reads: list
     os.close(read)
     os.waitpid(pid, 0)
     assert said == "1 -1"
-    assert threading.current_thread() is threading.main_thread()
