@@ -74,15 +74,18 @@ class Loop:
         with self._lock:
             for fd, (owner, _) in list(self._handlers.items()):
                 if owner is proxy:
-                    self._epoll.unregister(fd)
                     del self._handlers[fd]
+                    try:
+                        self._epoll.unregister(fd)
+                    except OSError:
+                        pass  # closed already: epoll forgot it then
             self._served = [served for served in self._served if served is not proxy]
 
     def _run(self) -> None:
         while True:
             with self._lock:
                 now = time.monotonic()
-                timeouts = [t for p in self._served if (t := p._next_timeout(now)) is not None]
+                timeouts = [t for p in self._served if (t := self._timeout(p, now)) is not None]
             events = self._epoll.poll(min(timeouts, default=-1))
             with self._lock:
                 for fd, _ in events:
@@ -100,6 +103,14 @@ class Loop:
                         proxy._expire(now)
                     except Exception as exc:
                         proxy._record(exc)
+
+    @staticmethod
+    def _timeout(proxy: Served, now: float) -> float | None:
+        try:
+            return proxy._next_timeout(now)
+        except Exception as exc:  # recorded, and the loop goes on for the others
+            proxy._record(exc)
+            return None
 
 
 #: The process's loop.

@@ -1006,6 +1006,49 @@ def test_one_loop_thread_serves_every_proxy_and_stays_for_the_next(upstream: Ups
     assert loops[0].is_alive()
 
 
+def test_the_loop_records_a_handlers_error_with_its_proxy_and_serves_on() -> None:
+    # Two stand-ins for proxies (loop.Served) on the process's loop, each a socketpair:
+    # the first one's handler raises, the second one's still runs, then neither does.
+    from pytest_depfence.dnsproxy.loop import LOOP
+
+    class Stub:
+        def __init__(self, fails: bool) -> None:
+            self.fails, self.errors, self.read = fails, [], threading.Event()
+            self.ends = socket.socketpair()
+            self.ends[0].setblocking(False)
+
+        def handle(self) -> None:
+            self.ends[0].recv(64)
+            self.read.set()
+            if self.fails:
+                raise ValueError("injected")
+
+        def _record(self, exc: BaseException) -> None:
+            self.errors.append(exc)
+
+        def _next_timeout(self, now: float) -> float | None:
+            return None
+
+        def _expire(self, now: float) -> None:
+            pass
+
+    failing, working = Stub(True), Stub(False)
+    try:
+        for stub in (failing, working):
+            LOOP.add(stub, {stub.ends[0].fileno(): stub.handle})
+        failing.ends[1].send(b"x")
+        assert failing.read.wait(10)  # a bound, not a timing
+        working.ends[1].send(b"x")
+        assert working.read.wait(10)
+        assert [str(e) for e in failing.errors] == ["injected"] and working.errors == []
+    finally:
+        for stub in (failing, working):
+            LOOP.remove(stub)
+            for end in stub.ends:
+                end.close()
+    assert all(owner not in (failing, working) for owner, _ in LOOP._handlers.values())
+
+
 def test_a_start_that_fails_leaves_nothing_open(
     upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
