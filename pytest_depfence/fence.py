@@ -1,7 +1,7 @@
 """The fence: run commands in their own cgroup, DNS through a policy proxy, and report.
 
 `Fence` owns, for its lifetime, one DNS proxy, one `Judge` (the policy and what
-has been learned of addresses), a refuser port for the "reset" outage, and its
+has been learned of addresses), a refuser port (with the "reset" outage only), and its
 fenced services (`service()`: each in a cgroup of its own, for the fence's
 life); each `run()` is a `Run` with a fresh cgroup, the shared eBPF programs
 attached (to the adopted services' cgroups too, for the run's duration), the
@@ -156,7 +156,8 @@ class Fence:
         try:
             judge = Judge(self.policy, self.mode, self.outage, AddressBook(self.id, programs))
             self._judge = judge
-            self._refuser = Refuser()
+            if judge.outage.kernel == "reset":  # where a refused connect is sent
+                self._refuser = Refuser()
             self._outside_runs = Run(programs, judge, self._peers)
             self._proxy = DnsProxy(
                 upstream=self.upstream, judge=ProxyJudge(judge, self._recorder)
@@ -289,7 +290,7 @@ class Fence:
         each step's undo pushed on `teardown` (they run in reverse: rmdir last)."""
         programs, judge, proxy = self._programs, self._judge, self._proxy
         assert programs is not None and judge is not None and proxy is not None
-        assert self._refuser is not None and self._tools is not None
+        assert self._tools is not None
         listener = kernel.Listener(
             run.on_connection, run.on_bypass, self._view_changed, run.on_escape, run.on_unix
         )
@@ -374,11 +375,11 @@ class Fence:
         `teardown`."""
         programs, judge, proxy, refuser = self._programs, self._judge, self._proxy, self._refuser
         assert programs is not None and judge is not None
-        assert proxy is not None and refuser is not None
+        assert proxy is not None
         config = kernel.KernelFence(
             fence_id=self.id,
             proxy_port=proxy.port,
-            refuser_port=refuser.port,
+            refuser_port=refuser.port if refuser is not None else 0,  # 0: not "reset"
             egress_only=self.policy.kind == "egress_only",
             audit=self.mode == "audit",
             outage=judge.outage.kernel,
