@@ -338,7 +338,7 @@ void __attribute__((noreturn, used)) enter(long *sp)
     if (fprog.len) {
         err = -sys3(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, 0, (long)&fprog);
         if (err > 0)
-            fail("cannot put the seccomp filter on", "", err, 126);
+            fail("cannot install the seccomp filter", "", err, 126);
     }
     err = search(argv[i + 1], argv + i + 1, envp);
     fail("failed to execute ", argv[i + 1], err, err == ENOENT ? 127 : 126);
