@@ -117,6 +117,9 @@ def test_a_thread_in_a_mount_namespace_of_its_own_reads_it_all(
     assert addresses._seen is None and addresses._mounts_view == view
 
 
+# The fork is the point (a child of a threaded process); the child runs only this
+# module's code, then os._exit.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_keeps_nothing_of_its_parents(tmp_path: Path, work: dict[str, int]) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text(V1)

@@ -1071,6 +1071,9 @@ def test_a_start_that_fails_leaves_nothing_open(
     assert _proxy_threads() == []
 
 
+# The fork is the point (a child of a threaded process); the child runs only this
+# module's code, then os._exit.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_child_forked_while_a_proxy_runs_serves_its_own(upstream: Upstream) -> None:
     # The child has no loop thread (only the forking thread is copied): its first proxy
     # must start one, not wait on the parent's, whose lock it may even have copied held.
