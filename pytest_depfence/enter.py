@@ -3,7 +3,7 @@ machine and user with the C compiler, kept in a cache (`cache_dir`, `helper`).
 
 It does in one exec what `/bin/sh` (the move into the cgroup) and `unshare --cgroup`
 do in two, and drops the capabilities and takes the seccomp filter a thread of the
-owner's would otherwise take first (confine.py): about 1.4 ms less at every run here.
+owner's would otherwise take first (confine.py): about 1.5 ms less at every run here.
 Where it cannot be built (no C compiler, another architecture) or the cache is not safe
 to run from, fenced commands start through that chain as before, which `reason` says
 (`depfence doctor`).
