@@ -220,14 +220,6 @@ def enter_options(raw_sockets: bool, protect: Sequence[int]) -> list[str]:
     (`dropped`), then take the seccomp filter for `protect` (in hex)."""
     options = [arg for cap in dropped(raw_sockets) for arg in ("-c", str(cap))]
     raw = seccomp.packed(protect)
-    if len(raw) > seccomp.MAX_INSNS * seccomp.INSN_SIZE:
-        # What the kernel would refuse (EINVAL), said with its cause.
-        raise FenceUnavailable(
-            f"the seccomp filter that protects this process's {len(protect)} threads and "
-            f"its guardian is {len(raw) // seccomp.INSN_SIZE} instructions, over the "
-            f"kernel's {seccomp.MAX_INSNS}",
-            fix="open fences from a process with fewer threads",
-        )
     return [*options, "-f", raw.hex()] if raw else options
 
 

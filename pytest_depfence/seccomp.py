@@ -168,9 +168,19 @@ def program(
 
 def packed(protected: Iterable[int]) -> bytes:
     """The filter for `protected` as the kernel takes it (struct sock_filter after struct
-    sock_filter: what depfence-enter is given in hex); empty for a machine it does not know."""
+    sock_filter: what depfence-enter is given in hex, what `install` puts on a thread);
+    empty for a machine it does not know. FenceUnavailable when it is longer than the
+    kernel takes (EINVAL), said with its cause."""
     pids = tuple(sorted({p for p in protected if p > 0}))
-    return _packed(pids, tuple(sorted(_groups(pids))), platform.machine())
+    raw = _packed(pids, tuple(sorted(_groups(pids))), platform.machine())
+    if len(raw) > MAX_INSNS * _INSN.size:
+        raise FenceUnavailable(
+            f"the seccomp filter that protects this process's {len(pids)} threads and "
+            f"its guardian is {len(raw) // _INSN.size} instructions, over the kernel's "
+            f"{MAX_INSNS}",
+            fix="open fences from a process with fewer threads",
+        )
+    return raw
 
 
 def install(protected: Iterable[int]) -> None:
@@ -196,8 +206,8 @@ def install(protected: Iterable[int]) -> None:
 
 
 _INSN = struct.Struct("=HBBI")
-#: The kernel's limits: instructions of a filter (BPF_MAXINSNS), and their size.
-MAX_INSNS, INSN_SIZE = 4096, _INSN.size
+#: The most instructions the kernel takes in a filter (BPF_MAXINSNS).
+MAX_INSNS = 4096
 
 
 @functools.lru_cache(maxsize=16)
