@@ -42,6 +42,9 @@ class Loop:
     """The event loop every proxy of the process is served by (`LOOP`)."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         # Held while handlers run, and while the served set changes.
         self._lock = threading.Lock()
         self._epoll = select.epoll()
@@ -54,7 +57,7 @@ class Loop:
         lock may have been held when it was forked. What the parent serves is the
         parent's; the child's first proxy starts a thread of its own."""
         self._epoll.close()
-        self.__init__()  # type: ignore[misc]
+        self._reset()
 
     def add(self, proxy: Served, handlers: dict[int, Callable[[], None]]) -> None:
         """Serve `proxy`: each handler is called when its descriptor is readable."""
