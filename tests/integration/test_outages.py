@@ -196,14 +196,12 @@ def test_reset_outage_is_econnrefused_for_a_python_client(fenced: Fence, tmp_pat
 def test_blackhole_outage_hangs_curl_until_its_own_timeout(fenced: Fence, lab: Lab) -> None:
     argv = ["curl", "-sS", "-m", "1", "-w", "%{time_total}", "http://github.com/"]
     lab.clear_http_log()
-    started = time.monotonic()
     result = fenced.run(argv, check=False, timeout=30)
-    elapsed = time.monotonic() - started
 
-    assert result.returncode == 28, result.stderr  # curl: operation timed out
-    # Held until curl's own -m 1. The lower bound is the run's, not curl's time_total:
-    # curl 7.74 (Debian 11) reports about 0.75 s at a 1 s timeout.
-    assert elapsed >= 0.9
+    # Held until curl's own -m 1 gave up: exit 28 is curl's timer, not a refusal (7).
+    # No lower bound on the time: curl 7.74 (Debian 11) gives up after 0.75-0.9 s.
+    assert result.returncode == 28, result.stderr
+    assert "timed out" in result.stderr
     assert float(result.stdout) < 2.0
     assert served_github(lab) == []
     lookups = dns_violations(result, argv, "blackhole")
