@@ -18,6 +18,7 @@ one that died) lives there too.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -274,12 +275,11 @@ class CgroupTree:
 
         for _ in range(5):
             try:
-                self.parent.mkdir(exist_ok=True)
                 removed = sweep_stale(self.parent, self.session.name)
                 if removed or not self._mirrors_swept:
                     sweep_mirrors()  # after: their processes were the v2 sessions'
                     self._mirrors_swept = True
-                self.session.mkdir(exist_ok=True)
+                _make_session(self.session)
                 break
             except FileNotFoundError:
                 continue  # another session removed the empty parent in between; make it again
@@ -345,6 +345,19 @@ def close_all(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def _make_session(session: Path) -> None:
+    """mkdir the session's directory, and its parent first if that is missing: one
+    syscall when both are there (cgroupfs holds no file of that name but a directory)."""
+    try:
+        os.mkdir(session)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        for path in (session.parent, session):  # another thread's open may make them too
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path)
 
 
 def sweep_stale(parent: Path, own: str = "") -> list[Path]:

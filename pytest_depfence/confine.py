@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from . import enter, seccomp
+from . import enter, seccomp, statmount
 from .errors import ConfigError, FenceUnavailable
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -112,6 +112,8 @@ _lock = threading.Lock()
 _tools: Tools | None = None
 #: The kernel did not take `favordynmods` (before 6.0 it has no such option): not asked again.
 _no_favordynmods = False
+#: The unique id of the cgroup2 mount whose options were last found on (`statmount`).
+_checked_mount: int | None = None
 
 
 def prepare(mountinfo: str = MOUNTINFO) -> Tools:
@@ -351,19 +353,23 @@ class Cgroup2Mount:
 
 
 def read_cgroup2_mount(mountinfo: str = MOUNTINFO) -> Cgroup2Mount | None:
-    """The first cgroup2 mount in `mountinfo`, or None."""
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == "cgroup2":
-                super_options = fields[sep + 3] if len(fields) > sep + 3 else ""
-                return Cgroup2Mount(
-                    Path(fields[4]),
-                    tuple(fields[5].split(",")),
-                    tuple(o for o in super_options.split(",") if o),
-                )
-    return None
+    """The first cgroup2 mount in `mountinfo`, or None. Read at every fence's open: only
+    its line is split (a path's spaces are escaped in mountinfo, so " - " is only ever
+    the separator before the filesystem type)."""
+    with open(mountinfo, "rb") as f:
+        data = f.read()
+    at = data.find(b" - cgroup2 ")
+    if at < 0:
+        return None
+    start, end = data.rfind(b"\n", 0, at) + 1, data.find(b"\n", at)
+    fields = data[start : end if end >= 0 else len(data)].decode(errors="replace").split()
+    sep = fields.index("-")
+    super_options = fields[sep + 3] if len(fields) > sep + 3 else ""
+    return Cgroup2Mount(
+        Path(fields[4]),
+        tuple(fields[5].split(",")),
+        tuple(o for o in super_options.split(",") if o),
+    )
 
 
 def ensure_mount_options(mountinfo: str = MOUNTINFO) -> None:
@@ -376,7 +382,9 @@ def ensure_mount_options(mountinfo: str = MOUNTINFO) -> None:
     often do not, so the fence remounts it, keeping every other option. The kernel
     takes the flags only from a process in the initial cgroup namespace. Both stay on.
     """
-    global _no_favordynmods
+    global _no_favordynmods, _checked_mount
+    if mountinfo == MOUNTINFO and _options_still_on():
+        return
     mount = read_cgroup2_mount(mountinfo)
     if mount is None:
         return  # no cgroup2 at all: cgroup.py says so, with its fix
@@ -398,6 +406,21 @@ def ensure_mount_options(mountinfo: str = MOUNTINFO) -> None:
             + (f" ({error})" if error else " (not in the initial cgroup namespace?)"),
             fix=f"on the host: mount -o remount,nsdelegate {path}",
         )
+    if mountinfo == MOUNTINFO:
+        _checked_mount = statmount.mount_id(mount.path)
+
+
+def _options_still_on() -> bool:
+    """Whether the cgroup2 mount found last has its options on still, asked of the kernel
+    for that one mount (`statmount`; the options are the one hierarchy's, so a remount
+    anywhere shows). False when it cannot say: then mountinfo is read."""
+    if _checked_mount is None:
+        return False
+    found = statmount.super_options(_checked_mount)
+    if found is None or found[0] != "cgroup2":
+        return False
+    options = found[1]
+    return "nsdelegate" in options and ("favordynmods" in options or _no_favordynmods)
 
 
 def _remount(mount: Cgroup2Mount, option: str) -> str | None:

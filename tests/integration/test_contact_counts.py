@@ -273,3 +273,25 @@ def test_no_raw_socket_owner_is_kept_after_the_run(fences, fifo) -> None:
         go.write_line()
         run.join(60)
     assert not [k for k, o in raw.items() if o.cgid in mine]
+
+
+def test_a_closed_fence_leaves_no_address_or_name_rule(fences) -> None:
+    # Its name rules, its address rules as written, the addresses the upstream gave its
+    # blocked names, and one more learned at a run: each fence forgets the keys it added.
+    programs = load()
+    fence = fences(Policy.no_egress("github.com", "*.githubusercontent.com", "10.77.9.0/24"))
+    fence.run(["getent", "hosts", "github.com"], check=False)
+    fence.run(["getent", "ahosts", "raw.githubusercontent.com"], check=False)
+    other = fences(Policy.no_egress("github.com"))
+
+    def rules_of(fence_id: int) -> tuple[int, int]:
+        addrs = [k for k in programs.table("addrs").keys() if k.fence_id == fence_id]
+        names = [k for k in programs.table("names").keys() if k.fence_id == fence_id]
+        return len(addrs), len(names)
+
+    addrs, names = rules_of(fence.id)
+    assert addrs >= 3 and names == 2, (addrs, names)  # 10.77.9.0/24, github.com's v4 and v6
+    before_other = rules_of(other.id)
+    fence.close()
+    assert rules_of(fence.id) == (0, 0)
+    assert rules_of(other.id) == before_other != (0, 0)

@@ -17,6 +17,7 @@ Lab addresses: github.com 10.77.1.1, mirror.internal 10.77.3.1.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shlex
@@ -34,7 +35,7 @@ import pytest
 from helpers_cgroup import cgroup_of
 from helpers_net import skip_or_fail
 
-from pytest_depfence import Fence, Policy, confine
+from pytest_depfence import Fence, Policy, confine, statmount
 from pytest_depfence.cgroup import CgroupTree, cgroup2_mount
 from pytest_depfence.output import OUTPUT_GRACE
 
@@ -185,6 +186,42 @@ def test_an_open_fence_leaves_nsdelegate_on_and_favordynmods_on_where_the_kernel
     assert mount is not None and mount.nsdelegate, mount
     release = tuple(int(part) for part in os.uname().release.split(".")[:2])
     assert mount.favordynmods == (release >= (6, 0)), (os.uname().release, mount)
+
+
+def test_the_mount_check_asks_the_kernel_for_the_one_mount_where_it_can(fenced: Fence) -> None:
+    # statmount(2) says what mountinfo says of the cgroup2 mount (superblock options;
+    # mountinfo adds rw/ro), in a few microseconds; from Linux 6.11 it must be able to.
+    mount = confine.read_cgroup2_mount()
+    assert mount is not None
+    found = statmount.super_options(statmount.mount_id(mount.path) or 0)
+    release = tuple(int(part) for part in os.uname().release.split(".")[:2])
+    assert (found is not None) == (release >= (6, 11)), (os.uname().release, found)
+    if found is not None:
+        assert found == ("cgroup2", tuple(o for o in mount.super_options if o not in ("rw", "ro")))
+
+
+def test_nsdelegate_taken_off_between_two_opens_is_turned_on_again(fenced: Fence) -> None:
+    # The fast check (statmount) must see a remount made after the last full read.
+    mount = confine.read_cgroup2_mount()
+    assert mount is not None and mount.nsdelegate
+    # mount(2) itself: util-linux's `mount -o remount` would keep the options it finds on.
+    flags, _ = mount.remount_request()
+    options = ",".join(o for o in mount.super_options if o not in ("rw", "nsdelegate"))
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = os.fsencode(mount.path)
+    assert libc.mount(b"cgroup2", path, b"cgroup2", flags, options.encode()) == 0, os.strerror(
+        ctypes.get_errno()
+    )
+    try:
+        off = confine.read_cgroup2_mount()
+        assert off is not None and not off.nsdelegate, off
+        with Fence(Policy.no_egress("github.com"), upstream="%s:%d" % fenced.upstream):
+            again = confine.read_cgroup2_mount()
+            assert again is not None and again.nsdelegate, again
+    finally:  # by mount(2) again, not by the code under test
+        now = confine.read_cgroup2_mount()
+        if now is not None and not now.nsdelegate:
+            assert confine._remount(now, "nsdelegate") is None
 
 
 # --------------------------------------------------------------------------- CAP_NET_RAW
