@@ -204,19 +204,27 @@ def btf_offsets(
     path: Path | None = None, fields: dict[tuple[str, str], str] = BTF_FIELDS
 ) -> dict[str, int] | None:
     """{-D name: byte offset} of every field of `fields` in the running kernel, or None
-    when there is no BTF or a field is not a plain, byte-aligned member of its struct.
+    when there is no BTF or a field is not a plain, byte-aligned member of its struct."""
+    return _offset_sets(path, fields)[0]
 
-    The types are walked from the first until every struct is found: they come early
-    in vmlinux's BTF (about the 2000th of 127,000 types on 6.18, ~1 ms).
-    """
+
+def _offset_sets(
+    path: Path | None, *field_sets: dict[tuple[str, str], str]
+) -> list[dict[str, int] | None]:
+    """`btf_offsets` of each field set, from one read and one walk of the types: they
+    are walked from the first until every struct is found, and they come early in
+    vmlinux's BTF (about the 2000th of 127,000 types on 6.18, ~1 ms)."""
     try:
         data = (path or VMLINUX_BTF).read_bytes()  # sysfs cannot be mmapped; 5 MiB read in ~2 ms
-        return _offsets_in(data, fields)
+        members = _members(data, {name for fields in field_sets for name, _ in fields})
     except (OSError, ValueError, struct.error):
-        return None
+        return [None for _ in field_sets]
+    return [_offsets(members, fields) for fields in field_sets]
 
 
-def _offsets_in(data: bytes, wanted_fields: dict[tuple[str, str], str]) -> dict[str, int] | None:
+def _members(data: bytes, structs: set[str]) -> dict[str, dict[str, int]] | None:
+    """struct name -> {member name: bit offset} of each of `structs` BTF has (None: no
+    BTF); the walk ends once all are found."""
     magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
         "<HBBIIIII", data, 0
     )
@@ -224,11 +232,10 @@ def _offsets_in(data: bytes, wanted_fields: dict[tuple[str, str], str]) -> dict[
         return None
     strings = hdr_len + str_off
     wanted: dict[int, str] = {}  # name offset -> struct name
-    for name in {s for s, _ in wanted_fields}:
+    for name in structs:
         at = data.find(b"\0" + name.encode() + b"\0", strings, strings + str_len)
-        if at < 0:
-            return None
-        wanted[at + 1 - strings] = name
+        if at >= 0:
+            wanted[at + 1 - strings] = name
     fields: dict[str, dict[str, int]] = {}
     pos, end = hdr_len + type_off, hdr_len + type_off + type_len
     while pos < end and len(fields) < len(wanted):
@@ -245,9 +252,17 @@ def _offsets_in(data: bytes, wanted_fields: dict[tuple[str, str], str]) -> dict[
                 members[_string(data, strings + m_name)] = bits
             fields[wanted[name_off]] = members
         pos += 12 + _KIND_EXTRA.get(kind, 0) + _KIND_PER_MEMBER.get(kind, 0) * vlen
+    return fields
+
+
+def _offsets(
+    members: dict[str, dict[str, int]] | None, wanted_fields: dict[tuple[str, str], str]
+) -> dict[str, int] | None:
+    if members is None:
+        return None
     offsets = {}
     for (struct_name, field), define in wanted_fields.items():
-        bits = fields.get(struct_name, {}).get(field)
+        bits = members.get(struct_name, {}).get(field)
         if bits is None or bits % 8:
             return None
         offsets[define] = bits // 8
@@ -262,8 +277,8 @@ def btf_cflags() -> list[str]:
     """-D flags with the BTF offsets, or DEPFENCE_NO_BTF_OFFSETS (classic tracepoints);
     and those of FD_FIELDS, or DEPFENCE_NO_FD_INODE (writes through a descriptor unseen)."""
     flags = []
-    for fields, missing in ((BTF_FIELDS, "NO_BTF_OFFSETS"), (FD_FIELDS, "NO_FD_INODE")):
-        offsets = btf_offsets(fields=fields)
+    found = _offset_sets(None, BTF_FIELDS, FD_FIELDS)
+    for offsets, missing in zip(found, ("NO_BTF_OFFSETS", "NO_FD_INODE")):
         if offsets is None:
             flags.append(f"-DDEPFENCE_{missing}=1")
         else:
