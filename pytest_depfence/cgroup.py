@@ -349,7 +349,7 @@ def close_all(fds: list[int]) -> None:
 
 def _make_session(session: Path) -> None:
     """mkdir the session's directory, and its parent first if that is missing: one
-    syscall when both are there (cgroupfs holds no file of that name but a directory)."""
+    syscall when both are there (in cgroupfs, a name that exists there is a directory)."""
     try:
         os.mkdir(session)
     except FileExistsError:

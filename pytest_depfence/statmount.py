@@ -16,7 +16,7 @@ import os
 import platform
 import struct
 
-#: (statx, statmount) syscall numbers; statmount's is one on every architecture.
+#: (statx, statmount) syscall numbers (statmount has one number on every architecture).
 _SYSCALLS = {"x86_64": (332, 457), "aarch64": (291, 457)}
 _AT_FDCWD = -100
 _STATX_MNT_ID_UNIQUE = 0x4000
@@ -38,10 +38,8 @@ def mount_id(path: str | os.PathLike[str]) -> int | None:
     buf = ctypes.create_string_buffer(_STATX_SIZE)
     if _libc.syscall(numbers[0], _AT_FDCWD, os.fsencode(path), 0, _STATX_MNT_ID_UNIQUE, buf):
         return None
-    mask, (unique,) = (
-        struct.unpack_from("<I", buf.raw)[0],
-        struct.unpack_from("<Q", buf.raw, _STATX_MNT_ID),
-    )
+    (mask,) = struct.unpack_from("<I", buf.raw)
+    (unique,) = struct.unpack_from("<Q", buf.raw, _STATX_MNT_ID)
     return unique if mask & _STATX_MNT_ID_UNIQUE else None
 
 
