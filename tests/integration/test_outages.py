@@ -15,7 +15,6 @@ import json
 import os
 import shlex
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,14 +112,13 @@ def test_nxdomain_makes_getent_report_not_found(fenced: Fence) -> None:
 @pytest.mark.fence(outage="timeout")
 def test_timeout_outage_leaves_the_query_unanswered(fenced: Fence) -> None:
     argv = ["dig", "@10.77.0.53", "+tries=1", "+timeout=1", "github.com"]
-    start = time.monotonic()
     result = fenced.run(argv, check=False, timeout=30)
-    elapsed = time.monotonic() - start
 
+    # dig waited its own timeout: nothing was sent back (no answer, no refusal: those
+    # read "status:" and "communications error"). Its timer, not a wall-clock bound.
     assert result.returncode == 9, result.stdout  # dig: no reply from any server
     assert "timed out" in result.stdout
-    assert "status:" not in result.stdout
-    assert elapsed >= 1.0  # dig waited its full timeout: nothing was sent back
+    assert "status:" not in result.stdout and "communications error" not in result.stdout
     (event,) = dns_violations(result, argv, "timeout")
     assert (event.verdict, event.blocked_at) == ("blocked", "dns")
 
