@@ -94,7 +94,7 @@ def _item(kind: Any, array: Any, index: int) -> Any:
 
 def delete(table: Any, keys: list[Any]) -> None:
     """Delete these keys of a bcc table; keys already gone are fine. A map the kernel
-    deletes no batch of (an LPM trie) has them deleted one by one."""
+    deletes no batch of (an LPM trie before Linux 6.x) has them deleted one by one."""
     if not keys:
         return
     array = (table.Key * len(keys))(*keys)
@@ -103,13 +103,17 @@ def delete(table: Any, keys: list[Any]) -> None:
         attr = _BatchAttr(map_fd=table.map_fd, count=len(keys) - done)
         attr.keys = ctypes.addressof(array) + done * ctypes.sizeof(table.Key)
         err = _call(_BPF_MAP_DELETE_BATCH, attr)
-        done += attr.count
-        if err == errno.ENOENT:
-            done += 1  # gone already (an LRU map evicted it): skip it
-        elif err:
-            for key in keys[done:]:  # the kernel refuses batches: one by one
-                try:
-                    del table[key]
-                except KeyError:
-                    pass
-            return
+        if err in (0, errno.ENOENT):
+            # How many it deleted: written back by a batch that ran. ENOENT: the next is
+            # gone already (an LRU map evicted it): skip it.
+            done += attr.count + (err == errno.ENOENT)
+            continue
+        # Refused as a batch (ENOTSUPP: the map has no batch delete), and then the kernel
+        # writes no count back, so none is trusted: one by one from `done`, where a key
+        # a partial batch deleted already is gone.
+        for key in keys[done:]:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+        return
