@@ -17,6 +17,7 @@
  * The move_mount syscall (and its tracepoint) exists from 5.2.
  */
 
+#define SIGCONT 18
 #define SIGSTOP 19
 
 struct view_event {
@@ -38,18 +39,25 @@ static __always_inline struct fence_cfg *pausable_fence(__u64 *cgid)
 }
 
 /* Stop the current process until userspace has read its hosts file (and the file at
- * `fd`, when not -1), and tell userspace. */
+ * `fd`, when not -1), and tell userspace.
+ *
+ * The stop first, then the event: userspace's SIGCONT, sent once it has read the event,
+ * then always comes after the stop, and takes it back should the process not have
+ * stopped yet. The other way round, a SIGCONT could come first and the stop after it
+ * leave the process stopped for good (seen under QEMU's software CPUs, where a CPU
+ * can wait milliseconds between two instructions: a run's timeout ended it). No
+ * event, no pause: a SIGCONT right away takes the pending stop back. */
 static __always_inline int pause_to_look(__u64 cgid, __s32 fd)
 {
     struct view_event e = {};
     e.cgid = cgid;
     e.pid = bpf_get_current_pid_tgid() >> 32;
     e.fd = fd;
-    /* Only pause when userspace will hear of it and let the process go on. */
-    if (view_events.ringbuf_output(&e, sizeof(e), 0) == 0)
-        bpf_send_signal(SIGSTOP);
-    else
+    bpf_send_signal(SIGSTOP);
+    if (view_events.ringbuf_output(&e, sizeof(e), 0)) {
+        bpf_send_signal(SIGCONT);
         count_lost(cgid);
+    }
     return 0;
 }
 
