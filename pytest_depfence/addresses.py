@@ -18,6 +18,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Callable, Protocol, Union
 
@@ -41,7 +42,7 @@ class AddressSink(Protocol):
 
     def add_network(self, fence_id: int, network: IPNetwork, verdict: str) -> None: ...
 
-    def forget_networks(self, fence_id: int) -> None: ...
+    def forget_networks(self, fence_id: int, networks: Iterable[IPNetwork]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,12 @@ class AddressBook:
             return list(self._learned.get(as_address(address), ()))
 
     def forget(self) -> None:
+        """Forget every address, and take out of the kernel each network it was told."""
         with self._lock:
             self._learned.clear()
+            told = list(self._verdicts)
             self._verdicts.clear()
-        self._sink.forget_networks(self.fence_id)
+        self._sink.forget_networks(self.fence_id, told)
 
 
 @dataclass(frozen=True)

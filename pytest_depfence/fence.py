@@ -177,17 +177,21 @@ class Fence:
     def _learn_rules(self, programs: kernel.Programs, judge: Judge) -> None:
         """Tell the kernel the rules: names (for DNS that skips the proxy), address rules,
         and (no_egress) the addresses the upstream gives the blocked names."""
-        for rule in self.policy.rules:
-            if rule.name is not None:
-                programs.add_name(self.id, rule.name, rule.kind)
+        for name, kind in self._name_rules():
+            programs.add_name(self.id, name, kind)
         judge.learn_rules()
         for name in judge.names_to_preresolve():
             judge.learn_upstream(name, resolve(name, self.upstream, timeout=1.0).addresses)
 
+    def _name_rules(self) -> list[tuple[str, str]]:
+        """(name, kind) of each name rule: what the kernel judges DNS past the proxy by."""
+        return [(rule.name, rule.kind) for rule in self.policy.rules if rule.name is not None]
+
     def close(self) -> None:
         with Teardown() as teardown:
             if self._programs is not None:
-                teardown.push(partial(self._programs.forget_names, self.id))
+                names = [name for name, _ in self._name_rules()]
+                teardown.push(partial(self._programs.forget_names, self.id, names))
             if self._judge is not None:
                 teardown.push(self._judge.book.forget)
             if self._refuser is not None:

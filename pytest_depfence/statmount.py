@@ -16,8 +16,9 @@ import os
 import platform
 import struct
 
-#: (statx, statmount) syscall numbers (statmount has one number on every architecture).
-_SYSCALLS = {"x86_64": (332, 457), "aarch64": (291, 457)}
+#: (statx, statmount) syscall numbers of this machine (statmount has one number on every
+#: architecture); None elsewhere.
+_SYSCALLS = {"x86_64": (332, 457), "aarch64": (291, 457)}.get(platform.machine())
 _AT_FDCWD = -100
 _STATX_MNT_ID_UNIQUE = 0x4000
 #: struct statx: stx_mask at 0, stx_mnt_id at 0x90 (uapi/linux/stat.h).
@@ -32,11 +33,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def mount_id(path: str | os.PathLike[str]) -> int | None:
     """The unique id of the mount at `path` (statx), or None before Linux 6.8."""
-    numbers = _SYSCALLS.get(platform.machine())
-    if numbers is None:
+    if _SYSCALLS is None:
         return None
     buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if _libc.syscall(numbers[0], _AT_FDCWD, os.fsencode(path), 0, _STATX_MNT_ID_UNIQUE, buf):
+    if _libc.syscall(_SYSCALLS[0], _AT_FDCWD, os.fsencode(path), 0, _STATX_MNT_ID_UNIQUE, buf):
         return None
     (mask,) = struct.unpack_from("<I", buf.raw)
     (unique,) = struct.unpack_from("<Q", buf.raw, _STATX_MNT_ID)
@@ -46,14 +46,13 @@ def mount_id(path: str | os.PathLike[str]) -> int | None:
 def super_options(unique_id: int) -> tuple[str, tuple[str, ...]] | None:
     """(filesystem type, superblock options) of the mount with this unique id in this
     thread's mount namespace, or None: no such mount, or a kernel that cannot say."""
-    numbers = _SYSCALLS.get(platform.machine())
-    if numbers is None:
+    if _SYSCALLS is None:
         return None
     request = ctypes.create_string_buffer(
         struct.pack("<IIQQ", 24, 0, unique_id, STATMOUNT_FS_TYPE | STATMOUNT_MNT_OPTS)
     )
     buf = ctypes.create_string_buffer(_BUF_SIZE)
-    if _libc.syscall(numbers[1], request, buf, _BUF_SIZE, 0):
+    if _libc.syscall(_SYSCALLS[1], request, buf, _BUF_SIZE, 0):
         return None
     raw = buf.raw
     size, opts, mask = struct.unpack_from("<IIQ", raw)

@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Union
@@ -104,10 +105,6 @@ class Programs:
         self._decoded: dict[int, tuple[int, int, int, ProcRecord]] = {}
         self._addrs = bpf.get_table(b"addrs")
         self._names = bpf.get_table(b"names")
-        #: What each fence id put in `addrs` and `names`: what its forget_* deletes.
-        self._networks: dict[int, set[IPNetwork]] = {}
-        self._name_keys: dict[int, list[Any]] = {}
-        self._rules_lock = threading.Lock()
         self._lost = bpf.get_table(b"lost_events")
         self._hosts_files = bpf.get_table(b"hosts_files")
         #: (dev, ino) of each hosts file in `hosts_files` -> the fence cgroups that read it.
@@ -262,34 +259,29 @@ class Programs:
         """Judge every address in `network` for this fence: "block" or "allow"."""
         leaf = self._addrs.Leaf()
         leaf.verdict = abi.Verdict[verdict.upper()]
-        key = self._addr_key(fence_id, network)
-        with self._rules_lock:
-            self._addrs[key] = leaf
-            self._networks.setdefault(fence_id, set()).add(network)
+        self._addrs[self._addr_key(fence_id, network)] = leaf
 
-    def forget_networks(self, fence_id: int) -> None:
-        """Delete the fence's address rules: the keys it added (a walk of the whole trie
-        took two syscalls for every key of every fence)."""
-        with self._rules_lock:
-            networks = self._networks.pop(fence_id, set())
+    def forget_networks(self, fence_id: int, networks: Iterable[IPNetwork]) -> None:
+        """Delete these address rules of the fence (the ones it added: a walk of the whole
+        trie took two syscalls for every key of every fence)."""
         batch.delete(self._addrs, [self._addr_key(fence_id, n) for n in networks])
 
     # -- names, for DNS that skips the proxy ------------------------------------
-    def add_name(self, fence_id: int, name: str, kind: str) -> None:
-        """A name rule: "name" (it and below) or "subdomains" (below only)."""
+    def _name_key(self, fence_id: int, name: str) -> Any:
         key = self._names.Key()
         key.fence_id = fence_id
         key.hash = abi.name_hash(name)
+        return key
+
+    def add_name(self, fence_id: int, name: str, kind: str) -> None:
+        """A name rule: "name" (it and below) or "subdomains" (below only)."""
         leaf = self._names.Leaf()
         leaf.kind = abi.NAME_KINDS[kind]
-        with self._rules_lock:
-            self._names[key] = leaf
-            self._name_keys.setdefault(fence_id, []).append(key)
+        self._names[self._name_key(fence_id, name)] = leaf
 
-    def forget_names(self, fence_id: int) -> None:
-        with self._rules_lock:
-            keys = self._name_keys.pop(fence_id, [])
-        batch.delete(self._names, keys)
+    def forget_names(self, fence_id: int, names: Iterable[str]) -> None:
+        """Delete these name rules of the fence (the ones it added)."""
+        batch.delete(self._names, [self._name_key(fence_id, name) for name in names])
 
     # -- events ---------------------------------------------------------------
     def subscribe(self, cgroup_id: int, listener: Listener) -> None:

@@ -55,7 +55,7 @@ class NoAddresses:
     def add_network(self, fence_id: int, network: object, verdict: str) -> None:
         raise AssertionError("an escape teaches the judge no address")
 
-    def forget_networks(self, fence_id: int) -> None:
+    def forget_networks(self, fence_id: int, networks: object) -> None:
         pass
 
 

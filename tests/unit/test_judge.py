@@ -33,7 +33,7 @@ class Trie:
     def add_network(self, fence_id: int, network: object, verdict: str) -> None:
         self.verdicts[str(network)] = verdict
 
-    def forget_networks(self, fence_id: int) -> None:
+    def forget_networks(self, fence_id: int, networks: object) -> None:
         self.forgotten.append(fence_id)
 
 

@@ -37,7 +37,7 @@ class NoAddresses:
     def add_network(self, fence_id: int, network: object, verdict: str) -> None:
         raise AssertionError("a local contact learned an address")
 
-    def forget_networks(self, fence_id: int) -> None:
+    def forget_networks(self, fence_id: int, networks: object) -> None:
         pass
 
 

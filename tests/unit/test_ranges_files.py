@@ -201,7 +201,7 @@ class _Sink:
     def add_network(self, fence_id: int, network: object, verdict: str) -> None:
         self.networks.append((str(network), verdict))
 
-    def forget_networks(self, fence_id: int) -> None:
+    def forget_networks(self, fence_id: int, networks: object) -> None:
         self.networks.clear()
 
 

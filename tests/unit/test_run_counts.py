@@ -28,7 +28,7 @@ class NoAddresses:
     def add_network(self, fence_id: int, network: object, verdict: str) -> None:
         pass
 
-    def forget_networks(self, fence_id: int) -> None:
+    def forget_networks(self, fence_id: int, networks: object) -> None:
         pass
 
 
