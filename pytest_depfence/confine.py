@@ -203,6 +203,7 @@ def spawn(
     def popen(entry: list[str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             entry,
+            bufsize=0,  # `output.Output` reads the pipes' fds: no buffered stream over them
             cwd=cwd,
             env=dict(env) if env is not None else None,
             stdin=subprocess.DEVNULL if stdin is None else stdin,

@@ -242,7 +242,7 @@ static void drop(const char *name, long cap)
     if (err > 0)
         fail("cannot take out of the bounding set the capability ", name, err, 126);
     err = -sys3(SYS_CAPGET, (long)&header, (long)data, 0);
-    if (err <= 0) {
+    if (err <= 0 && (data[cap / 32].inheritable & (1u << (cap % 32)))) {  /* mostly not */
         data[cap / 32].inheritable &= ~(1u << (cap % 32));
         err = -sys3(SYS_CAPSET, (long)&header, (long)data, 0);
     }

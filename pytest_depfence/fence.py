@@ -311,8 +311,9 @@ class Fence:
             self._outside_runs.count_contacts(
                 {member.cgroup_id for member in self._service_members.values()}
             )
-        assert self._outside_runs is not None
-        self._count_dropped(self._outside_runs)  # since the last run: its services'
+        if self.services:  # between runs, only a service can have asked the proxy
+            assert self._outside_runs is not None
+            self._count_dropped(self._outside_runs)  # since the last run: its services'
         self._current = run
         teardown.push(partial(self._count_dropped, run))
         teardown.push(run.count_lost)

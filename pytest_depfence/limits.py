@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .cgroup import PARENT, remove_tree, sweep_stale
+from .cgroup import PARENT, read_file, remove_tree, sweep_stale
 from .errors import FenceUnavailable
 
 #: The controller each limit needs.
@@ -285,7 +285,7 @@ def _open_kmsg() -> int | None:
 
 def _number(path: Path) -> int | None:
     try:
-        return int(path.read_text().split()[0])
+        return int(read_file(path).split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -293,7 +293,7 @@ def _number(path: Path) -> int | None:
 def _keyed(path: Path, key: str) -> int | None:
     """The value of `key` in a flat-keyed file (`oom_kill 3`)."""
     try:
-        for line in path.read_text().splitlines():
+        for line in read_file(path).splitlines():
             name, _, value = line.partition(" ")
             if name == key:
                 return int(value)

@@ -52,14 +52,13 @@ class UdpUpstream:
 
     def __init__(self, family: int, addr: tuple[Any, ...], timeout: float) -> None:
         self.timeout = timeout
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 self.sock.setsockopt(socket.SOL_SOCKET, option, _BUFFER)
             # Connected: only the upstream's datagrams arrive here, and an ICMP port
             # unreachable from a dead upstream comes back as ConnectionRefusedError.
             self.sock.connect(addr)
-            self.sock.setblocking(False)
         except BaseException:
             self.sock.close()
             raise

@@ -108,7 +108,7 @@ def _enlarge(sock: socket.socket) -> None:
 
 
 def _tcp_listener(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         # Lets a port with TIME_WAIT leftovers be reused; on Linux it still
         # refuses a port another socket is listening on, so nothing is stolen.
@@ -117,7 +117,6 @@ def _tcp_listener(family: socket.AddressFamily, host: str, port: int) -> socket.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         sock.listen(128)
-        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise

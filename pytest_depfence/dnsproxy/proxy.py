@@ -165,7 +165,7 @@ class DnsProxy(TcpClients):
         )
         handlers: dict[int, Callable[[], None]] = {forwarder.sock.fileno(): self._read_upstream}
         for sock in bound.udp:
-            handlers[sock.fileno()] = partial(self._read_udp, sock, sock.getsockname()[1])
+            handlers[sock.fileno()] = partial(self._read_udp, sock, bound.port)
         for sock in bound.tcp:
             handlers[sock.fileno()] = partial(self._accept, sock)
         LOOP.add(self, handlers)
