@@ -18,7 +18,9 @@ cycle over the rounds, with min-max. Everything runs inside the lab's network
 namespace.
 
 Spaced like tests: the same cycles, each after an untimed pause (`--pause-ms`, a
-test's own work), timed one by one. A run's first step moves it into its cgroup,
+test's own work), timed one by one, the variants taking turns cycle by cycle (a
+round of each variant in turn swung with the machine: 1.44-1.74x between runs of
+one build here, against 1.49-1.53x taking turns). A run's first step moves it into its cgroup,
 and from kernel 6.0 on such a migration waits for an RCU grace period when none
 happened in the last few milliseconds, unless the cgroup2 mount has
 `favordynmods`, which a fence turns on (confine.py): back-to-back cycles never
@@ -91,20 +93,22 @@ def rounds_of(
 def spaced_rounds(
     variants: dict[str, Callable[[], None]], rounds: int, batch: int, pause: float
 ) -> dict[str, list[float]]:
-    """Like rounds_of, each cycle after an untimed `pause` and timed alone (median of a
-    batch)."""
+    """Like rounds_of, each cycle after an untimed `pause` and timed alone, the variants
+    taking turns cycle by cycle (the order alternating), so that each sees the machine as
+    the others do a moment apart; a round's figure is the median of its `batch` cycles."""
     per_cycle: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
-    for round_no in range(rounds + 1):
-        for name in names if round_no % 2 else names[::-1]:
-            times = []
-            for _ in range(batch):
+    for round_no in range(rounds + 1):  # round 0 warms up
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for turn in range(batch):
+            for name in names if (round_no + turn) % 2 else names[::-1]:
                 time.sleep(pause)
                 start = time.perf_counter()
                 variants[name]()
-                times.append((time.perf_counter() - start) * 1000)
-            if round_no:
-                per_cycle[name].append(statistics.median(times))
+                times[name].append((time.perf_counter() - start) * 1000)
+        if round_no:
+            for name in names:
+                per_cycle[name].append(statistics.median(times[name]))
     return per_cycle
 
 
