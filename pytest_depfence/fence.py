@@ -31,7 +31,7 @@ from .addresses import AddressBook, HostsFile, read_hosts, read_own_hosts, resol
 from .adopt import Adopted
 from .cgroup import CgroupTree, FenceCgroup, close_all
 from .contract import check_name, program_of
-from .dnsproxy import DnsProxy
+from .dnsproxy import DnsProxy, parking
 from .errors import CommandFailed, ConfigError, EgressViolation, LimitExceeded
 from .events import EgressEvent, FenceResult
 from .judge import Judge
@@ -159,9 +159,7 @@ class Fence:
             if judge.outage.kernel == "reset":  # where a refused connect is sent
                 self._refuser = Refuser()
             self._outside_runs = Run(programs, judge, self._peers)
-            self._proxy = DnsProxy(
-                upstream=self.upstream, judge=ProxyJudge(judge, self._recorder)
-            ).start()
+            self._proxy = parking.take(self.upstream, ProxyJudge(judge, self._recorder))
             self._learn_rules(programs, judge)
         except BaseException:
             self.close()
@@ -196,8 +194,8 @@ class Fence:
                 teardown.push(self._judge.book.forget)
             if self._refuser is not None:
                 teardown.push(self._refuser.close)
-            if self._proxy is not None:
-                teardown.push(self._proxy.stop)
+            if self._proxy is not None:  # kept for the next fence in this network namespace
+                teardown.push(partial(parking.park, self._proxy))
             teardown.push(self.stop_services)  # first: they may use the proxy to the end
             self._proxy, self._refuser, self._judge = None, None, None
 

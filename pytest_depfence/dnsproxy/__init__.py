@@ -18,7 +18,8 @@ It knows nothing of policies, BPF maps or pytest.
 - `tcp`: TCP clients, a reader thread each, their queries forwarded on a pool;
 - `loop`: the one event loop thread that serves every proxy of the process;
 - `proxy`: `DnsProxy`, its handlers on that loop (all of UDP), its answering and
-  `drain()`.
+  `drain()`;
+- `parking`: a closed fence's proxy, kept for the next fence in its network namespace.
 """
 
 from .proxy import DnsProxy

@@ -173,6 +173,13 @@ class UdpUpstream:
     def deadline(self) -> float:
         return time.monotonic() + self.timeout
 
+    def drop_all(self) -> None:
+        """Forget every query, waiting or queued: their answers, should they come, match
+        nothing (a parked proxy's: `DnsProxy.park`)."""
+        self._take_all()
+        self._order.clear()
+        self._queued.clear()
+
     def _finish(self, waiting: Waiting) -> None:
         waiting.done = True
         self._waiting.pop(waiting.upstream_id, None)

@@ -30,6 +30,26 @@ class Listeners:
         for sock in self.udp + self.tcp:
             sock.close()
 
+    def discard_waiting(self) -> None:
+        """Throw away, unread, every datagram and connection waiting on them."""
+        for sock in self.udp:
+            while True:
+                try:
+                    sock.recv(1, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except ConnectionRefusedError:
+                    continue  # a stale ICMP error for an earlier reply: the next one
+        for sock in self.tcp:  # non-blocking (`_tcp_listener`)
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                except (ConnectionAbortedError, ConnectionResetError):
+                    continue  # gone before it was taken
+                conn.close()
+
     def dropped(self) -> int:
         """Datagrams the kernel dropped at the UDP listeners since they were made: a full
         receive buffer, any other reason a datagram that reached one was never read."""

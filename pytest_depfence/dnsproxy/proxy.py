@@ -111,8 +111,14 @@ class DnsProxy(TcpClients):
         self._started = False
         self._stopped = False
         self._stopping = threading.Event()
-        #: The network namespace start() ran in (an fd), which TCP forwards are made in.
+        #: The network namespace start() ran in (an fd), which TCP forwards are made in,
+        #: and its inode: which namespace a parked proxy may serve again (`parking`).
         self._netns = -1
+        self.netns_id = 0
+        #: The loop's handlers of its sockets (`start`; `resume` gives them again).
+        self._handlers: dict[int, Callable[[], None]] = {}
+        #: What its listeners had dropped when it last started serving (`dropped`).
+        self._drops_before = 0
         self._udp_upstream: UdpUpstream | None = None
         # TCP queries' own connections to the upstream, cut by stop().
         self._tcp_upstreams: set[socket.socket] = set()
@@ -158,24 +164,28 @@ class DnsProxy(TcpClients):
             self._listen_poll.register(sock, select.POLLIN)
         forwarder = self._udp_upstream = UdpUpstream(family, addr, self.upstream_timeout)
         self._netns = os.open(_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-        self._upstream_pool = ThreadPoolExecutor(
+        self.netns_id = os.fstat(self._netns).st_ino
+        self._upstream_pool = self._new_pool()
+        self._handlers = {forwarder.sock.fileno(): self._read_upstream}
+        for sock in bound.udp:
+            self._handlers[sock.fileno()] = partial(self._read_udp, sock, bound.port)
+        for sock in bound.tcp:
+            self._handlers[sock.fileno()] = partial(self._accept, sock)
+        LOOP.add(self, self._handlers)
+
+    def _new_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(
             max_workers=_UPSTREAM_WORKERS,
             thread_name_prefix="depfence-dns-upstream",
             initializer=self._pool_thread_started,
         )
-        handlers: dict[int, Callable[[], None]] = {forwarder.sock.fileno(): self._read_upstream}
-        for sock in bound.udp:
-            handlers[sock.fileno()] = partial(self._read_udp, sock, bound.port)
-        for sock in bound.tcp:
-            handlers[sock.fileno()] = partial(self._accept, sock)
-        LOOP.add(self, handlers)
 
     def dropped(self) -> int:
         """Queries the kernel dropped before the proxy could read them (its UDP listeners'
         receive buffers were full), since it started: each unread, unjudged, unanswered."""
         if self._listeners is None or self._stopped:
             return 0
-        return self._listeners.dropped()
+        return self._listeners.dropped() - self._drops_before
 
     def stop(self) -> None:
         """Leave the loop, close every socket and join every thread of its own; safe to call
@@ -184,10 +194,46 @@ class DnsProxy(TcpClients):
             self._stopped = True
             return
         self._stopped = True
-        self._stopping.set()
-        LOOP.remove(self)
+        self._quiesce()
+        # Queries still waiting for the upstream are dropped with it: teardown never
+        # waits for the upstream (drain() has observed them).
         if self._listeners is not None:
             self._listeners.close()
+        if self._udp_upstream is not None:
+            self._udp_upstream.close()
+        if self._netns >= 0:
+            os.close(self._netns)
+
+    def park(self) -> bool:
+        """Stop serving and keep the sockets, for another fence in this network namespace
+        (`resume`; `parking` keeps it): what `stop` does but close them, the queries still
+        waiting for the upstream dropped as it drops them. False, and nothing done, when it
+        is stopped or recorded an error (its caller stops it)."""
+        if self._stopped or not self._started or self.errors:
+            return False
+        self._quiesce()
+        assert self._udp_upstream is not None
+        self._udp_upstream.drop_all()
+        return True
+
+    def resume(self, judge: DnsJudge[Any]) -> DnsProxy:
+        """Serve again, a parked proxy (`park`), with `judge`: what reached its port while
+        it was parked is nobody's, and is thrown away unread."""
+        assert self._listeners is not None and not self._stopped
+        self._judge = judge
+        self._stopping = threading.Event()
+        self._tickets = Tickets(self._state)
+        self._upstream_pool = self._new_pool()
+        self._listeners.discard_waiting()
+        self._drops_before = self._listeners.dropped()
+        LOOP.add(self, self._handlers)
+        return self
+
+    def _quiesce(self) -> None:
+        """Leave the loop, cut every TCP client and upstream connection and join their
+        threads, the pool's too: nothing of this proxy runs any more (`stop`, `park`)."""
+        self._stopping.set()
+        LOOP.remove(self)
         with self._state:
             connections = list(self._connections.values())
         for conn in connections:
@@ -206,12 +252,6 @@ class DnsProxy(TcpClients):
                 conn.thread.join(_DRAIN_POLL)
         if self._upstream_pool is not None:
             self._upstream_pool.shutdown(wait=True, cancel_futures=True)
-        # Queries still waiting for the upstream are dropped with it: teardown never
-        # waits for the upstream (drain() has observed them).
-        if self._udp_upstream is not None:
-            self._udp_upstream.close()
-        if self._netns >= 0:
-            os.close(self._netns)
 
     def __enter__(self) -> DnsProxy:
         return self.start()

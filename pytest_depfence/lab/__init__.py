@@ -46,6 +46,7 @@ from typing import ClassVar
 
 # Lab._build looks these up in this module's namespace at call time, so a test
 # can make one step fail by patching pytest_depfence.lab._make_git_repo (and so on).
+from ..dnsproxy import parking
 from .content import _make_git_repo, _make_tool_archive, _site
 from .dns import _DNSTCPServer, _DNSUDPServer, _Zone
 from .errors import LabError
@@ -151,6 +152,8 @@ class Lab:
         _unshare_netns()
         # Undone last: everything else is torn down from inside the lab.
         stack.callback(_setns, original)
+        # A fence's proxy parked in the lab would keep its namespace alive (`parking`).
+        stack.callback(parking.release, os.stat(_thread_netns_path()).st_ino)
 
         addresses: list[tuple[str, int]] = [
             (self.RESOLVER4, socket.AF_INET),

@@ -86,11 +86,16 @@ def test_queries_the_proxy_never_read_fail_the_run(fences, lab, monkeypatch) -> 
     """The kernel drops datagrams a socket has no room for: at the proxy, each was a query
     neither judged nor recorded. Its listeners are made with room for almost nothing here,
     so that a burst of queries overflows them for sure."""
-    from pytest_depfence.dnsproxy import listeners
+    from pytest_depfence.dnsproxy import listeners, parking
 
     monkeypatch.setattr(listeners, "RECEIVE_BUFFER", 1)
+    parking.release()  # a parked proxy's listeners have room: the fence makes its own
     fence = fences(Policy.no_egress("github.com"), mode="audit")
-    result = fence.run([sys.executable, "-c", QUERIES, lab.RESOLVER4, "2000"], timeout=60)
+    try:
+        result = fence.run([sys.executable, "-c", QUERIES, lab.RESOLVER4, "2000"], timeout=60)
+    finally:
+        fence.close()
+        parking.release()  # its listeners, with no room, are no later fence's
     [dropped] = [v for v in result.violations if v.is_loss]
     assert "DNS queries to the fence's proxy unread" in str(dropped.rule)
     count = int(str(dropped.rule).split("dropped ")[1].split()[0])
