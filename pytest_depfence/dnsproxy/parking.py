@@ -34,7 +34,8 @@ _parked: DnsProxy | None = None
 
 def take(upstream: tuple[str, int], judge: DnsJudge[Any]) -> DnsProxy:
     """A serving proxy for `judge` in the calling thread's network namespace: the parked
-    one when it is that namespace's and asks `upstream`, else a new one."""
+    one when it is that namespace's and asks `upstream` (should it fail to serve again, it
+    is stopped), else a new one."""
     global _parked
     netns = os.stat(_NETNS).st_ino
     with _lock:
@@ -43,13 +44,12 @@ def take(upstream: tuple[str, int], judge: DnsJudge[Any]) -> DnsProxy:
             proxy = None
         else:
             _parked = None
-    if proxy is None:
-        return DnsProxy(upstream=upstream, judge=judge).start()
-    try:
-        return proxy.resume(judge)
-    except BaseException:
-        proxy.stop()
-        raise
+    if proxy is not None:
+        try:
+            return proxy.resume(judge)
+        except Exception:  # noqa: BLE001 - a proxy of its own then, as without one parked
+            proxy.stop()
+    return DnsProxy(upstream=upstream, judge=judge).start()
 
 
 def park(proxy: DnsProxy) -> None:

@@ -138,3 +138,23 @@ def test_a_closing_lab_stops_the_proxy_parked_in_it() -> None:
             proxy = fence._proxy
         assert isinstance(proxy, DnsProxy) and not proxy._stopped  # parked
     assert proxy._stopped
+
+
+def test_a_parked_proxy_that_cannot_serve_again_gives_way_to_a_new_one(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, port = lab.upstream.rsplit(":", 1)
+    parking.release()
+    proxy = parking.take((host, int(port)), AllowAll())
+    parking.park(proxy)
+
+    def failing_resume(judge: object) -> DnsProxy:  # stands in for a resume that fails
+        raise OSError("cannot serve again (stand-in)")
+
+    monkeypatch.setattr(proxy, "resume", failing_resume)
+    fresh = parking.take((host, int(port)), AllowAll())
+    try:
+        assert fresh is not proxy and not fresh._stopped
+        assert proxy._stopped
+    finally:
+        fresh.stop()
