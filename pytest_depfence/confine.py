@@ -171,11 +171,33 @@ def command(
     if not argv:
         raise ConfigError(repr(cmd), "the command is empty", "Fence.run()")
     search_path = (env or os.environ).get("PATH", os.defpath)
-    if shutil.which(argv[0], path=search_path) is None and not os.path.isfile(
+    if not _on_path(argv[0], search_path) and not os.path.isfile(
         os.path.join(os.fspath(cwd or "."), argv[0])
     ):
         raise FileNotFoundError(2, "command not found", argv[0])
     return argv, shown
+
+
+#: (command, PATH) -> where `shutil.which` found it last: a test runs the same few commands
+#: again and again, and a search is a stat per PATH entry before the command's own.
+_found: dict[tuple[str, str], str] = {}
+
+
+def _on_path(name: str, search_path: str) -> bool:
+    """Whether `name` is a command in `search_path` (as `shutil.which` says): where it was
+    found before is checked first, with one access(); a command not found is looked for
+    every time."""
+    key = (name, search_path)
+    before = _found.get(key)
+    if before is not None and os.access(before, os.X_OK):
+        return True
+    found = shutil.which(name, path=search_path)
+    if found is None:
+        _found.pop(key, None)
+        return False
+    if len(_found) < 1024:
+        _found[key] = found
+    return True
 
 
 def spawn(

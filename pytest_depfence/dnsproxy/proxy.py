@@ -224,7 +224,8 @@ class DnsProxy(TcpClients):
         self._stopping = threading.Event()
         self._tickets = Tickets(self._state)
         self._upstream_pool = self._new_pool()
-        self._listeners.discard_waiting()
+        if self._listen_poll.poll(0):  # mostly nothing: one poll, not a read of each
+            self._listeners.discard_waiting()
         self._drops_before = self._listeners.dropped()
         LOOP.add(self, self._handlers)
         return self

@@ -92,6 +92,25 @@ def test_what_starting_raises_is_raised_in_the_callers_thread() -> None:
         )
 
 
+def test_a_command_found_before_and_gone_since_is_not_found(tmp_path: Path) -> None:
+    tool = tmp_path / "bin" / "depfence-test-tool"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    env = {"PATH": str(tool.parent)}
+    assert confine.command([tool.name], None, env)[0] == [tool.name]
+    assert confine.command([tool.name], None, env)[0] == [tool.name]  # as found before
+    tool.unlink()
+    with pytest.raises(FileNotFoundError):
+        confine.command([tool.name], None, env)
+    other = tmp_path / "other" / tool.name  # found again, elsewhere on PATH
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    env = {"PATH": f"{tool.parent}:{other.parent}"}
+    assert confine.command([tool.name], None, env)[0] == [tool.name]
+
+
 def mountinfo(tmp_path: Path, *lines: str) -> str:
     path = tmp_path / "mountinfo"
     path.write_text("".join(lines))
