@@ -139,14 +139,19 @@ def bulk_tcp(fence: Fence, address: str, rounds: int) -> None:
     argv = ["iperf3", "-c", address, "-p", str(PORT + 1), "-t", "3", "-J"]
 
     def gbits(fenced: bool) -> float:
-        for _ in range(50):  # the server may not listen yet at the first round
+        # The server may not listen yet at the first round, and it takes one test at a
+        # time: a client can come while it still ends the last one (then iperf3 has
+        # exited 0 with a report of no transfer, no "sum_received", here once).
+        for _ in range(50):
             out = (
                 fence.run(argv, check=False)
                 if fenced
                 else subprocess.run(argv, capture_output=True, text=True)
             )
             if out.returncode == 0:
-                return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+                received = json.loads(out.stdout).get("end", {}).get("sum_received")
+                if received is not None:
+                    return received["bits_per_second"] / 1e9
             time.sleep(0.1)
         raise SystemExit(f"iperf3 failed: {out.stdout}{out.stderr}")
 
