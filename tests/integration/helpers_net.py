@@ -151,3 +151,24 @@ def skip_or_fail(config: pytest.Config, exc: Exception) -> NoReturn:
     if config.stash[plugin.SETTINGS_KEY].require:
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+class AllowAll:
+    """Stands in for the fence's judge in tests of the DNS proxy itself: every query
+    allowed, nothing observed."""
+
+    class Verdict:
+        blocked = False
+        rcode = None
+
+    def query(self, query: object) -> Verdict:
+        return self.Verdict()
+
+    def sender(self, query: object) -> None:
+        pass
+
+    def answer(self, query: object, reply: bytes, verdict: Verdict) -> Verdict:
+        return verdict
+
+    def observe(self, query: object, verdict: Verdict) -> None:
+        pass

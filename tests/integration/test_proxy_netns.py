@@ -16,32 +16,13 @@ import os
 import threading
 
 import pytest
+from helpers_net import AllowAll
 
 from pytest_depfence.dnsproxy import DnsProxy
 from pytest_depfence.lab import Lab
 from pytest_depfence.lab.netns import _unshare_netns
 
 NETNS = "/proc/thread-self/ns/net"
-
-
-class AllowAll:
-    """Stands in for the fence's judge: every query allowed, nothing observed."""
-
-    class Verdict:
-        blocked = False
-        rcode = None
-
-    def query(self, query: object) -> Verdict:
-        return self.Verdict()
-
-    def sender(self, query: object) -> None:
-        pass
-
-    def answer(self, query: object, reply: bytes, verdict: Verdict) -> Verdict:
-        return verdict
-
-    def observe(self, query: object, verdict: Verdict) -> None:
-        pass
 
 
 def test_a_pool_thread_started_elsewhere_joins_the_proxys_network_namespace(lab: Lab) -> None:

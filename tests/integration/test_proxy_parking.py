@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from dnslib import DNSRecord
+from helpers_net import AllowAll
 
 from pytest_depfence import Fence, Policy
 from pytest_depfence.dnsproxy import DnsProxy, parking
@@ -81,26 +82,6 @@ def test_what_reached_the_parked_proxy_is_thrown_away(lab: Lab) -> None:
         assert not any("stray" in (e.domain or "") for r in second.results for e in r.events)
     finally:
         tcp.close()
-
-
-class AllowAll:
-    """Stands in for the fence's judge: every query allowed, nothing observed."""
-
-    class Verdict:
-        blocked = False
-        rcode = None
-
-    def query(self, query: object) -> Verdict:
-        return self.Verdict()
-
-    def sender(self, query: object) -> None:
-        pass
-
-    def answer(self, query: object, reply: bytes, verdict: Verdict) -> Verdict:
-        return verdict
-
-    def observe(self, query: object, verdict: Verdict) -> None:
-        pass
 
 
 def test_a_proxy_that_recorded_an_error_is_stopped_not_parked(lab: Lab) -> None:
