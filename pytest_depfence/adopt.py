@@ -81,7 +81,7 @@ class Adopted:
 
 def own_cgroup() -> str:
     """This process's cgroup v2 path (the "0::" line of /proc/self/cgroup)."""
-    with open("/proc/self/cgroup") as f:
+    with open("/proc/self/cgroup", errors="surrogateescape") as f:  # a path: any bytes
         for line in f:
             if line.startswith("0::"):
                 return line[3:].strip()

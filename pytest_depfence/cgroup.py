@@ -43,7 +43,7 @@ _counter = itertools.count(1)
 def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path:
     """The cgroup v2 mount point (pure v2 at /sys/fs/cgroup, hybrid at .../unified, ...)."""
     try:
-        with open(mountinfo) as f:
+        with open(mountinfo, errors="surrogateescape") as f:  # a path may be any bytes
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
@@ -130,7 +130,9 @@ def kill_all(path: Path, timeout: float = 10.0) -> None:
 
 def read_file(path: str | Path) -> str:
     """A small kernel file's text: open, read to the end, close. (`Path.read_text` takes
-    twice the syscalls, for a buffered text stream; a run's end reads a few such files.)"""
+    twice the syscalls, for a buffered text stream; a run's end reads a few such files.)
+    Bytes that are no UTF-8 (a process may give itself any name, which /proc/PID/stat
+    shows) read as U+FFFD."""
     fd = os.open(path, os.O_RDONLY)
     try:
         chunks = []
@@ -138,7 +140,7 @@ def read_file(path: str | Path) -> str:
             chunks.append(chunk)
     finally:
         os.close(fd)
-    return b"".join(chunks).decode()
+    return b"".join(chunks).decode(errors="replace")
 
 
 def pids_of(path: Path) -> list[int]:

@@ -172,7 +172,7 @@ def _tracefs() -> str:
 
 def _tracefs_unprivileged() -> str:
     # Mounts are listed for everyone; the tracing directory is readable by root only.
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:  # paths: any bytes
         mounts = [line.split() for line in f]
     where = [fields[4] for fields in mounts if "tracefs" in fields[fields.index("-") + 1 :][:1]]
     return f"mounted at {where[0]}" if where else "not mounted (a fence mounts it as root)"

@@ -178,7 +178,7 @@ def _leave_owner_cgroup(session: Path) -> None:
 
 def _own_cgroup(mount: Path) -> Path | None:
     try:
-        with open("/proc/self/cgroup") as f:
+        with open("/proc/self/cgroup", errors="surrogateescape") as f:  # a path: any bytes
             for line in f:
                 if line.startswith("0::"):
                     return mount / line[3:].strip().lstrip("/")

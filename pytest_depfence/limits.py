@@ -104,7 +104,7 @@ def format_bytes(value: int) -> str:
 def v1_mounts(mountinfo: str = _MOUNTINFO) -> dict[str, Path]:
     """Controller -> mount point of each cgroup v1 hierarchy that has one of ours."""
     found: dict[str, Path] = {}
-    with open(mountinfo) as f:
+    with open(mountinfo, errors="surrogateescape") as f:  # a path may be any bytes
         for line in f:
             fields = line.split()
             sep = fields.index("-")

@@ -207,11 +207,13 @@ class DnsProxy(TcpClients):
     def park(self) -> bool:
         """Stop serving and keep the sockets, for another fence in this network namespace
         (`resume`; `parking` keeps it): what `stop` does but close them, the queries still
-        waiting for the upstream dropped as it drops them. False, and nothing done, when it
-        is stopped or recorded an error (its caller stops it)."""
+        waiting for the upstream dropped as it drops them. False when it is stopped or has
+        recorded an error (its caller stops it)."""
         if self._stopped or not self._started or self.errors:
             return False
         self._quiesce()
+        if self.errors:  # recorded while it quiesced: the next fence would raise it
+            return False
         assert self._udp_upstream is not None
         self._udp_upstream.drop_all()
         return True

@@ -221,7 +221,7 @@ def _import_bcc_from(init: Path) -> ModuleType | None:
 
 
 def _effective_caps() -> int:
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", errors="replace") as f:  # Name: is any bytes
         for line in f:
             if line.startswith("CapEff:"):
                 return int(line.split()[1], 16)
