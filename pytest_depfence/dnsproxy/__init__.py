@@ -17,8 +17,8 @@ It knows nothing of policies, BPF maps or pytest.
 - `tickets`: each query's progress, what `drain()` waits for;
 - `tcp`: TCP clients, a reader thread each, their queries forwarded on a pool;
 - `loop`: the one event loop thread that serves every proxy of the process;
-- `proxy`: `DnsProxy`, its handlers on that loop (all of UDP), its answering and
-  `drain()`;
+- `proxy`: `DnsProxy`, its handlers on that loop (all of UDP) and its answering;
+- `drain`: `drain()`, how a fence knows every query of a run has been observed;
 - `parking`: a closed fence's proxy, kept for the next fence in its network namespace.
 """
 

@@ -1,4 +1,4 @@
-"""`DnsProxy`: its listeners on the loop, answering each query, forwarding, `drain()`.
+"""`DnsProxy`: its listeners on the loop, answering each query, forwarding.
 
 UDP, nearly every query, is served by the process's one event loop thread
 (`loop.py`, shared by every proxy): it reads a query, judges it, answers a
@@ -12,11 +12,8 @@ pool thread for the upstream, as a silent upstream must never hold a reader;
 a pool thread joins the network namespace the proxy was started in (where its
 connections to the upstream must be made), should the loop's be another.
 
-``drain()`` is how a fence knows every query of a finished run has been
-observed. It starts once nothing waits unread on a listener and the loop is not
-reading one (so every query that reached the proxy is read, or on a connection it
-sees), and never waits for the upstream: a query still waiting for its answer is
-observed by drain() itself, with the verdict `query` gave it.
+``drain()`` (`drain.py`) is how a fence knows every query of a finished run has been
+observed.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import select
 import socket
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import TracebackType
@@ -37,6 +33,7 @@ from typing import Any, Callable
 
 from . import listeners, wire
 from .connection import Connection
+from .drain import DRAIN_POLL, Draining
 from .forwarder import UdpUpstream, Waiting
 from .loop import LOOP
 from .tcp import Send, TcpClients
@@ -49,9 +46,6 @@ __all__ = ["DnsProxy"]
 _UDP_BATCH = 64
 # TCP queries waiting for the upstream at once; more wait their turn (drain() never does).
 _UPSTREAM_WORKERS = 32
-# drain() cannot be woken by bytes arriving on a client connection, so it re-checks
-# the connections at this interval while it waits.
-_DRAIN_POLL = 0.005
 _NETNS = "/proc/thread-self/ns/net"
 _CLONE_NEWNET = 0x40000000
 
@@ -70,7 +64,7 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-class DnsProxy(TcpClients):
+class DnsProxy(TcpClients, Draining):
     """A loopback DNS proxy that answers blocked names itself and forwards the rest.
 
     Every verdict comes from `judge` (see `DnsJudge`): a blocked query is answered
@@ -252,7 +246,7 @@ class DnsProxy(TcpClients):
             # them short (a forward is refused once stopping is set), never wait.
             while conn.thread is not None and conn.thread.is_alive():
                 self._cut_tcp_upstreams()
-                conn.thread.join(_DRAIN_POLL)
+                conn.thread.join(DRAIN_POLL)
         if self._upstream_pool is not None:
             self._upstream_pool.shutdown(wait=True, cancel_futures=True)
 
@@ -477,65 +471,3 @@ class DnsProxy(TcpClients):
                 self._judge.observe(query, verdict)
         except Exception as exc:
             self._record(exc)
-
-    # -- drain ---------------------------------------------------------------
-
-    def drain(self, timeout: float = 5.0) -> None:
-        """Return once every query that reached the proxy before this call is observed.
-
-        Observing is all it waits for, never the upstream: a query still waiting
-        for its upstream answer is observed here, with the verdict `query` gave
-        it (its client, killed with its run, would not see the answer anyway).
-        Raises TimeoutError if that takes longer than ``timeout`` seconds.
-        """
-        if not self._started or self._stopped:
-            return
-        deadline = time.monotonic() + timeout
-        with self._state:
-            while not self._listeners_read():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    # The loop is still busy with what came before: say with what.
-                    raise self._drain_timeout(timeout, self._tickets.busy(self._tickets.last), -1)
-                self._state.wait(min(remaining, _DRAIN_POLL))
-            conn_cutoff = self._conn_last
-        cutoff: int | None = None
-        while True:
-            with self._state:
-                conns = [c for seq, c in self._connections.items() if seq <= conn_cutoff]
-            tcp_left = sum(1 for conn in conns if not conn.idle())
-            if tcp_left == 0 and cutoff is None:
-                cutoff = self._tickets.last  # every query read so far has its ticket
-            if cutoff is not None:
-                # Nothing being judged or observed, and what waits for the upstream
-                # claimed, in one step: no answer can start observing in between.
-                claimed = self._tickets.claim_forwarded(cutoff)
-                if claimed is not None:
-                    break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                busy = self._tickets.busy(self._tickets.last if cutoff is None else cutoff)
-                raise self._drain_timeout(timeout, busy, tcp_left)
-            with self._state:
-                self._state.wait(min(remaining, _DRAIN_POLL))
-        for ticket in claimed:
-            try:
-                assert ticket.query is not None
-                self._observe(ticket.query, ticket.verdict)
-            finally:
-                self._tickets.close(ticket)
-
-    def _listeners_read(self) -> bool:
-        """No datagram or connection waits on a listener, and the loop is not judging or
-        registering one it took: every query that reached the proxy is read, or on a
-        connection drain() sees. Readable is checked before `_reading` (the loop sets it
-        before it reads), as `Connection.idle` does; under `_state`, one poll at a time."""
-        return not self._listen_poll.poll(0) and not self._reading
-
-    @staticmethod
-    def _drain_timeout(timeout: float, busy: Counter[str], tcp_left: int) -> TimeoutError:
-        connections = f" and {tcp_left} TCP connections" if tcp_left >= 0 else ""
-        return TimeoutError(
-            f"DNS proxy drain timed out after {timeout}s: {busy['udp']} UDP queries, "
-            f"{busy['tcp']} TCP queries{connections} still being judged or observed"
-        )
