@@ -8,7 +8,8 @@ joined, every query still open dropped, as `stop` drops them) and keeps its sock
 The next fence opened in the same network namespace, with the same upstream, takes it
 (`take`) and serves its own judge on it; anything that reached the port meanwhile is
 thrown away unread. One proxy is parked at a time: a later one replaces it, and a proxy
-that recorded an error is stopped, never parked.
+that recorded an error is stopped, never parked (so is the proxy of a fence that adopted
+a service, which lives on: `Fence.close`).
 
 A parked proxy's sockets keep its network namespace alive, as the threads a process's
 first fence starts keep theirs: `release()` stops it. `pytest_depfence.lab` does so for

@@ -3,7 +3,9 @@
 The next fence judges by its own policy and names its own processes on it, the one
 that parked it sees nothing more, and what reached the port while nobody served it
 is thrown away, not taken for the next fence's. A proxy that recorded an error is
-stopped, never parked; a lab that closes takes its parked proxy with it.
+stopped, never parked, and so is the proxy of a fence that adopted a service (a socket
+the service connected during a run stays connected to its port); a lab that closes
+takes its parked proxy with it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dnslib import DNSRecord
 from helpers_net import AllowAll
 
 from pytest_depfence import Fence, Policy
+from pytest_depfence.cgroup import cgroup2_mount
 from pytest_depfence.dnsproxy import DnsProxy, parking
 from pytest_depfence.lab import Lab
 
@@ -139,3 +142,21 @@ def test_a_parked_proxy_that_cannot_serve_again_gives_way_to_a_new_one(
         assert proxy._stopped
     finally:
         fresh.stop()
+
+
+def test_the_proxy_of_a_fence_that_adopted_a_service_is_not_parked(lab: Lab) -> None:
+    service = cgroup2_mount() / f"depfence-test-parking-{os.getpid()}"
+    service.mkdir()
+    try:
+        parking.release()
+        adopting = Fence(
+            Policy.no_egress("github.com"), upstream=lab.upstream, services=[str(service)]
+        )
+        with adopting:
+            adopting.run(["true"])
+            proxy = adopting._proxy
+        assert proxy is not None and proxy._stopped
+        with Fence(Policy.no_egress("github.com"), upstream=lab.upstream) as later:
+            assert later._proxy is not proxy
+    finally:
+        service.rmdir()
