@@ -313,7 +313,7 @@ class Fence:
             self._outside_runs.count_contacts(
                 {member.cgroup_id for member in self._service_members.values()}
             )
-        if self.services:  # between runs, only a service can have asked the proxy
+        if self.services or self.adopted:  # between runs, only a service asks the proxy
             assert self._outside_runs is not None
             self._count_dropped(self._outside_runs)  # since the last run: its services'
         self._current = run
