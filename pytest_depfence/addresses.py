@@ -15,7 +15,6 @@ import os
 import select
 import stat
 import struct
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -25,6 +24,7 @@ from typing import Callable, Protocol, Union
 from dnslib import QTYPE, DNSRecord
 from dnslib.label import DNSLabel
 
+from .cgroup import read_file
 from .policy import normalize_name, unmap
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -441,22 +441,14 @@ def _mount_dev(fd: int, mountinfo: str) -> int | None:
     """The kernel's device number of the superblock under descriptor `fd` (of this
     process), from its mount's line in `mountinfo`; None when that cannot be read."""
     try:
-        fdinfo = _read_file(f"/proc/self/fdinfo/{fd}").decode("ascii", errors="replace")
-        table = _read_file(mountinfo).decode("utf-8", errors="replace")
+        fdinfo = read_file(f"/proc/self/fdinfo/{fd}")
+        table = read_file(mountinfo)
     except OSError:
         return None
     for line in fdinfo.splitlines():
         if line.startswith("mnt_id:"):
             return mount_dev(table, int(line.split(":", 1)[1]))
     return None
-
-
-def _read_file(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return _read_up_to(fd, sys.maxsize)
-    finally:
-        os.close(fd)
 
 
 def mount_dev(mountinfo: str, mount_id: int) -> int | None:

@@ -194,12 +194,12 @@ class Fence:
                 teardown.push(self._judge.book.forget)
             if self._refuser is not None:
                 teardown.push(self._refuser.close)
-            if self._proxy is not None and self.adopted:
-                # An adopted service lives on, and a socket it connected during a run
-                # stays connected to this port: no other fence's proxy may listen there.
-                teardown.push(self._proxy.stop)
-            elif self._proxy is not None:  # kept for the next fence in this namespace
-                teardown.push(partial(parking.park, self._proxy))
+            if self._proxy is not None:
+                # Kept for the next fence in this namespace, but not after adopting a
+                # service: it lives on, and a socket it connected during a run stays
+                # connected to this port, where no other fence's proxy may listen.
+                proxy = self._proxy
+                teardown.push(proxy.stop if self.adopted else partial(parking.park, proxy))
             teardown.push(self.stop_services)  # first: they may use the proxy to the end
             self._proxy, self._refuser, self._judge = None, None, None
 

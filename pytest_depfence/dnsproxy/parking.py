@@ -24,10 +24,8 @@ import os
 import threading
 from typing import Any
 
-from .proxy import DnsProxy
+from .proxy import _NETNS, DnsProxy
 from .types import DnsJudge
-
-_NETNS = "/proc/thread-self/ns/net"
 
 _lock = threading.Lock()
 _parked: DnsProxy | None = None

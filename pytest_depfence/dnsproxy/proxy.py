@@ -203,10 +203,10 @@ class DnsProxy(TcpClients, Draining):
         (`resume`; `parking` keeps it): what `stop` does but close them, the queries still
         waiting for the upstream dropped as it drops them. False when it is stopped or has
         recorded an error (its caller stops it)."""
-        if self._stopped or not self._started or self.errors:
+        if self._stopped or not self._started:
             return False
         self._quiesce()
-        if self.errors:  # recorded while it quiesced: the next fence would raise it
+        if self.errors:  # before or while it quiesced: the next fence would raise it
             return False
         assert self._udp_upstream is not None
         self._udp_upstream.drop_all()
