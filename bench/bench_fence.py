@@ -2,9 +2,12 @@
 
 First fence: a child process that imports pytest_depfence, opens a Fence
 (compile, load, attach) and prints how long that took from its first line;
-the baseline, in the same shape and interleaved with it (order alternating,
-a warm-up round dropped), is a child that imports bcc and loads a trivial
-bcc program attached to one raw tracepoint. Median and min-max of each.
+once with the programs bcc compiled in an earlier process cached
+(kernel/progcache.py: every process after the machine's first; the dropped
+warm-up round fills the cache), once with the cache off (DEPFENCE_PROGRAM_CACHE=off:
+bcc compiles them all). The baseline, in the same shape and interleaved with them
+(order alternating, a warm-up round dropped), is a child that imports bcc and loads a
+trivial bcc program attached to one raw tracepoint. Median and min-max of each.
 
 Each further run: the same commands run fenced and unfenced (plain
 subprocess) in the same lab, so the ratios are like for like.
@@ -22,6 +25,7 @@ import tempfile
 import time
 
 from pytest_depfence import Fence, Policy
+from pytest_depfence.kernel import progcache
 from pytest_depfence.lab import Lab
 
 COMMANDS = {
@@ -45,14 +49,19 @@ FIRST_FENCE = {
     + "bcc = toolkit.import_bcc()\n"
     + 'b = bcc.BPF(text=b"RAW_TRACEPOINT_PROBE(sched_process_exit) { return 0; }")\n'
     + _DONE,
-    "first fence (import, compile, load, attach)": _START
-    + "import sys\n"
+}
+_FENCE = (
+    "import sys\n"
     + "from pytest_depfence import Fence, Policy\n"
     + 'fence = Fence(Policy.no_egress("github.com"), upstream=sys.argv[1])\n'
     + "fence.open()\n"
     + _DONE
-    + "fence.close()\n",
-}
+    + "fence.close()\n"
+)
+FIRST_FENCE["first fence, programs cached (import, maps, load, attach)"] = _START + _FENCE
+FIRST_FENCE["first fence, nothing cached (import, compile, load, attach)"] = (
+    _START + f"import os; os.environ[{progcache.CACHE_ENV!r}] = 'off'\n" + _FENCE
+)
 
 
 def first_fence(upstream: str, rounds: int) -> None:
@@ -88,8 +97,10 @@ def first_fence(upstream: str, rounds: int) -> None:
             f"  {name:52} {statistics.median(values):7.0f} ms"
             f"  (min {min(values):.0f}, max {max(values):.0f})"
         )
-    base, fence = (statistics.median(samples[name]) for name in names)
-    print(f"  ratio {fence / base:.2f}x the trivial bcc program (+{fence - base:.0f} ms)")
+    base, *fences = (statistics.median(samples[name]) for name in names)
+    for name, fence in zip(names[1:], fences):
+        print(f"  {name.split(' (')[0]}: {fence / base:.2f}x the trivial bcc program "
+              f"(+{fence - base:.0f} ms)")  # fmt: skip
 
 
 def main() -> None:

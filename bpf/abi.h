@@ -34,9 +34,6 @@
 #ifndef DNS_QUESTIONS_MAX
 #error "DNS_QUESTIONS_MAX is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
 #endif
-#ifndef NAME_HASH_MUL
-#error "NAME_HASH_MUL is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"
-#endif
 /* Bytes kept of the destination path of a process moved out of its fence (escape.c). */
 #ifndef CGROUP_PATH_MAX
 #error "CGROUP_PATH_MAX is not defined: pass the -D flags of pytest_depfence/kernel/abi.py"

@@ -36,7 +36,7 @@
 
 /* From abi.h: DNS_NAME_MAX (longer names are not judged here), DNS_LABELS_MAX
  * (nor are names of more labels), DNS_QUESTIONS_MAX (questions judged per
- * packet, TCP messages included), NAME_HASH_MUL, the rule kinds NAME_AND_BELOW
+ * packet, TCP messages included), the rule kinds NAME_AND_BELOW
  * (github.com: it and every name below) and BELOW_ONLY (*.github.com: names
  * below it only), and the UNJUDGED_* reasons. */
 
@@ -150,7 +150,7 @@ static __always_inline int walk_labels(struct bypass_event *ev, struct name_work
 static __always_inline __u32 match_name(struct bypass_event *ev, struct name_work *w,
                                         struct fence_cfg *fence, __u32 end, __u32 labels)
 {
-    __u64 hash = 0;
+    __u64 hash = 0, mul = hash_multiplier();
     for (__u32 j = 0; j < DNS_NAME_MAX; j++) {
         __u32 i = (end - j) & (DNS_NAME_MAX - 1);
         __u32 c = ev->name[i];
@@ -159,7 +159,7 @@ static __always_inline __u32 match_name(struct bypass_event *ev, struct name_wor
         OPAQUE(upper);  /* else clang makes a jump of it: a state more every round */
         c += upper << 5;
         ev->name[i] = c;
-        hash = hash * NAME_HASH_MUL + c;
+        hash = hash * mul + c;
         w->suffix[i] = hash;
     }
     *(volatile __u32 *)&w->matched = 0;

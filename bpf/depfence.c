@@ -18,7 +18,19 @@
  * bpf_link each, so they go away with the process that made them); the
  * tracepoints (raw: they detach at once, see syscalls.c) filter on the fence
  * cgroups in `fences`.
+ *
+ * With DEPFENCE_MAPS_ONLY (kernel/progcache.py: the programs come from the cache),
+ * every program is a static function nothing calls, which clang drops: bcc makes the
+ * same maps, with the same key and leaf types, and compiles no program.
  */
+#ifdef DEPFENCE_MAPS_ONLY
+#undef RAW_TRACEPOINT_PROBE
+#define RAW_TRACEPOINT_PROBE(event) \
+    static __always_inline int raw_tracepoint__##event(struct bpf_raw_tracepoint_args *ctx)
+#define PROGRAM static __always_inline
+#else
+#define PROGRAM
+#endif
 #include "fence.h"
 #include "subcgroups.c"
 #include "procs.c"

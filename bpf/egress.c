@@ -235,7 +235,7 @@ static __always_inline void file_gso_flows(struct __sk_buff *skb, __u32 payload,
     }
 }
 
-int egress(struct __sk_buff *skb)
+PROGRAM int egress(struct __sk_buff *skb)
 {
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct owner *o = socket_owner(cookie);

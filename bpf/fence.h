@@ -172,6 +172,19 @@ static __always_inline struct owner *socket_owner(__u64 cookie)
     return o ? o : sockets_spill.lookup(&cookie);
 }
 
+/* The multiplier of the name hashes (bypass.c, unix.c): drawn by each process
+ * (kernel/abi.py NAME_HASH_MUL) and written here before any fence is registered. A
+ * map, not a -D constant, so that the compiled programs are the same in every process
+ * (kernel/progcache.py). */
+BPF_ARRAY(name_hash_mul, __u64, 1);
+
+static __always_inline __u64 hash_multiplier(void)
+{
+    __u32 zero = 0;
+    __u64 *mul = name_hash_mul.lookup(&zero);
+    return mul ? *mul : 0;  /* an array's index 0 is always there */
+}
+
 BPF_LPM_TRIE(addrs, struct addr_key, struct addr_rule, 65536);
 BPF_RINGBUF_OUTPUT(conn_events, 256);
 /* Events a fence's programs could not report (a ring buffer was full), by fence cgroup:

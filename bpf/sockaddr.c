@@ -246,10 +246,10 @@ static __always_inline int guard6(struct bpf_sock_addr *ctx, __u8 where)
     return PASS;
 }
 
-int connect4(struct bpf_sock_addr *ctx) { return guard4(ctx, AT_CONNECT); }
-int sendmsg4(struct bpf_sock_addr *ctx) { return guard4(ctx, AT_SENDMSG); }
-int connect6(struct bpf_sock_addr *ctx) { return guard6(ctx, AT_CONNECT); }
-int sendmsg6(struct bpf_sock_addr *ctx) { return guard6(ctx, AT_SENDMSG); }
+PROGRAM int connect4(struct bpf_sock_addr *ctx) { return guard4(ctx, AT_CONNECT); }
+PROGRAM int sendmsg4(struct bpf_sock_addr *ctx) { return guard4(ctx, AT_SENDMSG); }
+PROGRAM int connect6(struct bpf_sock_addr *ctx) { return guard6(ctx, AT_CONNECT); }
+PROGRAM int sendmsg6(struct bpf_sock_addr *ctx) { return guard6(ctx, AT_SENDMSG); }
 
 /* Replies: only messages from this fence's proxy port on loopback are rewritten. */
 static __always_inline struct orig_dst *reply_origin(struct bpf_sock_addr *ctx)
@@ -262,7 +262,7 @@ static __always_inline struct orig_dst *reply_origin(struct bpf_sock_addr *ctx)
     return redirected.lookup(&cookie);
 }
 
-int recvmsg4(struct bpf_sock_addr *ctx)
+PROGRAM int recvmsg4(struct bpf_sock_addr *ctx)
 {
     if (ctx->user_ip4 != bpf_htonl(LOOPBACK4))
         return 1;
@@ -274,7 +274,7 @@ int recvmsg4(struct bpf_sock_addr *ctx)
     return 1;
 }
 
-int recvmsg6(struct bpf_sock_addr *ctx)
+PROGRAM int recvmsg6(struct bpf_sock_addr *ctx)
 {
     __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1];
     __u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];

@@ -22,7 +22,7 @@
 
 BPF_TABLE("lru_hash", __u64, struct owner, rawsocks, 16384);
 
-int sock_create(struct bpf_sock *ctx)
+PROGRAM int sock_create(struct bpf_sock *ctx)
 {
     __u32 type = ctx->type, proto = ctx->protocol;
     int icmp = type == SOCK_DGRAM && (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6);

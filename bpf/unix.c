@@ -124,11 +124,12 @@ static __always_inline int first_send(__u32 pid, struct unix_pending *pending)
     key.pid = pid;
     key.path_len = pending->path_len;
     key.hash = 14695981039346656037ULL;  /* FNV-1a offset basis */
+    __u64 mul = hash_multiplier();
     /* Every byte of sun_path (zero past path_len): a loop bounded by path_len became a
      * countdown whose bound a 5.10 verifier does not see ("invalid access to map value"). */
 #pragma clang loop unroll(disable)
     for (int i = 0; i < UNIX_SUN_PATH; i++)
-        key.hash = (key.hash ^ (__u8)pending->path[i]) * NAME_HASH_MUL;
+        key.hash = (key.hash ^ (__u8)pending->path[i]) * mul;
     __u8 one = 1;
     return unix_sent.insert(&key, &one) == 0;  /* insert: BPF_NOEXIST */
 }

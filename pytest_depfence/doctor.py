@@ -244,8 +244,9 @@ def _compile_and_attach() -> str:
         tree.remove()
     per_task = "-DDEPFENCE_NO_SKB_CURRENT_TASK=1" not in kernel.toolkit.kernel_cflags()
     return (
-        f"{len(links)} programs compiled in {compiled:.1f} s, attached to {cgroup.path}, "
-        "then detached and removed\n" + (SENDERS_PER_TASK if per_task else SENDERS_BY_SOCKET)
+        f"{len(links)} programs ready in {compiled:.1f} s ({programs.built}), attached to "
+        f"{cgroup.path}, then detached and removed\n"
+        + (SENDERS_PER_TASK if per_task else SENDERS_BY_SOCKET)
     )
 
 

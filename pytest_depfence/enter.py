@@ -30,6 +30,9 @@ import stat
 import subprocess
 from pathlib import Path
 
+from . import cachedir
+from .cachedir import cache_dir
+
 SOURCE = Path(__file__).with_name("enter.c")
 #: Freestanding and static: no libc (nor libc6-dev) and nothing for ld.so to do at exec.
 #: No stack protector (its canary lives in libc's thread block, which is not there) and
@@ -51,6 +54,8 @@ class Unavailable(Exception):
 def _found() -> str | Unavailable:
     try:
         return build(cache_dir())
+    except cachedir.Unsafe as exc:
+        return Unavailable(str(exc))
     except Unavailable as exc:
         return exc
     except OSError as exc:  # a directory above the cache that cannot be read, say
@@ -69,17 +74,6 @@ def reason() -> str | None:
     return None if isinstance(found, str) else str(found)
 
 
-def cache_dir() -> Path:
-    """/var/cache/pytest-depfence for root (whose HOME may be the invoking user's, under
-    `sudo -E`), else $XDG_CACHE_HOME/pytest-depfence or ~/.cache/pytest-depfence."""
-    if os.geteuid() == 0:
-        return Path("/var/cache/pytest-depfence")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    if not os.path.isabs(base):
-        raise Unavailable(f"no cache directory: the home directory is not known ({base})")
-    return Path(base) / "pytest-depfence"
-
-
 def build(directory: Path) -> str:
     """The helper in `directory` (made 0700 if missing), built there unless it is; its
     path. Unavailable when it cannot be built, or the directory or file is not safe."""
@@ -87,18 +81,19 @@ def build(directory: Path) -> str:
     machine = platform.machine()
     digest = hashlib.sha256(source + repr((CFLAGS, machine)).encode()).hexdigest()[:16]
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = cachedir.prepare(directory)
+    except cachedir.Unsafe as exc:
+        raise Unavailable(str(exc)) from exc
     except OSError as exc:
         raise Unavailable(f"cannot make the cache directory {directory}: {exc.strerror}") from exc
-    directory = Path(os.path.realpath(directory))
     path = directory / f"depfence-enter-{machine}-{digest}"
-    _check_owned(directory)
-    for above in directory.parents:  # a sticky /tmp: others cannot move what is root's
-        _check_owned(above, sticky=True)
     if os.statvfs(directory).f_flag & os.ST_NOEXEC:
         raise Unavailable(f"{directory} is on a file system mounted noexec")
     if os.path.lexists(path):
-        _check_owned(path)
+        try:
+            cachedir.check_owned(path)
+        except cachedir.Unsafe as exc:
+            raise Unavailable(str(exc)) from exc
         if not os.stat(path).st_mode & stat.S_IXUSR:
             raise Unavailable(f"{path} is not executable")
         return str(path)
@@ -135,16 +130,4 @@ def _compile(compiler: str, output: Path) -> None:
         raise Unavailable(
             f"{compiler}'s {SOURCE.name} does not run (exit {tried.returncode}): "
             f"{tried.stderr.strip()[-200:]}"
-        )
-
-
-def _check_owned(path: Path, *, sticky: bool = False) -> None:
-    """Unavailable unless `path` is this user's (or root's), not a symbolic link, and
-    writable by no one else (`sticky`: unless it is a sticky directory, like /tmp)."""
-    st = os.lstat(path)
-    shared = st.st_mode & 0o022 and not (sticky and st.st_mode & stat.S_ISVTX)
-    if stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, os.geteuid()) or shared:
-        raise Unavailable(
-            f"{path} is not this user's alone (owner uid {st.st_uid}, mode "
-            f"{stat.filemode(st.st_mode)}): depfence-enter is not run from there"
         )

@@ -42,12 +42,13 @@ DNS_NAME_MAX = 128
 DNS_LABELS_MAX = 32
 #: Questions bypass.c judges in one packet (a TCP segment's messages together); more: unjudged.
 DNS_QUESTIONS_MAX = 4
-#: The multiplier of the name hash: odd, and drawn anew by each process (the programs are
-#: compiled with it). bypass.c trusts a hash match without comparing the names, and with
-#: a multiplier known in advance a name that hashes like an allowed one can be computed
-#: (lattice reduction finds one in a minute): a forbidden query past the proxy that
-#: passes under egress_only. A name of at most DNS_NAME_MAX bytes cannot be made to
-#: collide under every odd multiplier at once.
+#: The multiplier of the name hash: odd, and drawn anew by each process (the programs read
+#: it from their map `name_hash_mul`, written before any fence, so that the compiled
+#: programs are the same in every process: progcache.py). bypass.c trusts a hash match
+#: without comparing the names, and with a multiplier known in advance a name that hashes
+#: like an allowed one can be computed (lattice reduction finds one in a minute): a
+#: forbidden query past the proxy that passes under egress_only. A name of at most
+#: DNS_NAME_MAX bytes cannot be made to collide under every odd multiplier at once.
 NAME_HASH_MUL = secrets.randbits(64) | 1
 #: Bytes kept of the destination path of a process moved out of its fence (escape.c).
 CGROUP_PATH_MAX = 256
@@ -178,7 +179,6 @@ def defines() -> list[tuple[str, str]]:
         ("DNS_NAME_MAX", str(DNS_NAME_MAX)),
         ("DNS_LABELS_MAX", str(DNS_LABELS_MAX)),
         ("DNS_QUESTIONS_MAX", str(DNS_QUESTIONS_MAX)),
-        ("NAME_HASH_MUL", f"{NAME_HASH_MUL}ULL"),
         ("CGROUP_PATH_MAX", str(CGROUP_PATH_MAX)),
         ("UNIX_PATH_LEN", str(UNIX_PATH_LEN)),
     ]

@@ -92,11 +92,22 @@ def load_by_syscall(bpf: Any, name: str, prog_type: int, attach_type: int) -> Lo
         raise ValueError(f"the compiled object has no function {name!r}")
     size = lib.bpf_function_size(bpf.module, name.encode())
     license_ = lib.bpf_module_license(bpf.module)  # char *, kept alive by the module
+    return load_instructions(name, prog_type, attach_type, ctypes.string_at(start, size), license_)
+
+
+def load_instructions(
+    name: str, prog_type: int, attach_type: int, insns: bytes, license_: bytes
+) -> LoadedProgram:
+    """BPF_PROG_LOAD of `insns` (struct bpf_insn, as bcc compiled them: `load_by_syscall`,
+    or from the cache: `progcache`) with `expected_attach_type`; ProgramLoadError says
+    what the verifier said."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license_buf = ctypes.create_string_buffer(license_)
     attr = _ProgLoadAttr()
     attr.prog_type = prog_type
-    attr.insn_cnt = size // _BPF_INSN_SIZE
-    attr.insns = start
-    attr.license = ctypes.cast(license_, ctypes.c_void_p).value or 0
+    attr.insn_cnt = len(insns) // _BPF_INSN_SIZE
+    attr.insns = ctypes.addressof(code)
+    attr.license = ctypes.addressof(license_buf)
     attr.prog_name = name.encode()[:15]
     attr.expected_attach_type = attach_type
     fd, err = _prog_load(attr)

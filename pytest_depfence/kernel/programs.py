@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any, Callable, Union
 
 from ..errors import FenceUnavailable
-from . import abi, batch, toolkit
+from . import abi, batch, progcache, toolkit
 from .abi import BypassEvent, ConnEvent, ContactKey, EscapeEvent, Owner, ProcRecord, UnixEvent
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -87,10 +87,15 @@ def _in_tree(dir_fd: int, cgroup_id: int) -> bool:
 class Programs:
     """The loaded program set, shared by every fence of this process."""
 
-    def __init__(self, bcc: ModuleType, bpf: Any, fns: dict[str, Any]) -> None:
+    def __init__(self, bcc: ModuleType, bpf: Any, fns: dict[str, Any], built: str = "") -> None:
         self.bcc = bcc
+        #: How the programs came to be: compiled, or loaded from the cache (progcache).
+        self.built = built
         self._bpf = bpf
         self._fns = fns
+        # Before any fence is registered: bypass.c and unix.c hash names with it.
+        multiplier = bpf.get_table(b"name_hash_mul")
+        multiplier[multiplier.Key(0)] = multiplier.Leaf(abi.NAME_HASH_MUL)
         self._fences = bpf.get_table(b"fences")
         self._flows = bpf.get_table(b"dnsflows")
         #: Socket owners: `sockets`, and `sockets_spill` once it is full (bpf/fence.h).
@@ -497,10 +502,19 @@ def _compile() -> Programs:
     toolkit.preflight()
     toolkit.tracefs_dir()
     bcc = toolkit.import_bcc()
-    bpf = toolkit.compile_programs(bcc, toolkit.program_text(), abi.cflags())
-    fns: dict[str, Any] = {}
-    for name, attach_type in toolkit.ATTACH_TYPES.items():
-        prog_type = toolkit.PROG_TYPES.get(name, toolkit.PROG_TYPE_CGROUP_SOCK_ADDR)
-        fns[name] = toolkit.load_program(bpf, name, prog_type, attach_type)
+    text, flags = toolkit.program_text(), toolkit.program_cflags(abi.cflags())
+    cache = progcache.Cache.here(bcc, text, flags)
+    built = cache.load(bcc) if cache is not None else None
+    if built is None:
+        bpf = toolkit.compile_with(bcc, text, flags)
+        fns: dict[str, Any] = {}
+        for name, attach_type in toolkit.ATTACH_TYPES.items():
+            prog_type = toolkit.PROG_TYPES.get(name, toolkit.PROG_TYPE_CGROUP_SOCK_ADDR)
+            fns[name] = toolkit.load_program(bpf, name, prog_type, attach_type)
+    else:
+        bpf, fns = built
     toolkit.probe_link_support(fns["connect4"].fd)
-    return Programs(bcc, bpf, fns)
+    if built is None and cache is not None:
+        cache.store(bpf)
+    how = cache.status if cache is not None else f"compiled: {progcache.CACHE_ENV}=off"
+    return Programs(bcc, bpf, fns, built=how)

@@ -38,7 +38,14 @@ from typing import Any, cast
 from ..cgroup import cgroup2_mount
 from ..errors import FenceUnavailable
 from . import tracing
-from .progload import bpf, has_helper, libbcc, load_by_syscall
+from .progload import (
+    LoadedProgram,
+    bpf,
+    has_helper,
+    libbcc,
+    load_by_syscall,
+    load_instructions,
+)
 
 #: Set to a path list to say where the distro's `bcc` package lives (and only there).
 BCC_PATH_ENV = "DEPFENCE_BCC_PATH"
@@ -423,14 +430,24 @@ def _interrupted(failure: Exception) -> bool:
     )
 
 
+def program_cflags(cflags: list[str]) -> list[str]:
+    """Every flag the programs are compiled with: `cflags`, what this kernel's helpers
+    and structs need (`kernel_cflags`) and COMPILE_FLAGS."""
+    return [*cflags, *kernel_cflags(), *COMPILE_FLAGS]
+
+
 def compile_programs(bcc: ModuleType, text: str, cflags: list[str]) -> Any:
-    """bcc's BPF object for `text` (clang runs here, in memory, in a thread that sees a
-    short /proc/kallsyms: `kallsyms`), with `cflags` and what this kernel's helpers need
-    (`kernel_cflags`). bcc loads and attaches the tracepoint
-    programs here too: a refusal of one is reported as a load failure, not a compile one."""
+    """bcc's BPF object for `text` with `program_cflags(cflags)`: `compile_with`."""
+    return compile_with(bcc, text, program_cflags(cflags))
+
+
+def compile_with(bcc: ModuleType, text: str, flags: list[str]) -> Any:
+    """bcc's BPF object for `text` compiled with exactly `flags` (clang runs here, in
+    memory, in a thread that sees a short /proc/kallsyms: `kallsyms`). bcc loads and
+    attaches the tracepoint programs here too: a refusal of one is reported as a load
+    failure, not a compile one."""
     from . import kallsyms  # noqa: PLC0415 - a thread pool: not for the report header's check
 
-    flags = [*cflags, *kernel_cflags(), *COMPILE_FLAGS]
     bpf, failure, log = _captured(
         lambda: kallsyms.call_with_short_kallsyms(lambda: bcc.BPF(text=text.encode(), cflags=flags))
     )
@@ -487,6 +504,21 @@ def load_program(bpf: Any, name: str, prog_type: int, attach_type: int) -> Any:
         )
     else:
         call = lambda: load_by_syscall(bpf, name, prog_type, attach_type)  # noqa: E731
+    return _load(name, call)
+
+
+def load_compiled(
+    name: str, prog_type: int, attach_type: int, insns: bytes, license_: bytes
+) -> LoadedProgram:
+    """Load instructions bcc compiled in an earlier process (`progcache`), as
+    `load_program` loads them: tried again and explained the same way."""
+    loaded: LoadedProgram = _load(
+        name, lambda: load_instructions(name, prog_type, attach_type, insns, license_)
+    )
+    return loaded
+
+
+def _load(name: str, call: Callable[[], Any]) -> Any:
     fn, failure, log = _captured(call)
     if failure is None:
         return fn

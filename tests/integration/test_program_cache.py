@@ -1,0 +1,215 @@
+"""The program cache (kernel/progcache.py): a later process loads what the first compiled,
+and fences the same; a cache that is damaged, foreign or does not load is compiled again.
+
+Each case runs fresh processes with DEPFENCE_PROGRAM_CACHE set to a directory of the
+test's own. Each builds a fence in the lab (no_egress github.com) and sends two real
+queries: dig through the proxy (judged by name there; the command line comes from the
+process records of procs.c's raw tracepoints), and dig past the proxy to the lab
+resolver's second port, judged by bypass.c in the packet with the name hash, whose
+multiplier is this process's own, written into the loaded programs' map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from helpers_net import skip_or_fail
+
+from pytest_depfence.errors import FenceUnavailable
+from pytest_depfence.kernel import abi, progcache, toolkit
+
+if os.geteuid() != 0:
+    pytest.skip("loading the programs needs root", allow_module_level=True)
+
+pytestmark = pytest.mark.usefixtures("lab", "clean_env")
+
+CHILD = """
+import json, sys
+from pytest_depfence import Fence, Policy
+from pytest_depfence.errors import FenceUnavailable
+from pytest_depfence.kernel import programs
+try:
+    fence = Fence(Policy.no_egress("github.com"), upstream=sys.argv[1]).open()
+except FenceUnavailable as exc:
+    print(json.dumps({"unavailable": exc.reason}))
+    raise SystemExit(0)
+dig = ["dig", "+time=2", "+tries=1", "+notcp"]
+with fence:
+    proxied = fence.run([*dig, "GitHub.com"], check=False, timeout=30)
+    past = fence.run([*dig, "@10.77.0.53", "-p", "5300", "API.github.COM"], check=False, timeout=30)
+loaded = programs.load()
+print(json.dumps({
+    "built": loaded.built,
+    "tracepoints": sorted(tp.decode() for tp in loaded._bpf.raw_tracepoint_fds),
+    "proxied": [proxied.returncode,
+                [(e.domain, e.blocked_at, e.cmdline) for e in proxied.violations]],
+    "past": [past.returncode, [(e.domain, e.blocked_at, e.cmdline) for e in past.violations]],
+}))
+"""
+
+
+def child(pytestconfig: pytest.Config, upstream: str, cache: Path | str) -> dict[str, Any]:
+    env = {**os.environ, progcache.CACHE_ENV: str(cache)}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, upstream],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    said: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    if "unavailable" in said:
+        skip_or_fail(pytestconfig, FenceUnavailable(said["unavailable"]))
+    return said
+
+
+def fenced_the_same(said: dict[str, Any]) -> None:
+    """Both queries refused, each reported by name with the command that sent it."""
+    code, violations = said["proxied"]
+    assert code == 0  # the proxy answers with the outage (NXDOMAIN)
+    assert [(d, at) for d, at, _ in violations] == [("github.com", "dns")]
+    assert violations[0][2].startswith("dig +time=2 +tries=1 +notcp GitHub.com")
+    code, violations = said["past"]
+    assert code == 9  # no answer: the kernel dropped the query
+    assert [(d, at) for d, at, _ in violations] == [("api.github.com", "packet")]
+    assert "@10.77.0.53 -p 5300 API.github.COM" in violations[0][2]
+
+
+def the_file(cache: Path) -> Path:
+    (found,) = cache.glob("programs-*")
+    return found
+
+
+def test_a_later_process_loads_what_the_first_compiled_and_fences_the_same(
+    pytestconfig: pytest.Config, lab: Any, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    first = child(pytestconfig, lab.upstream, cache)
+    assert first["built"].startswith("compiled: nothing was cached"), first["built"]
+    stored = the_file(cache)
+    assert first["built"].endswith(f"; cached at {stored}")
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    fenced_the_same(first)
+
+    second = child(pytestconfig, lab.upstream, cache)
+    assert second["built"] == f"loaded from {stored}"
+    assert second["tracepoints"] == first["tracepoints"]
+    assert {"sys_enter", "sys_exit", "sched_process_exit"} <= set(second["tracepoints"])
+    fenced_the_same(second)
+    assert the_file(cache) == stored
+
+    off = child(pytestconfig, lab.upstream, "off")
+    assert off["built"] == f"compiled: {progcache.CACHE_ENV}=off"
+    fenced_the_same(off)
+
+
+def rewrite(path: Path, change: Any) -> None:
+    """Change the cached record with `change(record)` and checksum it again."""
+    body = json.loads(path.read_bytes().partition(b"\n")[2])
+    change(body)
+    raw = json.dumps(body, sort_keys=True).encode()
+    path.write_bytes(hashlib.sha256(raw).hexdigest().encode() + b"\n" + raw)
+
+
+def test_a_damaged_file_is_compiled_again_and_replaced(
+    pytestconfig: pytest.Config, lab: Any, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    child(pytestconfig, lab.upstream, cache)
+    stored = the_file(cache)
+    raw = bytearray(stored.read_bytes())
+    raw[len(raw) // 2] ^= 0x04  # a bit inside the instructions' text: the checksum fails
+    stored.write_bytes(bytes(raw))
+
+    again = child(pytestconfig, lab.upstream, cache)
+    assert again["built"] == f"compiled: {stored} was damaged; cached at {stored}"
+    fenced_the_same(again)
+    assert child(pytestconfig, lab.upstream, cache)["built"] == f"loaded from {stored}"
+
+
+def test_programs_the_kernel_refuses_are_removed_and_compiled(
+    pytestconfig: pytest.Config, lab: Any, tmp_path: Path
+) -> None:
+    """A checksummed file whose egress program the verifier refuses (it reads r0 before
+    setting it) is not half loaded: the maps, the programs and the tracepoints loaded
+    so far are let go, the file removed, and the compiled programs fence."""
+    cache = tmp_path / "cache"
+    child(pytestconfig, lab.upstream, cache)
+    stored = the_file(cache)
+
+    def break_egress(record: dict[str, Any]) -> None:
+        (egress,) = (p for p in record["programs"] if p["name"] == "egress")
+        egress["insns"] = "lQAAAAAAAAA="  # exit, with r0 never set
+        egress["maps"] = []
+
+    rewrite(stored, break_egress)
+    again = child(pytestconfig, lab.upstream, cache)
+    assert again["built"].startswith("compiled: the cached programs did not load ("), again
+    assert "egress" in again["built"]
+    assert again["built"].endswith(f"; cached at {stored}")
+    fenced_the_same(again)
+
+
+def test_a_file_others_may_write_is_not_loaded(
+    pytestconfig: pytest.Config, lab: Any, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    child(pytestconfig, lab.upstream, cache)
+    stored = the_file(cache)
+    stored.chmod(0o666)
+    again = child(pytestconfig, lab.upstream, cache)
+    assert again["built"].startswith(f"compiled: the cache is not used ({stored} is not this")
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600  # replaced by a file of its own
+
+    cache.chmod(0o777)
+    shared = child(pytestconfig, lab.upstream, cache)
+    assert shared["built"].startswith(f"compiled: the cache is not used ({cache} is not this")
+    assert "; not cached (" in shared["built"]
+    fenced_the_same(shared)
+
+
+@pytest.fixture
+def bcc(pytestconfig: pytest.Config) -> ModuleType:
+    try:
+        toolkit.preflight()
+        return toolkit.import_bcc()
+    except FenceUnavailable as exc:
+        skip_or_fail(pytestconfig, exc)
+        raise
+
+
+def tables(bpf: Any) -> dict[str, tuple[str, str]]:
+    lib = progcache._libbcc_tables(sys.modules["bcc.libbcc"].lib)
+    names = [lib.bpf_table_name(bpf.module, i) for i in range(lib.bpf_num_tables(bpf.module))]
+    return {
+        name.decode(): (lib.bpf_table_key_desc(bpf.module, name).decode(),
+                        lib.bpf_table_leaf_desc(bpf.module, name).decode())
+        for name in names
+    }  # fmt: skip
+
+
+def test_the_maps_alone_are_the_same_tables_with_no_program(bcc: ModuleType) -> None:
+    """What a cached load compiles: every table of the full compile, with the same key and
+    leaf types (bcc's tables decode by them), and not one program."""
+    text = toolkit.program_text()
+    flags = toolkit.program_cflags(abi.cflags())
+    full = toolkit.compile_with(bcc, text, flags)
+    maps = toolkit.compile_with(bcc, text, [*flags, progcache.MAPS_ONLY_FLAG])
+    try:
+        lib = sys.modules["bcc.libbcc"].lib
+        assert lib.bpf_num_functions(maps.module) == 0
+        assert lib.bpf_num_functions(full.module) > len(toolkit.ATTACH_TYPES)
+        assert maps.raw_tracepoint_fds == {}
+        assert tables(maps) == tables(full)
+        assert "name_hash_mul" in tables(maps)
+    finally:
+        maps.cleanup()
+        full.cleanup()

@@ -1,0 +1,112 @@
+"""The program cache's file and instruction handling, without root or bcc.
+
+What a cached program's instructions may hold (map fds only, which are set again at
+load), and a file that is damaged or belongs to other programs is never loaded. Real
+compiles and loads are in tests/integration/test_program_cache.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+
+import pytest
+
+from pytest_depfence.kernel import progcache, toolkit
+from pytest_depfence.kernel.progcache import Program
+
+
+def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    """One struct bpf_insn, little-endian."""
+    return struct.pack("<BBhi", code, dst | src << 4, off, imm)
+
+
+def ld_map(fd: int, src: int = 1) -> bytes:
+    """r1 = map fd (ld_imm64: two instructions)."""
+    return insn(0x18, dst=1, src=src, imm=fd) + insn(0)
+
+
+EXIT = insn(0xB7, dst=0, imm=0) + insn(0x95)  # r0 = 0; exit
+
+
+def test_map_references_name_each_map_fd_by_its_table() -> None:
+    code = ld_map(7) + insn(0x85, imm=1) + ld_map(9) + EXIT  # lookup, then another map
+    assert progcache.map_references(code, {7: "fences", 9: "procs"}) == (
+        (0, "fences"),
+        (3, "procs"),
+    )
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        ld_map(7, src=2) + EXIT,  # BPF_PSEUDO_MAP_VALUE: an address inside a map
+        ld_map(7, src=3) + EXIT,  # BPF_PSEUDO_BTF_ID
+        insn(0x85, src=1, imm=4) + EXIT,  # a call of another BPF function
+        ld_map(8) + EXIT,  # an fd no table has
+    ],
+    ids=["map value", "btf id", "bpf-to-bpf call", "unknown fd"],
+)
+def test_a_program_with_anything_but_known_map_fds_is_not_cached(code: bytes) -> None:
+    assert progcache.map_references(code, {7: "fences"}) is None
+
+
+def test_an_immediate_that_looks_like_a_map_fd_is_left_alone() -> None:
+    # r1 = 7 (a 64-bit immediate, no pseudo source): a number, not a map.
+    code = ld_map(7, src=0) + EXIT
+    assert progcache.map_references(code, {7: "fences"}) == ()
+
+
+def test_relocation_sets_each_reference_to_the_new_fd_and_nothing_else() -> None:
+    code = ld_map(7) + insn(0x85, imm=1) + ld_map(9) + EXIT
+    program = Program("egress", 8, 1, code, ((0, "fences"), (3, "procs")))
+    moved = progcache.relocated(program, {"fences": 31, "procs": 1000})
+    assert moved == ld_map(31) + insn(0x85, imm=1) + ld_map(1000) + EXIT
+
+
+def test_kinds_are_the_cgroup_programs_and_raw_tracepoints_only() -> None:
+    assert progcache.kind_of("connect4") == (toolkit.PROG_TYPE_CGROUP_SOCK_ADDR, 10)
+    assert progcache.kind_of("egress") == (toolkit.PROG_TYPE_CGROUP_SKB, 1)
+    assert progcache.kind_of("raw_tracepoint__sys_enter") == (toolkit.PROG_TYPE_RAW_TRACEPOINT, 0)
+    assert progcache.kind_of("tracepoint__sched__sched_process_fork") is None
+    tp = Program("raw_tracepoint__sys_exit", 17, 0, EXIT, ())
+    assert tp.tracepoint == "sys_exit"
+    assert Program("egress", 8, 1, EXIT, ()).tracepoint is None
+
+
+def encoded(key: str, programs: list[dict[str, object]]) -> bytes:
+    """A file as `_encode` writes it from a compiled object."""
+    body = json.dumps(
+        {"format": progcache.FORMAT, "key": key, "license": "GPL", "programs": programs},
+        sort_keys=True,
+    ).encode()
+    return hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+
+
+ONE = [
+    {"name": "egress", "prog_type": 8, "attach_type": 1, "insns": base64.b64encode(EXIT).decode(),
+     "maps": []}
+]  # fmt: skip
+
+
+def test_a_whole_file_for_this_key_decodes() -> None:
+    license_, programs = progcache._decode(encoded("k1", ONE), "k1")  # type: ignore[misc]
+    assert license_ == b"GPL"
+    assert programs == [Program("egress", 8, 1, EXIT, ())]
+
+
+def test_a_file_for_another_key_or_damaged_is_not_loaded() -> None:
+    raw = encoded("k1", ONE)
+    assert progcache._decode(raw, "k2") is None
+    flipped = bytearray(raw)
+    flipped[-20] ^= 0x01  # one bit of the body: the checksum no longer matches
+    assert progcache._decode(bytes(flipped), "k1") is None
+    assert progcache._decode(raw[: len(raw) // 2], "k1") is None  # cut short
+    assert progcache._decode(b"", "k1") is None
+
+
+def test_a_checksummed_file_of_the_wrong_shape_is_not_loaded() -> None:
+    wrong = [{"name": "egress", "insns": "not base64!"}]
+    assert progcache._decode(encoded("k1", wrong), "k1") is None
