@@ -92,9 +92,10 @@ def first_fence(upstream: str, rounds: int) -> None:
         f"first fence in a process: median of {rounds} interleaved rounds, fresh processes "
         f"importing from byte code (load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs)"
     )
+    width = max(map(len, samples))
     for name, values in samples.items():
         print(
-            f"  {name:52} {statistics.median(values):7.0f} ms"
+            f"  {name:{width}} {statistics.median(values):7.0f} ms"
             f"  (min {min(values):.0f}, max {max(values):.0f})"
         )
     base, *fences = (statistics.median(samples[name]) for name in names)

@@ -11,9 +11,12 @@ import base64
 import hashlib
 import json
 import struct
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from pytest_depfence import cachedir
 from pytest_depfence.kernel import progcache, toolkit
 from pytest_depfence.kernel.progcache import Program
 
@@ -110,3 +113,13 @@ def test_a_file_for_another_key_or_damaged_is_not_loaded() -> None:
 def test_a_checksummed_file_of_the_wrong_shape_is_not_loaded() -> None:
     wrong = [{"name": "egress", "insns": "not base64!"}]
     assert progcache._decode(encoded("k1", wrong), "k1") is None
+
+
+def test_the_cache_is_where_the_variable_says_or_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    bcc = ModuleType("bcc")
+    monkeypatch.setenv(progcache.CACHE_ENV, "off")
+    assert progcache.Cache.here(bcc, "", []) is None
+    monkeypatch.setenv(progcache.CACHE_ENV, "/somewhere/else")
+    assert progcache.Cache.here(bcc, "", []).directory == Path("/somewhere/else")  # type: ignore[union-attr]
+    monkeypatch.delenv(progcache.CACHE_ENV)
+    assert progcache.Cache.here(bcc, "", []).directory == cachedir.cache_dir()  # type: ignore[union-attr]
