@@ -91,6 +91,8 @@ def seed(
     test copies it: a compile is ~0.6 s here, ~40 s in an emulated VM lane)."""
     cache = tmp_path_factory.mktemp("seed") / "cache"
     said = child(pytestconfig, lab.upstream, cache)
+    if said["built"].endswith("not cached: a program is not one the cache can load"):
+        pytest.skip("without BTF three tracepoints are classic ones: this kernel always compiles")
     return said, the_file(cache)
 
 
