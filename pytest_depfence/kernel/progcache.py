@@ -162,15 +162,16 @@ def _identity(path: str) -> str:
     return f"{path}:{st.st_size}:{st.st_ino}:{st.st_mtime_ns}"
 
 
-def compiler_libraries() -> list[str]:
-    """The compiler's libraries this process has loaded (bcc's, clang's, LLVM's), by path."""
+def compiler_libraries(names: tuple[str, ...] = _COMPILER_LIBRARIES) -> list[str]:
+    """The identity of each library this process has mapped whose file name starts with
+    one of `names` (bcc's, clang's and LLVM's): path, size, inode, modification time."""
     found = set()
     with open("/proc/self/maps", errors="surrogateescape") as maps:
         for line in maps:
             fields = line.rstrip("\n").split(maxsplit=5)
-            if len(fields) == 6 and os.path.basename(fields[5]).startswith(_COMPILER_LIBRARIES):
+            if len(fields) == 6 and os.path.basename(fields[5]).startswith(names):
                 found.add(fields[5])
-    return sorted(found)
+    return [_identity(path) for path in sorted(found)]
 
 
 def headers_identity() -> list[str]:
@@ -190,7 +191,8 @@ class Cache:
     directory: Path
     text: str
     flags: list[str]
-    bcc_version: str
+    #: bcc's Python package: its version and its files' identities.
+    bcc: str
     #: How the programs came to be in this process, in words (`Programs.built`).
     status: str = ""
 
@@ -201,13 +203,17 @@ class Cache:
         if configured is not None and configured.strip().lower() == "off":
             return None
         directory = Path(configured) if configured else cachedir.cache_dir()
-        return cls(directory, text, flags, toolkit.bcc_version(bcc))
+        package = os.path.dirname(getattr(bcc, "__file__", None) or "bcc")
+        described = [toolkit.bcc_version(bcc)] + [
+            _identity(os.path.join(package, name)) for name in ("__init__.py", "libbcc.py")
+        ]
+        return cls(directory, text, flags, " ".join(described))
 
     @functools.cached_property
     def key(self) -> str:
         digest = hashlib.sha256()
         parts = [
-            str(FORMAT), self.text, *self.flags, self.bcc_version, platform.release(),
+            str(FORMAT), self.text, *self.flags, self.bcc, platform.release(),
             platform.machine(), *compiler_libraries(), *headers_identity(),
         ]  # fmt: skip
         for part in parts:

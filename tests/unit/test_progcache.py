@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from types import ModuleType
@@ -123,3 +124,29 @@ def test_the_cache_is_where_the_variable_says_or_off(monkeypatch: pytest.MonkeyP
     assert progcache.Cache.here(bcc, "", []).directory == Path("/somewhere/else")  # type: ignore[union-attr]
     monkeypatch.delenv(progcache.CACHE_ENV)
     assert progcache.Cache.here(bcc, "", []).directory == cachedir.cache_dir()  # type: ignore[union-attr]
+
+
+def test_the_key_covers_the_text_the_flags_and_the_libraries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def key(text: str = "int x;", flags: tuple[str, ...] = ("-DA=1",)) -> str:
+        return progcache.Cache(tmp_path, text, list(flags), "bcc 0.26").key
+
+    assert key() == key()
+    assert key(text="int y;") != key()
+    assert key(flags=("-DA=2",)) != key()
+    assert key(flags=("-DA=1", "-DB=1")) != key(flags=("-DA=1 -DB=1",))  # not just joined
+    library = tmp_path / "libLLVM-14.so.1"
+    library.write_bytes(b"one")
+    mapped = [str(library)]  # stands in for /proc/self/maps, which has no bcc here
+    monkeypatch.setattr(progcache, "compiler_libraries", lambda: map(progcache._identity, mapped))
+    before = key()
+    library.write_bytes(b"two!")  # another build of the compiler: another size and time
+    assert key() != before
+
+
+def test_the_compiler_libraries_are_named_with_their_identity() -> None:
+    (libc,) = set(progcache.compiler_libraries(("libc.so",)))
+    path, size, inode, mtime = libc.rsplit(":", 3)
+    st = os.stat(path)
+    assert (int(size), int(inode), int(mtime)) == (st.st_size, st.st_ino, st.st_mtime_ns)
