@@ -91,8 +91,7 @@ def kind_of(name: str) -> tuple[int, int] | None:
     """(program type, expected attach type) of a function the programs have, or None
     for one the cache does not load (a classic tracepoint, say)."""
     if name in toolkit.ATTACH_TYPES:
-        prog_type = toolkit.PROG_TYPES.get(name, toolkit.PROG_TYPE_CGROUP_SOCK_ADDR)
-        return prog_type, toolkit.ATTACH_TYPES[name]
+        return toolkit.cgroup_program_kind(name)
     if name.startswith(RAW_TRACEPOINT_PREFIX):
         return toolkit.PROG_TYPE_RAW_TRACEPOINT, 0
     return None

@@ -504,17 +504,20 @@ def _compile() -> Programs:
     bcc = toolkit.import_bcc()
     text, flags = toolkit.program_text(), toolkit.program_cflags(abi.cflags())
     cache = progcache.Cache.here(bcc, text, flags)
-    built = cache.load(bcc) if cache is not None else None
-    if built is None:
-        bpf = toolkit.compile_with(bcc, text, flags)
-        fns: dict[str, Any] = {}
-        for name, attach_type in toolkit.ATTACH_TYPES.items():
-            prog_type = toolkit.PROG_TYPES.get(name, toolkit.PROG_TYPE_CGROUP_SOCK_ADDR)
-            fns[name] = toolkit.load_program(bpf, name, prog_type, attach_type)
-    else:
-        bpf, fns = built
+    cached = cache.load(bcc) if cache is not None else None
+    bpf, fns = cached if cached is not None else _compile_and_load(bcc, text, flags)
     toolkit.probe_link_support(fns["connect4"].fd)
-    if built is None and cache is not None:
+    if cached is None and cache is not None:
         cache.store(bpf)
     how = cache.status if cache is not None else f"compiled: {progcache.CACHE_ENV}=off"
     return Programs(bcc, bpf, fns, built=how)
+
+
+def _compile_and_load(bcc: ModuleType, text: str, flags: list[str]) -> tuple[Any, dict[str, Any]]:
+    """bcc's object of `text` (raw tracepoints attached) and its cgroup programs, loaded."""
+    bpf = toolkit.compile_with(bcc, text, flags)
+    fns = {
+        name: toolkit.load_program(bpf, name, *toolkit.cgroup_program_kind(name))
+        for name in toolkit.ATTACH_TYPES
+    }
+    return bpf, fns

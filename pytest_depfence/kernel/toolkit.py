@@ -81,6 +81,13 @@ PROG_TYPE_CGROUP_SOCK = 9
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 #: Program name -> its program type, for those of ATTACH_TYPES that are not sock_addr ones.
 PROG_TYPES = {"egress": PROG_TYPE_CGROUP_SKB, "sock_create": PROG_TYPE_CGROUP_SOCK}
+
+
+def cgroup_program_kind(name: str) -> tuple[int, int]:
+    """(program type, expected attach type) of cgroup program `name` (of ATTACH_TYPES)."""
+    return PROG_TYPES.get(name, PROG_TYPE_CGROUP_SOCK_ADDR), ATTACH_TYPES[name]
+
+
 BPF_FUNC_GET_CURRENT_PID_TGID = 14
 BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID = 123
 _BPF_LINK_CREATE = 28
