@@ -200,3 +200,23 @@ def test_a_file_others_may_write_is_not_loaded(
     assert shared["built"].startswith(f"compiled: the cache is not used ({cache} is not this")
     assert "; not cached (" in shared["built"]
     fenced_the_same(shared)
+
+
+def test_maps_that_come_out_unlike_the_compiled_ones_are_not_used(
+    pytestconfig: pytest.Config, lab: Any, seed: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    """The maps-alone compile must give every table the key and leaf types of the full
+    compile (bcc's tables decode entries by them): a file that says otherwise is not
+    loaded, whatever its programs."""
+    stored = seeded(seed, tmp_path)
+
+    def another_leaf(record: dict[str, Any]) -> None:
+        record["tables"]["fences"][1] = '"unsigned long long"'
+
+    rewrite(stored, another_leaf)
+    again = child(pytestconfig, lab.upstream, stored.parent)
+    assert again["built"] == (
+        "compiled: the cached programs did not load (the maps alone differ from the "
+        f"compiled ones: fences); cached at {stored}"
+    )
+    fenced_the_same(again)

@@ -83,7 +83,13 @@ def test_kinds_are_the_cgroup_programs_and_raw_tracepoints_only() -> None:
 def encoded(key: str, programs: list[dict[str, object]]) -> bytes:
     """A file as `_encode` writes it from a compiled object."""
     body = json.dumps(
-        {"format": progcache.FORMAT, "key": key, "license": "GPL", "programs": programs},
+        {
+            "format": progcache.FORMAT,
+            "key": key,
+            "license": "GPL",
+            "programs": programs,
+            "tables": {"fences": ["k", "v"]},
+        },
         sort_keys=True,
     ).encode()
     return hashlib.sha256(body).hexdigest().encode() + b"\n" + body
@@ -96,9 +102,10 @@ ONE = [
 
 
 def test_a_whole_file_for_this_key_decodes() -> None:
-    license_, programs = progcache._decode(encoded("k1", ONE), "k1")  # type: ignore[misc]
-    assert license_ == b"GPL"
-    assert programs == [Program("egress", 8, 1, EXIT, ())]
+    record = progcache._decode(encoded("k1", ONE), "k1")
+    assert record == progcache.Record(
+        b"GPL", [Program("egress", 8, 1, EXIT, ())], {"fences": ("k", "v")}
+    )
 
 
 def test_a_file_for_another_key_or_damaged_is_not_loaded() -> None:
@@ -150,3 +157,46 @@ def test_the_compiler_libraries_are_named_with_their_identity() -> None:
     path, size, inode, mtime = libc.rsplit(":", 3)
     st = os.stat(path)
     assert (int(size), int(inode), int(mtime)) == (st.st_size, st.st_ino, st.st_mtime_ns)
+
+
+C = """\
+struct owner { __u32 pid; struct { __u8 a; } inner; };  /* a struct: kept */
+BPF_HASH(fences, __u64, struct owner, 16);
+static const char *brace = "{";
+static __always_inline int helper(int x)
+{
+    if (x) { return '}'; }  // braces in a string, a character and a comment: {
+#pragma clang loop unroll(disable)
+    for (;;) { break; }
+#ifdef X
+    return 1;
+#endif
+    return 0;
+}
+PROGRAM int egress(struct __sk_buff *skb) { return helper(1); }
+BPF_ARRAY(after, __u64, 1);
+"""
+
+
+def test_declarations_empty_each_function_body_and_keep_the_rest() -> None:
+    assert progcache.declarations(C) == (
+        "struct owner { __u32 pid; struct { __u8 a; } inner; };  /* a struct: kept */\n"
+        "BPF_HASH(fences, __u64, struct owner, 16);\n"
+        'static const char *brace = "{";\n'
+        "static __always_inline int helper(int x)\n"
+        "{}\n#ifdef X\n\n#endif\n\n"  # the conditional stays whole, the loop pragma goes
+        "PROGRAM int egress(struct __sk_buff *skb) {}\n"
+        "BPF_ARRAY(after, __u64, 1);\n"
+    )
+
+
+def test_declarations_of_braces_an_if_branch_leaves_open_are_none() -> None:
+    unbalanced = "int f(int x)\n{\n#ifdef A\n    if (x) {\n#else\n    if (!x) {\n#endif\n    }\n}\n"
+    assert progcache.declarations(unbalanced) is None
+
+
+def test_the_programs_own_sources_have_declarations() -> None:
+    text = toolkit.program_text()
+    found = progcache.declarations(text)
+    assert found is not None and len(found) < len(text) * 0.7
+    assert "BPF_ARRAY(name_hash_mul" in found and "hash = hash * mul" not in found
