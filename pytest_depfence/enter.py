@@ -8,14 +8,11 @@ Where it cannot be built (no C compiler, another architecture) or the cache is n
 to run from, fenced commands start through that chain as before, which `reason` says
 (`depfence doctor`).
 
-The cache holds what runs as the fence's owner at every run, root: the file, its
-directory and every directory above it must be the owner's (or root's) and writable by
-nobody else (above it, a sticky directory such as /tmp will do), or they are not used:
-a cache in another user's home could otherwise be swapped for one of that user's
-between the check and a run. The file's name carries a digest of the
-source, the flags and the architecture, so a new version builds its own; it is built
-under a temporary name and renamed into place, so processes building at once
-(pytest-xdist) never run half a file. A new build runs once (`--` then `true`) before
+The cache holds what runs as the fence's owner at every run, root: it is used only
+while `cachedir` finds it and every directory above it the owner's (or root's) alone.
+The file's name carries a digest of the source, the flags and the architecture, so a
+new version builds its own; it is built under a temporary name and renamed into
+place, so processes building at once (pytest-xdist) never run half a file. A new build runs once (`--` then `true`) before
 it is kept: a compiler whose output cannot run leaves none.
 """
 

@@ -261,6 +261,8 @@ class Cache:
     bcc: str
     #: How the programs came to be in this process, in words (`Programs.built`).
     status: str = ""
+    #: Why there is no directory to use (a relative DEPFENCE_PROGRAM_CACHE, no home).
+    unusable: str = ""
 
     @classmethod
     def here(cls, bcc: ModuleType, text: str, flags: list[str]) -> Cache | None:
@@ -268,12 +270,19 @@ class Cache:
         configured = os.environ.get(CACHE_ENV)
         if configured is not None and configured.strip().lower() == "off":
             return None
-        directory = Path(configured) if configured else cachedir.cache_dir()
         package = os.path.dirname(getattr(bcc, "__file__", None) or "bcc")
         described = [toolkit.bcc_version(bcc)] + [
             _identity(os.path.join(package, name)) for name in ("__init__.py", "libbcc.py")
         ]
-        return cls(directory, text, flags, " ".join(described))
+        cache = cls(Path(configured or "."), text, flags, " ".join(described))
+        if configured and not os.path.isabs(configured):
+            cache.unusable = f"{CACHE_ENV}={configured!r} is not an absolute path"
+        elif not configured:
+            try:
+                cache.directory = cachedir.cache_dir()
+            except cachedir.Unsafe as exc:
+                cache.unusable = str(exc)
+        return cache
 
     @functools.cached_property
     def key(self) -> str:
@@ -290,6 +299,8 @@ class Cache:
     @functools.cached_property
     def path(self) -> Path:
         """Its file (the cache directory is made if missing): OSError, or cachedir.Unsafe."""
+        if self.unusable:
+            raise cachedir.Unsafe(self.unusable)
         return cachedir.prepare(self.directory) / f"programs-{self.key[:32]}"
 
     # -- reading ------------------------------------------------------------------------

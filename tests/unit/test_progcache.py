@@ -200,3 +200,17 @@ def test_the_programs_own_sources_have_declarations() -> None:
     found = progcache.declarations(text)
     assert found is not None and len(found) < len(text) * 0.7
     assert "BPF_ARRAY(name_hash_mul" in found and "hash = hash * mul" not in found
+
+
+def test_a_relative_cache_directory_is_not_used_and_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(progcache.CACHE_ENV, "cache-here")
+    cache = progcache.Cache.here(ModuleType("bcc"), "int x;", [])
+    assert cache is not None
+    assert cache.read() is None
+    assert cache.status == (
+        "compiled: the cache is not used (DEPFENCE_PROGRAM_CACHE='cache-here' is not an "
+        "absolute path)"
+    )
+    assert not Path("cache-here").exists()
