@@ -41,10 +41,11 @@ def prepare(directory: Path) -> Path:
     return directory
 
 
-def check_owned(path: Path, *, sticky: bool = False) -> None:
-    """Unsafe unless `path` is this user's (or root's), not a symbolic link, and
-    writable by no one else (`sticky`: unless it is a sticky directory, like /tmp)."""
-    st = os.lstat(path)
+def check_owned(path: Path, *, sticky: bool = False, st: os.stat_result | None = None) -> None:
+    """Unsafe unless `path` (whose stat `st` is, when given: an open file's) is this
+    user's (or root's), not a symbolic link, and writable by no one else (`sticky`:
+    unless it is a sticky directory, like /tmp)."""
+    st = st or os.lstat(path)
     shared = st.st_mode & 0o022 and not (sticky and st.st_mode & stat.S_ISVTX)
     if stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, os.geteuid()) or shared:
         raise Unsafe(

@@ -12,8 +12,9 @@ The cache holds what runs as the fence's owner at every run, root: it is used on
 while `cachedir` finds it and every directory above it the owner's (or root's) alone.
 The file's name carries a digest of the source, the flags and the architecture, so a
 new version builds its own; it is built under a temporary name and renamed into
-place, so processes building at once (pytest-xdist) never run half a file. A new build runs once (`--` then `true`) before
-it is kept: a compiler whose output cannot run leaves none.
+place, so processes building at once (pytest-xdist) never run half a file. A new
+build runs once (`--` then `true`) before it is kept: a compiler whose output cannot
+run leaves none.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,7 +309,8 @@ class Cache:
     def read(self) -> Record | None:
         """What is cached for this key, or None (`status` says why)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            # Not a FIFO's wait for a writer, nor a link's target.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             self.status = "compiled: nothing was cached for these programs"
             return None
@@ -316,8 +318,11 @@ class Cache:
             self.status = f"compiled: the cache is not used ({exc})"
             return None
         with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
             try:
-                cachedir.check_owned(self.path)
+                if not stat.S_ISREG(st.st_mode):
+                    raise cachedir.Unsafe(f"{self.path} is not a regular file")
+                cachedir.check_owned(self.path, st=st)
             except cachedir.Unsafe as exc:
                 self.status = f"compiled: the cache is not used ({exc})"
                 return None

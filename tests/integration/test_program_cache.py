@@ -220,3 +220,17 @@ def test_maps_that_come_out_unlike_the_compiled_ones_are_not_used(
         f"compiled ones: fences); cached at {stored}"
     )
     fenced_the_same(again)
+
+
+def test_a_fifo_in_the_files_place_is_no_wait(
+    pytestconfig: pytest.Config, lab: Any, seed: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    """A FIFO where the file goes (made by a fenced root process, say) would keep an open
+    for reading waiting for a writer: the first fence of every later process would hang."""
+    stored = seeded(seed, tmp_path)
+    stored.unlink()
+    os.mkfifo(stored, 0o600)
+    again = child(pytestconfig, lab.upstream, stored.parent)
+    assert again["built"].startswith(f"compiled: the cache is not used ({stored} is not a regular")
+    assert stored.is_file() and stat.S_IMODE(stored.stat().st_mode) == 0o600  # replaced
+    fenced_the_same(again)
