@@ -8,7 +8,9 @@ alternates; medians with min-max:
   lab address 5,000 times (the listener is a process of its own); the client
   times its own loop, so process start and the fence's per-run cost are not in it;
 - a deploy loop: 100 `curl` fetches from the lab's mirror (by address), timed as a
-  whole run;
+  whole run; twice: from the lab's own server, whose threads share this process (and
+  its GIL) with the fence's event thread, and from a mirror process of its own, as a
+  deploy script's mirror is;
 - bulk TCP: `iperf3` for 3 s to a server on a lab address (when iperf3 is
   installed: `scripts/bootstrap.sh --bench`);
 - 500 fenced runs of `true` in one process: its memory, descriptors and threads
@@ -43,6 +45,24 @@ print("ready", flush=True)
 while True:
     conn, _ = s.accept()
     conn.close()
+"""
+#: A mirror in a process of its own (a TCP server: HTTPServer's bind looks its name up).
+MIRROR_PORT = 9101
+MIRROR = """\
+import http.server, socketserver, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"x" * 1024
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+server = socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), Handler)
+print("ready", flush=True)
+server.serve_forever()
 """
 # Closed with a reset (SO_LINGER 0): no TIME_WAIT, so rounds of 5,000 do not run the
 # namespace out of ephemeral ports (then connect() itself slows down, fenced or not).
@@ -111,20 +131,32 @@ def short_connections(fence: Fence, address: str, rounds: int) -> None:
 def curl_loop(fence: Fence, address: str, rounds: int) -> None:
     # By address: unfenced, curl would ask the machine's resolver, which the lab cannot
     # reach (what DNS through the fence costs: bench_dns.py).
-    script = f"for i in $(seq 100); do curl -fsS -o /dev/null http://{address}/; done"
+    mirror = subprocess.Popen(
+        [sys.executable, "-c", MIRROR, address, str(MIRROR_PORT)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert mirror.stdout is not None and mirror.stdout.readline().strip() == "ready"
+        for where, url in (
+            ("the lab mirror (served by this process)", f"http://{address}/"),
+            ("a mirror process of its own", f"http://{address}:{MIRROR_PORT}/"),
+        ):
+            script = f"for i in $(seq 100); do curl -fsS -o /dev/null {url}; done"
 
-    def plain() -> float:
-        started = time.perf_counter()
-        subprocess.run(["/bin/sh", "-c", script], check=True)
-        return time.perf_counter() - started
+            def plain(script: str = script) -> float:
+                started = time.perf_counter()
+                subprocess.run(["/bin/sh", "-c", script], check=True)
+                return time.perf_counter() - started
 
-    def fenced() -> float:
-        started = time.perf_counter()
-        fence.run(["/bin/sh", "-c", script])
-        return time.perf_counter() - started
+            def fenced(script: str = script) -> float:
+                started = time.perf_counter()
+                fence.run(["/bin/sh", "-c", script])
+                return time.perf_counter() - started
 
-    samples = interleaved({"unfenced": plain, "fenced": fenced}, rounds)
-    show("deploy loop: 100 curl fetches from the lab mirror, whole run", samples, "s", False)
+            samples = interleaved({"unfenced": plain, "fenced": fenced}, rounds)
+            show(f"deploy loop: 100 curl fetches from {where}, whole run", samples, "s", False)
+    finally:
+        mirror.kill()
+        mirror.wait()
 
 
 def bulk_tcp(fence: Fence, address: str, rounds: int) -> None:
