@@ -15,11 +15,12 @@ checksummed, under a temporary name renamed into place.
 
 `Cache.load` builds the program set from it: bcc compiles the same text with
 DEPFENCE_MAPS_ONLY (bpf/depfence.c), which makes every program a static function
-nothing calls, so bcc makes the same maps with the same key and leaf types and its
-tables work as after a full compile (~190 ms). Each cached program, its map references
-set to the new maps' fds, is loaded by BPF_PROG_LOAD with its expected attach type,
-and checked by the verifier as a compiled one is; each raw tracepoint is attached by
-bcc (`attach_raw_tracepoint`), as its own autoload does.
+nothing calls, and with every function body emptied (`declarations`), so bcc makes the
+same maps and its tables work as after a full compile (~140 ms); their key and leaf
+types must be the ones the file recorded from the full compile. Each cached program,
+its map references set to the new maps' fds, is loaded by BPF_PROG_LOAD with its
+expected attach type, and checked by the verifier as a compiled one is; each raw
+tracepoint is attached by bcc (`attach_raw_tracepoint`), as its own autoload does.
 
 The cache never decides what a fence enforces: a missing, foreign, damaged or stale
 file means a compile, as without it, and a cached set that does not load is removed
