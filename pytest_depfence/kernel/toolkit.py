@@ -443,11 +443,6 @@ def program_cflags(cflags: list[str]) -> list[str]:
     return [*cflags, *kernel_cflags(), *COMPILE_FLAGS]
 
 
-def compile_programs(bcc: ModuleType, text: str, cflags: list[str]) -> Any:
-    """bcc's BPF object for `text` with `program_cflags(cflags)`: `compile_with`."""
-    return compile_with(bcc, text, program_cflags(cflags))
-
-
 def compile_with(bcc: ModuleType, text: str, flags: list[str]) -> Any:
     """bcc's BPF object for `text` compiled with exactly `flags` (clang runs here, in
     memory, in a thread that sees a short /proc/kallsyms: `kallsyms`). bcc loads and

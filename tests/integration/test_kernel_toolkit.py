@@ -46,7 +46,7 @@ def bcc(pytestconfig: pytest.Config) -> ModuleType:
 def test_a_missing_define_stops_the_compile_at_its_guard(bcc: ModuleType) -> None:
     flags = [f for f in abi.cflags() if not f.startswith("-DDNS_NAME_MAX=")]
     with pytest.raises(FenceUnavailable) as caught:
-        toolkit.compile_programs(bcc, program_text(), flags)
+        toolkit.compile_with(bcc, program_text(), toolkit.program_cflags(flags))
     assert "could not compile the eBPF programs" in caught.value.reason
     assert '"DNS_NAME_MAX is not defined: pass the -D flags of' in caught.value.reason
     assert caught.value.fix
@@ -66,7 +66,10 @@ def test_the_compile_reads_the_short_kallsyms_the_helpers_in_it(bcc: ModuleType)
     assert kallsyms.call_with_short_kallsyms(kallsyms.KALLSYMS_PATH.read_bytes) == (
         kallsyms.SHORT_KALLSYMS
     )
-    assert toolkit.compile_programs(bcc, SEES_PROBE_READ_KERNEL.decode(), []) is not None
+    assert (
+        toolkit.compile_with(bcc, SEES_PROBE_READ_KERNEL.decode(), toolkit.program_cflags([]))
+        is not None
+    )
 
 
 def test_without_the_helpers_in_the_short_kallsyms_bcc_takes_them_for_missing(
@@ -76,7 +79,7 @@ def test_without_the_helpers_in_the_short_kallsyms_bcc_takes_them_for_missing(
     same compile stops at the #error."""
     monkeypatch.setattr(kallsyms, "SHORT_KALLSYMS", b"")
     with pytest.raises(FenceUnavailable) as caught:
-        toolkit.compile_programs(bcc, SEES_PROBE_READ_KERNEL.decode(), [])
+        toolkit.compile_with(bcc, SEES_PROBE_READ_KERNEL.decode(), toolkit.program_cflags([]))
     assert "bcc did not find bpf_probe_read_kernel" in caught.value.reason
 
 
@@ -136,11 +139,10 @@ def test_every_program_loads_by_syscall_with_its_attach_type_and_attaches(bcc: M
     """The path bcc 0.18..0.24 take (their load_func() has no attach_type), on this bcc too."""
     from pytest_depfence.cgroup import CgroupTree, FenceCgroup
 
-    bpf = toolkit.compile_programs(bcc, program_text(), abi.cflags())
+    bpf = toolkit.compile_with(bcc, program_text(), toolkit.program_cflags(abi.cflags()))
     loaded = {}
-    for name, attach_type in toolkit.ATTACH_TYPES.items():
-        prog_type = toolkit.PROG_TYPES.get(name, toolkit.PROG_TYPE_CGROUP_SOCK_ADDR)
-        loaded[name] = progload.load_by_syscall(bpf, name, prog_type, attach_type)
+    for name in toolkit.ATTACH_TYPES:
+        loaded[name] = progload.load_by_syscall(bpf, name, *toolkit.cgroup_program_kind(name))
     tree = CgroupTree()
     tree.ensure()
     links = []

@@ -220,7 +220,7 @@ def test_a_helper_the_kernel_lacks_is_named_not_blamed_on_the_verifier_or_header
             raise Exception("Failed to load BPF program b'tracepoint__cgroup__cgroup_attach_task'")
 
     with pytest.raises(FenceUnavailable) as caught:
-        toolkit.compile_programs(Bcc, "int x;", [])  # type: ignore[arg-type]
+        toolkit.compile_with(Bcc, "int x;", toolkit.program_cflags([]))  # type: ignore[arg-type]
     reason = caught.value.reason
     assert reason.startswith(
         "this kernel (" + __import__("platform").release() + ") has no helper "
