@@ -42,7 +42,6 @@ import os
 import platform
 import re
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -276,15 +275,15 @@ class Cache:
         described = [toolkit.bcc_version(bcc)] + [
             _identity(os.path.join(package, name)) for name in ("__init__.py", "libbcc.py")
         ]
-        cache = cls(Path(configured or "."), text, flags, " ".join(described))
+        directory, unusable = Path(configured or "."), ""
         if configured and not os.path.isabs(configured):
-            cache.unusable = f"{CACHE_ENV}={configured!r} is not an absolute path"
+            unusable = f"{CACHE_ENV}={configured!r} is not an absolute path"
         elif not configured:
             try:
-                cache.directory = cachedir.cache_dir()
+                directory = cachedir.cache_dir()
             except cachedir.Unsafe as exc:
-                cache.unusable = str(exc)
-        return cache
+                unusable = str(exc)
+        return cls(directory, text, flags, " ".join(described), unusable=unusable)
 
     @functools.cached_property
     def key(self) -> str:
@@ -312,22 +311,18 @@ class Cache:
         try:
             # Not a FIFO's wait for a writer, nor a link's target.
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise cachedir.Unsafe(f"{self.path} is not a regular file")
+                cachedir.check_owned(self.path, st=st)
+                raw = f.read()
         except FileNotFoundError:
             self.status = "compiled: nothing was cached for these programs"
             return None
         except (OSError, cachedir.Unsafe) as exc:
             self.status = f"compiled: the cache is not used ({exc})"
             return None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            try:
-                if not stat.S_ISREG(st.st_mode):
-                    raise cachedir.Unsafe(f"{self.path} is not a regular file")
-                cachedir.check_owned(self.path, st=st)
-            except cachedir.Unsafe as exc:
-                self.status = f"compiled: the cache is not used ({exc})"
-                return None
-            raw = f.read()
         record = _decode(raw, self.key)
         if record is None:
             self.status = f"compiled: {self.path} was damaged"
@@ -372,16 +367,14 @@ class Cache:
             return
         try:
             path = self.path
-            with tempfile.NamedTemporaryFile(
-                dir=path.parent, prefix=f".{path.name}.", delete=False
-            ) as partial:
-                try:
-                    partial.write(record)
-                    partial.close()
-                    os.replace(partial.name, path)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(partial.name)
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            try:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                with os.fdopen(os.open(partial, flags, 0o600), "wb") as f:
+                    f.write(record)
+                os.replace(partial, path)  # a reader sees the old file or the new, whole
+            finally:
+                partial.unlink(missing_ok=True)
         except (OSError, cachedir.Unsafe) as exc:
             self.status += f"; not cached ({exc})"
             return

@@ -91,7 +91,7 @@ def load_by_syscall(bpf: Any, name: str, prog_type: int, attach_type: int) -> Lo
     if not start:
         raise ValueError(f"the compiled object has no function {name!r}")
     size = lib.bpf_function_size(bpf.module, name.encode())
-    license_ = lib.bpf_module_license(bpf.module)  # char *, kept alive by the module
+    license_ = lib.bpf_module_license(bpf.module)  # bytes (bcc declares a char *)
     return load_instructions(name, prog_type, attach_type, ctypes.string_at(start, size), license_)
 
 
