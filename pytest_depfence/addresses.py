@@ -217,7 +217,12 @@ def _parse_answer(reply: bytes) -> Answer:
         raise UnreadableAnswer("a DNS question runs past the end of the answer")
     addresses: list[IPAddress] = []
     for _ in range(ancount):
-        _, offset = _read_name(reply, offset)  # the owner: the chain is read from the targets
+        # The owner: the chain is read from the targets. Mostly a pointer to the question's
+        # name (always valid: it points back to the header's end), not read again.
+        if offset + 2 <= size and reply[offset] == 0xC0 and reply[offset + 1] == _HEADER.size:
+            offset += 2
+        else:
+            _, offset = _read_name(reply, offset)
         if offset + _RR.size > size:
             raise UnreadableAnswer("a DNS answer record runs past the end of the message")
         rtype, _, _, rdlength = _RR.unpack_from(reply, offset)

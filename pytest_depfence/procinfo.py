@@ -17,7 +17,7 @@ from typing import Protocol
 MAX_DEPTH = 64
 #: Command lines remembered (each DNS query names its process and the chain above it).
 _CMDLINES_KEPT = 4096
-_cmdlines: dict[tuple[tuple[str, ...], bool], str] = {}
+_cmdlines: dict[tuple[tuple[str, ...], bool, str | None], str] = {}
 
 
 class ProcRecord(Protocol):
@@ -71,19 +71,19 @@ def cmdline_of(record: ProcRecord) -> str:
     """The record's command line, shell-quoted; a truncated argv completed from /proc
     while the process is alive; then, when argv[0] does not name the program that runs
     (`exec -a innocuous-tool curl ...`), " (exe PATH)" with the path it was exec'd by.
-    Remembered per argv: the same process asking again (every query of a resolver
-    loop) costs a lookup, not a quoting of every argument."""
-    exe = _exe_note(record)
+    Remembered per argv and exe: the same process asking again (every query of a
+    resolver loop) costs a lookup, not a quoting of every argument."""
     if record.truncated and not record.exited:
-        return _live_cmdline(record) + exe  # /proc may say more, or something new, each time
-    key = (record.argv, record.truncated)
+        # /proc may say more, or something new, each time
+        return _live_cmdline(record) + _exe_note(record)
+    key = (record.argv, record.truncated, record.exe)
     text = _cmdlines.get(key)
     if text is None:
-        text = shlex.join(record.argv) + (" …" if record.truncated else "")
+        text = shlex.join(record.argv) + (" …" if record.truncated else "") + _exe_note(record)
         if len(_cmdlines) >= _CMDLINES_KEPT:
             _cmdlines.clear()
         _cmdlines[key] = text
-    return text + exe
+    return text
 
 
 def _exe_note(record: ProcRecord) -> str:

@@ -122,6 +122,10 @@ class UdpUpstream:
             matched = self._match(data)
             if matched is not None:
                 out.append(matched)
+            if not self._waiting:
+                # Nothing more is expected (a lone query's answer): no read to EAGAIN. What
+                # else came (a late answer) keeps the socket readable for the next round.
+                return out
 
     def _match(self, data: bytes) -> tuple[Waiting, bytes | None] | None:
         if len(data) < 2:
