@@ -239,7 +239,10 @@ PROGRAM int egress(struct __sk_buff *skb)
 {
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct owner *o = socket_owner(cookie);
-    struct owner *raw = rawsocks.lookup(&cookie);
+    /* Only raw and ICMP sockets are in `rawsocks`. Of those, only a ping socket passes a
+     * hook (connect) into `sockets` as well, and it sends ICMP alone: an owned socket's
+     * TCP or UDP packet is not looked for there (below, once its protocol is known). */
+    struct owner *raw = o ? 0 : rawsocks.lookup(&cookie);
     struct owner who = {};
     __u64 cgid = 0;
     struct fence_cfg *fence;
@@ -263,10 +266,11 @@ PROGRAM int egress(struct __sk_buff *skb)
     __u32 l4 = l4_of(skb, &proto, daddr);
     if (!l4)
         return 1;
+    if (o && proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        raw = rawsocks.lookup(&cookie);  /* a connected ping socket's latest owner is o */
     if (owned && !raw && proto == IPPROTO_TCP && fence->outage != OUTAGE_BLACKHOLE &&
         settled_segment(skb, l4))
         return 1;
-    who.ts = bpf_ktime_get_ns();
     if (owned) {
         who.by_socket = 1;
     } else {
@@ -327,6 +331,7 @@ PROGRAM int egress(struct __sk_buff *skb)
      * a fork, both asking with one id), or one that exec'd in between (its record's
      * `since` is newer than the earlier message) -- the later would be taken for the
      * sender of both. So the entry says so, and the proxy names neither. */
+    who.ts = bpf_ktime_get_ns();
     struct owner *before = dnsflows.lookup(&key);
     if (before && who.ts - before->ts < FLOW_CLASH_NS) {
         __u32 pid = who.pid;

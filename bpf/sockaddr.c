@@ -181,7 +181,8 @@ static __always_inline struct fence_cfg *fenced_socket(struct bpf_sock_addr *ctx
         return 0;
     *cookie = bpf_get_socket_cookie(ctx);
     remember_owner(*cookie, *cgid, where);
-    fence->touched = 1;  /* its sockets, their DNS flows and contacts are in the maps */
+    if (!fence->touched)  /* a read first: the fence's line is not made dirty every time */
+        fence->touched = 1;  /* its sockets, their DNS flows and contacts are in the maps */
     return fence;
 }
 
