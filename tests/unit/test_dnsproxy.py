@@ -443,6 +443,39 @@ def test_many_outstanding_udp_queries_share_one_upstream_socket(make_proxy: Prox
     assert sorted(seen.names) == sorted(f"h{i}.{ZONE}" for i in range(60))
 
 
+def test_answers_left_in_the_upstream_socket_after_the_last_awaited_one_are_dropped(
+    make_proxy: ProxyFactory,
+) -> None:
+    # The upstream answers each query twice, and then sends a datagram of an id never
+    # asked: the proxy stops reading once nothing is awaited, so these wait in its socket
+    # for the next round. Each later query still gets its own answer, once.
+    def answer(query: bytes, octet: int) -> bytes:
+        record = DNSRecord.parse(query)
+        reply = record.reply()
+        reply.add_answer(RR(record.q.qname, QTYPE.A, rdata=A(f"192.0.2.{octet}"), ttl=5))
+        return bytes(reply.pack())
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+        up.bind(("127.0.0.1", 0))
+        up.settimeout(5)
+        dns, seen = make_proxy(upstream=up.getsockname(), upstream_timeout=5.0)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            for i in range(3):
+                client.sendto(question(f"h{i}.{ZONE}", txid=0x100 + i), ("127.0.0.1", dns.port))
+                data, addr = up.recvfrom(65535)
+                up.sendto(answer(data, i), addr)
+                reply = DNSRecord.parse(client.recv(65535))
+                up.sendto(answer(data, 200 + i), addr)  # the same id again: late
+                up.sendto(b"\xbe\xef" + answer(data, 250)[2:], addr)  # an id never asked
+                assert (reply.header.id, str(reply.rr[0].rdata)) == (0x100 + i, f"192.0.2.{i}")
+            with pytest.raises(socket.timeout):
+                client.settimeout(SILENCE)
+                client.recv(65535)  # no second reply to any of them
+    dns.drain()
+    assert sorted(seen.names) == [f"h{i}.{ZONE}" for i in range(3)]
+
+
 def test_an_answer_echoing_the_name_in_another_case_is_matched(make_proxy: ProxyFactory) -> None:
     def swapped_case(query: bytes) -> bytes:
         record = DNSRecord.parse(query)
