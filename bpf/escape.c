@@ -187,6 +187,7 @@ static __always_inline int clone3_exited(long ret)
  * A user namespace gives the capability back (`unshare -Urn`: every capability
  * inside, over a network namespace it owns), and a packet socket sends frames
  * below every hook of the fence (a veth out of that namespace carries them on).
+ * (AF_XDP and the obsolete AF_INET/SOCK_PACKET, a packet socket too, likewise.)
  * So when such a socket() succeeds all the same, the process is killed
  * (bpf_send_signal: taken on the way back from the syscall, before it can use the
  * descriptor) and reported as an escape (how = ESCAPE_RAW_SOCKET, dst_id: the
@@ -199,6 +200,8 @@ static __always_inline int clone3_exited(long ret)
 #define AF_INET 2
 #define AF_INET6 10
 #define AF_PACKET 17
+#define AF_XDP 44
+#define SOCK_PACKET 10
 #define SOCK_TYPE_MASK 0xf
 
 BPF_TABLE("lru_hash", __u32, __u32, raw_asked, 1024);
@@ -207,8 +210,11 @@ static __always_inline int socket_entered(long family, long type)
 {
     long kind = type & SOCK_TYPE_MASK;
     /* Only these need CAP_NET_RAW: a netlink or unix SOCK_RAW socket does not (curl
-     * opens a netlink one for its interface list). */
-    if (family != AF_PACKET && !((family == AF_INET || family == AF_INET6) && kind == SOCK_RAW))
+     * opens a netlink one for its interface list). An XDP socket sends frames straight to
+     * a device queue, as a packet socket does; and the kernel makes a packet socket of
+     * the obsolete AF_INET/SOCK_PACKET (__sock_create). */
+    int inet = family == AF_INET || family == AF_INET6;
+    if (family != AF_PACKET && family != AF_XDP && !(inet && (kind == SOCK_RAW || kind == SOCK_PACKET)))
         return 0;
     __u64 fence_id;
     struct fence_cfg *fence = fence_of_task(&fence_id);

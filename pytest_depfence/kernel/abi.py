@@ -110,7 +110,7 @@ class Escape(enum.IntEnum):
 
 
 #: Socket families and types a raw-socket escape names (escape_event.dst_id's two bytes).
-SOCKET_FAMILIES = {2: "AF_INET", 10: "AF_INET6", 17: "AF_PACKET"}
+SOCKET_FAMILIES = {2: "AF_INET", 10: "AF_INET6", 17: "AF_PACKET", 44: "AF_XDP"}
 SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 10: "SOCK_PACKET"}
 
 

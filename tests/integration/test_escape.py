@@ -88,6 +88,8 @@ import json, socket
 kinds = {
     "packet": (socket.AF_PACKET, socket.SOCK_RAW),
     "raw": (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP),
+    "inet-packet": (socket.AF_INET, 10, 0x300),  # SOCK_PACKET: the kernel makes a packet socket
+    "xdp": (44, socket.SOCK_RAW, 0),  # AF_XDP
 }
 outcome = {}
 for name, args in kinds.items():
@@ -98,8 +100,8 @@ for name, args in kinds.items():
         outcome[name] = exc.errno
 print(json.dumps(outcome))
 """
-DENIED = {"packet": 1, "raw": 1}  # EPERM
-GRANTED = {"packet": None, "raw": None}
+DENIED = {"packet": 1, "raw": 1, "inet-packet": 1, "xdp": 1}  # EPERM
+GRANTED = {"packet": None, "raw": None, "inet-packet": None, "xdp": None}
 
 
 @pytest.fixture

@@ -368,6 +368,8 @@ import socket, sys
 kinds = {
     "packet": (socket.AF_PACKET, socket.SOCK_RAW),
     "raw": (socket.AF_INET, socket.SOCK_RAW, 17),
+    "inet-packet": (socket.AF_INET, 10, 0x300),  # SOCK_PACKET, ETH_P_ALL: a packet socket
+    "xdp": (44, socket.SOCK_RAW, 0),  # AF_XDP
     "netlink": (socket.AF_NETLINK, socket.SOCK_RAW, 0),
 }
 s = socket.socket(*kinds[sys.argv[1]])
@@ -382,6 +384,8 @@ USERNS = ["unshare", "--user", "--map-root-user", "--net"]
     [
         ("packet", "AF_PACKET/SOCK_RAW", "block"),
         ("raw", "AF_INET/SOCK_RAW", "block"),
+        ("inet-packet", "AF_INET/SOCK_PACKET", "block"),
+        ("xdp", "AF_XDP/SOCK_RAW", "block"),
         ("packet", "AF_PACKET/SOCK_RAW", "audit"),
     ],
 )
