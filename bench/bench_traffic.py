@@ -223,7 +223,7 @@ def main() -> None:
     from pytest_depfence.lab import Lab
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     with Lab() as lab, Fence(POLICY, upstream=lab.upstream, label="bench") as fence:
         address = lab.address("mirror.internal")
