@@ -10,8 +10,8 @@
  * The path is read at syscall entry (the caller's sockaddr, in user memory)
  * and reported at syscall exit only when the connect reached a listener (0,
  * or EINPROGRESS): one that failed (nothing listens: glibc tries nscd's socket
- * on every lookup) is dropped here. A process that is not fenced costs one
- * cgroup lookup per connect, and only AF_UNIX ones are kept. The path is the
+ * on every lookup) is dropped here. Any connect costs a read of its address's
+ * family; a unix one, a cgroup lookup; only a fenced process's are kept. The path is the
  * one the caller passed: a thread that rewrites it between our read and the
  * kernel's copy is named with the path it first gave (a deploy tool does not).
  *
@@ -72,15 +72,20 @@ BPF_RINGBUF_OUTPUT(unix_events, 64);
 /* connect(fd, uservaddr, addrlen) entered; also a send naming its address. */
 static __always_inline int unix_connect_entered(const char *addr, int addrlen)
 {
-    __u64 cgid;
-    if (!fence_of_task(&cgid))
-        return 0;
+    /* The family first: most connects on the machine are no unix ones, and those need
+     * no walk up the caller's cgroups. */
     __u16 family = 0;
     __u64 tid = bpf_get_current_pid_tgid();
     if (read_user(&family, sizeof(family), addr) != 0 || family != AF_UNIX_FAMILY) {
-        unix_pending.delete(&tid);  /* an exit this thread never reached (signal): stale */
+        /* An exit this thread never reached (a signal) left its entry: stale. Looked up
+         * first, since a delete takes the bucket's lock even when there is nothing. */
+        if (unix_pending.lookup(&tid))
+            unix_pending.delete(&tid);
         return 0;
     }
+    __u64 cgid;
+    if (!fence_of_task(&cgid))
+        return 0;
     struct unix_pending pending = {};
     pending.cgid = cgid;
     __u32 len = addrlen > 2 ? addrlen - 2 : 0;
