@@ -95,6 +95,20 @@ def load_by_syscall(bpf: Any, name: str, prog_type: int, attach_type: int) -> Lo
     return load_instructions(name, prog_type, attach_type, ctypes.string_at(start, size), license_)
 
 
+#: Prefixes of bcc's function names that libbcc leaves out of the name the kernel keeps
+#: (`bpftool prog show`), so that a program loaded here is named as when bcc loads it.
+_BCC_PREFIXES = ("raw_tracepoint__", "tracepoint__", "kretprobe__", "kprobe__")
+
+
+def object_name(name: str) -> bytes:
+    """The name the kernel keeps for function `name` (15 bytes at most), as libbcc gives it."""
+    for prefix in _BCC_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    return name.encode()[:15]
+
+
 def load_instructions(
     name: str, prog_type: int, attach_type: int, insns: bytes, license_: bytes
 ) -> LoadedProgram:
@@ -108,7 +122,7 @@ def load_instructions(
     attr.insn_cnt = len(insns) // _BPF_INSN_SIZE
     attr.insns = ctypes.addressof(code)
     attr.license = ctypes.addressof(license_buf)
-    attr.prog_name = name.encode()[:15]
+    attr.prog_name = object_name(name)
     attr.expected_attach_type = attach_type
     fd, err = _prog_load(attr)
     if fd < 0 and err == errno.EPERM and _raise_memlock():

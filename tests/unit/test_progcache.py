@@ -18,7 +18,7 @@ from types import ModuleType
 import pytest
 
 from pytest_depfence import cachedir
-from pytest_depfence.kernel import progcache, toolkit
+from pytest_depfence.kernel import progcache, progload, toolkit
 from pytest_depfence.kernel.progcache import Program
 
 
@@ -68,6 +68,14 @@ def test_relocation_sets_each_reference_to_the_new_fd_and_nothing_else() -> None
     program = Program("egress", 8, 1, code, ((0, "fences"), (3, "procs")))
     moved = progcache.relocated(program, {"fences": 31, "procs": 1000})
     assert moved == ld_map(31) + insn(0x85, imm=1) + ld_map(1000) + EXIT
+
+
+def test_a_cached_program_keeps_the_name_bcc_gives_it() -> None:
+    # libbcc leaves its section prefix out of the kernel's 15-byte name (bpftool prog show)
+    assert progload.object_name("raw_tracepoint__sys_enter") == b"sys_enter"
+    assert progload.object_name("raw_tracepoint__sched_process_exit") == b"sched_process_e"
+    assert progload.object_name("connect4") == b"connect4"
+    assert progload.object_name("egress") == b"egress"
 
 
 def test_kinds_are_the_cgroup_programs_and_raw_tracepoints_only() -> None:
