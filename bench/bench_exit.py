@@ -41,7 +41,7 @@ import time
 
 from pytest_depfence.lab import Lab
 
-_BCC = "from pytest_depfence.kernel import toolkit; bcc = toolkit.import_bcc()\n"
+_BCC = "from pytest_depfence.kernel import machine; bcc = machine.import_bcc()\n"
 _END = "import time; print(time.monotonic(), flush=True)\n"
 
 CLASSIC = [

@@ -45,8 +45,8 @@ _START = "import time; t0 = time.monotonic()\n"
 _DONE = "print(time.monotonic() - t0, flush=True)\n"
 FIRST_FENCE = {
     "bcc trivial program (import, compile, load, attach)": _START
-    + "from pytest_depfence.kernel import toolkit\n"
-    + "bcc = toolkit.import_bcc()\n"
+    + "from pytest_depfence.kernel import machine\n"
+    + "bcc = machine.import_bcc()\n"
     + 'b = bcc.BPF(text=b"RAW_TRACEPOINT_PROBE(sched_process_exit) { return 0; }")\n'
     + _DONE,
 }

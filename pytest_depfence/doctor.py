@@ -129,19 +129,19 @@ def _cgroup2_unprivileged() -> str:
 
 
 def _bcc() -> str:
-    from .kernel import import_bcc, toolkit
+    from .kernel import import_bcc, machine, toolkit
 
     bcc = import_bcc()
-    version = toolkit.bcc_version(bcc)
-    toolkit.check_bcc_version(version)
+    version = machine.bcc_version(bcc)
+    machine.check_bcc_version(version)
     init = getattr(bcc, "__file__", None)
     where = Path(init).parent if init else "(built in)"
     notes = []
     if not toolkit.load_func_takes_attach_type(bcc.BPF):
         notes.append("programs loaded by syscall: its load_func() takes no attach_type")
-    if toolkit.reads_debugfs_only(version):
-        notes.append(f"tracepoints read from {toolkit.DEBUGFS_TRACING} only")
-    minimum = ".".join(map(str, toolkit.MIN_BCC))
+    if machine.reads_debugfs_only(version):
+        notes.append(f"tracepoints read from {machine.DEBUGFS_TRACING} only")
+    minimum = ".".join(map(str, machine.MIN_BCC))
     return f"{version} from {where} ({minimum} or newer is needed)" + "".join(
         f"; {note}" for note in notes
     )

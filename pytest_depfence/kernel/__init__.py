@@ -1,6 +1,7 @@
 """The kernel side: the bcc toolkit, the C<->Python contract, and the loaded programs.
 
-    toolkit   finding bcc, checking the machine, compiling, bpf_link
+    machine   finding bcc, checking the machine (privileges, headers, tracefs)
+    toolkit   compiling, loading, bpf_link
     kallsyms  the compile's thread, which sees a /proc/kallsyms of two lines
     progload  BPF_PROG_LOAD by syscall (bcc < 0.25) and the helper probe
     tracing   the raw tracepoints' machine-dependent -D flags (syscall ABI, BTF offsets)
@@ -18,33 +19,46 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .abi import BypassEvent, ConnEvent, EscapeEvent, Owner, ProcRecord, UnixEvent
-    from .programs import KernelFence, Listener, Programs, load, loaded
-    from .toolkit import (
+    from .machine import (
         BCC_INSTALL_HINT,
         BCC_PATH_ENV,
         MachineState,
-        bpf_source_dir,
         check_kernel_headers,
         check_privileges,
         import_bcc,
         preflight,
-        probe_link_support,
-        program_text,
         tracefs_dir,
     )
+    from .programs import KernelFence, Listener, Programs, load, loaded
+    from .toolkit import bpf_source_dir, probe_link_support, program_text
 
 #: Where each name lives, imported at its first use: the report header's machine check
-#: (`preflight`) needs only `toolkit`, and a session that builds no fence then pays for no
-#: more (abi and programs: ~20 ms).
+#: (`preflight`) needs only `machine`, and a session that builds no fence then pays for no
+#: more (toolkit, abi and programs: ~20 ms).
 _HOMES = {
     **dict.fromkeys(
         ("BypassEvent", "ConnEvent", "EscapeEvent", "Owner", "ProcRecord", "UnixEvent"), "abi"
     ),
     **dict.fromkeys(("KernelFence", "Listener", "Programs", "load", "loaded"), "programs"),
+    **dict.fromkeys(
+        (
+            "BCC_INSTALL_HINT",
+            "BCC_PATH_ENV",
+            "MachineState",
+            "check_kernel_headers",
+            "check_privileges",
+            "import_bcc",
+            "preflight",
+            "tracefs_dir",
+        ),
+        "machine",
+    ),  # fmt: skip
 }
 
 
-_SUBMODULES = frozenset({"abi", "batch", "kallsyms", "progload", "programs", "toolkit", "tracing"})
+_SUBMODULES = frozenset(
+    {"abi", "batch", "kallsyms", "machine", "progload", "programs", "toolkit", "tracing"}
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -49,7 +49,7 @@ from typing import Any
 
 from .. import cachedir
 from ..errors import FenceUnavailable
-from . import toolkit
+from . import machine, toolkit
 from .progload import libbcc
 
 #: Unset: `cachedir.cache_dir()`; "off": no cache; else the directory to keep it in.
@@ -272,7 +272,7 @@ class Cache:
         if configured is not None and configured.strip().lower() == "off":
             return None
         package = os.path.dirname(getattr(bcc, "__file__", None) or "bcc")
-        described = [toolkit.bcc_version(bcc)] + [
+        described = [machine.bcc_version(bcc)] + [
             _identity(os.path.join(package, name)) for name in ("__init__.py", "libbcc.py")
         ]
         directory, unusable = Path(configured or "."), ""

@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any, Callable, Union
 
 from ..errors import FenceUnavailable
-from . import abi, batch, progcache, toolkit
+from . import abi, batch, machine, progcache, toolkit
 from .abi import BypassEvent, ConnEvent, ContactKey, EscapeEvent, Owner, ProcRecord, UnixEvent
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -499,9 +499,9 @@ def load() -> Programs:
 
 
 def _compile() -> Programs:
-    toolkit.preflight()
-    toolkit.tracefs_dir()
-    bcc = toolkit.import_bcc()
+    machine.preflight()
+    machine.tracefs_dir()
+    bcc = machine.import_bcc()
     text, flags = toolkit.program_text(), toolkit.program_cflags(abi.cflags())
     cache = progcache.Cache.here(bcc, text, flags)
     cached = cache.load(bcc) if cache is not None else None

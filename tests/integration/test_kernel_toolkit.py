@@ -22,7 +22,7 @@ import pytest
 from helpers_net import skip_or_fail
 
 from pytest_depfence.errors import FenceUnavailable
-from pytest_depfence.kernel import abi, kallsyms, progload, program_text, toolkit, tracing
+from pytest_depfence.kernel import abi, kallsyms, machine, progload, program_text, toolkit, tracing
 
 if os.geteuid() != 0:
     pytest.skip("loading programs needs root", allow_module_level=True)
@@ -37,8 +37,8 @@ int g(struct __sk_buff *skb) { return 1; }
 @pytest.fixture(scope="module")
 def bcc(pytestconfig: pytest.Config) -> ModuleType:
     try:
-        toolkit.preflight()
-        return toolkit.import_bcc()
+        machine.preflight()
+        return machine.import_bcc()
     except FenceUnavailable as exc:
         skip_or_fail(pytestconfig, exc)
 

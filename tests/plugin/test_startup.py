@@ -17,13 +17,14 @@ import textwrap
 
 import pytest
 
-#: What only a fence needs: the fence itself, the toolkit's bcc, the lab's netlink library,
-#: and the kernel package's ABI and program set (the header's machine check imports the
-#: package for `preflight`, which loads only its toolkit: kernel/__init__.py).
+#: What only a fence needs: the fence itself, bcc, the lab's netlink library, and the
+#: kernel package's toolkit, ABI and program set (the header's machine check imports the
+#: package for `preflight`, which loads only its `machine`: kernel/__init__.py).
 HEAVY = (
     "pytest_depfence.fence",
     "bcc",
     "pyroute2",
+    "pytest_depfence.kernel.toolkit",
     "pytest_depfence.kernel.abi",
     "pytest_depfence.kernel.programs",
 )
@@ -95,16 +96,16 @@ def test_the_header_finds_bcc_where_loading_it_would():
         """
         import json, sys
         from pytest_depfence.errors import FenceUnavailable
-        from pytest_depfence.kernel import toolkit
+        from pytest_depfence.kernel import machine
         try:
-            where, version = toolkit.locate_bcc()
+            where, version = machine.locate_bcc()
         except FenceUnavailable as exc:
             print(json.dumps({"missing": str(exc)}))
             sys.exit(0)
         assert "bcc" not in sys.modules, "locate_bcc loaded bcc"
-        bcc = toolkit.import_bcc()
+        bcc = machine.import_bcc()
         print(json.dumps({"located": [str(where), version], "loaded": [
-            str(__import__("pathlib").Path(bcc.__file__).parent), toolkit.bcc_version(bcc)]}))
+            str(__import__("pathlib").Path(bcc.__file__).parent), machine.bcc_version(bcc)]}))
         """
     )
     proc = subprocess.run(
@@ -118,13 +119,13 @@ def test_the_header_finds_bcc_where_loading_it_would():
 
 def test_a_missing_bcc_reads_the_same_found_or_loaded(monkeypatch, tmp_path):
     from pytest_depfence.errors import FenceUnavailable
-    from pytest_depfence.kernel import BCC_PATH_ENV, toolkit
+    from pytest_depfence.kernel import BCC_PATH_ENV, machine
 
     monkeypatch.setenv(BCC_PATH_ENV, str(tmp_path))
     monkeypatch.delitem(sys.modules, "bcc", raising=False)
     with pytest.raises(FenceUnavailable) as located:
-        toolkit.locate_bcc()
+        machine.locate_bcc()
     with pytest.raises(FenceUnavailable) as loaded:
-        toolkit.import_bcc()
+        machine.import_bcc()
     assert str(located.value) == str(loaded.value)
-    assert located.value.fix == toolkit.BCC_INSTALL_HINT
+    assert located.value.fix == machine.BCC_INSTALL_HINT

@@ -16,7 +16,7 @@ import pytest
 
 from pytest_depfence import doctor
 from pytest_depfence.errors import FenceUnavailable
-from pytest_depfence.kernel import progload, toolkit
+from pytest_depfence.kernel import machine, progload, toolkit
 
 
 @pytest.mark.parametrize(
@@ -31,17 +31,17 @@ from pytest_depfence.kernel import progload, toolkit
     ],
 )
 def test_bcc_versions_are_read_as_distributions_spell_them(text, parsed):
-    assert toolkit.version_tuple(text) == parsed
+    assert machine.version_tuple(text) == parsed
 
 
 @pytest.mark.parametrize("version", ["0.18.0", "0.26.0", "0.31.0+ds", "unknown"])
 def test_bcc_0_18_and_newer_and_unknown_versions_pass(version):
-    toolkit.check_bcc_version(version)
+    machine.check_bcc_version(version)
 
 
 def test_a_bcc_older_than_0_18_is_refused_with_its_version_and_the_fix():
     with pytest.raises(FenceUnavailable) as caught:
-        toolkit.check_bcc_version("0.15.0")
+        machine.check_bcc_version("0.15.0")
     assert caught.value.reason.startswith("bcc 0.15.0 is older than 0.18")
     assert "ring buffers" in caught.value.reason
     assert caught.value.fix is not None and "python3-bpfcc 0.18 or newer" in caught.value.fix
@@ -136,18 +136,18 @@ def test_a_load_interrupted_every_time_still_fails_with_the_reason():
 
 def test_an_old_bcc_finds_tracepoints_under_debugfs_only(tmp_path, monkeypatch):
     debug_tracing = tmp_path / "debug" / "tracing"
-    monkeypatch.setattr(toolkit, "DEBUGFS_TRACING", debug_tracing)
+    monkeypatch.setattr(machine, "DEBUGFS_TRACING", debug_tracing)
     (debug_tracing / "events").mkdir(parents=True)
-    assert toolkit.tracefs_dir(mount=False, bcc_version="0.18.0") == debug_tracing
-    assert toolkit.reads_debugfs_only("0.25.0")
-    assert not toolkit.reads_debugfs_only("0.26.0")
+    assert machine.tracefs_dir(mount=False, bcc_version="0.18.0") == debug_tracing
+    assert machine.reads_debugfs_only("0.25.0")
+    assert not machine.reads_debugfs_only("0.26.0")
 
 
 def test_an_old_bcc_without_debugfs_says_why_and_how_to_mount_it(tmp_path, monkeypatch):
     debug_tracing = tmp_path / "missing" / "tracing"
-    monkeypatch.setattr(toolkit, "DEBUGFS_TRACING", debug_tracing)
+    monkeypatch.setattr(machine, "DEBUGFS_TRACING", debug_tracing)
     with pytest.raises(FenceUnavailable) as caught:
-        toolkit.tracefs_dir(mount=False, bcc_version="0.18.0")
+        machine.tracefs_dir(mount=False, bcc_version="0.18.0")
     assert caught.value.reason.startswith("debugfs is not mounted")
     assert f"bcc 0.18.0 reads tracepoints only from {debug_tracing}" in caught.value.reason
     assert caught.value.fix == f"mount -t debugfs none {debug_tracing.parent}"
@@ -156,8 +156,8 @@ def test_an_old_bcc_without_debugfs_says_why_and_how_to_mount_it(tmp_path, monke
 def test_an_old_bcc_with_debugfs_mountable_is_fine_for_the_doctor(tmp_path, monkeypatch):
     debug_tracing = tmp_path / "debug" / "tracing"
     debug_tracing.parent.mkdir()
-    monkeypatch.setattr(toolkit, "DEBUGFS_TRACING", debug_tracing)
-    assert toolkit.tracefs_dir(mount=False, bcc_version="0.18.0") is None
+    monkeypatch.setattr(machine, "DEBUGFS_TRACING", debug_tracing)
+    assert machine.tracefs_dir(mount=False, bcc_version="0.18.0") is None
 
 
 class FakeBcc:
