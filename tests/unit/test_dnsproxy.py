@@ -402,17 +402,22 @@ def test_slow_upstream_answer_does_not_stall_other_udp_queries(
         upstream.zone.release_slow.set()
 
 
+def answer_a(query: bytes, address: str) -> bytes:
+    """An upstream's answer to `query`: one A record, `address`."""
+    record = DNSRecord.parse(query)
+    reply = record.reply()
+    reply.add_answer(RR(record.q.qname, QTYPE.A, rdata=A(address), ttl=5))
+    return bytes(reply.pack())
+
+
 def test_many_outstanding_udp_queries_share_one_upstream_socket(make_proxy: ProxyFactory) -> None:
     # 60 clients at once, all with the same txid: each gets its own answer with its id,
     # and the upstream saw one source port (one persistent socket), under distinct ids.
     seen_by_upstream: list[tuple[int, bytes]] = []
 
     def answer(query: bytes) -> bytes:
-        record = DNSRecord.parse(query)
-        reply = record.reply()
-        octet = int(str(record.q.qname).split(".")[0][1:])
-        reply.add_answer(RR(record.q.qname, QTYPE.A, rdata=A(f"192.0.2.{octet}"), ttl=5))
-        return bytes(reply.pack())
+        octet = int(str(DNSRecord.parse(query).q.qname).split(".")[0][1:])
+        return answer_a(query, f"192.0.2.{octet}")
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
         up.bind(("127.0.0.1", 0))
@@ -450,10 +455,7 @@ def test_answers_left_in_the_upstream_socket_after_the_last_awaited_one_are_drop
     # asked: the proxy stops reading once nothing is awaited, so these wait in its socket
     # for the next round. Each later query still gets its own answer, once.
     def answer(query: bytes, octet: int) -> bytes:
-        record = DNSRecord.parse(query)
-        reply = record.reply()
-        reply.add_answer(RR(record.q.qname, QTYPE.A, rdata=A(f"192.0.2.{octet}"), ttl=5))
-        return bytes(reply.pack())
+        return answer_a(query, f"192.0.2.{octet}")
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
         up.bind(("127.0.0.1", 0))
