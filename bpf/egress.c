@@ -148,15 +148,20 @@ static __always_inline struct fence_cfg *fence_of_skb(struct __sk_buff *skb, __u
 }
 
 /* A packet judged by its destination here (raw and ICMP sockets, or a socket no
- * hook saw: `who` NULL, no process): 1 let it go, 0 drop it. cgid is the fence's. */
-static __always_inline int judge_packet(__u64 cgid, struct fence_cfg *fence, __u32 *daddr,
-                                        __u8 proto, struct owner *who)
+ * hook saw: `who` NULL, no process): 1 let it go, 0 drop it. cgid is the fence's; the
+ * L4 header at `l4` gives a UDP or TCP packet's port for the report. */
+static __always_inline int judge_packet(struct __sk_buff *skb, __u32 l4, __u64 cgid,
+                                        struct fence_cfg *fence, __u32 *daddr, __u8 proto,
+                                        struct owner *who)
 {
     if (!refused(fence, daddr))
         return 1;
     struct conn_event e = {};
     __u64 pid_tgid = who ? ((__u64)who->pid << 32) | who->tid : 0;
-    fill_head(&e.head, cgid, pid_tgid, daddr, 0, proto);
+    __be16 port = 0;
+    if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+        bpf_skb_load_bytes(skb, l4 + 2, &port, sizeof(port));  /* stays 0 when short */
+    fill_head(&e.head, cgid, pid_tgid, daddr, bpf_ntohs(port), proto);
     e.head.by_socket = who ? who->by_socket : 0;
     e.action = (fence->flags & FENCE_AUDIT) ? ACTION_AUDITED : ACTION_REFUSED;
     e.where = AT_PACKET;
@@ -169,8 +174,9 @@ static __always_inline int judge_packet(__u64 cgid, struct fence_cfg *fence, __u
  * its destination again: a datagram, or a TCP SYN. The destination the hooks saw is not
  * always the packet's: a NAT rule of the namespace (`nft ... dnat to`, a fenced root
  * script may add one) rewrites it after them. Once a connection, not once a segment:
- * bulk TCP pays nothing. In audit mode and with outage "blackhole" a refused address was
- * reported at connect already (blackhole drops its packets below). */
+ * bulk TCP pays nothing. In every mode: in audit mode such a packet is reported and
+ * let go, with outage "blackhole" reported and dropped; unless the hook let a refused
+ * address pass on this socket and reported it already (owner.passed_refused). */
 static __always_inline int opens_flow(struct __sk_buff *skb, __u8 proto, __u32 l4)
 {
     if (proto == IPPROTO_UDP)
@@ -279,7 +285,7 @@ PROGRAM int egress(struct __sk_buff *skb)
          * never cut (its new connections were judged at connect). */
         if (fence->flags & FENCE_ADOPTED)
             return 1;
-        if (!judge_packet(cgid, fence, daddr, proto, 0))
+        if (!judge_packet(skb, l4, cgid, fence, daddr, proto, 0))
             return 0;
         /* Its payload is judged below all the same: the owner of a socket a hook saw is
          * gone once `sockets` evicted it (a script that made more sockets than the map
@@ -290,11 +296,10 @@ PROGRAM int egress(struct __sk_buff *skb)
     int is_raw = raw != 0;  /* owned: rawsocks names its owner */
     if (is_raw || proto == IPPROTO_UDP)
         datagram_sender(&who);
-    if (is_raw && !judge_packet(cgid, fence, daddr, proto, &who))
+    if (is_raw && !judge_packet(skb, l4, cgid, fence, daddr, proto, &who))
         return 0;
-    if (owned && !is_raw && !(fence->flags & FENCE_AUDIT) &&
-        fence->outage != OUTAGE_BLACKHOLE && opens_flow(skb, proto, l4) &&
-        !judge_packet(cgid, fence, daddr, proto, &who))
+    if (owned && !is_raw && !who.passed_refused && opens_flow(skb, proto, l4) &&
+        !judge_packet(skb, l4, cgid, fence, daddr, proto, &who))
         return 0;
     if (fence->outage == OUTAGE_BLACKHOLE && !(fence->flags & FENCE_AUDIT) &&
         refused(fence, daddr))

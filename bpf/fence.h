@@ -107,7 +107,9 @@ struct owner {
     __u64 ts;           /* dnsflows: when the message left (bpf_ktime_get_ns); else 0 */
     __u8 by_socket;     /* as event_head.by_socket */
     __u8 clash;         /* dnsflows: another process sent with this key just before */
-    __u8 pad[6];
+    __u8 passed_refused; /* sockets: a hook let a refused address pass (audit, blackhole)
+                          * and reported it (sockaddr.c); egress.c reports no packet again */
+    __u8 pad[5];
 };
 
 /* Where a redirected socket meant to send its DNS, to rewrite replies back. */

@@ -145,10 +145,21 @@ static __always_inline void report(struct bpf_sock_addr *ctx, __u64 cgid, __u32 
         count_lost(cgid);
 }
 
+/* The socket's owner says a hook let a refused address pass (audit mode, outage
+ * blackhole) and reported it: its packets to a refused address are not reported again
+ * (egress.c). A rare path, so a second write rather than one more argument to every
+ * remember_owner(). */
+static __always_inline void note_passed_refused(__u64 cookie)
+{
+    struct owner *o = socket_owner(cookie);
+    if (o)
+        o->passed_refused = 1;
+}
+
 /* PASS, REFUSE, or TO_REFUSER (the caller rewrites the destination for its family).
  * One report() for every outcome: inlined once, not once per outcome. */
 static __always_inline int judge(struct bpf_sock_addr *ctx, struct fence_cfg *fence, __u64 cgid,
-                                 __u32 *ip6, __u8 where)
+                                 __u64 cookie, __u32 *ip6, __u8 where)
 {
     __u8 action = ACTION_REFUSED;
     int verdict = REFUSE;
@@ -161,12 +172,14 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, struct fence_cfg *fe
     } else if (fence->flags & FENCE_AUDIT) {
         action = ACTION_AUDITED;
         verdict = PASS;
+        note_passed_refused(cookie);
     } else if (fence->outage == OUTAGE_RESET) {
         action = ACTION_RESET;
         verdict = TO_REFUSER;
     } else if (fence->outage == OUTAGE_BLACKHOLE) {
         action = ACTION_BLACKHOLE;
         verdict = PASS;  /* egress.c drops its packets */
+        note_passed_refused(cookie);
     }
     report(ctx, cgid, ip6, action, where);
     return verdict;
@@ -204,7 +217,7 @@ static __always_inline int guard4(struct bpf_sock_addr *ctx, __u8 where)
         ctx->user_port = bpf_htons(fence->proxy_port);
         return PASS;
     }
-    int verdict = judge(ctx, fence, cgid, ip6, where);
+    int verdict = judge(ctx, fence, cgid, cookie, ip6, where);
     if (verdict == TO_REFUSER) {
         ctx->user_ip4 = bpf_htonl(LOOPBACK4);
         ctx->user_port = bpf_htons(fence->refuser_port);
@@ -235,7 +248,7 @@ static __always_inline int guard6(struct bpf_sock_addr *ctx, __u8 where)
         redirected.update(&cookie, &dst);
         ctx->user_port = bpf_htons(fence->proxy_port);
     } else {
-        verdict = judge(ctx, fence, cgid, ip6, where);
+        verdict = judge(ctx, fence, cgid, cookie, ip6, where);
         if (verdict != TO_REFUSER)
             return verdict;
         ctx->user_port = bpf_htons(fence->refuser_port);

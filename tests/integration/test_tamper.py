@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -98,19 +98,37 @@ DNAT = [
 
 
 @pytest.mark.skipif(NFT is None, reason="needs nft (apt-get install nftables)")
-@NO_GITHUB
-def test_a_nat_rule_does_not_take_a_connection_past_the_fence(fenced: Fence) -> None:
+@pytest.mark.filterwarnings("ignore::pytest_depfence.errors.EgressAuditWarning")
+@pytest.mark.parametrize(
+    ("settings", "reached"),
+    [({}, False), ({"outage": "blackhole"}, False), ({"mode": "audit"}, True)],
+    ids=["block", "blackhole", "audit"],
+)
+def test_a_nat_rule_does_not_take_a_connection_past_the_fence(
+    fences: Any, settings: dict[str, str], reached: bool
+) -> None:
+    """In every mode: blocked (or, with blackhole, dropped) and named at the packet, or
+    in audit mode let through and on record there. The connect judged an allowed address,
+    so nothing else would say where the connection went."""
+    from pytest_depfence import Policy
+
+    fence = fences(Policy.no_egress("github.com"), **settings)
     script = "; ".join(f"nft '{rule}'" for rule in DNAT)
     try:
-        result = fenced.run(
+        result = fence.run(
             ["sh", "-c", f"{script} && curl -sS -m 3 http://10.77.3.1/"], check=False, timeout=60
         )
     finally:
         subprocess.run([str(NFT), "delete", "table", "ip", "depfence_tamper"], check=False)
-    assert "lab:github.com" not in result.stdout
-    refused = [e for e in result.violations if e.address == "10.77.1.1"]
-    assert refused and refused[0].blocked_at == "packet", result.events
-    assert refused[0].cmdline is not None and refused[0].cmdline.startswith("curl")
+    assert ("lab:github.com" in result.stdout) is reached
+    events = [e for e in result.violations if e.address == "10.77.1.1"]
+    assert len(events) == 1, result.events  # once: the connect judged an allowed address
+    (event,) = events
+    assert (event.forbidden, event.domain, event.port) == (True, "github.com", 80)
+    assert (event.verdict, event.blocked_at) == (
+        ("allowed", None) if reached else ("blocked", "packet")
+    )
+    assert event.cmdline is not None and event.cmdline.startswith("curl")
 
 
 # Opens the memory of each pid given, as a root script rewriting the owner's policy would,
