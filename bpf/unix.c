@@ -11,9 +11,10 @@
  * and reported at syscall exit only when the connect reached a listener (0,
  * or EINPROGRESS): one that failed (nothing listens: glibc tries nscd's socket
  * on every lookup) is dropped here. Any connect costs a read of its address's
- * family; a unix one, a cgroup lookup; only a fenced process's are kept. The path is the
- * one the caller passed: a thread that rewrites it between our read and the
- * kernel's copy is named with the path it first gave (a deploy tool does not).
+ * family, a unix one a cgroup lookup too, and only a fenced process's are kept.
+ * The path is the one the caller passed: a thread that rewrites it between our
+ * read and the kernel's copy is named with the path it first gave (a deploy tool
+ * does not).
  *
  * A datagram sent without connect() names its socket in the send itself:
  * sendto(), sendmsg() and sendmmsg() (its first message) with a unix address are
