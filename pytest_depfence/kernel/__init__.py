@@ -52,7 +52,7 @@ _HOMES = {
             "tracefs_dir",
         ),
         "machine",
-    ),  # fmt: skip
+    ),
 }
 
 
