@@ -146,7 +146,7 @@ def stdout_of(fence: Fence | None, argv: list[str]) -> str:
 def empty_hooks() -> tuple[Path, list[int]]:
     """A cgroup beside the fences' tree, as deep as a fence's, with EMPTY_HOOKS attached:
     its path and its links (close them to detach)."""
-    bpf = machine.import_bcc().BPF(text=EMPTY_HOOKS.encode())
+    compiled = machine.import_bcc().BPF(text=EMPTY_HOOKS.encode())
     path = cgroup2_mount() / f"depfence-bench-hooks-{os.getpid()}" / "run"
     path.mkdir(parents=True)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -154,7 +154,7 @@ def empty_hooks() -> tuple[Path, list[int]]:
     try:
         for name in toolkit.ATTACH_TYPES:
             prog_type, attach_type = toolkit.cgroup_program_kind(name)
-            fn = toolkit.load_program(bpf, name, prog_type, attach_type)
+            fn = toolkit.load_program(compiled, name, prog_type, attach_type)
             links.append(toolkit.bpf_link_create(fn.fd, fd, attach_type))
     except BaseException:
         for link in links:
@@ -214,11 +214,12 @@ def kernel_cost(variants: dict[str, Callable[[], float]], connections: int) -> N
 
 
 def short_connections(fence: Fence, address: str, rounds: int) -> None:
-    listener = subprocess.Popen(
-        [sys.executable, "-c", LISTENER, address, str(PORT)], stdout=subprocess.PIPE, text=True
-    )
     hooks, links = empty_hooks()
+    listener = None
     try:
+        listener = subprocess.Popen(
+            [sys.executable, "-c", LISTENER, address, str(PORT)], stdout=subprocess.PIPE, text=True
+        )
         assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
         in_hooks = ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', str(hooks / "cgroup.procs")]
 
@@ -235,12 +236,13 @@ def short_connections(fence: Fence, address: str, rounds: int) -> None:
         show(title, samples, "s", False)
         kernel_cost(variants(KERNEL_CONNECTIONS), KERNEL_CONNECTIONS)
     finally:
+        if listener is not None:
+            listener.kill()
+            listener.wait()
         for link in links:
             os.close(link)
         hooks.rmdir()
         hooks.parent.rmdir()
-        listener.kill()
-        listener.wait()
 
 
 def curl_loop(fence: Fence, address: str, rounds: int) -> None:
