@@ -32,22 +32,25 @@
 #define REFUSE 0
 #define TO_REFUSER 2
 
-static __always_inline void remember_owner(__u64 cookie, __u64 cgid, __u8 where)
+/* The socket's owner `o`, with what the hook judged of this message (judge()), on record
+ * for egress.c. */
+static __always_inline void remember_owner(__u64 cookie, struct owner *o, __u8 where)
 {
-    __u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct owner o = {};
-    o.pid = pid_tgid >> 32;
-    o.tid = (__u32)pid_tgid;
-    o.cgid = cgid;
     /* A socket that sends datagram after datagram keeps its owner: a lookup, not an
-     * update each time (a connect is mostly a socket's first message: not looked up). */
+     * update each time (a connect is mostly a socket's first message: not looked up).
+     * The same thread's: its datagram leaves in this sendmsg(), after these writes. */
     if (where == AT_SENDMSG) {
         struct owner *known = socket_owner(cookie);
-        if (known && known->pid == o.pid && known->tid == o.tid && known->cgid == cgid)
+        if (known && known->pid == o->pid && known->tid == o->tid && known->cgid == o->cgid) {
+            if (known->judged4 != o->judged4)
+                known->judged4 = o->judged4;
+            if (o->passed_refused && !known->passed_refused)
+                known->passed_refused = 1;
             return;
+        }
     }
-    if (sockets.update(&cookie, &o))
-        sockets_spill.update(&cookie, &o);  /* `sockets` is full (fence.h) */
+    if (sockets.update(&cookie, o))
+        sockets_spill.update(&cookie, o);  /* `sockets` is full (fence.h) */
 }
 
 static __always_inline int is_dns(struct bpf_sock_addr *ctx)
@@ -145,55 +148,50 @@ static __always_inline void report(struct bpf_sock_addr *ctx, __u64 cgid, __u32 
         count_lost(cgid);
 }
 
-/* The socket's owner says a hook let a refused address pass (audit mode, outage
- * blackhole) and reported it: its packets to a refused address are not reported again
- * (egress.c). A rare path, so a second write rather than one more argument to every
- * remember_owner(). */
-static __always_inline void note_passed_refused(__u64 cookie)
-{
-    struct owner *o = socket_owner(cookie);
-    if (o)
-        o->passed_refused = 1;
-}
-
-/* PASS, REFUSE, or TO_REFUSER (the caller rewrites the destination for its family).
- * One report() for every outcome: inlined once, not once per outcome. */
-static __always_inline int judge(struct bpf_sock_addr *ctx, struct fence_cfg *fence, __u64 cgid,
-                                 __u64 cookie, __u32 *ip6, __u8 where)
+/* PASS, REFUSE, or TO_REFUSER (the caller rewrites the destination for its family);
+ * what egress.c needs of the verdict goes into the owner `o` (remember_owner): the
+ * IPv4 destination let pass as not refused, or that a refused one passed and was
+ * reported (audit mode, outage blackhole: its packets are not reported again). One
+ * report() for every outcome: inlined once, not once per outcome. */
+static __always_inline int judge(struct bpf_sock_addr *ctx, struct fence_cfg *fence,
+                                 struct owner *o, __u32 *ip6, __u8 where)
 {
     __u8 action = ACTION_REFUSED;
     int verdict = REFUSE;
     if (!refused(fence, ip6)) {
+        o->judged4 = is_v4_mapped(ip6) ? ip6[3] : 0;
         /* Loopback too: a local service may fetch for the caller (local.py names it). */
-        if (!first_contact(ctx, cgid, ip6, where))
+        if (!first_contact(ctx, o->cgid, ip6, where))
             return PASS;
         action = ACTION_ALLOWED;
         verdict = PASS;
     } else if (fence->flags & FENCE_AUDIT) {
         action = ACTION_AUDITED;
         verdict = PASS;
-        note_passed_refused(cookie);
+        o->passed_refused = 1;
     } else if (fence->outage == OUTAGE_RESET) {
         action = ACTION_RESET;
         verdict = TO_REFUSER;
     } else if (fence->outage == OUTAGE_BLACKHOLE) {
         action = ACTION_BLACKHOLE;
         verdict = PASS;  /* egress.c drops its packets */
-        note_passed_refused(cookie);
+        o->passed_refused = 1;
     }
-    report(ctx, cgid, ip6, action, where);
+    report(ctx, o->cgid, ip6, action, where);
     return verdict;
 }
 
-/* The fence of the calling process, after recording it as the socket's owner. */
-static __always_inline struct fence_cfg *fenced_socket(struct bpf_sock_addr *ctx, __u64 *cgid,
-                                                       __u64 *cookie, __u8 where)
+/* The fence of the calling process, which `o` names as the socket's owner. */
+static __always_inline struct fence_cfg *fenced_socket(struct bpf_sock_addr *ctx, struct owner *o,
+                                                       __u64 *cookie)
 {
-    struct fence_cfg *fence = fence_of_current(cgid);
+    struct fence_cfg *fence = fence_of_current(&o->cgid);
     if (!fence)
         return 0;
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    o->pid = pid_tgid >> 32;
+    o->tid = (__u32)pid_tgid;
     *cookie = bpf_get_socket_cookie(ctx);
-    remember_owner(*cookie, *cgid, where);
     if (!fence->touched)  /* a read first: the fence's line is not made dirty every time */
         fence->touched = 1;  /* its sockets, their DNS flows and contacts are in the maps */
     return fence;
@@ -201,26 +199,28 @@ static __always_inline struct fence_cfg *fenced_socket(struct bpf_sock_addr *ctx
 
 static __always_inline int guard4(struct bpf_sock_addr *ctx, __u8 where)
 {
-    __u64 cgid, cookie;
-    struct fence_cfg *fence = fenced_socket(ctx, &cgid, &cookie, where);
+    __u64 cookie;
+    struct owner o = {};
+    struct fence_cfg *fence = fenced_socket(ctx, &o, &cookie);
     if (!fence)
         return PASS;
 
     __u32 ip6[4] = {0, 0, bpf_htonl(0xffff), ctx->user_ip4};
-    if (is_dns(ctx)) {
+    int dns = is_dns(ctx);
+    int verdict = PASS;
+    if (dns) {
         struct orig_dst dst = {};
         dst.ip6[3] = ctx->user_ip4;
         dst.port = ctx->user_port;
         dst.family = 4;
         redirected.update(&cookie, &dst);
-        ctx->user_ip4 = bpf_htonl(LOOPBACK4);
-        ctx->user_port = bpf_htons(fence->proxy_port);
-        return PASS;
+    } else {
+        verdict = judge(ctx, fence, &o, ip6, where);
     }
-    int verdict = judge(ctx, fence, cgid, cookie, ip6, where);
-    if (verdict == TO_REFUSER) {
+    remember_owner(cookie, &o, where);
+    if (dns || verdict == TO_REFUSER) {
         ctx->user_ip4 = bpf_htonl(LOOPBACK4);
-        ctx->user_port = bpf_htons(fence->refuser_port);
+        ctx->user_port = bpf_htons(dns ? fence->proxy_port : fence->refuser_port);
         return PASS;
     }
     return verdict;
@@ -228,16 +228,18 @@ static __always_inline int guard4(struct bpf_sock_addr *ctx, __u8 where)
 
 static __always_inline int guard6(struct bpf_sock_addr *ctx, __u8 where)
 {
-    __u64 cgid, cookie;
-    struct fence_cfg *fence = fenced_socket(ctx, &cgid, &cookie, where);
+    __u64 cookie;
+    struct owner o = {};
+    struct fence_cfg *fence = fenced_socket(ctx, &o, &cookie);
     if (!fence)
         return PASS;
 
     __u32 ip6[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
     /* A v4-mapped destination travels as IPv4: its loopback is the IPv4 one. */
     int mapped = is_v4_mapped(ip6);
+    int dns = is_dns(ctx);
     int verdict = PASS;
-    if (is_dns(ctx)) {
+    if (dns) {
         struct orig_dst dst = {};
         dst.ip6[0] = ip6[0];
         dst.ip6[1] = ip6[1];
@@ -246,13 +248,13 @@ static __always_inline int guard6(struct bpf_sock_addr *ctx, __u8 where)
         dst.port = ctx->user_port;
         dst.family = 6;
         redirected.update(&cookie, &dst);
-        ctx->user_port = bpf_htons(fence->proxy_port);
     } else {
-        verdict = judge(ctx, fence, cgid, cookie, ip6, where);
-        if (verdict != TO_REFUSER)
-            return verdict;
-        ctx->user_port = bpf_htons(fence->refuser_port);
+        verdict = judge(ctx, fence, &o, ip6, where);
     }
+    remember_owner(cookie, &o, where);
+    if (!dns && verdict != TO_REFUSER)
+        return verdict;
+    ctx->user_port = bpf_htons(dns ? fence->proxy_port : fence->refuser_port);
     ctx->user_ip6[0] = 0;
     ctx->user_ip6[1] = 0;
     ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;

@@ -131,6 +131,45 @@ def test_a_nat_rule_does_not_take_a_connection_past_the_fence(
     assert event.cmdline is not None and event.cmdline.startswith("curl")
 
 
+#: Datagrams on a socket connected to mirror.internal's address, which a NAT rule (as in
+#: DNAT, for UDP) sends to github.com's: prints each send's result, "ok" or its errno name.
+DATAGRAMS = r"""
+import errno, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("10.77.3.1", 9))
+for _ in range(3):
+    try:
+        s.send(b"x")
+        print("ok")
+    except OSError as exc:
+        print(errno.errorcode[exc.errno])
+"""
+
+
+@pytest.mark.skipif(NFT is None, reason="needs nft (apt-get install nftables)")
+def test_a_nat_rule_does_not_take_a_datagram_past_the_fence(fences: Any) -> None:
+    """A datagram is judged again at the packet unless it goes to the very address the
+    connect judged (bpf/egress.c judged_already): each one NAT sends elsewhere is dropped
+    and named there."""
+    from pytest_depfence import Policy
+
+    fence = fences(Policy.no_egress("github.com"))
+    rules = [*DNAT[:2], DNAT[2].replace("tcp dport 80", "udp dport 9").replace(":80", ":9")]
+    script = "; ".join(f"nft '{rule}'" for rule in rules)
+    try:
+        result = fence.run(
+            ["sh", "-c", f"{script} && {sys.executable} -c '{DATAGRAMS}'"], check=False, timeout=60
+        )
+    finally:
+        subprocess.run([str(NFT), "delete", "table", "ip", "depfence_tamper"], check=False)
+    assert result.stdout.split() == ["EPERM"] * 3, result.stderr
+    events = [e for e in result.violations if e.address == "10.77.1.1"]
+    assert events, result.events
+    assert {(e.domain, e.port, e.verdict, e.blocked_at) for e in events} == {
+        ("github.com", 9, "blocked", "packet")
+    }
+
+
 # Opens the memory of each pid given, as a root script rewriting the owner's policy would,
 # then its own: prints "PID ok" or "PID ERRNO-NAME".
 MEMORY = r"""
