@@ -7,7 +7,7 @@ alternates; medians with min-max:
 - short connections: a Python client connects to and closes a listener on a
   lab address (the listener is a process of its own); the client times its own
   loop, so process start and the fence's per-run cost are not in it. Three
-  variants take turns in short rounds (ten times `--rounds`, 500 connections each:
+  variants take turns in short rounds (thirty times `--rounds`, 500 connections each:
   this machine's speed swings by more than the fence costs from one tenth of a
   second to the next): unfenced; in a cgroup of its own, as deep as a fence's, that
   holds the hooks a fence attaches, each a program that returns at once (what any
@@ -52,7 +52,7 @@ POLICY = Policy.no_egress("github.com")
 PORT = 9100
 #: Short connections: connections per round, rounds per `--rounds`, and per run with the
 #: kernel's BPF statistics on (enough that the client's start is a small part of it).
-CONNECTIONS, ROUNDS_PER, KERNEL_CONNECTIONS = 500, 10, 20000
+CONNECTIONS, ROUNDS_PER, KERNEL_CONNECTIONS = 500, 30, 20000
 LISTENER = """\
 import socket, sys
 s = socket.socket()
