@@ -97,6 +97,16 @@ DNAT = [
 ]
 
 
+def _run_behind(fence: Fence, rules: list[str], command: str) -> Any:
+    """`fence.run` of `command` after the fenced shell added the NAT `rules`; the rules'
+    table is deleted after."""
+    script = "; ".join(f"nft '{rule}'" for rule in rules)
+    try:
+        return fence.run(["sh", "-c", f"{script} && {command}"], check=False, timeout=60)
+    finally:
+        subprocess.run([str(NFT), "delete", "table", "ip", "depfence_tamper"], check=False)
+
+
 @pytest.mark.skipif(NFT is None, reason="needs nft (apt-get install nftables)")
 @pytest.mark.filterwarnings("ignore::pytest_depfence.errors.EgressAuditWarning")
 @pytest.mark.parametrize(
@@ -113,13 +123,7 @@ def test_a_nat_rule_does_not_take_a_connection_past_the_fence(
     from pytest_depfence import Policy
 
     fence = fences(Policy.no_egress("github.com"), **settings)
-    script = "; ".join(f"nft '{rule}'" for rule in DNAT)
-    try:
-        result = fence.run(
-            ["sh", "-c", f"{script} && curl -sS -m 3 http://10.77.3.1/"], check=False, timeout=60
-        )
-    finally:
-        subprocess.run([str(NFT), "delete", "table", "ip", "depfence_tamper"], check=False)
+    result = _run_behind(fence, DNAT, "curl -sS -m 3 http://10.77.3.1/")
     assert ("lab:github.com" in result.stdout) is reached
     events = [e for e in result.violations if e.address == "10.77.1.1"]
     assert len(events) == 1, result.events  # once: the connect judged an allowed address
@@ -155,13 +159,7 @@ def test_a_nat_rule_does_not_take_a_datagram_past_the_fence(fences: Any) -> None
 
     fence = fences(Policy.no_egress("github.com"))
     rules = [*DNAT[:2], DNAT[2].replace("tcp dport 80", "udp dport 9").replace(":80", ":9")]
-    script = "; ".join(f"nft '{rule}'" for rule in rules)
-    try:
-        result = fence.run(
-            ["sh", "-c", f"{script} && {sys.executable} -c '{DATAGRAMS}'"], check=False, timeout=60
-        )
-    finally:
-        subprocess.run([str(NFT), "delete", "table", "ip", "depfence_tamper"], check=False)
+    result = _run_behind(fence, rules, f"{sys.executable} -c '{DATAGRAMS}'")
     assert result.stdout.split() == ["EPERM"] * 3, result.stderr
     events = [e for e in result.violations if e.address == "10.77.1.1"]
     assert events, result.events
