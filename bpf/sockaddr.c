@@ -38,12 +38,11 @@ static __always_inline void remember_owner(__u64 cookie, struct owner *o, __u8 w
 {
     /* A socket that sends datagram after datagram keeps its owner: a lookup, not an
      * update each time (a connect is mostly a socket's first message: not looked up).
-     * The same thread's: its datagram leaves in this sendmsg(), after these writes. */
+     * Of the same thread's message, only a refused address let pass is news; the
+     * datagram leaves in this very sendmsg(), after that write. */
     if (where == AT_SENDMSG) {
         struct owner *known = socket_owner(cookie);
         if (known && known->pid == o->pid && known->tid == o->tid && known->cgid == o->cgid) {
-            if (known->judged4 != o->judged4)
-                known->judged4 = o->judged4;
             if (o->passed_refused && !known->passed_refused)
                 known->passed_refused = 1;
             return;

@@ -152,9 +152,9 @@ for _ in range(3):
 
 @pytest.mark.skipif(NFT is None, reason="needs nft (apt-get install nftables)")
 def test_a_nat_rule_does_not_take_a_datagram_past_the_fence(fences: Any) -> None:
-    """A datagram is judged again at the packet unless it goes to the very address the
-    connect judged (bpf/egress.c judged_already): each one NAT sends elsewhere is dropped
-    and named there."""
+    """Every datagram is judged again at the packet (only a TCP SYN to the very address
+    its connect judged is not: bpf/egress.c judged_already): each one NAT sends elsewhere
+    is dropped and named there."""
     from pytest_depfence import Policy
 
     fence = fences(Policy.no_egress("github.com"))
