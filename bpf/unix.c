@@ -18,8 +18,8 @@
  *
  * A datagram sent without connect() names its socket in the send itself:
  * sendto(), sendmsg() and sendmmsg() (its first message) with a unix address are
- * read the same way, and the first that reaches a socket is reported per process
- * and path (`unix_sent`), so a script logging a line per datagram to journald is
+ * read the same way, and the first that reaches a socket is reported per run,
+ * process and path (`unix_sent`), so a script logging a line per datagram to journald is
  * one event, not one per line. A send on a connected socket (no address) costs
  * the address check alone.
  *
@@ -59,8 +59,11 @@ struct unix_event {
     char path[UNIX_PATH_LEN];  /* sun_path as given (an abstract name starts with a NUL) */
 };
 
-/* A (process, path) a datagram was sent to: reported once. */
+/* A (fence cgroup, process, path) a datagram was sent to: reported once. The fence's
+ * cgroup is in it, and a run's keys go when the run ends (kernel/programs.py): keyed by
+ * pid alone, a later run's process that got a reused pid was never reported. */
 struct unix_sent_key {
+    __u64 cgid;
     __u32 pid;
     __u32 path_len;
     __u64 hash;         /* FNV-1a of the path's bytes */
@@ -126,10 +129,12 @@ static __always_inline int unix_sendmsg_entered(const char *msg)
     return unix_connect_entered(head.name, head.namelen);
 }
 
-/* Whether this process's first datagram to this path: unix_sent's key inserted. */
+/* Whether this process's first datagram to this path in this fence cgroup: unix_sent's
+ * key inserted. */
 static __always_inline int first_send(__u32 pid, struct unix_pending *pending)
 {
     struct unix_sent_key key = {};
+    key.cgid = pending->cgid;
     key.pid = pid;
     key.path_len = pending->path_len;
     key.hash = 14695981039346656037ULL;  /* FNV-1a offset basis */

@@ -111,6 +111,8 @@ class Programs:
         self._addrs = bpf.get_table(b"addrs")
         self._names = bpf.get_table(b"names")
         self._lost = bpf.get_table(b"lost_events")
+        #: The unix datagrams already reported, by fence cgroup (bpf/unix.c first_send).
+        self._unix_sent = bpf.get_table(b"unix_sent")
         self._hosts_files = bpf.get_table(b"hosts_files")
         #: (dev, ino) of each hosts file in `hosts_files` -> the fence cgroups that read it.
         self._hosts_readers: dict[tuple[int, int], set[int]] = {}
@@ -170,7 +172,8 @@ class Programs:
     def unregister(self, cgroup_id: int) -> None:
         """Forget a fence cgroup and everything recorded of it: its process records, its
         sockets' owners and DNS destinations, its DNS flows, its uncounted contacts (the
-        socket maps only if its programs ever recorded a socket of it: `touched`)."""
+        socket maps only if its programs ever recorded a socket of it: `touched`), the
+        unix paths its processes sent datagrams to."""
         fence_key = self._fences.Key(cgroup_id)
         touched = True
         try:
@@ -188,6 +191,8 @@ class Programs:
         for key in gone:
             self._decoded.pop(key.value, None)
         batch.delete(self._lost, [self._lost.Key(cgroup_id)])
+        sent = [k for k, _ in batch.entries(self._unix_sent) if k.cgid == cgroup_id]
+        batch.delete(self._unix_sent, sent)
         if touched:
             self._forget_sockets(cgroup_id)
             self.take_contacts({cgroup_id})

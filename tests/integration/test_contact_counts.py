@@ -8,8 +8,9 @@ that says 300, and a local listener is still named for each process that
 reached it. When a fence cgroup leaves the fence (a run's end, a service's
 stop, the fence's close), what the kernel recorded of it goes too: socket
 owners (`sockets`), DNS destinations (`redirected`), DNS flows (`dnsflows`),
-counts (`contacts`). Real clients (python sockets, getent) in the lab; the
-fenced scripts wait on FIFOs while the maps are looked at.
+counts (`contacts`), unix paths sent to (`unix_sent`). Real clients (python
+sockets, getent) in the lab; the fenced scripts wait on FIFOs while the maps are
+looked at.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -132,35 +134,40 @@ def _entries_of(programs: Programs, cgroups: set[int]) -> dict[str, int]:
     redirected = [k for k in programs.table("redirected").keys() if k.value in set(sockets)]
     flows = [k for k, o in programs.table("dnsflows").items() if o.cgid in cgroups]
     contacts = [k for k in programs.table("contacts").keys() if k.cgid in cgroups]
+    sent = [k for k in programs.table("unix_sent").keys() if k.cgid in cgroups]
     return {
         "sockets": len(sockets),
         "redirected": len(redirected),
         "dnsflows": len(flows),
         "contacts": len(contacts),
+        "unix_sent": len(sent),
     }
 
 
 #: Looks mirror.internal up (the proxy: `redirected`, `dnsflows`), connects to it
-#: (`sockets`, `contacts`), says so on $0 and waits on $1.
+#: (`sockets`, `contacts`), sends a datagram to the unix socket $4 (`unix_sent`), says so
+#: on $0 and waits on $1.
 USES_THE_MAPS = (
     'getent hosts mirror.internal > /dev/null && {python} -c "$2" "$3" 80 2 '
+    "&& {python} -c 'import socket, sys; "
+    'socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"x", sys.argv[1])\' "$4" '
     '&& echo ready > "$0" && read x < "$1"'
 )
 
 
 @pytest.fixture
-def mapper(fifo: Any, lab: Lab) -> tuple[list[str], Any, Any]:
+def mapper(fifo: Any, lab: Lab, tmp_path: Path) -> Iterator[tuple[list[str], Any, Any]]:
     """A script that leaves an entry in every map (`USES_THE_MAPS`), and its FIFOs: it
     says "ready" on the first, then waits for a line on the second."""
     if not shutil.which("getent"):
         pytest.skip("needs getent")
     ready, go = fifo("ready"), fifo("go")
     script = USES_THE_MAPS.format(python=sys.executable)
-    return (
-        ["sh", "-c", script, str(ready), str(go), CLIENT, lab.address("mirror.internal")],
-        ready,
-        go,
-    )
+    log = tmp_path / "log.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(log))
+        address = lab.address("mirror.internal")
+        yield ["sh", "-c", script, str(ready), str(go), CLIENT, address, str(log)], ready, go
 
 
 def _entries_once_ready(

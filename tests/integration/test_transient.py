@@ -188,6 +188,39 @@ def test_unix_datagrams_sent_without_connect_are_on_record(fences, tmp_path) -> 
             receiver.close()
 
 
+#: One datagram to the unix path $1, without connect(); prints the sender's pid.
+ONE_DATAGRAM = (
+    "import os, socket, sys; print(os.getpid());"
+    "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'x', sys.argv[1])"
+)
+
+
+def test_a_pid_a_later_run_reuses_is_a_new_sender(fences, tmp_path) -> None:
+    """The kernel reports each process's first datagram to a path once (map `unix_sent`);
+    a later run's process that gets the same pid (pids wrap: 32,768 of them by default)
+    must be on record all the same. Before the fence's cgroup was in that map's key, it
+    was not, and a run that reached a service only that way went green."""
+    path = tmp_path / "log.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    fence = fences(Policy.no_egress("github.com"))
+    argv = [sys.executable, "-c", ONE_DATAGRAM, str(path)]
+    try:
+        first = fence.run(argv)
+        pid = int(first.stdout)
+        assert [e.address for e in _local_events(first, "unix")] == [str(path)], first.events
+        for _ in range(50):  # the next pid the kernel hands out: the next fork's, mostly
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+            again = fence.run(argv)
+            if int(again.stdout) == pid:
+                break
+        else:
+            pytest.fail(f"no fenced run got pid {pid} again in 50 tries")
+        assert [e.address for e in _local_events(again, "unix")] == [str(path)], again.events
+    finally:
+        receiver.close()
+
+
 def _receive(sock: socket.socket) -> bytes | None:
     try:
         return sock.recv(64, socket.MSG_DONTWAIT)
