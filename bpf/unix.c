@@ -2,10 +2,11 @@
  *
  * A daemon's unix socket (/run/docker.sock, a package manager's socket) is a
  * way out of the fence no cgroup hook sees: whatever the daemon fetches, it
- * fetches from its own cgroup. So every connect() of a fenced process to a
- * unix socket is reported with the socket's path and the connect's result;
- * userspace names the process listening there (pytest_depfence/local.py) and
- * judges the contact (judge.py).
+ * fetches from its own cgroup. So a fenced process's connect() to a unix socket
+ * is reported with the socket's path and the connect's result, the first one of
+ * each process to each path in a run (`unix_sent`: a loop of 20,000 connects is one
+ * event, not a ring buffer overrun); userspace names the process listening there
+ * (pytest_depfence/local.py) and judges the contact (judge.py).
  *
  * The path is read at syscall entry (the caller's sockaddr, in user memory)
  * and reported at syscall exit only when the connect reached a listener (0,
@@ -18,9 +19,8 @@
  *
  * A datagram sent without connect() names its socket in the send itself:
  * sendto(), sendmsg() and sendmmsg() (its first message) with a unix address are
- * read the same way, and the first that reaches a socket is reported per run,
- * process and path (`unix_sent`), so a script logging a line per datagram to journald is
- * one event, not one per line. A send on a connected socket (no address) costs
+ * read the same way, and reported the same way, once per run, process and path:
+ * a script logging a line per datagram to journald is one event, not one per line. A send on a connected socket (no address) costs
  * the address check alone.
  *
  * cgroup/connect_unix (6.7+) would see the path too, but only on new kernels;
@@ -59,7 +59,7 @@ struct unix_event {
     char path[UNIX_PATH_LEN];  /* sun_path as given (an abstract name starts with a NUL) */
 };
 
-/* A (fence cgroup, process, path) a datagram was sent to: reported once. The fence's
+/* A (fence cgroup, process, path) a connect or datagram reached: reported once. The fence's
  * cgroup is in it, and a run's keys go when the run ends (kernel/programs.py): keyed by
  * pid alone, a later run's process that got a reused pid was never reported. */
 struct unix_sent_key {
@@ -71,10 +71,7 @@ struct unix_sent_key {
 
 BPF_TABLE("lru_hash", __u64, struct unix_pending, unix_pending, 1024);
 BPF_TABLE("lru_hash", struct unix_sent_key, __u8, unix_sent, 4096);
-/* 1 MiB, ~5,400 events: every connect is one, and naming a listener costs userspace
- * ~0.1 ms an event (bench_local_lookup.py) against ~25 us a connect; 256 KiB lost events
- * under a loop of 2,000 (bench_local_contacts.py), which fails the run, not vouched for. */
-BPF_RINGBUF_OUTPUT(unix_events, 256);
+BPF_RINGBUF_OUTPUT(unix_events, 64);
 
 /* connect(fd, uservaddr, addrlen) entered; also a send naming its address. */
 static __always_inline int unix_connect_entered(const char *addr, int addrlen)
@@ -129,9 +126,9 @@ static __always_inline int unix_sendmsg_entered(const char *msg)
     return unix_connect_entered(head.name, head.namelen);
 }
 
-/* Whether this process's first datagram to this path in this fence cgroup: unix_sent's
- * key inserted. */
-static __always_inline int first_send(__u32 pid, struct unix_pending *pending)
+/* Whether this is this process's first connect or datagram to this path that reached a
+ * socket, in this fence cgroup: unix_sent's key inserted. */
+static __always_inline int first_reach(__u32 pid, struct unix_pending *pending)
 {
     struct unix_sent_key key = {};
     key.cgid = pending->cgid;
@@ -157,9 +154,8 @@ static __always_inline int unix_connect_exited(long ret, int sent)
         return 0;
     if (sent && ret >= 0)
         ret = 0;
-    if ((ret != 0 && ret != -EINPROGRESS_ERRNO) ||
-        (sent && !first_send(pid_tgid >> 32, pending))) {
-        /* nothing was reached (nscd's socket, mostly), or this datagram's path is on record */
+    if ((ret != 0 && ret != -EINPROGRESS_ERRNO) || !first_reach(pid_tgid >> 32, pending)) {
+        /* nothing was reached (nscd's socket, mostly), or this path is on record */
         unix_pending.delete(&pid_tgid);
         return 0;
     }

@@ -150,6 +150,44 @@ def test_unix_socket_daemon_outside_the_fence_is_named(fences, outside, tmp_path
         strict.run(["curl", "-sS", "-m", "10", "--unix-socket", str(sock), "http://d/migrate"])
 
 
+#: Connects to the unix socket argv[1] argv[2] times, closing each connection at once.
+UNIX_CONNECTS = """\
+import socket, sys
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    s.close()
+"""
+
+
+def test_a_loop_of_unix_connects_is_one_contact_and_loses_nothing(fences, tmp_path) -> None:
+    """20,000 connects in a tight loop, faster than userspace can take an event each: one
+    event reaches userspace (the kernel reports a process's first connect to a path per
+    run), so the ring buffer never fills and the run is vouched for."""
+    sock = tmp_path / "busy.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock))
+    server.listen(512)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            server.accept()[0].close()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        fence = fences(Policy.no_egress("github.com"))
+        result = fence.run([sys.executable, "-c", UNIX_CONNECTS, str(sock), "20000"], check=False)
+    finally:
+        stop.set()
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(str(sock))  # wakes accept()
+        acceptor.join(10)
+        server.close()
+    assert result.returncode == 0 and not result.violations, result.events
+    assert [e.address for e in _local_events(result, "unix")] == [str(sock)]
+
+
 # Sends argv[2] datagrams to the unix socket argv[1] with sendto() and one to argv[3] with
 # sendmsg(), never connecting: each path is one contact of this process. (Fewer than
 # net.unix.max_dgram_qlen, 10 by default: the receiver reads them afterwards.)
