@@ -312,7 +312,8 @@ PROGRAM int egress(struct __sk_buff *skb)
     if (is_raw && !judge_packet(skb, l4, cgid, fence, daddr, proto, &who))
         return 0;
     if (owned && !is_raw && !who.passed_refused && opens_flow(skb, proto, l4) &&
-        !judged_already(skb, &who, daddr, proto) && !judge_packet(skb, l4, cgid, fence, daddr, proto, &who))
+        !judged_already(skb, &who, daddr, proto) &&
+        !judge_packet(skb, l4, cgid, fence, daddr, proto, &who))
         return 0;
     if (fence->outage == OUTAGE_BLACKHOLE && !(fence->flags & FENCE_AUDIT) &&
         refused(fence, daddr))

@@ -4,7 +4,7 @@
  * way out of the fence no cgroup hook sees: whatever the daemon fetches, it
  * fetches from its own cgroup. So a fenced process's connect() to a unix socket
  * is reported with the socket's path and the connect's result, the first one of
- * each process to each path in a run (`unix_sent`: a loop of 20,000 connects is one
+ * each process to each path in a run (`unix_reached`: a loop of 20,000 connects is one
  * event, not a ring buffer overrun); userspace names the process listening there
  * (pytest_depfence/local.py) and judges the contact (judge.py).
  *
@@ -20,8 +20,8 @@
  * A datagram sent without connect() names its socket in the send itself:
  * sendto(), sendmsg() and sendmmsg() (its first message) with a unix address are
  * read the same way, and reported the same way, once per run, process and path:
- * a script logging a line per datagram to journald is one event, not one per line. A send on a connected socket (no address) costs
- * the address check alone.
+ * a script logging a line per datagram to journald is one event, not one per
+ * line. A send on a connected socket (no address) costs the address check alone.
  *
  * cgroup/connect_unix (6.7+) would see the path too, but only on new kernels;
  * the syscall tracepoints exist on every kernel this project supports, so they
@@ -62,7 +62,7 @@ struct unix_event {
 /* A (fence cgroup, process, path) a connect or datagram reached: reported once. The fence's
  * cgroup is in it, and a run's keys go when the run ends (kernel/programs.py): keyed by
  * pid alone, a later run's process that got a reused pid was never reported. */
-struct unix_sent_key {
+struct unix_reached_key {
     __u64 cgid;
     __u32 pid;
     __u32 path_len;
@@ -70,7 +70,7 @@ struct unix_sent_key {
 };
 
 BPF_TABLE("lru_hash", __u64, struct unix_pending, unix_pending, 1024);
-BPF_TABLE("lru_hash", struct unix_sent_key, __u8, unix_sent, 4096);
+BPF_TABLE("lru_hash", struct unix_reached_key, __u8, unix_reached, 4096);
 BPF_RINGBUF_OUTPUT(unix_events, 64);
 
 /* connect(fd, uservaddr, addrlen) entered; also a send naming its address. */
@@ -127,10 +127,10 @@ static __always_inline int unix_sendmsg_entered(const char *msg)
 }
 
 /* Whether this is this process's first connect or datagram to this path that reached a
- * socket, in this fence cgroup: unix_sent's key inserted. */
+ * socket, in this fence cgroup: unix_reached's key inserted. */
 static __always_inline int first_reach(__u32 pid, struct unix_pending *pending)
 {
-    struct unix_sent_key key = {};
+    struct unix_reached_key key = {};
     key.cgid = pending->cgid;
     key.pid = pid;
     key.path_len = pending->path_len;
@@ -142,7 +142,7 @@ static __always_inline int first_reach(__u32 pid, struct unix_pending *pending)
     for (int i = 0; i < UNIX_SUN_PATH; i++)
         key.hash = (key.hash ^ (__u8)pending->path[i]) * mul;
     __u8 one = 1;
-    return unix_sent.insert(&key, &one) == 0;  /* insert: BPF_NOEXIST */
+    return unix_reached.insert(&key, &one) == 0;  /* insert: BPF_NOEXIST */
 }
 
 /* The exit of connect(), or of a send (`sent`): its result is the bytes sent. */

@@ -111,8 +111,8 @@ class Programs:
         self._addrs = bpf.get_table(b"addrs")
         self._names = bpf.get_table(b"names")
         self._lost = bpf.get_table(b"lost_events")
-        #: The unix datagrams already reported, by fence cgroup (bpf/unix.c first_send).
-        self._unix_sent = bpf.get_table(b"unix_sent")
+        #: The unix paths each process reached, reported once, by fence cgroup (bpf/unix.c).
+        self._unix_reached = bpf.get_table(b"unix_reached")
         self._hosts_files = bpf.get_table(b"hosts_files")
         #: (dev, ino) of each hosts file in `hosts_files` -> the fence cgroups that read it.
         self._hosts_readers: dict[tuple[int, int], set[int]] = {}
@@ -191,8 +191,8 @@ class Programs:
         for key in gone:
             self._decoded.pop(key.value, None)
         batch.delete(self._lost, [self._lost.Key(cgroup_id)])
-        sent = [k for k, _ in batch.entries(self._unix_sent) if k.cgid == cgroup_id]
-        batch.delete(self._unix_sent, sent)
+        reached = [k for k, _ in batch.entries(self._unix_reached) if k.cgid == cgroup_id]
+        batch.delete(self._unix_reached, reached)
         if touched:
             self._forget_sockets(cgroup_id)
             self.take_contacts({cgroup_id})

@@ -8,7 +8,7 @@ that says 300, and a local listener is still named for each process that
 reached it. When a fence cgroup leaves the fence (a run's end, a service's
 stop, the fence's close), what the kernel recorded of it goes too: socket
 owners (`sockets`), DNS destinations (`redirected`), DNS flows (`dnsflows`),
-counts (`contacts`), unix paths sent to (`unix_sent`). Real clients (python
+counts (`contacts`), unix paths reached (`unix_reached`). Real clients (python
 sockets, getent) in the lab; the fenced scripts wait on FIFOs while the maps are
 looked at.
 """
@@ -134,19 +134,19 @@ def _entries_of(programs: Programs, cgroups: set[int]) -> dict[str, int]:
     redirected = [k for k in programs.table("redirected").keys() if k.value in set(sockets)]
     flows = [k for k, o in programs.table("dnsflows").items() if o.cgid in cgroups]
     contacts = [k for k in programs.table("contacts").keys() if k.cgid in cgroups]
-    sent = [k for k in programs.table("unix_sent").keys() if k.cgid in cgroups]
+    reached = [k for k in programs.table("unix_reached").keys() if k.cgid in cgroups]
     return {
         "sockets": len(sockets),
         "redirected": len(redirected),
         "dnsflows": len(flows),
         "contacts": len(contacts),
-        "unix_sent": len(sent),
+        "unix_reached": len(reached),
     }
 
 
 #: Looks mirror.internal up (the proxy: `redirected`, `dnsflows`), connects to it
-#: (`sockets`, `contacts`), sends a datagram to the unix socket $4 (`unix_sent`), says so
-#: on $0 and waits on $1.
+#: (`sockets`, `contacts`), sends a datagram to the unix socket $4 (`unix_reached`), says
+#: so on $0 and waits on $1.
 USES_THE_MAPS = (
     'getent hosts mirror.internal > /dev/null && {python} -c "$2" "$3" 80 2 '
     "&& {python} -c 'import socket, sys; "

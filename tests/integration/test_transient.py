@@ -234,7 +234,7 @@ ONE_DATAGRAM = (
 
 
 def test_a_pid_a_later_run_reuses_is_a_new_sender(fences, tmp_path) -> None:
-    """The kernel reports each process's first datagram to a path once (map `unix_sent`);
+    """The kernel reports each process's first datagram to a path once (map `unix_reached`);
     a later run's process that gets the same pid (pids wrap: 32,768 of them by default)
     must be on record all the same. Before the fence's cgroup was in that map's key, it
     was not, and a run that reached a service only that way went green."""
