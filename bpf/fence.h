@@ -110,8 +110,9 @@ struct owner {
     __u8 passed_refused; /* sockets: a hook let a refused address pass (audit, blackhole)
                           * and reported it (sockaddr.c); egress.c reports no packet again */
     __u8 pad;
-    __u32 judged4;      /* sockets: the IPv4 destination (network order) connect() let pass
-                         * as not refused; 0: none. egress.c judges a SYN to another again */
+    __u32 judged4;      /* sockets: the IPv4 destination (network order) the hook last let
+                         * pass as not refused; 0: none. egress.c trusts it for a TCP SYN
+                         * only (judged_already) and judges one to another address again */
 };
 
 /* Where a redirected socket meant to send its DNS, to rewrite replies back. */

@@ -22,7 +22,7 @@ import pytest
 from pytest_depfence import seccomp
 
 if TYPE_CHECKING:
-    from pytest_depfence import Fence
+    from pytest_depfence import Fence, FenceResult
 
 if os.geteuid() != 0:
     pytest.skip("fenced runs need root (cgroups, eBPF)", allow_module_level=True)
@@ -97,7 +97,7 @@ DNAT = [
 ]
 
 
-def _run_behind(fence: Fence, rules: list[str], command: str) -> Any:
+def _run_behind(fence: Fence, rules: list[str], command: str) -> FenceResult:
     """`fence.run` of `command` after the fenced shell added the NAT `rules`; the rules'
     table is deleted after."""
     script = "; ".join(f"nft '{rule}'" for rule in rules)

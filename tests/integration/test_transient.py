@@ -181,7 +181,8 @@ def test_a_loop_of_unix_connects_is_one_contact_and_loses_nothing(fences, tmp_pa
         result = fence.run([sys.executable, "-c", UNIX_CONNECTS, str(sock), "20000"], check=False)
     finally:
         stop.set()
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(str(sock))  # wakes accept()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as waker:
+            waker.connect(str(sock))  # wakes accept()
         acceptor.join(10)
         server.close()
     assert result.returncode == 0 and not result.violations, result.events
