@@ -175,16 +175,17 @@ class Judge:
                 True, forbidden, outages.OUTAGES[UNJUDGED_OUTAGE].rcode, verdict.rule, unjudged=True
             )
         for cname in answer.names:
-            decision = self.policy.check_name(cname)
-            if not decision.blocked:
+            # The query's own name was judged by `query`: forbidden is blocked there.
+            decision = None if cname == name else self.policy.check_name(cname)
+            if not (decision.blocked if decision else verdict.forbidden):
                 continue
             for address in answer.addresses:
                 if self.policy.kind == "no_egress":
                     self.book.learn(address, cname, FROM_DNS, "block")
                 else:
                     self.book.note(address, cname, FROM_DNS)  # refused: never allowed
-            if cname == name:
-                return verdict  # the query's own name: `query` judged it already
+            if decision is None:
+                return verdict
             return self._forbidden(decision.rule, via_cname=cname)
         for address in answer.addresses:  # every name of the chain is allowed
             if self.policy.kind == "egress_only":

@@ -58,8 +58,7 @@ class Tickets:
             ticket = Ticket(next(self._seq), transport, UPSTREAM, query, verdict)
             self.last = ticket.seq
             self._open[ticket.seq] = ticket
-            self._changed.notify_all()
-            return ticket
+            return ticket  # nothing waits for one: drain() waits for judging and observing
 
     def upstream(self, ticket: Ticket, query: Query, verdict: Any) -> None:
         """The query is forwarded: drain() stops waiting for it."""

@@ -64,7 +64,7 @@ def read_question(data: bytes) -> Question | bytes | None:
         return error_reply(txid, flags, FORMERR)
     labels, end = read
     (qtype,) = _TYPE.unpack_from(data, end)
-    plain = all(not label.translate(None, _PLAIN) for label in labels)
+    plain = not b"".join(labels).translate(None, _PLAIN)  # every byte of every label
     name = b".".join(labels).decode("ascii").lower() if plain else name_text(labels)
     return Question(txid, flags, name, qtype_name(qtype), data[HEADER.size : end + 4])
 
