@@ -255,11 +255,13 @@ def throughput(target: str, fence: Fence, lab: Lab, datafile: str, seconds: floa
 def latency(target: str, fence: Fence, lab: Lab, client: str) -> Sample:
     server, port = address_of(target, lab)
     argv = [sys.executable, client, server, str(port), str(LATENCY_QUERIES), *NAMES]
+    cpu = proxy_cpu()
     out, counts = run_target(target, fence, lab, argv)
     loop = json.loads(out)
     sample = Sample(0, loop["median_ms"], loop["sent"], loop["sent"] - loop["lost"], loop["lost"])
     if counts is not None:
         sample.attributed, sample.events = counts.attributed, counts.events
+        sample.cpu_us = (proxy_cpu() - cpu) / max(sample.sent, 1) * 1e6
     return sample
 
 
@@ -318,6 +320,11 @@ def report(qps: dict[str, list[Sample]], lat: dict[str, list[Sample]]) -> None:
             f"   ({spread(ratio, '{:.2f}')}x direct)   lost {lost}"
         )
     print("  target: depfence <= +0.100 ms (the reps' median; each rep's figure is a median too)")
+    cpu = [s.cpu_us or 0.0 for s in lat["depfence"]]
+    print(
+        f"  depfence proxy threads' CPU per query: {spread(cpu, '{:.0f}')} µs (the loop's spin "
+        "after each round included: dnsproxy/loop.py SPIN)"
+    )
     attributed(lat["depfence"])
 
 
