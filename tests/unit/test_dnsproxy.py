@@ -1041,6 +1041,24 @@ def test_one_loop_thread_serves_every_proxy_and_stays_for_the_next(upstream: Ups
     assert loops[0].is_alive()
 
 
+def test_the_loop_spins_after_a_query_and_then_sleeps(upstream: Upstream) -> None:
+    # The loop polls on without sleeping for loop.SPIN (100 µs) after a round with events;
+    # a spin that never ended would burn this window's CPU in full.
+    from pytest_depfence.dnsproxy.loop import SPIN
+
+    window = 0.5
+    with stub_proxy(upstream) as dns:
+        _check_www_a(DNSRecord.parse(ask_udp(dns.port, question(f"www.{ZONE}"))))
+        (loop,) = [t for t in _dns_threads() if t.name == "depfence-dns-loop"]
+        assert loop.ident is not None
+        clock = time.pthread_getcpuclockid(loop.ident)
+        before = time.clock_gettime(clock)
+        time.sleep(window)  # the window observed, not a wait for anything
+        used = time.clock_gettime(clock) - before
+    assert SPIN < 0.001
+    assert used < window / 10, f"the loop used {used:.3f} s of CPU in {window} s without a query"
+
+
 def test_the_loop_records_a_handlers_error_with_its_proxy_and_serves_on() -> None:
     # Two stand-ins for proxies (loop.Served) on the process's loop, each a socketpair:
     # the first one's handler raises, the second one's still runs, then neither does.
