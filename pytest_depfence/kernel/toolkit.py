@@ -269,7 +269,17 @@ def _load(name: str, call: Callable[[], Any]) -> Any:
 def _load_failure(name: str, failure: Exception, log: str) -> FenceUnavailable:
     """Why the kernel refused program `name`: a helper it lacks, the verifier, or the load."""
     missing = _UNKNOWN_HELPER.search(log)
-    if missing:
+    if _interrupted(failure):
+        # What the verifier had read when it gave up is in the log: not a rejection.
+        reason = (
+            f"loading the {name} program was interrupted {_LOAD_ATTEMPTS} times in a row: "
+            f"the verifier gives up while a signal is pending ({failure})"
+        )
+        fix = (
+            "is this process being traced or sampled (strace, gdb, py-spy without "
+            "--nonblocking) or sent signals in a loop? Run it again without that"
+        )
+    elif missing:
         reason = (
             f"this kernel ({platform.release()}) has no helper {missing[1]} for the {name} "
             f"program: {failure}\n{log}"

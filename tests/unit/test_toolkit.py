@@ -129,9 +129,12 @@ def test_a_load_interrupted_by_a_signal_is_tried_again():
 
 def test_a_load_interrupted_every_time_still_fails_with_the_reason():
     bcc = Bcc025Interrupted(times=100)
-    with pytest.raises(FenceUnavailable, match="Resource temporarily unavailable"):
+    with pytest.raises(FenceUnavailable, match="Resource temporarily unavailable") as caught:
         toolkit.load_program(bcc, "f", toolkit.PROG_TYPE_CGROUP_SKB, 1)
     assert bcc.tries == 5
+    reason = str(caught.value)
+    assert "the f program was interrupted 5 times in a row" in reason
+    assert "verifier rejected" not in reason and "py-spy without --nonblocking" in reason
 
 
 def test_an_old_bcc_finds_tracepoints_under_debugfs_only(tmp_path, monkeypatch):
