@@ -50,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pytest_depfence import Fence, Policy
@@ -212,15 +212,20 @@ def address_of(target: str, lab: Lab) -> tuple[str, int]:
     return lab.RESOLVER4, 53
 
 
-def run_target(target: str, fence: Fence, lab: Lab, argv: list[str]) -> tuple[str, Sample | None]:
-    """(stdout, None), or for depfence (stdout, the run's DNS events counted)."""
+def run_target(target: str, fence: Fence, argv: list[str], read: Callable[[str], Sample]) -> Sample:
+    """The sample `read` makes of the client's output; for depfence, with the run's DNS
+    events counted and the proxy threads' CPU per query sent."""
     if target != "depfence":
-        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout, None
+        return read(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    cpu = proxy_cpu()
     result = fence.run(argv, check=False)
+    cpu = proxy_cpu() - cpu
+    sample = read(result.stdout)
     dns = [e for e in result.events if e.port == 53 and e.domain]
-    named = sum(1 for e in dns if e.pid is not None and argv[0] in (e.cmdline or ""))
-    counts = Sample(0, 0, 0, 0, 0, attributed=named, events=len(dns))
-    return result.stdout, counts
+    sample.attributed = sum(1 for e in dns if e.pid is not None and argv[0] in (e.cmdline or ""))
+    sample.events = len(dns)
+    sample.cpu_us = cpu / max(sample.sent, 1) * 1e6
+    return sample
 
 
 def proxy_cpu() -> float:
@@ -242,27 +247,19 @@ def proxy_cpu() -> float:
 
 def throughput(target: str, fence: Fence, lab: Lab, datafile: str, seconds: float) -> Sample:
     server, port = address_of(target, lab)
-    argv = dnsperf_argv(server, port, datafile, 20, seconds)
-    cpu = proxy_cpu()
-    out, counts = run_target(target, fence, lab, argv)
-    sample = parse(out)
-    if counts is not None:
-        sample.attributed, sample.events = counts.attributed, counts.events
-        sample.cpu_us = (proxy_cpu() - cpu) / max(sample.sent, 1) * 1e6
-    return sample
+    return run_target(target, fence, dnsperf_argv(server, port, datafile, 20, seconds), parse)
 
 
 def latency(target: str, fence: Fence, lab: Lab, client: str) -> Sample:
     server, port = address_of(target, lab)
     argv = [sys.executable, client, server, str(port), str(LATENCY_QUERIES), *NAMES]
-    cpu = proxy_cpu()
-    out, counts = run_target(target, fence, lab, argv)
+    return run_target(target, fence, argv, closed_loop)
+
+
+def closed_loop(out: str) -> Sample:
+    """The sample of `CLOSED_LOOP`'s output (its JSON line)."""
     loop = json.loads(out)
-    sample = Sample(0, loop["median_ms"], loop["sent"], loop["sent"] - loop["lost"], loop["lost"])
-    if counts is not None:
-        sample.attributed, sample.events = counts.attributed, counts.events
-        sample.cpu_us = (proxy_cpu() - cpu) / max(sample.sent, 1) * 1e6
-    return sample
+    return Sample(0, loop["median_ms"], loop["sent"], loop["sent"] - loop["lost"], loop["lost"])
 
 
 def measure(fence: Fence, lab: Lab, datafile: str, client: str, reps: int, seconds: float) -> None:
